@@ -1,0 +1,237 @@
+//! The HTTP side of the client: one method per endpoint of docs/client-api.md.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use proto::{ApiError, DeviceId, ErrorCode, UserId};
+use serde::Deserialize;
+
+use crate::ClientError;
+
+const MLS: &str = "message/mls";
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Accepted {
+    pub group: String,
+    pub position: u64,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClaimedKeyPackage {
+    pub device: String,
+    pub cipher_suite: u16,
+    pub last_resort: bool,
+    pub key_package: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct Item {
+    pub seq: u64,
+    pub group: String,
+    pub position: u64,
+    pub epoch: u64,
+    pub kind: String,
+    pub own: bool,
+    pub message: String,
+}
+
+impl Item {
+    pub fn bytes(&self) -> Result<Vec<u8>, ClientError> {
+        B64.decode(&self.message)
+            .map_err(|e| ClientError::Protocol(format!("bad base64 in item: {e}")))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Fetched {
+    items: Vec<Item>,
+}
+
+/// A thin, typed HTTP client for one device.
+#[derive(Clone)]
+pub struct Http {
+    base: String,
+    token: String,
+    device: DeviceId,
+    client: reqwest::Client,
+}
+
+/// Percent-encodes a path segment (RFC 3986 unreserved characters pass).
+pub fn encode_segment(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Http {
+    pub fn new(base: &str, token: &str, device: DeviceId) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            device,
+            client: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(60))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    fn mailbox_url(&self) -> String {
+        format!(
+            "{}/v1/devices/{}/mailbox",
+            self.base,
+            encode_segment(self.device.as_str())
+        )
+    }
+
+    async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<ApiError>(&text) {
+            Ok(e) => ClientError::Api(e),
+            Err(_) => ClientError::Api(ApiError::new(
+                ErrorCode::Internal,
+                format!("HTTP {status}: {text}"),
+            )),
+        })
+    }
+
+    async fn post_mls(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        key: Option<&str>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut req = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, MLS)
+            .body(body);
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        Self::check(req.send().await?).await
+    }
+
+    pub async fn upload_key_packages(
+        &self,
+        body: Vec<u8>,
+    ) -> Result<serde_json::Value, ClientError> {
+        Ok(self
+            .post_mls("/v1/keypackages", body, None)
+            .await?
+            .json()
+            .await?)
+    }
+
+    pub async fn stock(&self) -> Result<serde_json::Value, ClientError> {
+        let r = self
+            .client
+            .get(format!("{}/v1/keypackages/stock", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        Ok(Self::check(r).await?.json().await?)
+    }
+
+    pub async fn claim(&self, user: &UserId) -> Result<Vec<ClaimedKeyPackage>, ClientError> {
+        #[derive(Deserialize)]
+        struct R {
+            key_packages: Vec<ClaimedKeyPackage>,
+        }
+        let r = self
+            .client
+            .post(format!("{}/v1/keypackages/claim", self.base))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({ "user": user.as_str() }))
+            .send()
+            .await?;
+        Ok(Self::check(r).await?.json::<R>().await?.key_packages)
+    }
+
+    pub async fn create_group(&self, group_info: Vec<u8>) -> Result<Accepted, ClientError> {
+        Ok(self
+            .post_mls("/v1/groups", group_info, None)
+            .await?
+            .json()
+            .await?)
+    }
+
+    pub async fn submit(
+        &self,
+        bundle: Vec<u8>,
+        key: Option<&str>,
+    ) -> Result<Accepted, ClientError> {
+        Ok(self
+            .post_mls("/v1/messages", bundle, key)
+            .await?
+            .json()
+            .await?)
+    }
+
+    pub async fn fetch(&self, after: u64, limit: usize) -> Result<Vec<Item>, ClientError> {
+        let r = self
+            .client
+            .get(self.mailbox_url())
+            .query(&[("after", after.to_string()), ("limit", limit.to_string())])
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        Ok(Self::check(r).await?.json::<Fetched>().await?.items)
+    }
+
+    pub async fn ack(&self, up_to: u64) -> Result<(), ClientError> {
+        let r = self
+            .client
+            .post(format!("{}/ack", self.mailbox_url()))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({ "up_to": up_to }))
+            .send()
+            .await?;
+        Self::check(r).await?;
+        Ok(())
+    }
+
+    /// Opens the WebSocket push channel from cursor `after`.
+    pub async fn websocket(
+        &self,
+        after: u64,
+    ) -> Result<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        ClientError,
+    > {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        let url = format!("{}/ws?after={after}", self.mailbox_url()).replacen("http", "ws", 1);
+        let mut req = url
+            .into_client_request()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let auth = format!("Bearer {}", self.token)
+            .parse()
+            .map_err(|_| ClientError::Protocol("token is not a valid header".into()))?;
+        req.headers_mut().insert("authorization", auth);
+        let (ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(ws)
+    }
+}

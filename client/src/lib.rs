@@ -1,0 +1,685 @@
+//! The mlsfed client SDK: an RFC 9420 device on openmls that talks to its own
+//! operator through the documented HTTP API (docs/client-api.md), with its
+//! whole openmls state persisted in sled so a restarted process resumes.
+//!
+//! Handshakes are sent as PublicMessage (the hub validates them) and the
+//! device merges its own Commit only when the hub's echo arrives in its
+//! mailbox, so every device applies the group's messages in the hub's order.
+#![forbid(unsafe_code)]
+
+pub mod http;
+mod store;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use proto::{ApiError, DeviceId, ErrorCode, UserId};
+use serde::{Deserialize, Serialize};
+
+pub use http::{Accepted, Http, Item};
+
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+/// How often an operation retries after `wrong_epoch` (it syncs in between).
+const EPOCH_RETRIES: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("server refused: {0}")]
+    Api(ApiError),
+    #[error("HTTP: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("MLS: {0}")]
+    Mls(String),
+    #[error("local store: {0}")]
+    Store(#[from] sled::Error),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("unknown group {0}")]
+    UnknownGroup(String),
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api(e) => Some(e.code),
+            _ => None,
+        }
+    }
+}
+
+fn mls<E: std::fmt::Display>(e: E) -> ClientError {
+    ClientError::Mls(e.to_string())
+}
+
+/// What a device observed while syncing its mailbox, in hub order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    Joined {
+        group: String,
+        position: u64,
+        epoch: u64,
+    },
+    Message {
+        group: String,
+        position: u64,
+        sender: String,
+        text: String,
+        own: bool,
+    },
+    Commit {
+        group: String,
+        position: u64,
+        epoch: u64,
+        own: bool,
+    },
+    Proposal {
+        group: String,
+        position: u64,
+    },
+    Removed {
+        group: String,
+        position: u64,
+    },
+    /// An item this device could not process (kept so tests and users see it).
+    Failed {
+        group: String,
+        position: u64,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Meta {
+    device: String,
+    signature_public_key: Vec<u8>,
+    cursor: u64,
+    /// Group id → last hub position applied.
+    groups: BTreeMap<String, u64>,
+    /// Plaintexts of own messages by (group, position), for the echo.
+    sent: BTreeMap<String, String>,
+}
+
+/// One device with persistent state.
+pub struct Device {
+    id: DeviceId,
+    http: Http,
+    provider: OpenMlsRustCrypto,
+    signer: SignatureKeyPair,
+    store: store::Store,
+    meta: Meta,
+    groups: BTreeMap<String, MlsGroup>,
+}
+
+fn create_config() -> MlsGroupCreateConfig {
+    MlsGroupCreateConfig::builder()
+        .ciphersuite(CIPHERSUITE)
+        // Handshakes out as PublicMessage and refuse encrypted ones, so the
+        // hub can validate every Commit (design decision 3).
+        .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
+        .use_ratchet_tree_extension(true)
+        .build()
+}
+
+fn join_config() -> MlsGroupJoinConfig {
+    MlsGroupJoinConfig::builder()
+        .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
+        .use_ratchet_tree_extension(true)
+        .build()
+}
+
+impl Device {
+    /// Opens the device stored under `home`, creating it as `id` if new.
+    pub fn open(
+        home: &Path,
+        server: &str,
+        token: &str,
+        id: Option<&DeviceId>,
+    ) -> Result<Self, ClientError> {
+        let store = store::Store::open(home)?;
+        let provider = OpenMlsRustCrypto::default();
+        store.load_into(provider.storage())?;
+        let meta: Option<Meta> = store.meta()?;
+        let (meta, signer) = match meta {
+            Some(m) => {
+                if let Some(want) = id {
+                    if want.as_str() != m.device {
+                        return Err(ClientError::Protocol(format!(
+                            "{} holds device {}",
+                            home.display(),
+                            m.device
+                        )));
+                    }
+                }
+                let signer = SignatureKeyPair::read(
+                    provider.storage(),
+                    &m.signature_public_key,
+                    CIPHERSUITE.signature_algorithm(),
+                )
+                .ok_or_else(|| ClientError::Protocol("signature key missing from store".into()))?;
+                (m, signer)
+            }
+            None => {
+                let id =
+                    id.ok_or_else(|| ClientError::Protocol("new device needs an id".into()))?;
+                let signer =
+                    SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(mls)?;
+                signer.store(provider.storage()).map_err(mls)?;
+                let m = Meta {
+                    device: id.to_string(),
+                    signature_public_key: signer.public().to_vec(),
+                    ..Default::default()
+                };
+                (m, signer)
+            }
+        };
+        let id = DeviceId::parse(&meta.device).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut groups = BTreeMap::new();
+        for g in meta.groups.keys() {
+            if let Some(group) =
+                MlsGroup::load(provider.storage(), &GroupId::from_slice(g.as_bytes()))
+                    .map_err(mls)?
+            {
+                groups.insert(g.clone(), group);
+            }
+        }
+        let http = Http::new(server, token, id.clone());
+        let mut d = Self {
+            id,
+            http,
+            provider,
+            signer,
+            store,
+            meta,
+            groups,
+        };
+        d.persist()?;
+        Ok(d)
+    }
+
+    pub fn id(&self) -> &DeviceId {
+        &self.id
+    }
+
+    pub fn http(&self) -> &Http {
+        &self.http
+    }
+
+    pub fn cursor(&self) -> u64 {
+        self.meta.cursor
+    }
+
+    fn persist(&mut self) -> Result<(), ClientError> {
+        self.store.save(self.provider.storage(), &self.meta)
+    }
+
+    fn credential(&self) -> CredentialWithKey {
+        CredentialWithKey {
+            credential: BasicCredential::new(self.id.as_bytes().to_vec()).into(),
+            signature_key: self.signer.public().into(),
+        }
+    }
+
+    /// Builds and uploads `count` one-time KeyPackages, plus a last-resort one.
+    pub async fn publish_key_packages(
+        &mut self,
+        count: usize,
+        last_resort: bool,
+    ) -> Result<(), ClientError> {
+        let mut body = Vec::new();
+        for i in 0..count + usize::from(last_resort) {
+            let mut b = KeyPackage::builder();
+            if i == count {
+                // A last-resort extension must also be declared in the leaf
+                // capabilities, or receivers reject the KeyPackage.
+                b = b
+                    .mark_as_last_resort()
+                    .leaf_node_capabilities(Capabilities::new(
+                        None,
+                        None,
+                        Some(&[ExtensionType::LastResort]),
+                        None,
+                        None,
+                    ));
+            }
+            let kpb = b
+                .build(CIPHERSUITE, &self.provider, &self.signer, self.credential())
+                .map_err(mls)?;
+            let out: MlsMessageOut = kpb.key_package().clone().into();
+            body.extend(out.tls_serialize_detached().map_err(mls)?);
+        }
+        self.persist()?;
+        self.http.upload_key_packages(body).await?;
+        Ok(())
+    }
+
+    /// Creates a group hosted by this device's operator.
+    pub async fn create_group(&mut self, room: &str) -> Result<String, ClientError> {
+        let gid = proto::GroupId::new(self.id.domain(), room)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let group = MlsGroup::new_with_group_id(
+            &self.provider,
+            &self.signer,
+            &create_config(),
+            GroupId::from_slice(gid.as_bytes()),
+            self.credential(),
+        )
+        .map_err(mls)?;
+        let gi = group
+            .export_group_info(self.provider.crypto(), &self.signer, true)
+            .map_err(mls)?;
+        let bytes = gi.tls_serialize_detached().map_err(mls)?;
+        let accepted = self.http.create_group(bytes).await?;
+        self.meta.groups.insert(gid.to_string(), accepted.position);
+        self.groups.insert(gid.to_string(), group);
+        self.persist()?;
+        Ok(gid.to_string())
+    }
+
+    /// Drops a Commit the hub refused, so the group can build another.
+    fn discard_pending(&mut self, g: &str) -> Result<(), ClientError> {
+        let group = self
+            .groups
+            .get_mut(g)
+            .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
+        group
+            .clear_pending_commit(self.provider.storage())
+            .map_err(mls)?;
+        self.persist()
+    }
+
+    pub fn epoch(&self, g: &str) -> Option<u64> {
+        self.groups.get(g).map(|x| x.epoch().as_u64())
+    }
+
+    pub fn epoch_authenticator(&self, g: &str) -> Option<Vec<u8>> {
+        self.groups
+            .get(g)
+            .map(|x| x.epoch_authenticator().as_slice().to_vec())
+    }
+
+    pub fn members(&self, g: &str) -> Vec<String> {
+        self.groups
+            .get(g)
+            .map(|x| {
+                x.members()
+                    .map(|m| {
+                        String::from_utf8_lossy(m.credential.serialized_content()).into_owned()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn groups(&self) -> Vec<String> {
+        self.groups.keys().cloned().collect()
+    }
+
+    /// Claims KeyPackages of every device of `users` (validating each).
+    pub async fn claim(&self, users: &[UserId]) -> Result<Vec<KeyPackage>, ClientError> {
+        let mut out = Vec::new();
+        for u in users {
+            for c in self.http.claim(u).await? {
+                let bytes = B64
+                    .decode(&c.key_package)
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                let kp = match MlsMessageIn::tls_deserialize_exact(&bytes)
+                    .map_err(mls)?
+                    .extract()
+                {
+                    MlsMessageBodyIn::KeyPackage(k) => k
+                        .validate(self.provider.crypto(), ProtocolVersion::Mls10)
+                        .map_err(mls)?,
+                    _ => {
+                        return Err(ClientError::Protocol(
+                            "claim returned a non-KeyPackage".into(),
+                        ))
+                    }
+                };
+                if kp.leaf_node().credential().serialized_content() != c.device.as_bytes() {
+                    return Err(ClientError::Protocol(
+                        "claimed KeyPackage is not for the device named".into(),
+                    ));
+                }
+                out.push(kp);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds every device of `users` in one Commit (with its Welcome).
+    pub async fn add(&mut self, g: &str, users: &[UserId]) -> Result<Vec<Event>, ClientError> {
+        let kps = self.claim(users).await?;
+        self.commit_with_retry(g, |d, g| {
+            let (provider, signer) = (&d.provider, &d.signer);
+            let group = d
+                .groups
+                .get_mut(g)
+                .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
+            let (commit, welcome, _) = group.add_members(provider, signer, &kps).map_err(mls)?;
+            let mut body = commit.tls_serialize_detached().map_err(mls)?;
+            body.extend(welcome.tls_serialize_detached().map_err(mls)?);
+            Ok(body)
+        })
+        .await
+    }
+
+    /// Rotates this device's leaf (RFC 9420 §12.4, a Commit with an UpdatePath).
+    pub async fn update(&mut self, g: &str) -> Result<Vec<Event>, ClientError> {
+        self.commit_with_retry(g, |d, g| {
+            let (provider, signer) = (&d.provider, &d.signer);
+            let group = d
+                .groups
+                .get_mut(g)
+                .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
+            let bundle = group
+                .self_update(provider, signer, LeafNodeParameters::default())
+                .map_err(mls)?;
+            bundle.commit().tls_serialize_detached().map_err(mls)
+        })
+        .await
+    }
+
+    /// Removes a member device.
+    pub async fn remove(&mut self, g: &str, device: &DeviceId) -> Result<Vec<Event>, ClientError> {
+        self.commit_with_retry(g, |d, g| {
+            let (provider, signer) = (&d.provider, &d.signer);
+            let group = d
+                .groups
+                .get_mut(g)
+                .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
+            let idx = group
+                .members()
+                .find(|m| m.credential.serialized_content() == device.as_bytes())
+                .map(|m| m.index)
+                .ok_or_else(|| ClientError::Protocol(format!("{device} is not a member")))?;
+            let (commit, _, _) = group
+                .remove_members(provider, signer, &[idx])
+                .map_err(mls)?;
+            commit.tls_serialize_detached().map_err(mls)
+        })
+        .await
+    }
+
+    /// Builds a Commit with `build` and submits it. The pending Commit is
+    /// merged when the hub's echo arrives; on `wrong_epoch` it is discarded,
+    /// the device syncs, and the Commit is rebuilt on the new epoch.
+    async fn commit_with_retry(
+        &mut self,
+        g: &str,
+        build: impl Fn(&mut Self, &str) -> Result<Vec<u8>, ClientError>,
+    ) -> Result<Vec<Event>, ClientError> {
+        let mut events = Vec::new();
+        for _ in 0..EPOCH_RETRIES {
+            let body = build(self, g)?;
+            self.persist()?;
+            match self.http.submit(body, None).await {
+                Ok(a) => {
+                    events.extend(self.sync_until(g, a.position).await?);
+                    return Ok(events);
+                }
+                Err(e) => {
+                    self.discard_pending(g)?;
+                    if e.code() != Some(ErrorCode::WrongEpoch) {
+                        return Err(e);
+                    }
+                    events.extend(self.sync().await?);
+                }
+            }
+        }
+        Err(ClientError::Protocol(
+            "gave up after repeated wrong_epoch".into(),
+        ))
+    }
+
+    /// Submits a Commit built elsewhere (tests use this to race two Commits)
+    /// without syncing afterwards. On refusal the pending Commit is cleared.
+    pub async fn submit_pending(
+        &mut self,
+        g: &str,
+        body: Vec<u8>,
+    ) -> Result<Accepted, ClientError> {
+        match self.http.submit(body, None).await {
+            Ok(a) => Ok(a),
+            Err(e) => {
+                self.discard_pending(g)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Prepares a self-update Commit without sending it (for races in tests).
+    pub fn prepare_update(&mut self, g: &str) -> Result<Vec<u8>, ClientError> {
+        let (provider, signer) = (&self.provider, &self.signer);
+        let group = self
+            .groups
+            .get_mut(g)
+            .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
+        let bundle = group
+            .self_update(provider, signer, LeafNodeParameters::default())
+            .map_err(mls)?;
+        let body = bundle.commit().tls_serialize_detached().map_err(mls)?;
+        self.persist()?;
+        Ok(body)
+    }
+
+    /// Encrypts and sends an application message; returns its hub position.
+    pub async fn send(&mut self, g: &str, text: &str) -> Result<u64, ClientError> {
+        for _ in 0..EPOCH_RETRIES {
+            let (provider, signer) = (&self.provider, &self.signer);
+            let group = self
+                .groups
+                .get_mut(g)
+                .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
+            let out = group
+                .create_message(provider, signer, text.as_bytes())
+                .map_err(mls)?;
+            let body = out.tls_serialize_detached().map_err(mls)?;
+            self.persist()?;
+            match self.http.submit(body, None).await {
+                Ok(a) => {
+                    self.meta
+                        .sent
+                        .insert(format!("{g} {}", a.position), text.to_owned());
+                    self.persist()?;
+                    return Ok(a.position);
+                }
+                Err(e) if e.code() == Some(ErrorCode::WrongEpoch) => {
+                    self.sync().await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::Protocol(
+            "gave up after repeated wrong_epoch".into(),
+        ))
+    }
+
+    /// Syncs until the group has applied `position` (bounded).
+    async fn sync_until(&mut self, g: &str, position: u64) -> Result<Vec<Event>, ClientError> {
+        let mut events = Vec::new();
+        for i in 0..200u32 {
+            events.extend(self.sync().await?);
+            if self.meta.groups.get(g).copied().unwrap_or(0) >= position
+                || !self.groups.contains_key(g)
+            {
+                return Ok(events);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(
+                10 + 5 * u64::from(i.min(20)),
+            ))
+            .await;
+        }
+        Err(ClientError::Protocol(format!(
+            "position {position} of {g} did not arrive"
+        )))
+    }
+
+    /// Fetches and applies everything in the mailbox, then acks it.
+    pub async fn sync(&mut self) -> Result<Vec<Event>, ClientError> {
+        let mut events = Vec::new();
+        loop {
+            let items = self.http.fetch(self.meta.cursor, 256).await?;
+            if items.is_empty() {
+                return Ok(events);
+            }
+            for item in &items {
+                events.extend(self.apply(item)?);
+            }
+            let last = items.last().map(|i| i.seq).unwrap_or(self.meta.cursor);
+            // Persist before acking: a crash in between replays the items,
+            // and the per-group position check drops what was applied.
+            self.persist()?;
+            self.http.ack(last).await?;
+        }
+    }
+
+    /// Applies one mailbox item (also used for WebSocket-pushed items).
+    pub fn apply(&mut self, item: &Item) -> Result<Option<Event>, ClientError> {
+        if item.seq <= self.meta.cursor {
+            return Ok(None);
+        }
+        self.meta.cursor = item.seq;
+        let g = item.group.clone();
+        let bytes = item.bytes()?;
+        let fail = |reason: String| {
+            Ok(Some(Event::Failed {
+                group: g.clone(),
+                position: item.position,
+                reason,
+            }))
+        };
+        if item.kind == "welcome" {
+            if self.groups.contains_key(&g) {
+                return Ok(None);
+            }
+            let welcome = match MlsMessageIn::tls_deserialize_exact(&bytes)
+                .map_err(mls)?
+                .extract()
+            {
+                MlsMessageBodyIn::Welcome(w) => w,
+                _ => return fail("welcome item is not a Welcome".into()),
+            };
+            let staged = match StagedWelcome::new_from_welcome(
+                &self.provider,
+                &join_config(),
+                welcome,
+                None,
+            ) {
+                Ok(s) => s,
+                Err(e) => return fail(format!("cannot process Welcome: {e}")),
+            };
+            let group = staged.into_group(&self.provider).map_err(mls)?;
+            let epoch = group.epoch().as_u64();
+            self.groups.insert(g.clone(), group);
+            self.meta.groups.insert(g.clone(), item.position);
+            return Ok(Some(Event::Joined {
+                group: g,
+                position: item.position,
+                epoch,
+            }));
+        }
+        let applied = self.meta.groups.get(&g).copied();
+        match applied {
+            None => return Ok(None),
+            Some(p) if item.position <= p => return Ok(None),
+            Some(_) => {}
+        }
+        self.meta.groups.insert(g.clone(), item.position);
+        if item.kind == "application" && item.own {
+            let text = self
+                .meta
+                .sent
+                .remove(&format!("{g} {}", item.position))
+                .unwrap_or_default();
+            let sender = self.id.to_string();
+            return Ok(Some(Event::Message {
+                group: g,
+                position: item.position,
+                sender,
+                text,
+                own: true,
+            }));
+        }
+        let Some(group) = self.groups.get_mut(&g) else {
+            return Ok(None);
+        };
+        let pm = match MlsMessageIn::tls_deserialize_exact(&bytes)
+            .map_err(mls)?
+            .try_into_protocol_message()
+        {
+            Ok(pm) => pm,
+            Err(e) => return fail(format!("not a protocol message: {e}")),
+        };
+        let processed = match group.process_message(&self.provider, pm) {
+            Ok(p) => p,
+            Err(e) => return fail(format!("cannot process: {e}")),
+        };
+        let sender =
+            String::from_utf8_lossy(processed.credential().serialized_content()).into_owned();
+        let position = item.position;
+        let event = match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(a) => Event::Message {
+                group: g,
+                position,
+                sender,
+                text: String::from_utf8_lossy(&a.into_bytes()).into_owned(),
+                own: false,
+            },
+            ProcessedMessageContent::OwnPendingCommit => {
+                group.merge_pending_commit(&self.provider).map_err(mls)?;
+                Event::Commit {
+                    group: g,
+                    position,
+                    epoch: group.epoch().as_u64(),
+                    own: true,
+                }
+            }
+            ProcessedMessageContent::StagedCommitMessage(sc) => {
+                let removed = sc.self_removed();
+                group
+                    .merge_staged_commit(&self.provider, *sc)
+                    .map_err(mls)?;
+                if removed {
+                    self.groups.remove(&g);
+                    self.meta.groups.remove(&g);
+                    Event::Removed { group: g, position }
+                } else {
+                    Event::Commit {
+                        group: g,
+                        position,
+                        epoch: group.epoch().as_u64(),
+                        own: false,
+                    }
+                }
+            }
+            ProcessedMessageContent::ProposalMessage(p) => {
+                group
+                    .store_pending_proposal(self.provider.storage(), *p)
+                    .map_err(mls)?;
+                Event::Proposal { group: g, position }
+            }
+            other => return fail(format!("unexpected content {other:?}")),
+        };
+        Ok(Some(event))
+    }
+}
+
+impl Device {
+    /// Encrypts an application message without sending it (benchmarks
+    /// pre-encrypt so that they measure the server).
+    pub fn encrypt_for_bench(&mut self, g: &str, text: &[u8]) -> Result<Vec<u8>, ClientError> {
+        let (provider, signer) = (&self.provider, &self.signer);
+        let group = self
+            .groups
+            .get_mut(g)
+            .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
+        let out = group.create_message(provider, signer, text).map_err(mls)?;
+        out.tls_serialize_detached().map_err(mls)
+    }
+}

@@ -1,0 +1,182 @@
+//! The client-facing API of an operator (HTTP + WebSocket, axum): KeyPackage
+//! upload and claim, group creation, message submission, and mailbox fetch,
+//! ack and push. Submissions go into SUBMIT and the handler waits for the
+//! sequencer's verdict. The server takes its listener, NATS topology, key
+//! directory and shutdown token, so tests inject `127.0.0.1:0`.
+//!
+//! docs/client-api.md is the contract this module implements.
+#![forbid(unsafe_code)]
+
+mod error;
+mod mailbox;
+mod submit;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use keydir::KeyDirectory;
+use prometheus::{HistogramVec, IntCounterVec, Opts, Registry};
+use proto::streams::Topology;
+use proto::{DeviceId, ErrorCode};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use error::Reject;
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub requests: HistogramVec,
+    pub errors: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let m = Self {
+            requests: HistogramVec::new(
+                prometheus::HistogramOpts::new(
+                    "mlsfed_api_request_seconds",
+                    "Client API request latency, by route.",
+                )
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+                &["route", "status"],
+            )?,
+            errors: IntCounterVec::new(
+                Opts::new(
+                    "mlsfed_api_errors_total",
+                    "Client API refusals, by stable error code.",
+                ),
+                &["code"],
+            )?,
+        };
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.errors.clone()))?;
+        Ok(m)
+    }
+}
+
+/// Everything a request handler needs.
+pub struct Api {
+    pub topo: Topology,
+    pub keydir: Arc<KeyDirectory>,
+    pub cfg: config::Config,
+    pub registry: Registry,
+    pub metrics: Metrics,
+    pub shutdown: CancellationToken,
+}
+
+pub type Shared = Arc<Api>;
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The authenticated device of a request (`Authorization: Bearer <token>`).
+pub struct AuthDevice(pub DeviceId);
+
+impl FromRequestParts<Shared> for AuthDevice {
+    type Rejection = Reject;
+
+    async fn from_request_parts(parts: &mut Parts, api: &Shared) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Reject::new(ErrorCode::Unauthenticated, "missing bearer token"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| Reject::new(ErrorCode::Unauthenticated, "expected a bearer token"))?;
+        let device = proto::auth::verify(api.cfg.token_secret.as_bytes(), token.trim(), now_unix())
+            .map_err(|e| Reject::new(ErrorCode::Unauthenticated, e.to_string()))?;
+        if device.domain() != api.cfg.domain {
+            return Err(Reject::new(
+                ErrorCode::Unauthenticated,
+                "token is for a device of another operator",
+            ));
+        }
+        Ok(AuthDevice(device))
+    }
+}
+
+/// Reads a request body up to the configured limit.
+pub async fn read_body(api: &Api, body: axum::body::Body) -> Result<bytes::Bytes, Reject> {
+    let limit = api.cfg.limits.max_body_bytes;
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        Reject::new(
+            ErrorCode::BodyTooLarge,
+            format!("request body is larger than {limit} bytes"),
+        )
+    })
+}
+
+pub fn router(api: Shared) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/keypackages", post(submit::upload_key_packages))
+        .route("/v1/keypackages/stock", get(submit::stock))
+        .route("/v1/keypackages/claim", post(submit::claim))
+        .route("/v1/groups", post(submit::create_group))
+        .route("/v1/messages", post(submit::submit_message))
+        .route("/v1/devices/{device}/mailbox", get(mailbox::fetch))
+        .route("/v1/devices/{device}/mailbox/ack", post(mailbox::ack))
+        .route("/v1/devices/{device}/mailbox/ws", get(mailbox::websocket))
+        .fallback(|| async { Reject::new(ErrorCode::InvalidRequest, "no such endpoint") })
+        .layer(middleware::from_fn_with_state(api.clone(), observe))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(api)
+}
+
+async fn observe(State(api): State<Shared>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let start = std::time::Instant::now();
+    let resp = next.run(req).await;
+    if let Some(code) = resp.extensions().get::<ErrorCode>() {
+        api.metrics.errors.with_label_values(&[code.as_str()]).inc();
+    }
+    api.metrics
+        .requests
+        .with_label_values(&[route.as_str(), resp.status().as_str()])
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+async fn readyz(State(api): State<Shared>) -> Response {
+    match api.topo.js.client().connection_state() {
+        async_nats::connection::State::Connected => (StatusCode::OK, "ready").into_response(),
+        _ => Reject::new(ErrorCode::Unavailable, "not connected to NATS").into_response(),
+    }
+}
+
+async fn metrics(State(api): State<Shared>) -> Response {
+    match prometheus::TextEncoder::new().encode_to_string(&api.registry.gather()) {
+        Ok(text) => text.into_response(),
+        Err(e) => Reject::new(ErrorCode::Internal, e.to_string()).into_response(),
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` fires.
+pub async fn serve(listener: TcpListener, api: Shared) -> std::io::Result<()> {
+    let shutdown = api.shutdown.clone();
+    axum::serve(listener, router(api))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+pub(crate) fn json<T: serde::Serialize>(v: T) -> Json<T> {
+    Json(v)
+}

@@ -1,0 +1,285 @@
+//! Key directory endpoints, group creation and message submission.
+
+use std::time::Duration;
+
+use async_nats::jetstream::message::PublishMessage;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use bytes::Bytes;
+use futures::StreamExt;
+use proto::wire::{Submission, SubmissionKind, Verdict};
+use proto::{names, ApiError, ErrorCode, GroupId, UserId};
+use serde::{Deserialize, Serialize};
+
+use crate::{json, now_unix, read_body, AuthDevice, Reject, Shared};
+
+/// The cipher suite every mlsfed operator supports (RFC 9420 §17.1, 0x0001).
+pub const DEFAULT_SUITES: &[u16] = &[1];
+
+pub async fn upload_key_packages(
+    State(api): State<Shared>,
+    AuthDevice(device): AuthDevice,
+    body: Body,
+) -> Result<Response, Reject> {
+    let body = read_body(&api, body).await?;
+    let kd = api.keydir.clone();
+    let report = tokio::task::spawn_blocking(move || kd.upload(&device, &body, now_unix()))
+        .await
+        .map_err(|_| Reject::new(ErrorCode::Unavailable, "key directory task failed"))?
+        .map_err(|e| Reject(e.to_api()))?;
+    Ok(json(report).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct StockQuery {
+    #[serde(default)]
+    cipher_suite: Option<u16>,
+}
+
+pub async fn stock(
+    State(api): State<Shared>,
+    AuthDevice(device): AuthDevice,
+    axum::extract::Query(q): axum::extract::Query<StockQuery>,
+) -> Result<Response, Reject> {
+    let suites = q
+        .cipher_suite
+        .map(|s| vec![s])
+        .unwrap_or_else(|| DEFAULT_SUITES.to_vec());
+    let stock = api
+        .keydir
+        .stock(&device, &suites)
+        .map_err(|e| Reject(e.to_api()))?;
+    Ok(json(serde_json::json!({ "stock": stock })).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct ClaimRequest {
+    user: String,
+    #[serde(default)]
+    cipher_suites: Vec<u16>,
+}
+
+#[derive(Serialize)]
+struct ClaimedJson {
+    device: String,
+    cipher_suite: u16,
+    last_resort: bool,
+    key_package: String,
+}
+
+pub async fn claim(
+    State(api): State<Shared>,
+    AuthDevice(device): AuthDevice,
+    body: Body,
+) -> Result<Response, Reject> {
+    let body = read_body(&api, body).await?;
+    let req: ClaimRequest = serde_json::from_slice(&body)
+        .map_err(|e| Reject::new(ErrorCode::InvalidRequest, format!("bad claim request: {e}")))?;
+    let user = UserId::parse(&req.user)
+        .map_err(|e| Reject::new(ErrorCode::InvalidIdentifier, e.to_string()))?;
+    if user.domain() != api.cfg.domain {
+        return Err(Reject::new(
+            ErrorCode::NotHub,
+            "claims for users of other operators need federation",
+        ));
+    }
+    let suites = if req.cipher_suites.is_empty() {
+        DEFAULT_SUITES.to_vec()
+    } else {
+        req.cipher_suites
+    };
+    let kd = api.keydir.clone();
+    let claimed =
+        tokio::task::spawn_blocking(move || kd.claim(&user, Some(&device), &suites, now_unix()))
+            .await
+            .map_err(|_| Reject::new(ErrorCode::Unavailable, "key directory task failed"))?
+            .map_err(|e| Reject(e.to_api()))?;
+    let out: Vec<ClaimedJson> = claimed
+        .into_iter()
+        .map(|c| ClaimedJson {
+            device: c.device.to_string(),
+            cipher_suite: c.cipher_suite,
+            last_resort: c.last_resort,
+            key_package: B64.encode(c.key_package),
+        })
+        .collect();
+    Ok(json(serde_json::json!({ "key_packages": out })).into_response())
+}
+
+#[derive(Serialize)]
+struct AcceptedJson {
+    group: String,
+    position: u64,
+    epoch: u64,
+}
+
+pub async fn create_group(
+    State(api): State<Shared>,
+    AuthDevice(device): AuthDevice,
+    body: Body,
+) -> Result<Response, Reject> {
+    let body = read_body(&api, body).await?;
+    proto::mls::precheck(&body, &[proto::mls::wire_format::GROUP_INFO])?;
+    let group = group_of_group_info(&body)?;
+    if group.hub() != api.cfg.domain {
+        return Err(Reject::new(
+            ErrorCode::NotHub,
+            "a group is created at the operator named in its id",
+        ));
+    }
+    let id = proto::wire::submission_id(&device, &[b"create", &body]);
+    let sub = Submission {
+        id,
+        device,
+        group: group.clone(),
+        kind: SubmissionKind::Create {
+            group_info: body.to_vec(),
+        },
+    };
+    let (position, epoch) = await_verdict(&api, sub).await?;
+    Ok((
+        StatusCode::CREATED,
+        json(AcceptedJson {
+            group: group.to_string(),
+            position,
+            epoch,
+        }),
+    )
+        .into_response())
+}
+
+fn group_of_group_info(bytes: &[u8]) -> Result<GroupId, Reject> {
+    use openmls::prelude::tls_codec::Deserialize as _;
+    use openmls::prelude::{MlsMessageBodyIn, MlsMessageIn};
+    let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| {
+        Reject::new(
+            ErrorCode::MalformedMessage,
+            format!("cannot decode GroupInfo: {e}"),
+        )
+    })?;
+    match msg.extract() {
+        MlsMessageBodyIn::GroupInfo(gi) => {
+            GroupId::from_mls(gi.group_id().as_slice()).map_err(|e| {
+                Reject::new(
+                    ErrorCode::InvalidIdentifier,
+                    format!("group_id is not a mimi room id: {e}"),
+                )
+            })
+        }
+        _ => Err(Reject::new(
+            ErrorCode::WrongWireFormat,
+            "expected a GroupInfo",
+        )),
+    }
+}
+
+pub async fn submit_message(
+    State(api): State<Shared>,
+    AuthDevice(device): AuthDevice,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Reject> {
+    let body = read_body(&api, body).await?;
+    let bundle = proto::mls::parse_bundle(&body)?;
+    let group = bundle.header.group.clone();
+    if group.hub() != api.cfg.domain {
+        return Err(Reject::new(
+            ErrorCode::NotHub,
+            "this operator is not the hub of that group",
+        ));
+    }
+    // A client idempotency key makes a retry of a re-encrypted message (new
+    // bytes, same intent) dedupe too; by default the bytes are the key.
+    let id = match headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+        Some(k) if !k.is_empty() && k.len() <= 128 => {
+            proto::wire::submission_id(&device, &[b"key", k.as_bytes()])
+        }
+        Some(_) => {
+            return Err(Reject::new(
+                ErrorCode::InvalidRequest,
+                "Idempotency-Key must be 1..=128 bytes",
+            ))
+        }
+        None => proto::wire::submission_id(&device, &[b"msg", &body]),
+    };
+    let sub = Submission {
+        id,
+        device,
+        group: group.clone(),
+        kind: SubmissionKind::Message {
+            message: bundle.message,
+            welcome: bundle.welcome,
+            group_info: bundle.group_info,
+        },
+    };
+    let (position, epoch) = await_verdict(&api, sub).await?;
+    Ok(json(AcceptedJson {
+        group: group.to_string(),
+        position,
+        epoch,
+    })
+    .into_response())
+}
+
+/// Queues a submission and waits for the sequencer's verdict.
+async fn await_verdict(api: &Shared, sub: Submission) -> Result<(u64, u64), Reject> {
+    let client = api.topo.js.client();
+    let unavailable =
+        |e: String| Reject::new(ErrorCode::Unavailable, format!("queue unavailable: {e}"));
+    // Subscribe before publishing so the verdict cannot be missed.
+    let mut verdicts = client
+        .subscribe(names::verdict_subject(&sub.id))
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let publish = PublishMessage::build()
+        .payload(Bytes::from(proto::wire::encode(&sub)))
+        .message_id(&sub.id);
+    let ack = api
+        .topo
+        .js
+        .send_publish(names::submit_subject(&sub.group), publish)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    if ack.duplicate {
+        if let Some(v) = recorded(api, &sub.id).await {
+            return settle(v);
+        }
+    }
+    let timeout = api.cfg.limits.submit_timeout();
+    let got = tokio::time::timeout(timeout, verdicts.next()).await;
+    let _ = verdicts.unsubscribe().await;
+    match got {
+        Ok(Some(m)) => match Verdict::from_bytes(&m.payload) {
+            Ok(v) => settle(v),
+            Err(_) => Err(Reject::new(ErrorCode::Internal, "undecodable verdict")),
+        },
+        _ => match recorded(api, &sub.id).await {
+            Some(v) => settle(v),
+            None => Err(Reject(ApiError::new(
+                ErrorCode::Timeout,
+                format!(
+                    "submission is queued but no verdict arrived within {:?}; resend the same request to learn it",
+                    Duration::from(timeout)
+                ),
+            ))),
+        },
+    }
+}
+
+async fn recorded(api: &Shared, id: &str) -> Option<Verdict> {
+    let bytes = api.topo.verdicts.get(id).await.ok()??;
+    Verdict::from_bytes(&bytes).ok()
+}
+
+fn settle(v: Verdict) -> Result<(u64, u64), Reject> {
+    match v {
+        Verdict::Accepted { position, epoch } => Ok((position, epoch)),
+        Verdict::Rejected(e) => Err(Reject(e)),
+    }
+}

@@ -1,0 +1,164 @@
+//! `mlsfed bench`: figures on this machine, printed, never asserted.
+//! 1. raw JetStream publish rate on the same nats-server;
+//! 2. end-to-end submit -> delivered rate and latency for one operator and a
+//!    group of `members` devices, observed by one member over WebSocket.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use futures::StreamExt;
+use openmls_like::{Device, Item};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::{embedded_nats, unix_now};
+
+mod openmls_like {
+    pub use client::{Device, Item};
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub async fn run(mut cfg: config::Config, messages: usize, members: usize) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    cfg.data_dir = tmp.path().join("operator");
+    let embedded =
+        embedded_nats(&cfg)?.context("bench runs its own nats-server; unset MLSFED_NATS_URL")?;
+    cfg.nats_url = embedded.url();
+    let nats = mlsfed::connect(&cfg.nats_url).await?;
+
+    // 1. Raw JetStream publish, pipelined, 256-byte payloads, file storage.
+    let js = mlsfed::jetstream(nats.clone());
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: "BENCH_RAW".into(),
+        subjects: vec!["bench.raw".into()],
+        ..Default::default()
+    })
+    .await?;
+    let raw_n = 20_000;
+    let payload = Bytes::from(vec![7u8; 256]);
+    let start = Instant::now();
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for _ in 0..raw_n {
+        acks.push(std::future::IntoFuture::into_future(
+            js.publish("bench.raw", payload.clone()).await?,
+        ));
+        if acks.len() >= 512 {
+            acks.next().await.transpose()?;
+        }
+    }
+    while acks.next().await.transpose()?.is_some() {}
+    let raw_rate = raw_n as f64 / start.elapsed().as_secs_f64();
+    println!("raw JetStream publish (R1 file, 256 B, 512 in flight): {raw_rate:.0} msgs/s over {raw_n} msgs");
+
+    // 2. End to end through the real operator.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(mlsfed::run(
+        cfg.clone(),
+        mlsfed::Roles::ALL,
+        nats,
+        Some(listener),
+        prometheus::Registry::new(),
+        shutdown.clone(),
+    ));
+    let mut devices = Vec::new();
+    for i in 0..members {
+        let id = proto::DeviceId::new(&cfg.domain, &format!("user{i}"), "d")?;
+        let token = proto::auth::issue(cfg.token_secret.as_bytes(), &id, unix_now() + 3600);
+        let mut d = Device::open(&tmp.path().join(format!("dev{i}")), &url, &token, Some(&id))?;
+        d.publish_key_packages(1, false).await?;
+        devices.push(d);
+    }
+    let g = devices[0].create_group("bench").await?;
+    let users: Vec<_> = (1..members)
+        .map(|i| proto::UserId::new(&cfg.domain, &format!("user{i}")))
+        .collect::<Result<_, _>>()?;
+    devices[0].add(&g, &users).await?;
+    for d in devices.iter_mut().skip(1) {
+        d.sync().await?;
+    }
+    // Pre-encrypt so the figure measures the server, not openmls.
+    let mut bodies = Vec::with_capacity(messages);
+    for i in 0..messages {
+        bodies.push(devices[0].encrypt_for_bench(&g, format!("bench message {i}").as_bytes())?);
+    }
+    let observer = devices.last().context("need members")?;
+    let ws_http = observer.http().clone();
+    let start_cursor = observer.cursor();
+    let arrivals: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let arr = arrivals.clone();
+    let want = messages;
+    let watcher = tokio::spawn(async move {
+        let mut ws = ws_http.websocket(start_cursor).await?;
+        while arr.lock().await.len() < want {
+            let Some(frame) = tokio::time::timeout(Duration::from_secs(60), ws.next()).await?
+            else {
+                break;
+            };
+            if let tokio_tungstenite::tungstenite::Message::Text(t) = frame? {
+                let item: Item = serde_json::from_str(&t)?;
+                if item.kind == "application" {
+                    arr.lock().await.insert(item.position, Instant::now());
+                }
+            }
+        }
+        anyhow::Ok(())
+    });
+    let sender = devices[0].http().clone();
+    let starts: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let t0 = Instant::now();
+    let results = futures::stream::iter(bodies.into_iter().map(|b| {
+        let sender = sender.clone();
+        let starts = starts.clone();
+        async move {
+            let s = Instant::now();
+            let a = sender.submit(b, None).await?;
+            starts.lock().await.insert(a.position, s);
+            anyhow::Ok(s.elapsed())
+        }
+    }))
+    .buffer_unordered(32)
+    .collect::<Vec<_>>()
+    .await;
+    let accept_elapsed = t0.elapsed();
+    let mut submit_lat: Vec<Duration> = results.into_iter().collect::<Result<_, _>>()?;
+    watcher.await??;
+    let delivered_elapsed = t0.elapsed();
+    let starts = starts.lock().await;
+    let arrivals = arrivals.lock().await;
+    let mut e2e: Vec<Duration> = arrivals
+        .iter()
+        .filter_map(|(p, at)| starts.get(p).map(|s| at.saturating_duration_since(*s)))
+        .collect();
+    submit_lat.sort();
+    e2e.sort();
+    let deliveries = messages * members;
+    println!(
+        "end to end, 1 operator, {members}-member group, {messages} msgs, 32 submits in flight:\n  \
+         accepted: {:.0} msgs/s (submit p50 {:?}, p99 {:?})\n  \
+         delivered to the last member: {:.0} msgs/s ({:.0} mailbox deliveries/s)\n  \
+         submit -> delivered latency p50 {:?}, p99 {:?}",
+        messages as f64 / accept_elapsed.as_secs_f64(),
+        pct(&submit_lat, 0.5),
+        pct(&submit_lat, 0.99),
+        messages as f64 / delivered_elapsed.as_secs_f64(),
+        deliveries as f64 / delivered_elapsed.as_secs_f64(),
+        pct(&e2e, 0.5),
+        pct(&e2e, 0.99),
+    );
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    drop(embedded);
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! The `mlsfed` runtime: wiring of the worker roles onto one NATS connection,
+//! and the supervised embedded nats-server used when no NATS URL is configured
+//! (and by the test harness).
+#![forbid(unsafe_code)]
+
+pub mod nats;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Which worker roles this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub ingest: bool,
+    pub sequencer: bool,
+    pub fanout: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        ingest: true,
+        sequencer: true,
+        fanout: true,
+    };
+}
+
+/// Connects to NATS with reconnects forever: a worker rides out a NATS restart.
+pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .name("mlsfed")
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {url}"))
+}
+
+pub fn jetstream(client: async_nats::Client) -> async_nats::jetstream::Context {
+    async_nats::jetstream::ContextBuilder::new()
+        .timeout(std::time::Duration::from_secs(10))
+        .max_ack_inflight(4096)
+        .backpressure_on_inflight(true)
+        .build(client)
+}
+
+/// Runs `roles` until `shutdown` fires or a role fails.
+pub async fn run(
+    cfg: config::Config,
+    roles: Roles,
+    nats: async_nats::Client,
+    listener: Option<TcpListener>,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let js = jetstream(nats);
+    let topo = proto::streams::ensure(&js, &cfg.streams)
+        .await
+        .context("cannot create streams")?;
+    let mut tasks = JoinSet::new();
+    if roles.sequencer {
+        let consumer = proto::streams::worker_consumer(
+            &topo.submit,
+            proto::names::SEQUENCER_CONSUMER,
+            &cfg.streams,
+        )
+        .await?;
+        let seq = sequencer::Sequencer::new(
+            topo.clone(),
+            cfg.domain.clone(),
+            sequencer::Metrics::new(&registry)?,
+        );
+        let sd = shutdown.clone();
+        tasks.spawn(async move { seq.run(consumer, sd).await.map_err(anyhow::Error::from) });
+    }
+    if roles.fanout {
+        let consumer =
+            proto::streams::worker_consumer(&topo.log, proto::names::FANOUT_CONSUMER, &cfg.streams)
+                .await?;
+        let fo = fanout::Fanout::new(
+            topo.clone(),
+            cfg.domain.clone(),
+            fanout::Metrics::new(&registry)?,
+        );
+        let sd = shutdown.clone();
+        tasks.spawn(async move { fo.run(consumer, sd).await.map_err(anyhow::Error::from) });
+    }
+    if roles.ingest {
+        let listener = listener.context("the ingest role needs a listener")?;
+        std::fs::create_dir_all(&cfg.data_dir).context("cannot create data dir")?;
+        let db = sled::open(cfg.keydir_path()).context("cannot open key directory")?;
+        let kd =
+            keydir::KeyDirectory::open(&db, cfg.keydir.clone(), keydir::Metrics::new(&registry)?)?;
+        let api = Arc::new(ingest::Api {
+            topo: topo.clone(),
+            keydir: Arc::new(kd),
+            cfg: cfg.clone(),
+            registry: registry.clone(),
+            metrics: ingest::Metrics::new(&registry)?,
+            shutdown: shutdown.clone(),
+        });
+        tasks.spawn(async move {
+            ingest::serve(listener, api)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+    // The first role to stop (shutdown, or a failure) stops the process.
+    let first = tasks.join_next().await;
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    match first {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(anyhow::anyhow!("a role panicked: {e}")),
+        None => Ok(()),
+    }
+}

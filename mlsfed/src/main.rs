@@ -1,0 +1,197 @@
+//! The `mlsfed` binary: one subcommand per worker role, `run` for every role
+//! in one process, and `demo`, `bench` and `token` for people.
+#![forbid(unsafe_code)]
+
+mod bench;
+mod demo;
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use mlsfed::nats::NatsProcess;
+use mlsfed::Roles;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "mlsfed", about = "Federated MLS delivery service", version)]
+struct Cli {
+    /// TOML config file; MLSFED_* environment variables override it.
+    #[arg(long, global = true, env = "MLSFED_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Every role in one process (embedded nats-server when no NATS URL is set).
+    Run,
+    /// The client API (HTTP + WebSocket) and key directory.
+    Ingest,
+    /// The per-group sequencer.
+    Sequencer,
+    /// The local fan-out worker.
+    Fanout,
+    /// Issue a bearer token for a device of this operator.
+    Token {
+        #[arg(long)]
+        device: String,
+        #[arg(long, default_value_t = 30 * 86_400)]
+        ttl_secs: u64,
+    },
+    /// Start an operator on the embedded defaults and run a scripted
+    /// conversation between three devices through it.
+    Demo,
+    /// Measure JetStream publish rate and end-to-end delivery.
+    Bench {
+        #[arg(long, default_value_t = 2000)]
+        messages: usize,
+        #[arg(long, default_value_t = 10)]
+        members: usize,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MLSFED_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_tracing();
+    let cli = Cli::parse();
+    let cfg = config::Config::load(cli.config.as_deref())?;
+    match cli.cmd {
+        Cmd::Run => serve(cfg, Roles::ALL).await,
+        Cmd::Ingest => {
+            serve(
+                cfg,
+                Roles {
+                    ingest: true,
+                    sequencer: false,
+                    fanout: false,
+                },
+            )
+            .await
+        }
+        Cmd::Sequencer => {
+            serve(
+                cfg,
+                Roles {
+                    ingest: false,
+                    sequencer: true,
+                    fanout: false,
+                },
+            )
+            .await
+        }
+        Cmd::Fanout => {
+            serve(
+                cfg,
+                Roles {
+                    ingest: false,
+                    sequencer: false,
+                    fanout: true,
+                },
+            )
+            .await
+        }
+        Cmd::Token { device, ttl_secs } => {
+            let d = proto::DeviceId::parse(&device)?;
+            anyhow::ensure!(
+                d.domain() == cfg.domain,
+                "device {d} is not on this operator ({})",
+                cfg.domain
+            );
+            println!(
+                "{}",
+                proto::auth::issue(cfg.token_secret.as_bytes(), &d, unix_now() + ttl_secs)
+            );
+            Ok(())
+        }
+        Cmd::Demo => demo::run(cfg).await,
+        Cmd::Bench { messages, members } => bench::run(cfg, messages, members).await,
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Starts the embedded nats-server when no URL is configured.
+pub fn embedded_nats(cfg: &config::Config) -> anyhow::Result<Option<NatsProcess>> {
+    if !cfg.nats_url.is_empty() {
+        return Ok(None);
+    }
+    let bin = mlsfed::nats::find_binary(&cfg.nats_server_bin);
+    let p = NatsProcess::start(&bin, &cfg.nats_dir(), 0)?;
+    tracing::info!(url = %p.url(), "embedded nats-server started");
+    Ok(Some(p))
+}
+
+async fn serve(mut cfg: config::Config, roles: Roles) -> anyhow::Result<()> {
+    let mut embedded = embedded_nats(&cfg)?;
+    if let Some(p) = &embedded {
+        cfg.nats_url = p.url();
+    }
+    let client = mlsfed::connect(&cfg.nats_url).await?;
+    let listener = if roles.ingest {
+        let l = tokio::net::TcpListener::bind(&cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        // Tests and scripts read this line to learn the port of `:0`.
+        println!("mlsfed listening on http://{}", l.local_addr()?);
+        Some(l)
+    } else {
+        println!("mlsfed worker started");
+        None
+    };
+    let shutdown = CancellationToken::new();
+    let sd = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        sd.cancel();
+    });
+    let sd = shutdown.clone();
+    if embedded.is_some() {
+        // Supervise the embedded server: restart it on the same port if it dies.
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                tokio::select! {
+                    _ = sd.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                if let Some(p) = embedded.as_mut() {
+                    if p.exited() {
+                        tracing::warn!("embedded nats-server exited; restarting");
+                        if let Err(e) = p.restart() {
+                            tracing::error!(error = %e, "cannot restart nats-server");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                        }
+                    }
+                }
+            }
+            drop(embedded);
+        });
+    }
+    mlsfed::run(
+        cfg,
+        roles,
+        client,
+        listener,
+        prometheus::Registry::new(),
+        shutdown,
+    )
+    .await
+}

@@ -1,0 +1,143 @@
+//! A nats-server child process on 127.0.0.1 with JetStream, its data in a
+//! directory we own. Used for the embedded default and by the test harness.
+//! The process is killed when the handle is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+pub struct NatsProcess {
+    child: Option<Child>,
+    bin: String,
+    dir: PathBuf,
+    port: u16,
+}
+
+/// Where to find nats-server: `$MLSFED_NATS_SERVER_BIN`, then the copy that
+/// scripts/install-nats installs under `.tools/bin`, then PATH.
+pub fn find_binary(configured: &str) -> String {
+    if let Ok(b) = std::env::var("MLSFED_NATS_SERVER_BIN") {
+        return b;
+    }
+    if configured != "nats-server" {
+        return configured.to_owned();
+    }
+    let mut dir = std::env::current_dir().ok();
+    while let Some(d) = dir {
+        let candidate = d.join(".tools/bin/nats-server");
+        if candidate.exists() {
+            return candidate.to_string_lossy().into_owned();
+        }
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    "nats-server".to_owned()
+}
+
+impl NatsProcess {
+    /// Starts nats-server on a random loopback port (`port` 0) or on `port`.
+    pub fn start(bin: &str, dir: &Path, port: u16) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut p = Self {
+            child: None,
+            bin: bin.to_owned(),
+            dir: dir.to_owned(),
+            port,
+        };
+        p.spawn()?;
+        Ok(p)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let ports = self.dir.join("ports");
+        let _ = std::fs::remove_dir_all(&ports);
+        std::fs::create_dir_all(&ports)?;
+        let port = if self.port == 0 {
+            "-1".to_owned()
+        } else {
+            self.port.to_string()
+        };
+        let child = Command::new(&self.bin)
+            .args(["-a", "127.0.0.1", "-p", &port, "-js", "--http_port", "0"])
+            .arg("-sd")
+            .arg(self.dir.join("jetstream"))
+            .arg("--ports_file_dir")
+            .arg(&ports)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(self.dir.join("nats-server.log"))
+                    .context("cannot create nats log")?,
+            ))
+            .spawn()
+            .with_context(|| format!("cannot start {} (run scripts/install-nats)", self.bin))?;
+        self.child = Some(child);
+        self.port = self.wait_port(&ports)?;
+        Ok(())
+    }
+
+    fn wait_port(&mut self, ports: &Path) -> anyhow::Result<u16> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    bail!(
+                        "nats-server exited at start ({status}); see {}",
+                        self.dir.join("nats-server.log").display()
+                    );
+                }
+            }
+            if let Some(port) = read_port(ports) {
+                return Ok(port);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("nats-server did not report its port within 20 s")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => true,
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Restarts on the same port and data directory.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.spawn()
+    }
+}
+
+fn read_port(ports: &Path) -> Option<u16> {
+    for entry in std::fs::read_dir(ports).ok()? {
+        let text = std::fs::read_to_string(entry.ok()?.path()).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let url = v.get("nats")?.get(0)?.as_str()?;
+        return url.rsplit(':').next()?.parse().ok();
+    }
+    None
+}
+
+impl Drop for NatsProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,16 @@
+//! Types shared by every mlsfed crate: identifiers, the wire error codes, the
+//! records that travel through JetStream, the names of every subject, stream and
+//! bucket, and the key-less inspection of MLS messages that servers are allowed
+//! to do (RFC 9420 §6: group_id, epoch and content_type are in the clear).
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod error;
+pub mod ids;
+pub mod mls;
+pub mod names;
+pub mod streams;
+pub mod wire;
+
+pub use error::{ApiError, ErrorCode};
+pub use ids::{DeviceId, GroupId, UserId};

@@ -1,0 +1,194 @@
+//! Idempotent creation of every stream, consumer and bucket from config.
+//! Every role calls [`ensure`] at start-up, so whichever worker starts first
+//! creates the topology and the others find it in place.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, kv, stream};
+
+use crate::names;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnsureStreamsError {
+    #[error("cannot create stream {name}: {source}")]
+    Stream {
+        name: &'static str,
+        source: jetstream::context::CreateStreamError,
+    },
+    #[error("cannot create bucket {name}: {source}")]
+    Bucket {
+        name: &'static str,
+        source: jetstream::context::CreateKeyValueError,
+    },
+    #[error("cannot open bucket {name}: {source}")]
+    OpenBucket {
+        name: &'static str,
+        source: jetstream::context::KeyValueError,
+    },
+    #[error("cannot create consumer {name}: {source}")]
+    Consumer {
+        name: &'static str,
+        source: jetstream::stream::ConsumerError,
+    },
+}
+
+/// Handles to everything a worker uses.
+#[derive(Clone)]
+pub struct Topology {
+    pub js: jetstream::Context,
+    pub submit: stream::Stream,
+    pub log: stream::Stream,
+    pub mailbox: stream::Stream,
+    pub groups: kv::Store,
+    pub fanout: kv::Store,
+    pub verdicts: kv::Store,
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    cfg: stream::Config,
+    name: &'static str,
+) -> Result<stream::Stream, EnsureStreamsError> {
+    // get_or_create keeps an existing stream as it is; operators change
+    // retention of a live stream with the admin tooling, not by restarting.
+    js.get_or_create_stream(cfg)
+        .await
+        .map_err(|source| EnsureStreamsError::Stream { name, source })
+}
+
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    cfg: kv::Config,
+    name: &'static str,
+) -> Result<kv::Store, EnsureStreamsError> {
+    match js.get_key_value(name).await {
+        Ok(s) => Ok(s),
+        Err(_) => match js.create_key_value(cfg).await {
+            Ok(s) => Ok(s),
+            // Another worker created it between our get and our create.
+            Err(_) => js
+                .get_key_value(name)
+                .await
+                .map_err(|source| EnsureStreamsError::OpenBucket { name, source }),
+        },
+    }
+}
+
+pub async fn ensure(
+    js: &jetstream::Context,
+    cfg: &config::Streams,
+) -> Result<Topology, EnsureStreamsError> {
+    let replicas = cfg.replicas.max(1);
+    let submit = ensure_stream(
+        js,
+        stream::Config {
+            name: names::SUBMIT_STREAM.into(),
+            subjects: vec![names::SUBMIT_WILDCARD.into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: cfg.duplicate_window(),
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        names::SUBMIT_STREAM,
+    )
+    .await?;
+    let log = ensure_stream(
+        js,
+        stream::Config {
+            name: names::LOG_STREAM.into(),
+            subjects: vec![names::LOG_WILDCARD.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(cfg.log_max_age_secs),
+            duplicate_window: cfg.duplicate_window(),
+            allow_direct: true,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        names::LOG_STREAM,
+    )
+    .await?;
+    let mailbox = ensure_stream(
+        js,
+        stream::Config {
+            name: names::MAILBOX_STREAM.into(),
+            subjects: vec![names::MAILBOX_WILDCARD.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(cfg.mailbox_max_age_secs),
+            duplicate_window: cfg.duplicate_window(),
+            allow_direct: true,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        names::MAILBOX_STREAM,
+    )
+    .await?;
+    let groups = ensure_bucket(
+        js,
+        kv::Config {
+            bucket: names::GROUPS_BUCKET.into(),
+            history: 1,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        names::GROUPS_BUCKET,
+    )
+    .await?;
+    let fanout = ensure_bucket(
+        js,
+        kv::Config {
+            bucket: names::FANOUT_BUCKET.into(),
+            history: 1,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        names::FANOUT_BUCKET,
+    )
+    .await?;
+    let verdicts = ensure_bucket(
+        js,
+        kv::Config {
+            bucket: names::VERDICTS_BUCKET.into(),
+            history: 1,
+            max_age: cfg.duplicate_window(),
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        names::VERDICTS_BUCKET,
+    )
+    .await?;
+    Ok(Topology {
+        js: js.clone(),
+        submit,
+        log,
+        mailbox,
+        groups,
+        fanout,
+        verdicts,
+    })
+}
+
+/// The shared durable pull consumer of a worker role. All processes of a role
+/// bind the same consumer, so JetStream spreads messages across them and
+/// redelivers what a crashed worker held.
+pub async fn worker_consumer(
+    stream: &stream::Stream,
+    name: &'static str,
+    cfg: &config::Streams,
+) -> Result<jetstream::consumer::PullConsumer, EnsureStreamsError> {
+    stream
+        .get_or_create_consumer(
+            name,
+            pull::Config {
+                durable_name: Some(name.into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: cfg.ack_wait(),
+                max_ack_pending: 1024,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|source| EnsureStreamsError::Consumer { name, source })
+}

@@ -1,0 +1,175 @@
+//! Records that travel through JetStream between the workers of one operator.
+//! They are postcard-encoded: compact, and a decode failure of a record we
+//! wrote ourselves is a bug worth a dead letter, not a client error.
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use crate::error::ApiError;
+use crate::ids::{DeviceId, GroupId};
+
+/// A client submission, as the ingest worker stores it in SUBMIT.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submission {
+    /// Also the `Nats-Msg-Id`: equal submissions are stored once.
+    pub id: String,
+    /// The authenticated device that submitted it.
+    pub device: DeviceId,
+    pub group: GroupId,
+    pub kind: SubmissionKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SubmissionKind {
+    /// Register a new group at this hub from the creator's epoch-0 GroupInfo
+    /// (which must carry the ratchet_tree extension, RFC 9420 §12.4.3.3).
+    Create { group_info: Vec<u8> },
+    /// An MLSMessage (PrivateMessage application message, or PublicMessage
+    /// Proposal/Commit), with the Commit's Welcome and GroupInfo if any.
+    Message {
+        message: Vec<u8>,
+        welcome: Option<Vec<u8>>,
+        group_info: Option<Vec<u8>>,
+    },
+}
+
+/// The sequencer's decision on one submission.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    Accepted { position: u64, epoch: u64 },
+    Rejected(ApiError),
+}
+
+/// What an accepted log entry is. Mirrors RFC 9420 ContentType plus the
+/// creation record that starts every group log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    Created,
+    Application,
+    Proposal,
+    Commit,
+    Welcome,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Created => "created",
+            EntryKind::Application => "application",
+            EntryKind::Proposal => "proposal",
+            EntryKind::Commit => "commit",
+            EntryKind::Welcome => "welcome",
+        }
+    }
+}
+
+/// One entry of a group's LOG: the hub's total order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub group: GroupId,
+    /// 1-based, gapless hub position in the group.
+    pub position: u64,
+    /// The epoch the message was sent in (for Created: 0).
+    pub epoch: u64,
+    pub kind: EntryKind,
+    pub sender: DeviceId,
+    pub submission_id: String,
+    /// The MLSMessage bytes (for Created: the GroupInfo).
+    pub message: Vec<u8>,
+    /// Devices that receive `message`: the members at `epoch`.
+    pub recipients: Vec<DeviceId>,
+    /// For a Commit that adds members: the Welcome, released only because the
+    /// Commit was accepted, for the devices it adds.
+    pub welcome: Option<Vec<u8>>,
+    pub welcome_recipients: Vec<DeviceId>,
+}
+
+/// One item in a device's mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxItem {
+    pub group: GroupId,
+    pub position: u64,
+    pub epoch: u64,
+    pub kind: EntryKind,
+    /// True when the recipient device is the one that submitted it: its client
+    /// merges its pending Commit (or skips its own application message) here.
+    pub own: bool,
+    pub message: Vec<u8>,
+}
+
+impl Verdict {
+    /// Verdicts carry an [`ApiError`], whose optional fields are skipped in
+    /// JSON; postcard is not self-describing, so verdicts travel as JSON.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+    pub fn from_bytes(b: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(b)
+    }
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // postcard only fails on types it cannot represent; ours are all plain.
+    postcard::to_allocvec(v).unwrap_or_default()
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(b)
+}
+
+/// A content-derived submission id: the same device submitting the same bytes
+/// is the same submission, so a client's blind retry is harmless.
+pub fn submission_id(device: &DeviceId, parts: &[&[u8]]) -> String {
+    let mut h = sha2::Sha256::new();
+    h.update(device.as_bytes());
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_ids() {
+        let d = DeviceId::parse("mimi://a.example/d/alice/one").unwrap();
+        let e = LogEntry {
+            group: GroupId::parse("mimi://a.example/r/x").unwrap(),
+            position: 3,
+            epoch: 1,
+            kind: EntryKind::Commit,
+            sender: d.clone(),
+            submission_id: "x".into(),
+            message: vec![1, 2, 3],
+            recipients: vec![d.clone()],
+            welcome: None,
+            welcome_recipients: vec![],
+        };
+        assert_eq!(decode::<LogEntry>(&encode(&e)).unwrap(), e);
+        assert!(decode::<LogEntry>(&[0xff, 0xff]).is_err());
+        let mut err = ApiError::new(crate::ErrorCode::WrongEpoch, "x");
+        err.current_epoch = Some(3);
+        for v in [
+            Verdict::Accepted {
+                position: 1,
+                epoch: 2,
+            },
+            Verdict::Rejected(err),
+            Verdict::Rejected(ApiError::new(crate::ErrorCode::NotAMember, "y")),
+        ] {
+            assert_eq!(Verdict::from_bytes(&v.to_bytes()).unwrap(), v);
+        }
+        assert_eq!(
+            submission_id(&d, &[b"ab", b"c"]),
+            submission_id(&d, &[b"ab", b"c"])
+        );
+        assert_ne!(
+            submission_id(&d, &[b"ab", b"c"]),
+            submission_id(&d, &[b"a", b"bc"])
+        );
+    }
+}
