@@ -355,34 +355,13 @@ impl Device {
     /// Adds every device of `users` in one Commit (with its Welcome).
     pub async fn add(&mut self, g: &str, users: &[UserId]) -> Result<Vec<Event>, ClientError> {
         let kps = self.claim(users).await?;
-        self.commit_with_retry(g, |d, g| {
-            let (provider, signer) = (&d.provider, &d.signer);
-            let group = d
-                .groups
-                .get_mut(g)
-                .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
-            let (commit, welcome, _) = group.add_members(provider, signer, &kps).map_err(mls)?;
-            let mut body = commit.tls_serialize_detached().map_err(mls)?;
-            body.extend(welcome.tls_serialize_detached().map_err(mls)?);
-            Ok(body)
-        })
-        .await
+        self.commit_with_retry(g, |d, g| d.prepare_add(g, &kps))
+            .await
     }
 
     /// Rotates this device's leaf (RFC 9420 §12.4, a Commit with an UpdatePath).
     pub async fn update(&mut self, g: &str) -> Result<Vec<Event>, ClientError> {
-        self.commit_with_retry(g, |d, g| {
-            let (provider, signer) = (&d.provider, &d.signer);
-            let group = d
-                .groups
-                .get_mut(g)
-                .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
-            let bundle = group
-                .self_update(provider, signer, LeafNodeParameters::default())
-                .map_err(mls)?;
-            bundle.commit().tls_serialize_detached().map_err(mls)
-        })
-        .await
+        self.commit_with_retry(g, |d, g| d.prepare_update(g)).await
     }
 
     /// Removes a member device.
@@ -681,5 +660,21 @@ impl Device {
             .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
         let out = group.create_message(provider, signer, text).map_err(mls)?;
         out.tls_serialize_detached().map_err(mls)
+    }
+}
+
+impl Device {
+    /// Prepares a Commit adding `kps` without sending it (for races in tests).
+    pub fn prepare_add(&mut self, g: &str, kps: &[KeyPackage]) -> Result<Vec<u8>, ClientError> {
+        let (provider, signer) = (&self.provider, &self.signer);
+        let group = self
+            .groups
+            .get_mut(g)
+            .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
+        let (commit, welcome, _) = group.add_members(provider, signer, kps).map_err(mls)?;
+        let mut body = commit.tls_serialize_detached().map_err(mls)?;
+        body.extend(welcome.tls_serialize_detached().map_err(mls)?);
+        self.persist()?;
+        Ok(body)
     }
 }

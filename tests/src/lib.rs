@@ -1,1 +1,404 @@
+//! The integration-test harness: RAII fixtures for real processes, so a test
+//! reads like the scenario it checks.
+//!
+//! - [`NatsServer`]: a nats-server on 127.0.0.1, random port, temp dir,
+//!   killed on drop.
+//! - [`Operator`]: the real `mlsfed` binary as a child process (all roles, or
+//!   chosen ones), its own data dir, its API on `127.0.0.1:0`; SIGKILL-able.
+//! - [`Client`]: a real openmls device (the client SDK) talking to an
+//!   operator over HTTP, with its state in a temp dir.
 #![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use client::{Device, Event};
+use proto::{DeviceId, UserId};
+use tempfile::TempDir;
+
+pub use client;
+pub use proto;
+
+pub const SECRET: &str = "test-secret-0123456789";
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn target_dir() -> PathBuf {
+    // Test binaries live in target/<profile>/deps; the workspace binaries
+    // one level up.
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Path of a workspace binary (`scripts/test` builds them before the tests).
+pub fn binary(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+pub struct NatsServer {
+    process: mlsfed::nats::NatsProcess,
+    _dir: TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let bin = mlsfed::nats::find_binary("nats-server");
+        let process = mlsfed::nats::NatsProcess::start(&bin, dir.path(), 0)?;
+        Ok(Self { process, _dir: dir })
+    }
+
+    pub fn url(&self) -> String {
+        self.process.url()
+    }
+
+    pub fn stop(&mut self) {
+        self.process.stop();
+    }
+
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.restart()
+    }
+}
+
+/// An operator process (or one worker-role process) of the real binary.
+pub struct Operator {
+    child: Option<Child>,
+    pub domain: String,
+    pub url: String,
+    config_path: PathBuf,
+    role: String,
+    dir: TempDirOrShared,
+}
+
+enum TempDirOrShared {
+    Own(TempDir),
+    Shared(PathBuf),
+}
+
+impl TempDirOrShared {
+    fn path(&self) -> &Path {
+        match self {
+            TempDirOrShared::Own(t) => t.path(),
+            TempDirOrShared::Shared(p) => p,
+        }
+    }
+}
+
+impl Operator {
+    /// All roles in one process.
+    pub fn start(nats: &NatsServer, domain: &str) -> anyhow::Result<Self> {
+        Self::start_with(nats, domain, "run", |_| {})
+    }
+
+    /// `role` is a subcommand of `mlsfed` (run, ingest, sequencer, fanout);
+    /// `tweak` adjusts the config written for it.
+    pub fn start_with(
+        nats: &NatsServer,
+        domain: &str,
+        role: &str,
+        tweak: impl FnOnce(&mut config::Config),
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut cfg = config::Config {
+            domain: domain.into(),
+            data_dir: dir.path().join("data"),
+            listen: "127.0.0.1:0".into(),
+            nats_url: nats.url(),
+            token_secret: SECRET.into(),
+            ..Default::default()
+        };
+        cfg.streams.ack_wait_secs = 5;
+        tweak(&mut cfg);
+        let config_path = dir.path().join("mlsfed.toml");
+        std::fs::write(&config_path, toml::to_string(&cfg)?)?;
+        let mut op = Self {
+            child: None,
+            domain: domain.into(),
+            url: String::new(),
+            config_path,
+            role: role.into(),
+            dir: TempDirOrShared::Own(dir),
+        };
+        op.spawn()?;
+        Ok(op)
+    }
+
+    /// Another process of the same operator (same config and data), running `role`.
+    pub fn worker(&self, role: &str) -> anyhow::Result<Self> {
+        let mut op = Self {
+            child: None,
+            domain: self.domain.clone(),
+            url: String::new(),
+            config_path: self.config_path.clone(),
+            role: role.into(),
+            dir: TempDirOrShared::Shared(self.dir.path().to_path_buf()),
+        };
+        op.spawn()?;
+        Ok(op)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", self.role)))?;
+        let mut child = Command::new(binary("mlsfed"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg(&self.role)
+            .env("MLSFED_LOG", "warn")
+            .env_remove("MLSFED_NATS_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("cannot start mlsfed")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        self.child = Some(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(first)) = lines.next() {
+                let _ = tx.send(first);
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let first = rx
+            .recv_timeout(Duration::from_secs(30))
+            .context("mlsfed did not start within 30 s")?;
+        if let Some(url) = first.strip_prefix("mlsfed listening on ") {
+            self.url = url.trim().to_owned();
+        } else if !first.starts_with("mlsfed worker started") {
+            bail!("unexpected first line from mlsfed: {first}");
+        }
+        Ok(())
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the same process again (same config, data and role).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.role)))
+            .unwrap_or_default()
+    }
+
+    pub fn token(&self, device: &DeviceId) -> String {
+        proto::auth::issue(SECRET.as_bytes(), device, unix_now() + 3600)
+    }
+
+    pub fn device_id(&self, user: &str, device: &str) -> DeviceId {
+        DeviceId::new(&self.domain, user, device).expect("valid device id")
+    }
+
+    pub fn user_id(&self, user: &str) -> UserId {
+        UserId::new(&self.domain, user).expect("valid user id")
+    }
+
+    /// A new device of `user` on this operator, with `kps` KeyPackages (and a
+    /// last-resort one) already published.
+    pub async fn client(&self, user: &str, device: &str, kps: usize) -> anyhow::Result<Client> {
+        let id = self.device_id(user, device);
+        let home = tempfile::tempdir()?;
+        let mut d = Device::open(home.path(), &self.url, &self.token(&id), Some(&id))?;
+        if kps > 0 {
+            d.publish_key_packages(kps, true).await?;
+        }
+        Ok(Client {
+            device: Some(d),
+            home,
+            url: self.url.clone(),
+            token: self.token(&id),
+            log: Vec::new(),
+        })
+    }
+
+    pub async fn healthy(&self) -> bool {
+        matches!(reqwest::get(format!("{}/healthz", self.url)).await, Ok(r) if r.status().is_success())
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A device under test; keeps every event it observed, in order.
+pub struct Client {
+    device: Option<Device>,
+    home: TempDir,
+    url: String,
+    token: String,
+    pub log: Vec<Event>,
+}
+
+impl std::ops::Deref for Client {
+    type Target = Device;
+    fn deref(&self) -> &Device {
+        self.device.as_ref().expect("device is open")
+    }
+}
+
+impl std::ops::DerefMut for Client {
+    fn deref_mut(&mut self) -> &mut Device {
+        self.device.as_mut().expect("device is open")
+    }
+}
+
+impl Client {
+    pub async fn sync(&mut self) -> anyhow::Result<Vec<Event>> {
+        let ev = self.device.as_mut().context("closed")?.sync().await?;
+        self.log.extend(ev.iter().cloned());
+        Ok(ev)
+    }
+
+    /// Records events returned by an SDK call.
+    pub fn record(&mut self, ev: Vec<Event>) {
+        self.log.extend(ev);
+    }
+
+    /// Closes and reopens the device from its stored state, as a restarted
+    /// client process would.
+    pub fn reopen(&mut self) -> anyhow::Result<()> {
+        self.device = None;
+        self.device = Some(Device::open(
+            self.home.path(),
+            &self.url,
+            &self.token,
+            None,
+        )?);
+        Ok(())
+    }
+
+    /// Points the device at another URL (a restarted operator).
+    pub fn reconnect(&mut self, url: &str) -> anyhow::Result<()> {
+        self.url = url.to_owned();
+        self.reopen()
+    }
+
+    pub fn home(&self) -> &Path {
+        self.home.path()
+    }
+
+    /// The texts of application messages observed, in order, as (position, sender, text).
+    pub fn messages(&self, group: &str) -> Vec<(u64, String, String)> {
+        self.log
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message {
+                    group: g,
+                    position,
+                    sender,
+                    text,
+                    ..
+                } if g == group => Some((*position, sender.clone(), text.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every hub position this device applied in `group`, in order.
+    pub fn positions(&self, group: &str) -> Vec<u64> {
+        self.log
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message {
+                    group: g, position, ..
+                }
+                | Event::Commit {
+                    group: g, position, ..
+                }
+                | Event::Joined {
+                    group: g, position, ..
+                }
+                | Event::Proposal { group: g, position }
+                | Event::Removed { group: g, position } => (g == group).then_some(*position),
+                Event::Failed { .. } => None,
+            })
+            .collect()
+    }
+
+    pub fn failures(&self) -> Vec<Event> {
+        self.log
+            .iter()
+            .filter(|e| matches!(e, Event::Failed { .. }))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Syncs every client until none receives anything new (bounded).
+pub async fn settle(clients: &mut [&mut Client]) -> anyhow::Result<()> {
+    for _ in 0..50 {
+        let mut any = false;
+        for c in clients.iter_mut() {
+            any |= !c.sync().await?.is_empty();
+        }
+        if !any {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("clients did not settle")
+}
+
+/// Raw HTTP to an operator, for tests that send bytes no SDK would.
+pub async fn post(
+    url: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .header("content-type", "message/mls")
+        .body(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let json = resp.json().await.unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+pub async fn get(url: &str, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new().get(format!("{url}{path}"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let json = resp.json().await.unwrap_or(serde_json::Value::Null);
+    (status, json)
+}

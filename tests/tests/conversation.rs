@@ -1,0 +1,175 @@
+//! One operator carries a real MLS conversation end to end: KeyPackages,
+//! group creation, a two-member add, messages (one device offline),
+//! an update, a removal, and state that survives a client restart.
+
+use std::process::Command;
+
+use tests::client::Event;
+use tests::proto::ErrorCode;
+use tests::{binary, NatsServer, Operator};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_devices_converse_in_hub_order() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let op = Operator::start(&nats, "a.example")?;
+    let mut alice = op.client("alice", "phone", 3).await?;
+    let mut bob = op.client("bob", "phone", 3).await?;
+    let mut carol = op.client("carol", "laptop", 3).await?;
+
+    let g = alice.create_group("room1").await?;
+    assert!(g.starts_with("mimi://a.example/r/"));
+    let ev = alice
+        .add(&g, &[op.user_id("bob"), op.user_id("carol")])
+        .await?;
+    alice.record(ev);
+    bob.sync().await?;
+    carol.sync().await?;
+    assert!(
+        matches!(bob.log[0], Event::Joined { epoch: 1, .. }),
+        "{:?}",
+        bob.log
+    );
+    assert!(
+        matches!(carol.log[0], Event::Joined { epoch: 1, .. }),
+        "{:?}",
+        carol.log
+    );
+
+    // Carol goes offline; alice and bob talk.
+    let p1 = alice.send(&g, "a1").await?;
+    let p2 = bob.send(&g, "b1").await?;
+    let p3 = alice.send(&g, "a2").await?;
+    assert!(p1 < p2 && p2 < p3);
+    alice.sync().await?;
+    bob.sync().await?;
+    // Carol reconnects and catches up from her cursor, in hub order.
+    carol.sync().await?;
+    let want = vec![
+        (
+            p1,
+            op.device_id("alice", "phone").to_string(),
+            "a1".to_string(),
+        ),
+        (
+            p2,
+            op.device_id("bob", "phone").to_string(),
+            "b1".to_string(),
+        ),
+        (
+            p3,
+            op.device_id("alice", "phone").to_string(),
+            "a2".to_string(),
+        ),
+    ];
+    for c in [&alice, &bob, &carol] {
+        assert_eq!(c.messages(&g), want, "device {}", c.id());
+    }
+    let c1 = carol.send(&g, "c1").await?;
+
+    // Bob rotates his leaf; alice removes carol.
+    let ev = bob.update(&g).await?;
+    bob.record(ev);
+    alice.sync().await?;
+    carol.sync().await?;
+    assert_eq!(alice.epoch(&g), Some(2));
+    assert_eq!(carol.epoch(&g), Some(2));
+    // Carol encrypts before she learns of her removal; the hub refuses her.
+    let ev = alice.remove(&g, &op.device_id("carol", "laptop")).await?;
+    alice.record(ev);
+    let refused = carol
+        .send(&g, "still here?")
+        .await
+        .expect_err("a removed member cannot send");
+    assert_eq!(refused.code(), Some(ErrorCode::NotAMember), "{refused}");
+    carol.sync().await?;
+    assert!(
+        matches!(carol.log.last(), Some(Event::Removed { .. })),
+        "{:?}",
+        carol.log
+    );
+    assert!(carol.groups().is_empty());
+
+    let a3 = alice.send(&g, "a3").await?;
+    bob.sync().await?;
+    alice.sync().await?;
+
+    // Every device saw every position once, strictly increasing.
+    for c in [&alice, &bob, &carol] {
+        let ps = c.positions(&g);
+        assert!(
+            ps.windows(2).all(|w| w[0] < w[1]),
+            "device {} positions {ps:?}",
+            c.id()
+        );
+        assert!(c.failures().is_empty(), "{:?}", c.failures());
+    }
+    let texts = |c: &tests::Client| c.messages(&g).into_iter().map(|m| m.2).collect::<Vec<_>>();
+    assert_eq!(texts(&alice), ["a1", "b1", "a2", "c1", "a3"]);
+    assert_eq!(texts(&bob), ["a1", "b1", "a2", "c1", "a3"]);
+    assert_eq!(texts(&carol), ["a1", "b1", "a2", "c1"]);
+    assert!(c1 < a3);
+    assert_eq!(alice.epoch_authenticator(&g), bob.epoch_authenticator(&g));
+
+    // A restarted client process resumes from its stored state.
+    let epoch_before = bob.epoch(&g);
+    bob.reopen()?;
+    assert_eq!(bob.epoch(&g), epoch_before);
+    alice.send(&g, "after restart").await?;
+    bob.sync().await?;
+    assert_eq!(
+        texts(&bob).last().map(String::as_str),
+        Some("after restart")
+    );
+    Ok(())
+}
+
+/// The same conversation driven through the `mlsfed-client` CLI, one process
+/// per command: the device's openmls state lives in sled between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_state_survives_process_restarts() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let op = Operator::start(&nats, "a.example")?;
+    let mut alice = op.client("alice", "phone", 2).await?;
+    let dave = op.device_id("dave", "cli");
+    let home = tempfile::tempdir()?;
+    let cli = |args: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new(binary("mlsfed-client"))
+            .arg("--home")
+            .arg(home.path())
+            .args([
+                "--server",
+                &op.url,
+                "--token",
+                &op.token(&dave),
+                "--device",
+                dave.as_str(),
+            ])
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "mlsfed-client {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    cli(&["publish-key-packages", "--count", "2"])?;
+    let g = alice.create_group("cli-room").await?;
+    alice.add(&g, &[op.user_id("dave")]).await?;
+    let out = cli(&["sync"])?;
+    assert!(out.contains("Joined"), "{out}");
+    alice.send(&g, "hello dave").await?;
+    let out = cli(&["sync"])?;
+    assert!(out.contains("hello dave"), "{out}");
+    cli(&["send", &g, "hello alice"])?;
+    cli(&["update", &g])?;
+    alice.sync().await?;
+    assert_eq!(
+        alice.messages(&g).last().map(|m| m.2.as_str()),
+        Some("hello alice")
+    );
+    assert_eq!(alice.epoch(&g), Some(2));
+    let status = cli(&["status"])?;
+    assert!(status.contains("\"epoch\":2"), "{status}");
+    Ok(())
+}
