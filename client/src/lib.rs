@@ -123,13 +123,23 @@ fn create_config() -> MlsGroupCreateConfig {
         // hub can validate every Commit (design decision 3).
         .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
         .use_ratchet_tree_extension(true)
+        .sender_ratchet_configuration(sender_ratchet())
         .build()
+}
+
+/// The hub's order can differ from a sender's encryption order: a message
+/// whose submit was cut off (a crash, a timeout) stays queued and is accepted
+/// later, after newer ones. Receivers keep enough old generations to decrypt
+/// it (RFC 9420 §9.2 leaves the window to the application).
+fn sender_ratchet() -> SenderRatchetConfiguration {
+    SenderRatchetConfiguration::new(256, 10_000)
 }
 
 fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
         .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
         .use_ratchet_tree_extension(true)
+        .sender_ratchet_configuration(sender_ratchet())
         .build()
 }
 
@@ -282,7 +292,7 @@ impl Device {
     }
 
     /// Drops a Commit the hub refused, so the group can build another.
-    fn discard_pending(&mut self, g: &str) -> Result<(), ClientError> {
+    pub fn discard_pending(&mut self, g: &str) -> Result<(), ClientError> {
         let group = self
             .groups
             .get_mut(g)
@@ -659,7 +669,11 @@ impl Device {
             .get_mut(g)
             .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
         let out = group.create_message(provider, signer, text).map_err(mls)?;
-        out.tls_serialize_detached().map_err(mls)
+        let bytes = out.tls_serialize_detached().map_err(mls)?;
+        // The ratchet advanced: persist it, or a reopened device would reuse
+        // a generation (RFC 9420 §9.2 forbids reusing a key and nonce).
+        self.persist()?;
+        Ok(bytes)
     }
 }
 

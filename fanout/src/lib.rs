@@ -162,6 +162,7 @@ impl Fanout {
             None => (0, 0),
         };
         if entry.position <= done {
+            tracing::debug!(position = entry.position, done, "already delivered");
             return Ok(Step::Done);
         }
         if entry.position != done + 1 {
@@ -226,6 +227,7 @@ impl Fanout {
             Err((false, e)) => return Err(e),
         }
         self.metrics.entries.inc();
+        tracing::debug!(position = entry.position, "delivered");
         Ok(Step::Done)
     }
 

@@ -161,13 +161,19 @@ impl Sequencer {
                 ),
             )));
         }
+        let mut refresh = false;
         for _ in 0..CAS_RETRIES {
-            match self.try_once(sub).await? {
+            match self.try_once(sub, refresh).await? {
+                // A refusal may come from a cached state that another
+                // sequencer process has moved past: decide again on a fresh
+                // state before refusing. Acceptances need no such check,
+                // since the append's compare-and-set proves freshness.
+                Some(Verdict::Rejected(_)) if !refresh => refresh = true,
                 Some(v) => return Ok(v),
                 None => {
                     // Lost a CAS race: our cache is behind LOG.
                     self.metrics.cas_conflicts.inc();
-                    self.cache.remove(&sub.group);
+                    refresh = true;
                 }
             }
         }
@@ -175,10 +181,14 @@ impl Sequencer {
     }
 
     /// One attempt; `Ok(None)` means the append lost a CAS race.
-    async fn try_once(&mut self, sub: &Submission) -> Result<Option<Verdict>, StepError> {
+    async fn try_once(
+        &mut self,
+        sub: &Submission,
+        refresh: bool,
+    ) -> Result<Option<Verdict>, StepError> {
         match &sub.kind {
             SubmissionKind::Create { group_info } => {
-                if self.load(&sub.group).await?.is_some() {
+                if self.load(&sub.group, refresh).await?.is_some() {
                     return Ok(Some(self.already(sub).unwrap_or_else(|| {
                         Verdict::Rejected(ApiError::new(
                             ErrorCode::GroupExists,
@@ -226,7 +236,7 @@ impl Sequencer {
                     Ok(b) => b,
                     Err(e) => return Ok(Some(Verdict::Rejected(e))),
                 };
-                if self.load(&sub.group).await?.is_none() {
+                if self.load(&sub.group, refresh).await?.is_none() {
                     return Ok(Some(Verdict::Rejected(ApiError::new(
                         ErrorCode::UnknownGroup,
                         "no such group",
@@ -275,6 +285,7 @@ impl Sequencer {
                     }));
                 }
                 state.record(&sub.id, position, entry.epoch, seq, is_commit);
+                tracing::debug!(position, seq, kind = entry.kind.as_str(), "appended");
                 let snapshot = is_commit || position % SNAPSHOT_EVERY == 0;
                 if snapshot {
                     let bytes = state.snapshot();
@@ -349,19 +360,26 @@ impl Sequencer {
         }
     }
 
-    /// Loads a group into the cache: snapshot, then replay of the LOG tail.
+    /// Loads a group into the cache: the cached state (caught up with the
+    /// LOG tail when `refresh`), else the snapshot and the LOG after it.
     /// `Ok(None)`: the group does not exist.
-    async fn load(&mut self, group: &GroupId) -> Result<Option<()>, StepError> {
-        if self.cache.contains_key(group) {
-            return Ok(Some(()));
-        }
-        let snap = self
-            .topo
-            .groups
-            .get(names::group_key(group))
-            .await
-            .map_err(|e| StepError::Transient(e.to_string()))?;
-        let mut state = snap.and_then(|b| GroupState::restore(group, &b));
+    async fn load(&mut self, group: &GroupId, refresh: bool) -> Result<Option<()>, StepError> {
+        let mut state = match self.cache.remove(group) {
+            Some(s) if !refresh => {
+                self.cache.insert(group.clone(), s);
+                return Ok(Some(()));
+            }
+            Some(s) => Some(s),
+            None => {
+                let snap = self
+                    .topo
+                    .groups
+                    .get(names::group_key(group))
+                    .await
+                    .map_err(|e| StepError::Transient(e.to_string()))?;
+                snap.and_then(|b| GroupState::restore(group, &b))
+            }
+        };
         let subject = names::log_subject(group);
         let mut next = state.as_ref().map(|s| s.last_subject_seq + 1).unwrap_or(1);
         loop {

@@ -164,7 +164,10 @@ impl Operator {
             .arg("--config")
             .arg(&self.config_path)
             .arg(&self.role)
-            .env("MLSFED_LOG", "warn")
+            .env(
+                "MLSFED_LOG",
+                std::env::var("MLSFED_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env_remove("MLSFED_NATS_URL")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -205,6 +208,10 @@ impl Operator {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
         self.spawn()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("{}.log", self.role))
     }
 
     pub fn log(&self) -> String {
@@ -282,9 +289,33 @@ impl Client {
         Ok(ev)
     }
 
-    /// Records events returned by an SDK call.
-    pub fn record(&mut self, ev: Vec<Event>) {
-        self.log.extend(ev);
+    // The SDK calls that sync while they wait for the hub's echo return the
+    // events they applied; these wrappers keep them in the log.
+
+    pub async fn add(
+        &mut self,
+        g: &str,
+        users: &[UserId],
+    ) -> Result<Vec<Event>, client::ClientError> {
+        let ev = self.device.as_mut().expect("open").add(g, users).await?;
+        self.log.extend(ev.iter().cloned());
+        Ok(ev)
+    }
+
+    pub async fn update(&mut self, g: &str) -> Result<Vec<Event>, client::ClientError> {
+        let ev = self.device.as_mut().expect("open").update(g).await?;
+        self.log.extend(ev.iter().cloned());
+        Ok(ev)
+    }
+
+    pub async fn remove(
+        &mut self,
+        g: &str,
+        d: &DeviceId,
+    ) -> Result<Vec<Event>, client::ClientError> {
+        let ev = self.device.as_mut().expect("open").remove(g, d).await?;
+        self.log.extend(ev.iter().cloned());
+        Ok(ev)
     }
 
     /// Closes and reopens the device from its stored state, as a restarted
@@ -370,6 +401,27 @@ pub async fn settle(clients: &mut [&mut Client]) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bail!("clients did not settle")
+}
+
+/// Syncs `clients` until `done` holds for every one of them, or `limit` passes.
+pub async fn sync_until(
+    clients: &mut [&mut Client],
+    limit: Duration,
+    done: impl Fn(&Client) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        for c in clients.iter_mut() {
+            c.sync().await?;
+        }
+        if clients.iter().all(|c| done(c)) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("condition not reached within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Raw HTTP to an operator, for tests that send bytes no SDK would.
