@@ -114,6 +114,8 @@ pub struct Device {
     store: store::Store,
     meta: Meta,
     groups: BTreeMap<String, MlsGroup>,
+    /// Events applied but not yet returned by [`Device::sync`].
+    backlog: Vec<Event>,
 }
 
 fn create_config() -> MlsGroupCreateConfig {
@@ -207,6 +209,7 @@ impl Device {
             store,
             meta,
             groups,
+            backlog: Vec::new(),
         };
         d.persist()?;
         Ok(d)
@@ -363,19 +366,19 @@ impl Device {
     }
 
     /// Adds every device of `users` in one Commit (with its Welcome).
-    pub async fn add(&mut self, g: &str, users: &[UserId]) -> Result<Vec<Event>, ClientError> {
+    pub async fn add(&mut self, g: &str, users: &[UserId]) -> Result<(), ClientError> {
         let kps = self.claim(users).await?;
         self.commit_with_retry(g, |d, g| d.prepare_add(g, &kps))
             .await
     }
 
     /// Rotates this device's leaf (RFC 9420 §12.4, a Commit with an UpdatePath).
-    pub async fn update(&mut self, g: &str) -> Result<Vec<Event>, ClientError> {
+    pub async fn update(&mut self, g: &str) -> Result<(), ClientError> {
         self.commit_with_retry(g, |d, g| d.prepare_update(g)).await
     }
 
     /// Removes a member device.
-    pub async fn remove(&mut self, g: &str, device: &DeviceId) -> Result<Vec<Event>, ClientError> {
+    pub async fn remove(&mut self, g: &str, device: &DeviceId) -> Result<(), ClientError> {
         self.commit_with_retry(g, |d, g| {
             let (provider, signer) = (&d.provider, &d.signer);
             let group = d
@@ -402,22 +405,20 @@ impl Device {
         &mut self,
         g: &str,
         build: impl Fn(&mut Self, &str) -> Result<Vec<u8>, ClientError>,
-    ) -> Result<Vec<Event>, ClientError> {
-        let mut events = Vec::new();
+    ) -> Result<(), ClientError> {
         for _ in 0..EPOCH_RETRIES {
             let body = build(self, g)?;
             self.persist()?;
             match self.http.submit(body, None).await {
                 Ok(a) => {
-                    events.extend(self.sync_until(g, a.position).await?);
-                    return Ok(events);
+                    return self.sync_until(g, a.position).await;
                 }
                 Err(e) => {
                     self.discard_pending(g)?;
                     if e.code() != Some(ErrorCode::WrongEpoch) {
                         return Err(e);
                     }
-                    events.extend(self.sync().await?);
+                    self.catch_up().await?;
                 }
             }
         }
@@ -479,7 +480,7 @@ impl Device {
                     return Ok(a.position);
                 }
                 Err(e) if e.code() == Some(ErrorCode::WrongEpoch) => {
-                    self.sync().await?;
+                    self.catch_up().await?;
                 }
                 Err(e) => return Err(e),
             }
@@ -490,14 +491,13 @@ impl Device {
     }
 
     /// Syncs until the group has applied `position` (bounded).
-    async fn sync_until(&mut self, g: &str, position: u64) -> Result<Vec<Event>, ClientError> {
-        let mut events = Vec::new();
+    async fn sync_until(&mut self, g: &str, position: u64) -> Result<(), ClientError> {
         for i in 0..200u32 {
-            events.extend(self.sync().await?);
+            self.catch_up().await?;
             if self.meta.groups.get(g).copied().unwrap_or(0) >= position
                 || !self.groups.contains_key(g)
             {
-                return Ok(events);
+                return Ok(());
             }
             tokio::time::sleep(std::time::Duration::from_millis(
                 10 + 5 * u64::from(i.min(20)),
@@ -509,16 +509,25 @@ impl Device {
         )))
     }
 
-    /// Fetches and applies everything in the mailbox, then acks it.
+    /// Fetches and applies everything in the mailbox, then acks it. Returns
+    /// every event applied since the last call, including those applied
+    /// while another call (a send, a commit) waited for the hub.
     pub async fn sync(&mut self) -> Result<Vec<Event>, ClientError> {
-        let mut events = Vec::new();
+        self.catch_up().await?;
+        Ok(std::mem::take(&mut self.backlog))
+    }
+
+    /// Applies the mailbox, keeping the events for the next [`Device::sync`].
+    async fn catch_up(&mut self) -> Result<(), ClientError> {
         loop {
             let items = self.http.fetch(self.meta.cursor, 256).await?;
             if items.is_empty() {
-                return Ok(events);
+                return Ok(());
             }
             for item in &items {
-                events.extend(self.apply(item)?);
+                if let Some(e) = self.apply(item)? {
+                    self.backlog.push(e);
+                }
             }
             let last = items.last().map(|i| i.seq).unwrap_or(self.meta.cursor);
             // Persist before acking: a crash in between replays the items,

@@ -289,35 +289,6 @@ impl Client {
         Ok(ev)
     }
 
-    // The SDK calls that sync while they wait for the hub's echo return the
-    // events they applied; these wrappers keep them in the log.
-
-    pub async fn add(
-        &mut self,
-        g: &str,
-        users: &[UserId],
-    ) -> Result<Vec<Event>, client::ClientError> {
-        let ev = self.device.as_mut().expect("open").add(g, users).await?;
-        self.log.extend(ev.iter().cloned());
-        Ok(ev)
-    }
-
-    pub async fn update(&mut self, g: &str) -> Result<Vec<Event>, client::ClientError> {
-        let ev = self.device.as_mut().expect("open").update(g).await?;
-        self.log.extend(ev.iter().cloned());
-        Ok(ev)
-    }
-
-    pub async fn remove(
-        &mut self,
-        g: &str,
-        d: &DeviceId,
-    ) -> Result<Vec<Event>, client::ClientError> {
-        let ev = self.device.as_mut().expect("open").remove(g, d).await?;
-        self.log.extend(ev.iter().cloned());
-        Ok(ev)
-    }
-
     /// Closes and reopens the device from its stored state, as a restarted
     /// client process would.
     pub fn reopen(&mut self) -> anyhow::Result<()> {

@@ -80,15 +80,23 @@ async fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::PublishKeyPackages { count } => d.publish_key_packages(count, true).await?,
         Cmd::Create { room } => println!("{}", d.create_group(&room).await?),
-        Cmd::Add { group, users: us } => print(&d.add(&group, &users(&us)?).await?)?,
-        Cmd::Send { group, text } => println!(
-            "{}",
-            serde_json::json!({ "position": d.send(&group, &text).await? })
-        ),
+        Cmd::Add { group, users: us } => {
+            d.add(&group, &users(&us)?).await?;
+            print(&d.sync().await?)?
+        }
+        Cmd::Send { group, text } => {
+            let position = d.send(&group, &text).await?;
+            print(&d.sync().await?)?;
+            println!("{}", serde_json::json!({ "position": position }));
+        }
         Cmd::Sync => print(&d.sync().await?)?,
-        Cmd::Update { group } => print(&d.update(&group).await?)?,
+        Cmd::Update { group } => {
+            d.update(&group).await?;
+            print(&d.sync().await?)?
+        }
         Cmd::Remove { group, device } => {
-            print(&d.remove(&group, &proto::DeviceId::parse(&device)?).await?)?
+            d.remove(&group, &proto::DeviceId::parse(&device)?).await?;
+            print(&d.sync().await?)?
         }
         Cmd::Status => {
             for g in d.groups() {
