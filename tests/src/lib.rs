@@ -425,3 +425,96 @@ pub async fn get(url: &str, path: &str, token: Option<&str>) -> (u16, serde_json
     let json = resp.json().await.unwrap_or(serde_json::Value::Null);
     (status, json)
 }
+
+/// Raw MLS objects built directly with openmls, for tests that need bytes
+/// the SDK would never send.
+pub mod raw {
+    use openmls::prelude::tls_codec::Serialize as _;
+    use openmls::prelude::*;
+    use openmls_basic_credential::SignatureKeyPair;
+    use openmls_rust_crypto::OpenMlsRustCrypto;
+
+    pub const CS: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+
+    pub struct Local {
+        pub provider: OpenMlsRustCrypto,
+        pub signer: SignatureKeyPair,
+        pub identity: Vec<u8>,
+    }
+
+    impl Local {
+        pub fn new(identity: &str) -> Self {
+            let provider = OpenMlsRustCrypto::default();
+            let signer = SignatureKeyPair::new(CS.signature_algorithm()).expect("keys");
+            signer.store(provider.storage()).expect("store");
+            Self {
+                provider,
+                signer,
+                identity: identity.as_bytes().to_vec(),
+            }
+        }
+
+        fn cwk(&self) -> CredentialWithKey {
+            CredentialWithKey {
+                credential: BasicCredential::new(self.identity.clone()).into(),
+                signature_key: self.signer.public().into(),
+            }
+        }
+
+        /// An MLSMessage(KeyPackage).
+        pub fn key_package(&self) -> Vec<u8> {
+            let kpb = KeyPackage::builder()
+                .build(CS, &self.provider, &self.signer, self.cwk())
+                .expect("kp");
+            MlsMessageOut::from(kpb.key_package().clone())
+                .tls_serialize_detached()
+                .expect("ser")
+        }
+
+        /// A group that exists only here (never registered with a hub).
+        pub fn group(&self, group_id: &str, policy: WireFormatPolicy) -> MlsGroup {
+            let cfg = MlsGroupCreateConfig::builder()
+                .ciphersuite(CS)
+                .wire_format_policy(policy)
+                .use_ratchet_tree_extension(true)
+                .build();
+            MlsGroup::new_with_group_id(
+                &self.provider,
+                &self.signer,
+                &cfg,
+                GroupId::from_slice(group_id.as_bytes()),
+                self.cwk(),
+            )
+            .expect("group")
+        }
+
+        pub fn app_message(&self, g: &mut MlsGroup, text: &str) -> Vec<u8> {
+            g.create_message(&self.provider, &self.signer, text.as_bytes())
+                .expect("msg")
+                .tls_serialize_detached()
+                .expect("ser")
+        }
+
+        pub fn update_commit(&self, g: &mut MlsGroup) -> Vec<u8> {
+            let b = g
+                .self_update(&self.provider, &self.signer, LeafNodeParameters::default())
+                .expect("update");
+            b.commit().tls_serialize_detached().expect("ser")
+        }
+
+        pub fn group_info(&self, g: &MlsGroup) -> Vec<u8> {
+            g.export_group_info(self.provider.crypto(), &self.signer, true)
+                .expect("gi")
+                .tls_serialize_detached()
+                .expect("ser")
+        }
+    }
+
+    /// Length of the first MLSMessage in `bytes`.
+    pub fn first_len(bytes: &[u8]) -> usize {
+        use openmls::prelude::tls_codec::Deserialize as _;
+        let mut rest = bytes;
+        MlsMessageIn::tls_deserialize(&mut rest).expect("one message");
+        bytes.len() - rest.len()
+    }
+}
