@@ -1,6 +1,5 @@
 //! Key directory endpoints, group creation and message submission.
 
-use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
 use axum::body::Body;
@@ -265,7 +264,7 @@ async fn await_verdict(api: &Shared, sub: Submission) -> Result<(u64, u64), Reje
                 ErrorCode::Timeout,
                 format!(
                     "submission is queued but no verdict arrived within {:?}; resend the same request to learn it",
-                    Duration::from(timeout)
+                    timeout
                 ),
             ))),
         },

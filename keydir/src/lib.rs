@@ -308,9 +308,8 @@ impl KeyDirectory {
         }
         let mut out = Vec::new();
         for d in &devices {
-            match self.claim_device(d, suites, now)? {
-                Some(c) => out.push(c),
-                None => {}
+            if let Some(c) = self.claim_device(d, suites, now)? {
+                out.push(c);
             }
         }
         if out.is_empty() {

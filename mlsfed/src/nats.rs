@@ -127,13 +127,12 @@ impl NatsProcess {
 }
 
 fn read_port(ports: &Path) -> Option<u16> {
-    for entry in std::fs::read_dir(ports).ok()? {
-        let text = std::fs::read_to_string(entry.ok()?.path()).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        let url = v.get("nats")?.get(0)?.as_str()?;
-        return url.rsplit(':').next()?.parse().ok();
-    }
-    None
+    // nats-server writes one `<exe>_<pid>.ports` JSON file here.
+    let entry = std::fs::read_dir(ports).ok()?.next()?.ok()?;
+    let text = std::fs::read_to_string(entry.path()).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let url = v.get("nats")?.get(0)?.as_str()?;
+    url.rsplit(':').next()?.parse().ok()
 }
 
 impl Drop for NatsProcess {
