@@ -1,6 +1,5 @@
 //! Key directory endpoints, group creation and message submission.
 
-
 use async_nats::jetstream::message::PublishMessage;
 use axum::body::Body;
 use axum::extract::State;
