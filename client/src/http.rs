@@ -27,12 +27,15 @@ pub struct ClaimedKeyPackage {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct Item {
     pub seq: u64,
-    pub group: String,
+    #[serde(default)]
+    pub group: Option<String>,
     pub position: u64,
     pub epoch: u64,
     pub kind: String,
     pub own: bool,
     pub message: String,
+    #[serde(default)]
+    pub notice: Option<serde_json::Value>,
 }
 
 impl Item {
@@ -165,6 +168,37 @@ impl Http {
             .send()
             .await?;
         Ok(Self::check(r).await?.json::<R>().await?.key_packages)
+    }
+
+    /// The operator's public facts, including its binding key.
+    pub async fn operator(&self) -> Result<serde_json::Value, ClientError> {
+        let r = self
+            .client
+            .get(format!("{}/v1/operator", self.base))
+            .send()
+            .await?;
+        Ok(Self::check(r).await?.json().await?)
+    }
+
+    /// The operator's signed binding of `device` (also when revoked).
+    pub async fn binding(
+        &self,
+        device: &DeviceId,
+    ) -> Result<proto::identity::SignedBinding, ClientError> {
+        let r = self
+            .client
+            .get(format!(
+                "{}/v1/identity/{}",
+                self.base,
+                encode_segment(device.as_str())
+            ))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        if r.status() == reqwest::StatusCode::GONE {
+            return Ok(r.json().await?);
+        }
+        Ok(Self::check(r).await?.json().await?)
     }
 
     pub async fn create_group(&self, group_info: Vec<u8>) -> Result<Accepted, ClientError> {

@@ -42,6 +42,9 @@ pub enum ClientError {
     Protocol(String),
     #[error("unknown group {0}")]
     UnknownGroup(String),
+    /// A member's credential does not match its operator's binding.
+    #[error("identity check failed: {0}")]
+    Identity(String),
 }
 
 impl ClientError {
@@ -51,6 +54,13 @@ impl ClientError {
             _ => None,
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn mls<E: std::fmt::Display>(e: E) -> ClientError {
@@ -86,6 +96,11 @@ pub enum Event {
         group: String,
         position: u64,
     },
+    /// The operator asks for more KeyPackages of `cipher_suite`.
+    KeyPackagesLow {
+        cipher_suite: u16,
+        remaining: usize,
+    },
     /// An item this device could not process (kept so tests and users see it).
     Failed {
         group: String,
@@ -116,6 +131,10 @@ pub struct Device {
     groups: BTreeMap<String, MlsGroup>,
     /// Events applied but not yet returned by [`Device::sync`].
     backlog: Vec<Event>,
+    /// The operator's binding key, fetched once from our own server.
+    operator_key: Option<String>,
+    /// Member keys already checked against their bindings: device → key.
+    verified: BTreeMap<String, Vec<u8>>,
 }
 
 fn create_config() -> MlsGroupCreateConfig {
@@ -210,6 +229,8 @@ impl Device {
             meta,
             groups,
             backlog: Vec::new(),
+            operator_key: None,
+            verified: BTreeMap::new(),
         };
         d.persist()?;
         Ok(d)
@@ -334,7 +355,7 @@ impl Device {
     }
 
     /// Claims KeyPackages of every device of `users` (validating each).
-    pub async fn claim(&self, users: &[UserId]) -> Result<Vec<KeyPackage>, ClientError> {
+    pub async fn claim(&mut self, users: &[UserId]) -> Result<Vec<KeyPackage>, ClientError> {
         let mut out = Vec::new();
         for u in users {
             for c in self.http.claim(u).await? {
@@ -359,6 +380,12 @@ impl Device {
                         "claimed KeyPackage is not for the device named".into(),
                     ));
                 }
+                let leaf = kp.leaf_node();
+                self.verify_member(
+                    leaf.credential().serialized_content(),
+                    leaf.signature_key().as_slice(),
+                )
+                .await?;
                 out.push(kp);
             }
         }
@@ -525,7 +552,7 @@ impl Device {
                 return Ok(());
             }
             for item in &items {
-                if let Some(e) = self.apply(item)? {
+                if let Some(e) = self.apply(item).await? {
                     self.backlog.push(e);
                 }
             }
@@ -537,13 +564,71 @@ impl Device {
         }
     }
 
+    /// Checks a member's credential and signature key against the binding
+    /// its operator signed, fetched through our own server.
+    pub async fn verify_member(&mut self, identity: &[u8], key: &[u8]) -> Result<(), ClientError> {
+        let device = DeviceId::from_credential_identity(identity).map_err(|e| {
+            ClientError::Identity(format!("member identity is not a device id: {e}"))
+        })?;
+        if self.verified.get(device.as_str()).is_some_and(|k| k == key) {
+            return Ok(());
+        }
+        if device.domain() != self.id.domain() {
+            return Err(ClientError::Identity(format!(
+                "{device}: bindings of other operators need federation"
+            )));
+        }
+        let operator_key = match &self.operator_key {
+            Some(k) => k.clone(),
+            None => {
+                let op = self.http.operator().await?;
+                let k = op
+                    .get("binding_key")
+                    .and_then(|k| k.as_str())
+                    .ok_or_else(|| ClientError::Protocol("operator has no binding key".into()))?
+                    .to_owned();
+                self.operator_key = Some(k.clone());
+                k
+            }
+        };
+        let signed = match self.http.binding(&device).await {
+            Ok(s) => s,
+            Err(ClientError::Api(e)) if e.code == ErrorCode::UnknownDevice => {
+                return Err(ClientError::Identity(format!("{device}: no binding")))
+            }
+            Err(e) => return Err(e),
+        };
+        signed
+            .check(&operator_key, &device, key, unix_now())
+            .map_err(|e| ClientError::Identity(format!("{device}: {e}")))?;
+        self.verified.insert(device.to_string(), key.to_vec());
+        Ok(())
+    }
+
     /// Applies one mailbox item (also used for WebSocket-pushed items).
-    pub fn apply(&mut self, item: &Item) -> Result<Option<Event>, ClientError> {
+    pub async fn apply(&mut self, item: &Item) -> Result<Option<Event>, ClientError> {
         if item.seq <= self.meta.cursor {
             return Ok(None);
         }
         self.meta.cursor = item.seq;
-        let g = item.group.clone();
+        if item.kind == "notice" {
+            let n: Option<proto::wire::Notice> = item
+                .notice
+                .clone()
+                .and_then(|v| serde_json::from_value(v).ok());
+            return Ok(n.map(|n| match n {
+                proto::wire::Notice::KeyPackagesLow {
+                    cipher_suite,
+                    remaining,
+                } => Event::KeyPackagesLow {
+                    cipher_suite,
+                    remaining,
+                },
+            }));
+        }
+        let Some(g) = item.group.clone() else {
+            return Ok(None);
+        };
         let bytes = item.bytes()?;
         let fail = |reason: String| {
             Ok(Some(Event::Failed {
@@ -572,6 +657,19 @@ impl Device {
                 Ok(s) => s,
                 Err(e) => return fail(format!("cannot process Welcome: {e}")),
             };
+            // Every member must hold the key its operator vouches for
+            // (RFC 9750 §5.3) before this device trusts the group.
+            let own = self.id.as_bytes().to_vec();
+            let members: Vec<(Vec<u8>, Vec<u8>)> = staged
+                .members()
+                .map(|m| (m.credential.serialized_content().to_vec(), m.signature_key))
+                .filter(|(id, _)| *id != own)
+                .collect();
+            for (identity, key) in members {
+                if let Err(e) = self.verify_member(&identity, &key).await {
+                    return fail(format!("refused Welcome: {e}"));
+                }
+            }
             let group = staged.into_group(&self.provider).map_err(mls)?;
             let epoch = group.epoch().as_u64();
             self.groups.insert(g.clone(), group);

@@ -45,6 +45,10 @@ pub struct Config {
     pub nats_server_bin: String,
     /// Secret that signs client bearer tokens (see `proto::auth`).
     pub token_secret: String,
+    /// Hex seed (32 bytes) of the operator's Ed25519 key, which signs
+    /// identity bindings. Empty: derived from `token_secret` (development
+    /// only; set it in production).
+    pub operator_key_seed: String,
     pub limits: Limits,
     pub streams: Streams,
     pub keydir: Keydir,
@@ -80,10 +84,29 @@ pub struct Streams {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Keydir {
+    /// `sled` (embedded, one ingest process) or `jetstream` (any number).
+    pub backend: KeydirBackend,
+    /// Cipher suites this operator accepts (RFC 9420 §17.1 values).
+    pub cipher_suites: Vec<u16>,
     /// Longest KeyPackage lifetime accepted at upload.
     pub max_lifetime_secs: u64,
     /// Most KeyPackages one device may hold per cipher suite.
     pub max_per_device: usize,
+    /// Below this many one-time KeyPackages a device gets a replenish notice.
+    pub low_water: usize,
+    /// A claimed KeyPackage that no Welcome used returns to the pool after this.
+    pub reservation_secs: u64,
+    pub claims_per_minute_per_requester: u32,
+    pub claims_per_minute_per_user: u32,
+    /// Lifetime of an identity binding signed by the operator.
+    pub binding_lifetime_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeydirBackend {
+    Sled,
+    Jetstream,
 }
 
 impl Default for Config {
@@ -95,6 +118,7 @@ impl Default for Config {
             nats_url: String::new(),
             nats_server_bin: "nats-server".into(),
             token_secret: "dev-secret-change-me".into(),
+            operator_key_seed: String::new(),
             limits: Limits::default(),
             streams: Streams::default(),
             keydir: Keydir::default(),
@@ -127,8 +151,15 @@ impl Default for Streams {
 impl Default for Keydir {
     fn default() -> Self {
         Self {
+            backend: KeydirBackend::Sled,
+            cipher_suites: vec![1],
             max_lifetime_secs: 90 * 86_400,
             max_per_device: 1000,
+            low_water: 5,
+            reservation_secs: 3600,
+            claims_per_minute_per_requester: 120,
+            claims_per_minute_per_user: 600,
+            binding_lifetime_secs: 30 * 86_400,
         }
     }
 }
@@ -219,6 +250,23 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The operator's Ed25519 seed for identity bindings.
+    pub fn operator_seed(&self) -> Result<[u8; 32], LoadConfigError> {
+        if self.operator_key_seed.is_empty() {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            h.update(b"mlsfed operator key v1\0");
+            h.update(self.token_secret.as_bytes());
+            return Ok(h.finalize().into());
+        }
+        hex::decode(&self.operator_key_seed)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| {
+                LoadConfigError::Invalid("operator_key_seed must be 64 hex characters".into())
+            })
     }
 
     /// The embedded nats-server's directory.

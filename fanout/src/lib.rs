@@ -171,7 +171,7 @@ impl Fanout {
         let local = |d: &DeviceId| d.domain() == self.domain;
         for d in entry.recipients.iter().filter(|d| local(d)) {
             let item = MailboxItem {
-                group: group.clone(),
+                group: Some(group.clone()),
                 position: entry.position,
                 epoch: entry.epoch,
                 kind: entry.kind,
@@ -183,7 +183,7 @@ impl Fanout {
         if let Some(w) = &entry.welcome {
             for d in entry.welcome_recipients.iter().filter(|d| local(d)) {
                 let item = MailboxItem {
-                    group: group.clone(),
+                    group: Some(group.clone()),
                     position: entry.position,
                     epoch: entry.epoch + 1,
                     kind: EntryKind::Welcome,

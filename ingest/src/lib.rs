@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod keys;
 mod mailbox;
 mod submit;
 
@@ -123,9 +124,15 @@ pub fn router(api: Shared) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/v1/keypackages", post(submit::upload_key_packages))
-        .route("/v1/keypackages/stock", get(submit::stock))
-        .route("/v1/keypackages/claim", post(submit::claim))
+        .route("/v1/operator", get(keys::operator))
+        .route("/v1/keypackages", post(keys::upload_key_packages))
+        .route("/v1/keypackages/stock", get(keys::stock))
+        .route("/v1/keypackages/claim", post(keys::claim))
+        .route("/v1/identity/{device}", get(keys::identity))
+        .route(
+            "/v1/devices/{device}",
+            axum::routing::delete(keys::remove_device),
+        )
         .route("/v1/groups", post(submit::create_group))
         .route("/v1/messages", post(submit::submit_message))
         .route("/v1/devices/{device}/mailbox", get(mailbox::fetch))
@@ -169,8 +176,28 @@ async fn metrics(State(api): State<Shared>) -> Response {
     }
 }
 
+/// Returns unused KeyPackage reservations to their pools, periodically.
+async fn release_reservations(api: Shared) {
+    let every = std::time::Duration::from_secs((api.cfg.keydir.reservation_secs / 4).clamp(1, 300));
+    loop {
+        tokio::select! {
+            _ = api.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match api.keydir.release_expired(now_unix()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                released = n,
+                "unused KeyPackage reservations returned to their pools"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot release reservations"),
+        }
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` fires.
 pub async fn serve(listener: TcpListener, api: Shared) -> std::io::Result<()> {
+    tokio::spawn(release_reservations(api.clone()));
     let shutdown = api.shutdown.clone();
     axum::serve(listener, router(api))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -23,13 +23,18 @@ use crate::{json, read_body, AuthDevice, Reject, Shared};
 pub struct ItemJson {
     /// Mailbox cursor of this item: fetch with `after=<seq>` to continue.
     pub seq: u64,
-    pub group: String,
+    /// Absent for operator notices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub position: u64,
     pub epoch: u64,
     pub kind: &'static str,
     pub own: bool,
-    /// The MLSMessage bytes, base64.
+    /// The MLSMessage bytes, base64 (empty for notices).
     pub message: String,
+    /// For `kind: "notice"`: what the operator says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notice: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -83,14 +88,24 @@ async fn read(
             tracing::error!(seq = msg.sequence, "undecodable mailbox item skipped");
             continue;
         };
+        let notice = item.kind == proto::wire::EntryKind::Notice;
         out.push(ItemJson {
             seq: msg.sequence,
-            group: item.group.to_string(),
+            group: item.group.map(|g| g.to_string()),
             position: item.position,
             epoch: item.epoch,
             kind: item.kind.as_str(),
             own: item.own,
-            message: B64.encode(&item.message),
+            message: if notice {
+                String::new()
+            } else {
+                B64.encode(&item.message)
+            },
+            notice: if notice {
+                serde_json::from_slice(&item.message).ok()
+            } else {
+                None
+            },
         });
     }
     Ok(out)

@@ -1,112 +1,17 @@
-//! Key directory endpoints, group creation and message submission.
+//! Group creation and message submission.
 
 use async_nats::jetstream::message::PublishMessage;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
 use bytes::Bytes;
 use futures::StreamExt;
 use proto::wire::{Submission, SubmissionKind, Verdict};
-use proto::{names, ApiError, ErrorCode, GroupId, UserId};
-use serde::{Deserialize, Serialize};
+use proto::{names, ApiError, ErrorCode, GroupId};
+use serde::Serialize;
 
-use crate::{json, now_unix, read_body, AuthDevice, Reject, Shared};
-
-/// The cipher suite every mlsfed operator supports (RFC 9420 §17.1, 0x0001).
-pub const DEFAULT_SUITES: &[u16] = &[1];
-
-pub async fn upload_key_packages(
-    State(api): State<Shared>,
-    AuthDevice(device): AuthDevice,
-    body: Body,
-) -> Result<Response, Reject> {
-    let body = read_body(&api, body).await?;
-    let kd = api.keydir.clone();
-    let report = tokio::task::spawn_blocking(move || kd.upload(&device, &body, now_unix()))
-        .await
-        .map_err(|_| Reject::new(ErrorCode::Unavailable, "key directory task failed"))?
-        .map_err(|e| Reject(e.to_api()))?;
-    Ok(json(report).into_response())
-}
-
-#[derive(Deserialize)]
-pub struct StockQuery {
-    #[serde(default)]
-    cipher_suite: Option<u16>,
-}
-
-pub async fn stock(
-    State(api): State<Shared>,
-    AuthDevice(device): AuthDevice,
-    axum::extract::Query(q): axum::extract::Query<StockQuery>,
-) -> Result<Response, Reject> {
-    let suites = q
-        .cipher_suite
-        .map(|s| vec![s])
-        .unwrap_or_else(|| DEFAULT_SUITES.to_vec());
-    let stock = api
-        .keydir
-        .stock(&device, &suites)
-        .map_err(|e| Reject(e.to_api()))?;
-    Ok(json(serde_json::json!({ "stock": stock })).into_response())
-}
-
-#[derive(Deserialize)]
-pub struct ClaimRequest {
-    user: String,
-    #[serde(default)]
-    cipher_suites: Vec<u16>,
-}
-
-#[derive(Serialize)]
-struct ClaimedJson {
-    device: String,
-    cipher_suite: u16,
-    last_resort: bool,
-    key_package: String,
-}
-
-pub async fn claim(
-    State(api): State<Shared>,
-    AuthDevice(device): AuthDevice,
-    body: Body,
-) -> Result<Response, Reject> {
-    let body = read_body(&api, body).await?;
-    let req: ClaimRequest = serde_json::from_slice(&body)
-        .map_err(|e| Reject::new(ErrorCode::InvalidRequest, format!("bad claim request: {e}")))?;
-    let user = UserId::parse(&req.user)
-        .map_err(|e| Reject::new(ErrorCode::InvalidIdentifier, e.to_string()))?;
-    if user.domain() != api.cfg.domain {
-        return Err(Reject::new(
-            ErrorCode::NotHub,
-            "claims for users of other operators need federation",
-        ));
-    }
-    let suites = if req.cipher_suites.is_empty() {
-        DEFAULT_SUITES.to_vec()
-    } else {
-        req.cipher_suites
-    };
-    let kd = api.keydir.clone();
-    let claimed =
-        tokio::task::spawn_blocking(move || kd.claim(&user, Some(&device), &suites, now_unix()))
-            .await
-            .map_err(|_| Reject::new(ErrorCode::Unavailable, "key directory task failed"))?
-            .map_err(|e| Reject(e.to_api()))?;
-    let out: Vec<ClaimedJson> = claimed
-        .into_iter()
-        .map(|c| ClaimedJson {
-            device: c.device.to_string(),
-            cipher_suite: c.cipher_suite,
-            last_resort: c.last_resort,
-            key_package: B64.encode(c.key_package),
-        })
-        .collect();
-    Ok(json(serde_json::json!({ "key_packages": out })).into_response())
-}
+use crate::{json, read_body, AuthDevice, Reject, Shared};
 
 #[derive(Serialize)]
 struct AcceptedJson {

@@ -1,21 +1,39 @@
-//! The key directory: devices publish KeyPackages (RFC 9420 §10) here, and
-//! anyone adding a device to a group claims one. Claims are one-time and
-//! atomic; a device's last-resort KeyPackage is served when its pool is empty
-//! and kept (RFC 9420 §10.1, RFC 9750 §5.2).
+//! The key directory and authentication service of an operator.
 //!
-//! This crate validates and stores; it speaks no HTTP. The embedded store is
-//! sled (one process). Metrics use closed label sets only.
+//! Devices publish KeyPackages (RFC 9420 §10) here and anyone adding a device
+//! to a group claims one. A one-time KeyPackage is handed out at most once,
+//! even across keydir processes; a device's last-resort KeyPackage is served
+//! when its pool is empty and kept (RFC 9420 §10.1, RFC 9750 §5.2). The
+//! operator also signs identity bindings (device ↔ signature key, RFC 9750
+//! §5.3) that clients check before trusting a member.
+//!
+//! This crate validates and stores; it speaks no HTTP. Storage is behind
+//! [`store::KeyStore`] with a sled and a JetStream implementation.
 #![forbid(unsafe_code)]
 
+mod js_store;
+mod limits;
+mod sled_store;
+pub mod store;
+
+use std::collections::HashMap;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
     KeyPackage, KeyPackageVerifyError, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion,
 };
 use openmls_rust_crypto::RustCrypto;
 use prometheus::{IntCounterVec, Opts, Registry};
+use proto::identity::{Binding, SignedBinding};
 use proto::mls::wire_format;
 use proto::{ApiError, DeviceId, ErrorCode, UserId};
 use serde::{Deserialize, Serialize};
+
+pub use js_store::JsStore;
+pub use sled_store::SledStore;
+use store::{Caps, KeyStore, Reservation, StoreError, Stored, Take};
 
 /// Most KeyPackages accepted in one upload request.
 pub const MAX_BATCH: usize = 100;
@@ -27,7 +45,7 @@ pub enum KeydirError {
     #[error("{0}")]
     Refused(ApiError),
     #[error("key store failure: {0}")]
-    Store(#[from] sled::Error),
+    Store(#[from] StoreError),
 }
 
 impl KeydirError {
@@ -47,10 +65,8 @@ fn refused(code: ErrorCode, msg: impl Into<String>) -> KeydirError {
     KeydirError::Refused(ApiError::new(code, msg))
 }
 
-#[derive(Serialize, Deserialize)]
-struct Stored {
-    not_after: u64,
-    bytes: Vec<u8>,
+fn api(code: ErrorCode, msg: impl Into<String>) -> ApiError {
+    ApiError::new(code, msg)
 }
 
 /// One claimed KeyPackage.
@@ -61,6 +77,31 @@ pub struct Claimed {
     pub last_resort: bool,
     /// The MLSMessage(KeyPackage) bytes.
     pub key_package: Vec<u8>,
+}
+
+/// A device whose one-time stock fell below the low-water mark.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LowStock {
+    pub device: DeviceId,
+    pub cipher_suite: u16,
+    pub remaining: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClaimOutcome {
+    pub claimed: Vec<Claimed>,
+    pub low_stock: Vec<LowStock>,
+}
+
+/// What a claimer asks for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClaimRequest {
+    /// Acceptable cipher suites, most preferred first (empty: the operator's).
+    #[serde(default)]
+    pub cipher_suites: Vec<u16>,
+    /// Capabilities every returned KeyPackage's leaf must declare.
+    #[serde(default)]
+    pub required_capabilities: Caps,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -95,7 +136,7 @@ impl Metrics {
             claims: IntCounterVec::new(
                 Opts::new(
                     "mlsfed_keydir_claims_total",
-                    "KeyPackage claims, by result.",
+                    "KeyPackages claimed or refused, by result.",
                 ),
                 &["result"],
             )?,
@@ -106,101 +147,210 @@ impl Metrics {
     }
 }
 
+/// The storage backends, chosen by config.
+pub enum Backend {
+    Sled(SledStore),
+    JetStream(Box<JsStore>),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Backend::Sled($s) => $e,
+            Backend::JetStream($s) => $e,
+        }
+    };
+}
+
+impl KeyStore for Backend {
+    async fn put_one_time(&self, d: &DeviceId, s: &Stored) -> store::Result<()> {
+        dispatch!(self, b => b.put_one_time(d, s).await)
+    }
+    async fn put_last_resort(&self, d: &DeviceId, s: &Stored) -> store::Result<()> {
+        dispatch!(self, b => b.put_last_resort(d, s).await)
+    }
+    async fn last_resort(&self, d: &DeviceId, suite: u16) -> store::Result<Option<Stored>> {
+        dispatch!(self, b => b.last_resort(d, suite).await)
+    }
+    async fn take_one_time(
+        &self,
+        d: &DeviceId,
+        suite: u16,
+        now: u64,
+        accept: &(dyn Fn(&Stored) -> bool + Sync),
+    ) -> store::Result<Take> {
+        dispatch!(self, b => b.take_one_time(d, suite, now, accept).await)
+    }
+    async fn count_one_time(&self, d: &DeviceId, suite: u16) -> store::Result<usize> {
+        dispatch!(self, b => b.count_one_time(d, suite).await)
+    }
+    async fn sweep(&self, d: &DeviceId, suite: u16, now: u64) -> store::Result<usize> {
+        dispatch!(self, b => b.sweep(d, suite, now).await)
+    }
+    async fn add_device(&self, u: &UserId, d: &DeviceId) -> store::Result<()> {
+        dispatch!(self, b => b.add_device(u, d).await)
+    }
+    async fn devices(&self, u: &UserId) -> store::Result<Vec<DeviceId>> {
+        dispatch!(self, b => b.devices(u).await)
+    }
+    async fn remove_device(&self, d: &DeviceId, suites: &[u16]) -> store::Result<()> {
+        dispatch!(self, b => b.remove_device(d, suites).await)
+    }
+    async fn put_reservation(&self, r: &Reservation) -> store::Result<()> {
+        dispatch!(self, b => b.put_reservation(r).await)
+    }
+    async fn take_reservation(&self, kp_ref: &[u8]) -> store::Result<Option<Reservation>> {
+        dispatch!(self, b => b.take_reservation(kp_ref).await)
+    }
+    async fn reservations_before(&self, before: u64) -> store::Result<Vec<Reservation>> {
+        dispatch!(self, b => b.reservations_before(before).await)
+    }
+    async fn put_binding(&self, d: &DeviceId, signed: &[u8]) -> store::Result<()> {
+        dispatch!(self, b => b.put_binding(d, signed).await)
+    }
+    async fn binding(&self, d: &DeviceId) -> store::Result<Option<Vec<u8>>> {
+        dispatch!(self, b => b.binding(d).await)
+    }
+}
+
 pub struct KeyDirectory {
-    /// device ‖ 0 ‖ suite(be16) ‖ KeyPackageRef → Stored
-    one_time: sled::Tree,
-    /// device ‖ 0 ‖ suite(be16) → Stored
-    last_resort: sled::Tree,
-    /// user ‖ 0 ‖ device → ()
-    devices: sled::Tree,
+    store: Backend,
     crypto: RustCrypto,
     cfg: config::Keydir,
+    domain: String,
+    signer: ed25519_dalek::SigningKey,
+    limits: limits::RateLimits,
     metrics: Metrics,
 }
 
-fn key(parts: &[&[u8]]) -> Vec<u8> {
-    let mut k = Vec::new();
-    for (i, p) in parts.iter().enumerate() {
-        if i > 0 {
-            k.push(0);
-        }
-        k.extend_from_slice(p);
-    }
-    k
+struct Parsed {
+    kp: KeyPackage,
+    stored: Stored,
+    last_resort: bool,
 }
 
 impl KeyDirectory {
-    pub fn open(db: &sled::Db, cfg: config::Keydir, metrics: Metrics) -> Result<Self, KeydirError> {
-        Ok(Self {
-            one_time: db.open_tree("kp_one_time")?,
-            last_resort: db.open_tree("kp_last_resort")?,
-            devices: db.open_tree("kp_devices")?,
+    pub fn new(
+        store: Backend,
+        cfg: config::Keydir,
+        domain: String,
+        seed: [u8; 32],
+        metrics: Metrics,
+    ) -> Self {
+        let limits = limits::RateLimits::new(
+            cfg.claims_per_minute_per_requester,
+            cfg.claims_per_minute_per_user,
+        );
+        Self {
+            store,
             crypto: RustCrypto::default(),
             cfg,
+            domain,
+            signer: proto::identity::operator_key(&seed),
+            limits,
             metrics,
-        })
+        }
+    }
+
+    pub fn store(&self) -> &Backend {
+        &self.store
+    }
+
+    /// The operator's binding key (base64 Ed25519 public key).
+    pub fn operator_key(&self) -> String {
+        proto::identity::public_key_b64(&self.signer)
     }
 
     /// Validates one KeyPackage for `device` (RFC 9420 §10.1).
-    fn validate(&self, device: &DeviceId, bytes: &[u8], now: u64) -> Result<KeyPackage, ApiError> {
-        fn e(code: ErrorCode, msg: impl Into<String>) -> ApiError {
-            ApiError::new(code, msg)
-        }
+    fn validate(&self, device: &DeviceId, bytes: &[u8], now: u64) -> Result<Parsed, ApiError> {
         proto::mls::precheck(bytes, &[wire_format::KEY_PACKAGE])?;
         let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|x| {
-            e(
+            api(
                 ErrorCode::MalformedMessage,
                 format!("cannot decode KeyPackage: {x}"),
             )
         })?;
         let kp_in = match msg.extract() {
             MlsMessageBodyIn::KeyPackage(k) => k,
-            _ => return Err(e(ErrorCode::WrongWireFormat, "expected a KeyPackage")),
+            _ => return Err(api(ErrorCode::WrongWireFormat, "expected a KeyPackage")),
         };
-        // validate() checks both signatures, the version, the lifetime against
-        // the clock, init_key != encryption_key, and that every extension is
-        // declared in the leaf capabilities (which covers last_resort).
+        // validate() checks both signatures, the version, the lifetime
+        // against the clock, init_key != encryption_key, and that every
+        // extension is declared in the leaf capabilities (so a last-resort
+        // extension without its capability is refused).
         let kp = kp_in
             .validate(&self.crypto, ProtocolVersion::Mls10)
             .map_err(|x| match x {
                 KeyPackageVerifyError::InvalidSignature
                 | KeyPackageVerifyError::InvalidLeafNodeSignature => {
-                    e(ErrorCode::InvalidSignature, x.to_string())
+                    api(ErrorCode::InvalidSignature, x.to_string())
                 }
                 KeyPackageVerifyError::LifetimeError(_)
                 | KeyPackageVerifyError::MissingLifetime => {
-                    e(ErrorCode::KeyPackageExpired, x.to_string())
+                    api(ErrorCode::KeyPackageExpired, x.to_string())
                 }
                 KeyPackageVerifyError::UnsupportedExtension => {
-                    e(ErrorCode::LastResortNotInCapabilities, x.to_string())
+                    api(ErrorCode::LastResortNotInCapabilities, x.to_string())
                 }
                 KeyPackageVerifyError::InvalidProtocolVersion => {
-                    e(ErrorCode::UnsupportedVersion, x.to_string())
+                    api(ErrorCode::UnsupportedVersion, x.to_string())
                 }
-                other => e(ErrorCode::InvalidKeyPackage, other.to_string()),
+                other => api(ErrorCode::InvalidKeyPackage, other.to_string()),
             })?;
+        let suite = u16::from(kp.ciphersuite());
+        if !self.cfg.cipher_suites.contains(&suite) {
+            return Err(api(
+                ErrorCode::UnsupportedCipherSuite,
+                format!("cipher suite {suite:#06x} is not accepted here"),
+            ));
+        }
         if kp.leaf_node().credential().serialized_content() != device.as_bytes() {
-            return Err(e(
+            return Err(api(
                 ErrorCode::IdentityMismatch,
                 "credential identity is not the uploading device",
             ));
         }
         let lt = kp.life_time();
         if lt.not_after() <= now {
-            return Err(e(ErrorCode::KeyPackageExpired, "KeyPackage has expired"));
+            return Err(api(ErrorCode::KeyPackageExpired, "KeyPackage has expired"));
         }
+        // One hour of slack for clock skew between the client and us.
         if lt.not_after().saturating_sub(lt.not_before()) > self.cfg.max_lifetime_secs + 3600 {
-            return Err(e(
+            return Err(api(
                 ErrorCode::LifetimeTooLong,
                 "KeyPackage lifetime is longer than this operator accepts",
             ));
         }
-        Ok(kp)
+        let c = kp.leaf_node().capabilities();
+        let caps = Caps {
+            extensions: c.extensions().iter().map(|e| u16::from(*e)).collect(),
+            proposals: c.proposals().iter().map(|p| u16::from(*p)).collect(),
+            credentials: c.credentials().iter().map(|x| u16::from(*x)).collect(),
+        };
+        let kp_ref = kp
+            .hash_ref(&self.crypto)
+            .map_err(|_| api(ErrorCode::InvalidKeyPackage, "cannot hash KeyPackage"))?
+            .as_slice()
+            .to_vec();
+        let last_resort = kp.last_resort();
+        let stored = Stored {
+            kp_ref,
+            suite,
+            not_after: lt.not_after(),
+            caps,
+            bytes: bytes.to_vec(),
+        };
+        Ok(Parsed {
+            kp,
+            stored,
+            last_resort,
+        })
     }
 
-    /// Stores a batch of concatenated MLSMessage(KeyPackage) for `device`.
-    /// The batch is all-or-nothing: the first invalid KeyPackage refuses it.
-    pub fn upload(
+    /// Stores a batch of concatenated MLSMessage(KeyPackage) for `device`
+    /// and (re)binds the device's signature key. The batch is all or
+    /// nothing: the first invalid KeyPackage refuses it.
+    pub async fn upload(
         &self,
         device: &DeviceId,
         body: &[u8],
@@ -226,76 +376,142 @@ impl KeyDirectory {
             };
             proto::mls::precheck(input, &[wire_format::KEY_PACKAGE]).map_err(fail)?;
             if MlsMessageIn::tls_deserialize(&mut input).is_err() {
-                return Err(fail(ApiError::new(
+                return Err(fail(api(
                     ErrorCode::MalformedMessage,
                     "cannot decode KeyPackage",
                 )));
             }
             let raw = &start[..start.len() - input.len()];
-            let kp = self.validate(device, raw, now).map_err(fail)?;
-            parsed.push((raw.to_vec(), kp));
+            parsed.push(self.validate(device, raw, now).map_err(fail)?);
         }
-        if parsed.is_empty() {
+        let Some(first) = parsed.first() else {
             return Err(refused(
                 ErrorCode::InvalidRequest,
                 "no KeyPackage in the request",
             ));
+        };
+        let key = first.kp.leaf_node().signature_key().as_slice().to_vec();
+        if parsed
+            .iter()
+            .any(|p| p.kp.leaf_node().signature_key().as_slice() != key.as_slice())
+        {
+            return Err(refused(
+                ErrorCode::IdentityMismatch,
+                "all KeyPackages of a device carry one signature key",
+            ));
         }
+        let mut per_suite: HashMap<u16, usize> = HashMap::new();
+        for p in parsed.iter().filter(|p| !p.last_resort) {
+            *per_suite.entry(p.stored.suite).or_default() += 1;
+        }
+        for (suite, n) in &per_suite {
+            if self.store.count_one_time(device, *suite).await? + n > self.cfg.max_per_device {
+                return Err(refused(
+                    ErrorCode::TooManyKeyPackages,
+                    "this device's pool is full",
+                ));
+            }
+        }
+        self.bind(device, &key, now).await?;
         let mut report = UploadReport::default();
-        for (raw, kp) in parsed {
-            let suite = u16::from(kp.ciphersuite()).to_be_bytes();
-            let stored = proto::wire::encode(&Stored {
-                not_after: kp.life_time().not_after(),
-                bytes: raw,
-            });
-            if kp.last_resort() {
-                self.last_resort
-                    .insert(key(&[device.as_bytes(), &suite]), stored)?;
+        for p in parsed {
+            if p.last_resort {
+                self.store.put_last_resort(device, &p.stored).await?;
                 report.last_resort += 1;
             } else {
-                let count = self
-                    .one_time
-                    .scan_prefix(key(&[device.as_bytes(), &suite]))
-                    .count();
-                if count >= self.cfg.max_per_device {
-                    return Err(refused(
-                        ErrorCode::TooManyKeyPackages,
-                        "this device's pool is full",
-                    ));
-                }
-                let r = kp
-                    .hash_ref(&self.crypto)
-                    .map_err(|_| refused(ErrorCode::InvalidKeyPackage, "cannot hash KeyPackage"))?;
-                self.one_time
-                    .insert(key(&[device.as_bytes(), &suite, r.as_slice()]), stored)?;
+                self.store.put_one_time(device, &p.stored).await?;
                 report.accepted += 1;
             }
             self.metrics.uploads.with_label_values(&["accepted"]).inc();
         }
-        self.devices
-            .insert(key(&[device.user().as_bytes(), device.as_bytes()]), &[])?;
+        self.store.add_device(&device.user(), device).await?;
         Ok(report)
     }
 
-    /// Claims one KeyPackage for each device of `user` (except `skip`).
-    pub fn claim(
-        &self,
-        user: &UserId,
-        skip: Option<&DeviceId>,
-        suites: &[u16],
-        now: u64,
-    ) -> Result<Vec<Claimed>, KeydirError> {
-        let mut prefix = user.as_bytes().to_vec();
-        prefix.push(0);
-        let mut devices = Vec::new();
-        for item in self.devices.scan_prefix(&prefix) {
-            let (k, _) = item?;
-            if let Ok(d) = DeviceId::from_credential_identity(&k[prefix.len()..]) {
-                if Some(&d) != skip {
-                    devices.push(d);
+    /// Signs a binding of `device` to `key` unless a live one exists.
+    async fn bind(&self, device: &DeviceId, key: &[u8], now: u64) -> Result<(), KeydirError> {
+        let key_b64 = B64.encode(key);
+        if let Some(existing) = self.store.binding(device).await? {
+            if let Ok(s) = serde_json::from_slice::<SignedBinding>(&existing) {
+                if let Ok(b) = s.open(&self.operator_key()) {
+                    let fresh = b.not_after > now + self.cfg.binding_lifetime_secs / 2;
+                    if !b.revoked && b.signature_key == key_b64 && fresh {
+                        return Ok(());
+                    }
                 }
             }
         }
+        let b = Binding {
+            device: device.clone(),
+            user: device.user(),
+            signature_key: key_b64,
+            issued_at: now,
+            not_after: now + self.cfg.binding_lifetime_secs,
+            revoked: false,
+        };
+        let signed = proto::identity::sign(&self.signer, &b);
+        let bytes = serde_json::to_vec(&signed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.store.put_binding(device, &bytes).await?;
+        Ok(())
+    }
+
+    /// The signed binding of one of our devices (revoked ones included).
+    pub async fn binding(&self, device: &DeviceId) -> Result<SignedBinding, KeydirError> {
+        let bytes = self
+            .store
+            .binding(device)
+            .await?
+            .ok_or_else(|| refused(ErrorCode::UnknownDevice, "no binding for this device"))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| KeydirError::Store(StoreError::Corrupt(e.to_string())))
+    }
+
+    /// Removes a device: its binding is revoked (and stays, so lookups say
+    /// so) and its KeyPackages are deleted.
+    pub async fn remove_device(&self, device: &DeviceId, now: u64) -> Result<(), KeydirError> {
+        let signed = self.binding(device).await?;
+        let mut b = signed
+            .open(&self.operator_key())
+            .map_err(|e| KeydirError::Store(StoreError::Corrupt(e.to_string())))?;
+        b.revoked = true;
+        b.issued_at = now;
+        let bytes = serde_json::to_vec(&proto::identity::sign(&self.signer, &b))
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.store.put_binding(device, &bytes).await?;
+        self.store
+            .remove_device(device, &self.cfg.cipher_suites)
+            .await?;
+        Ok(())
+    }
+
+    /// Claims one KeyPackage for each device of `user` except `requester`.
+    pub async fn claim(
+        &self,
+        requester: &DeviceId,
+        user: &UserId,
+        req: &ClaimRequest,
+        now: u64,
+    ) -> Result<ClaimOutcome, KeydirError> {
+        if user.domain() != self.domain {
+            return Err(refused(
+                ErrorCode::NotHub,
+                "that user belongs to another operator",
+            ));
+        }
+        if let Err(e) = self.limits.check(requester.as_str(), user.as_str()) {
+            self.metrics
+                .claims
+                .with_label_values(&["rate_limited"])
+                .inc();
+            return Err(KeydirError::Refused(e));
+        }
+        let devices: Vec<DeviceId> = self
+            .store
+            .devices(user)
+            .await?
+            .into_iter()
+            .filter(|d| d != requester)
+            .collect();
         if devices.is_empty() {
             self.metrics
                 .claims
@@ -306,77 +522,142 @@ impl KeyDirectory {
                 "no device of this user has published KeyPackages",
             ));
         }
-        let mut out = Vec::new();
+        let suites: Vec<u16> = if req.cipher_suites.is_empty() {
+            self.cfg.cipher_suites.clone()
+        } else {
+            req.cipher_suites
+                .iter()
+                .copied()
+                .filter(|s| self.cfg.cipher_suites.contains(s))
+                .collect()
+        };
+        let accept = |s: &Stored| s.caps.covers(&req.required_capabilities);
+        let mut out = ClaimOutcome::default();
+        let mut incompatible = suites.is_empty();
         for d in &devices {
-            if let Some(c) = self.claim_device(d, suites, now)? {
-                out.push(c);
-            }
-        }
-        if out.is_empty() {
-            self.metrics.claims.with_label_values(&["exhausted"]).inc();
-            return Err(refused(
-                ErrorCode::KeyMaterialExhausted,
-                "no KeyPackage is available for this user",
-            ));
-        }
-        self.metrics.claims.with_label_values(&["ok"]).inc();
-        Ok(out)
-    }
-
-    fn claim_device(
-        &self,
-        d: &DeviceId,
-        suites: &[u16],
-        now: u64,
-    ) -> Result<Option<Claimed>, KeydirError> {
-        for suite in suites {
-            let s = suite.to_be_bytes();
-            // One-time first. remove() is atomic: of two concurrent claimers
-            // only one gets Some for the same key.
-            for item in self.one_time.scan_prefix(key(&[d.as_bytes(), &s])) {
-                let (k, _) = item?;
-                let Some(v) = self.one_time.remove(&k)? else {
-                    continue;
-                };
-                let Ok(stored) = proto::wire::decode::<Stored>(&v) else {
-                    continue;
-                };
-                if stored.not_after <= now {
-                    continue; // Expired: swept, never served.
+            let mut got = None;
+            for suite in &suites {
+                match self.store.take_one_time(d, *suite, now, &accept).await? {
+                    Take::Taken(s) => {
+                        self.store
+                            .put_reservation(&Reservation {
+                                device: d.clone(),
+                                claimer: requester.clone(),
+                                at: now,
+                                stored: s.clone(),
+                            })
+                            .await?;
+                        let remaining = self.store.count_one_time(d, *suite).await?;
+                        if remaining < self.cfg.low_water {
+                            out.low_stock.push(LowStock {
+                                device: d.clone(),
+                                cipher_suite: *suite,
+                                remaining,
+                            });
+                        }
+                        got = Some(Claimed {
+                            device: d.clone(),
+                            cipher_suite: *suite,
+                            last_resort: false,
+                            key_package: s.bytes,
+                        });
+                    }
+                    Take::NoneCompatible => incompatible = true,
+                    Take::Empty => {}
                 }
-                return Ok(Some(Claimed {
-                    device: d.clone(),
-                    cipher_suite: *suite,
-                    last_resort: false,
-                    key_package: stored.bytes,
-                }));
-            }
-            if let Some(v) = self.last_resort.get(key(&[d.as_bytes(), &s]))? {
-                if let Ok(stored) = proto::wire::decode::<Stored>(&v) {
-                    if stored.not_after > now {
-                        return Ok(Some(Claimed {
+                if got.is_some() {
+                    break;
+                }
+                match self.store.last_resort(d, *suite).await? {
+                    Some(s) if s.not_after > now && accept(&s) => {
+                        out.low_stock.push(LowStock {
+                            device: d.clone(),
+                            cipher_suite: *suite,
+                            remaining: 0,
+                        });
+                        got = Some(Claimed {
                             device: d.clone(),
                             cipher_suite: *suite,
                             last_resort: true,
-                            key_package: stored.bytes,
-                        }));
+                            key_package: s.bytes,
+                        });
+                        break;
                     }
+                    Some(s) if s.not_after > now => incompatible = true,
+                    _ => {}
                 }
             }
+            if let Some(c) = got {
+                self.metrics
+                    .claims
+                    .with_label_values(&[if c.last_resort {
+                        "last_resort"
+                    } else {
+                        "one_time"
+                    }])
+                    .inc();
+                out.claimed.push(c);
+            }
         }
-        Ok(None)
+        if out.claimed.is_empty() {
+            let (code, label) = if incompatible {
+                (ErrorCode::NoCompatibleMaterial, "no_compatible_material")
+            } else {
+                (ErrorCode::KeyMaterialExhausted, "exhausted")
+            };
+            self.metrics.claims.with_label_values(&[label]).inc();
+            return Err(refused(code, "no KeyPackage of this user fits the request"));
+        }
+        Ok(out)
     }
 
-    pub fn stock(&self, d: &DeviceId, suites: &[u16]) -> Result<Vec<Stock>, KeydirError> {
+    pub async fn stock(&self, d: &DeviceId) -> Result<Vec<Stock>, KeydirError> {
         let mut out = Vec::new();
-        for suite in suites {
-            let s = suite.to_be_bytes();
+        for suite in &self.cfg.cipher_suites {
             out.push(Stock {
                 cipher_suite: *suite,
-                one_time: self.one_time.scan_prefix(key(&[d.as_bytes(), &s])).count(),
-                last_resort: self.last_resort.contains_key(key(&[d.as_bytes(), &s]))?,
+                one_time: self.store.count_one_time(d, *suite).await?,
+                last_resort: self.store.last_resort(d, *suite).await?.is_some(),
             });
         }
         Ok(out)
+    }
+
+    /// A Welcome used these KeyPackages: their reservations are settled.
+    pub async fn consumed(&self, kp_refs: &[Vec<u8>]) -> Result<(), KeydirError> {
+        for r in kp_refs {
+            self.store.take_reservation(r).await?;
+        }
+        Ok(())
+    }
+
+    /// Returns to their pools the KeyPackages claimed more than
+    /// `reservation_secs` ago that no Welcome used; returns how many.
+    pub async fn release_expired(&self, now: u64) -> Result<usize, KeydirError> {
+        let mut n = 0;
+        for r in self
+            .store
+            .reservations_before(now.saturating_sub(self.cfg.reservation_secs))
+            .await?
+        {
+            // take_reservation settles a race with `consumed` or another
+            // keydir process: only one of them gets the record.
+            if let Some(r) = self.store.take_reservation(&r.stored.kp_ref).await? {
+                if r.stored.not_after > now {
+                    self.store.put_one_time(&r.device, &r.stored).await?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Deletes expired one-time KeyPackages of `d`.
+    pub async fn sweep(&self, d: &DeviceId, now: u64) -> Result<usize, KeydirError> {
+        let mut n = 0;
+        for suite in &self.cfg.cipher_suites {
+            n += self.store.sweep(d, *suite, now).await?;
+        }
+        Ok(n)
     }
 }

@@ -91,10 +91,23 @@ pub async fn run(
     }
     if roles.ingest {
         let listener = listener.context("the ingest role needs a listener")?;
-        std::fs::create_dir_all(&cfg.data_dir).context("cannot create data dir")?;
-        let db = sled::open(cfg.keydir_path()).context("cannot open key directory")?;
-        let kd =
-            keydir::KeyDirectory::open(&db, cfg.keydir.clone(), keydir::Metrics::new(&registry)?)?;
+        let store = match cfg.keydir.backend {
+            config::KeydirBackend::Sled => {
+                std::fs::create_dir_all(&cfg.data_dir).context("cannot create data dir")?;
+                let db = sled::open(cfg.keydir_path()).context("cannot open key directory")?;
+                keydir::Backend::Sled(keydir::SledStore::open(&db)?)
+            }
+            config::KeydirBackend::Jetstream => keydir::Backend::JetStream(Box::new(
+                keydir::JsStore::open(&js, cfg.streams.replicas).await?,
+            )),
+        };
+        let kd = keydir::KeyDirectory::new(
+            store,
+            cfg.keydir.clone(),
+            cfg.domain.clone(),
+            cfg.operator_seed()?,
+            keydir::Metrics::new(&registry)?,
+        );
         let api = Arc::new(ingest::Api {
             topo: topo.clone(),
             keydir: Arc::new(kd),

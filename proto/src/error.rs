@@ -65,6 +65,8 @@ codes! {
     KeyMaterialExhausted => ("key_material_exhausted", 404, false),
     NoCompatibleMaterial => ("no_compatible_material", 404, false),
     UnknownUser => ("unknown_user", 404, false),
+    UnknownDevice => ("unknown_device", 404, false),
+    DeviceRevoked => ("device_revoked", 410, false),
     RateLimited => ("rate_limited", 429, true),
     // Server side.
     Timeout => ("timeout", 504, true),

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod identity;
 pub mod ids;
 pub mod mls;
 pub mod names;

@@ -67,9 +67,63 @@ pub fn mailbox_msg_id(g: &GroupId, position: u64, d: &DeviceId) -> String {
     format!("mb-{}", hex::encode(&h.finalize()[..16]))
 }
 
+/// `Nats-Msg-Id` of a low-stock notice: one per stock level, so concurrent
+/// claims that see the same level notify once.
+pub fn notice_msg_id(d: &DeviceId, suite: u16, remaining: usize) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(d.as_bytes());
+    format!(
+        "nt-{}-{suite}-{remaining}",
+        hex::encode(&h.finalize()[..12])
+    )
+}
+
 /// Header names carried on JetStream messages.
 pub mod headers {
     pub const POSITION: &str = "Mlsfed-Position";
     pub const EPOCH: &str = "Mlsfed-Epoch";
     pub const KIND: &str = "Mlsfed-Kind";
+}
+
+/// KeyPackages of the JetStream key directory backend:
+/// `mlsfed.kp.ot.<device>.<suite>.<ref>` (one message per one-time KeyPackage;
+/// deleting its message is the atomic claim) and `mlsfed.kp.res.<ref>`
+/// (reservations of claimed KeyPackages).
+pub const KEYPACKAGES_STREAM: &str = "MLSFED_KEYPACKAGES";
+pub const KEYPACKAGES_WILDCARD: &str = "mlsfed.kp.>";
+pub const RESERVATIONS_WILDCARD: &str = "mlsfed.kp.res.*";
+/// Small keydir records: last-resort KeyPackages, device lists, bindings.
+pub const KEYDIR_BUCKET: &str = "mlsfed_keydir";
+
+pub fn key_package_subject(d: &DeviceId, suite: u16, kp_ref: &[u8]) -> String {
+    format!(
+        "{PREFIX}.kp.ot.{}.{suite}.{}",
+        d.token(),
+        hex::encode(kp_ref)
+    )
+}
+
+pub fn key_packages_of(d: &DeviceId, suite: u16) -> String {
+    format!("{PREFIX}.kp.ot.{}.{suite}.*", d.token())
+}
+
+pub fn reservation_subject(kp_ref: &[u8]) -> String {
+    format!("{PREFIX}.kp.res.{}", hex::encode(kp_ref))
+}
+
+pub fn key_package_msg_id(kp_ref: &[u8]) -> String {
+    format!("kp-{}", hex::encode(kp_ref))
+}
+
+pub fn last_resort_key(d: &DeviceId, suite: u16) -> String {
+    format!("lr.{}.{suite}", d.token())
+}
+
+pub fn user_devices_key(u: &crate::ids::UserId) -> String {
+    format!("user.{}", u.token())
+}
+
+pub fn binding_key(d: &DeviceId) -> String {
+    format!("bind.{}", d.token())
 }

@@ -50,6 +50,8 @@ pub enum EntryKind {
     Proposal,
     Commit,
     Welcome,
+    /// A message from the operator to the device (e.g. replenish KeyPackages).
+    Notice,
 }
 
 impl EntryKind {
@@ -60,6 +62,7 @@ impl EntryKind {
             EntryKind::Proposal => "proposal",
             EntryKind::Commit => "commit",
             EntryKind::Welcome => "welcome",
+            EntryKind::Notice => "notice",
         }
     }
 }
@@ -88,7 +91,8 @@ pub struct LogEntry {
 /// One item in a device's mailbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MailboxItem {
-    pub group: GroupId,
+    /// None for operator notices.
+    pub group: Option<GroupId>,
     pub position: u64,
     pub epoch: u64,
     pub kind: EntryKind,
@@ -116,6 +120,15 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 
 pub fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, postcard::Error> {
     postcard::from_bytes(b)
+}
+
+/// An operator notice to one device (JSON in a mailbox item).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Notice {
+    /// The device's one-time KeyPackages for `cipher_suite` fell below the
+    /// operator's low-water mark: upload more.
+    KeyPackagesLow { cipher_suite: u16, remaining: usize },
 }
 
 /// A content-derived submission id: the same device submitting the same bytes

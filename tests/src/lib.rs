@@ -345,7 +345,7 @@ impl Client {
                 }
                 | Event::Proposal { group: g, position }
                 | Event::Removed { group: g, position } => (g == group).then_some(*position),
-                Event::Failed { .. } => None,
+                Event::Failed { .. } | Event::KeyPackagesLow { .. } => None,
             })
             .collect()
     }

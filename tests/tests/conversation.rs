@@ -24,12 +24,17 @@ async fn three_devices_converse_in_hub_order() -> anyhow::Result<()> {
     bob.sync().await?;
     carol.sync().await?;
     assert!(
-        matches!(bob.log[0], Event::Joined { epoch: 1, .. }),
+        bob.log
+            .iter()
+            .any(|e| matches!(e, Event::Joined { epoch: 1, .. })),
         "{:?}",
         bob.log
     );
     assert!(
-        matches!(carol.log[0], Event::Joined { epoch: 1, .. }),
+        carol
+            .log
+            .iter()
+            .any(|e| matches!(e, Event::Joined { epoch: 1, .. })),
         "{:?}",
         carol.log
     );
