@@ -85,8 +85,12 @@ impl JsStore {
         match self.stream.delete_message(seq).await {
             Ok(ok) => Ok(ok),
             Err(e) => match e.kind() {
+                // Another caller deleted it first (JetStream answers with one of
+                // these codes depending on timing and storage).
                 DeleteMessageErrorKind::JetStream(j)
-                    if j.error_code() == ErrorCode::NO_MESSAGE_FOUND =>
+                    if j.error_code() == ErrorCode::NO_MESSAGE_FOUND
+                        || j.error_code() == ErrorCode::SEQUENCE_NOT_FOUND
+                        || j.error_code() == ErrorCode::STREAM_MESSAGE_DELETE_FAILED =>
                 {
                     Ok(false)
                 }

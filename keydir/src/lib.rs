@@ -24,6 +24,7 @@ use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
     KeyPackage, KeyPackageVerifyError, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion,
 };
+use openmls::treesync::errors::LifetimeError;
 use openmls_rust_crypto::RustCrypto;
 use prometheus::{IntCounterVec, Opts, Registry};
 use proto::identity::{Binding, SignedBinding};
@@ -56,7 +57,10 @@ impl KeydirError {
                 format!("KeyPackage {index}: {}", source.message),
             ),
             KeydirError::Refused(e) => e.clone(),
-            KeydirError::Store(_) => ApiError::new(ErrorCode::Unavailable, "key store unavailable"),
+            KeydirError::Store(e) => {
+                tracing::warn!(error = %e, "key store failure");
+                ApiError::new(ErrorCode::Unavailable, "key store unavailable")
+            }
         }
     }
 }
@@ -285,9 +289,15 @@ impl KeyDirectory {
                 | KeyPackageVerifyError::InvalidLeafNodeSignature => {
                     api(ErrorCode::InvalidSignature, x.to_string())
                 }
+                KeyPackageVerifyError::LifetimeError(LifetimeError::Expired { .. }) => {
+                    api(ErrorCode::KeyPackageExpired, x.to_string())
+                }
                 KeyPackageVerifyError::LifetimeError(_)
                 | KeyPackageVerifyError::MissingLifetime => {
-                    api(ErrorCode::KeyPackageExpired, x.to_string())
+                    api(ErrorCode::InvalidKeyPackage, x.to_string())
+                }
+                KeyPackageVerifyError::InitKeyEqualsEncryptionKey => {
+                    api(ErrorCode::InitKeyReused, x.to_string())
                 }
                 KeyPackageVerifyError::UnsupportedExtension => {
                     api(ErrorCode::LastResortNotInCapabilities, x.to_string())

@@ -3,9 +3,10 @@
 
 use proto::{DeviceId, UserId};
 
-use crate::store::{dec, enc, KeyStore, Reservation, Result, Stored, Take};
+use crate::store::{dec, enc, KeyStore, Reservation, Result, StoreError, Stored, Take};
 
 pub struct SledStore {
+    db: sled::Db,
     one_time: sled::Tree,
     last_resort: sled::Tree,
     devices: sled::Tree,
@@ -25,6 +26,7 @@ fn key(parts: &[&[u8]]) -> Vec<u8> {
 impl SledStore {
     pub fn open(db: &sled::Db) -> Result<Self> {
         Ok(Self {
+            db: db.clone(),
             one_time: db.open_tree("kp_one_time")?,
             last_resort: db.open_tree("kp_last_resort")?,
             devices: db.open_tree("kp_devices")?,
@@ -34,19 +36,33 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// A claim or an upload is answered only once it is on disk: a crash
+    /// must not let a claimed KeyPackage be served again.
+    async fn durable(&self) -> Result<()> {
+        // flush_async can stall under many concurrent callers; a plain
+        // flush on the blocking pool does not.
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
+        Ok(())
+    }
+}
+
 impl KeyStore for SledStore {
     async fn put_one_time(&self, d: &DeviceId, s: &Stored) -> Result<()> {
         self.one_time.insert(
             key(&[d.as_bytes(), &s.suite.to_be_bytes(), &s.kp_ref]),
             enc(s),
         )?;
-        Ok(())
+        self.durable().await
     }
 
     async fn put_last_resort(&self, d: &DeviceId, s: &Stored) -> Result<()> {
         self.last_resort
             .insert(key(&[d.as_bytes(), &s.suite.to_be_bytes()]), enc(s))?;
-        Ok(())
+        self.durable().await
     }
 
     async fn last_resort(&self, d: &DeviceId, suite: u16) -> Result<Option<Stored>> {
@@ -80,6 +96,7 @@ impl KeyStore for SledStore {
             }
             // remove() is atomic: of concurrent claimers only one gets Some.
             if self.one_time.remove(&k)?.is_some() {
+                self.durable().await?;
                 return Ok(Take::Taken(s));
             }
         }
@@ -114,7 +131,7 @@ impl KeyStore for SledStore {
     async fn add_device(&self, u: &UserId, d: &DeviceId) -> Result<()> {
         self.devices
             .insert(key(&[u.as_bytes(), d.as_bytes()]), &[])?;
-        Ok(())
+        self.durable().await
     }
 
     async fn devices(&self, u: &UserId) -> Result<Vec<DeviceId>> {
@@ -145,19 +162,24 @@ impl KeyStore for SledStore {
             self.last_resort
                 .remove(key(&[d.as_bytes(), &suite.to_be_bytes()]))?;
         }
-        Ok(())
+        self.durable().await
     }
 
     async fn put_reservation(&self, r: &Reservation) -> Result<()> {
         self.reservations.insert(&r.stored.kp_ref, enc(r))?;
-        Ok(())
+        self.durable().await
     }
 
     async fn take_reservation(&self, kp_ref: &[u8]) -> Result<Option<Reservation>> {
-        self.reservations
+        let r = self
+            .reservations
             .remove(kp_ref)?
             .map(|v| dec(&v))
-            .transpose()
+            .transpose()?;
+        if r.is_some() {
+            self.durable().await?;
+        }
+        Ok(r)
     }
 
     async fn reservations_before(&self, before: u64) -> Result<Vec<Reservation>> {
@@ -173,7 +195,7 @@ impl KeyStore for SledStore {
 
     async fn put_binding(&self, d: &DeviceId, signed: &[u8]) -> Result<()> {
         self.bindings.insert(d.as_bytes(), signed)?;
-        Ok(())
+        self.durable().await
     }
 
     async fn binding(&self, d: &DeviceId) -> Result<Option<Vec<u8>>> {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 /// What a leaf node says it supports (RFC 9420 §7.2), kept so claims can be
 /// filtered without parsing every KeyPackage.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Caps {
     pub extensions: Vec<u16>,
     pub proposals: Vec<u16>,

@@ -6,10 +6,23 @@ use serde::{Deserialize, Serialize};
 
 macro_rules! codes {
     ($($variant:ident => ($code:literal, $status:literal, $retry:literal)),* $(,)?) => {
-        /// Stable error codes. Never renumber or rename: clients match on them.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        #[serde(rename_all = "snake_case")]
+        /// Stable error codes. Never renumber or rename: clients match on
+        /// them. The string literal is the wire form (JSON and metrics).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum ErrorCode { $($variant),* }
+
+        impl Serialize for ErrorCode {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for ErrorCode {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                ErrorCode::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("unknown error code {s}")))
+            }
+        }
 
         impl ErrorCode {
             pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant),*];
@@ -61,6 +74,7 @@ codes! {
     LifetimeTooLong => ("lifetime_too_long", 422, false),
     IdentityMismatch => ("identity_mismatch", 403, false),
     LastResortNotInCapabilities => ("last_resort_not_in_capabilities", 422, false),
+    InitKeyReused => ("init_key_equals_encryption_key", 422, false),
     TooManyKeyPackages => ("too_many_key_packages", 422, false),
     KeyMaterialExhausted => ("key_material_exhausted", 404, false),
     NoCompatibleMaterial => ("no_compatible_material", 404, false),

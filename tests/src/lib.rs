@@ -257,6 +257,15 @@ impl Operator {
 impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
+        // A failing test shows what the operator said; the temp dir goes.
+        if std::thread::panicking() || std::env::var_os("MLSFED_TEST_LOG").is_some() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- {} ({}) log tail ---", self.role, self.domain);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 
@@ -516,5 +525,132 @@ pub mod raw {
         let mut rest = bytes;
         MlsMessageIn::tls_deserialize(&mut rest).expect("one message");
         bytes.len() - rest.len()
+    }
+}
+
+/// KeyPackages with chosen defects, built with openmls and, where openmls
+/// refuses to build the defect, edited and re-signed by hand.
+pub mod bad_kp {
+    use openmls::prelude::tls_codec::Serialize as _;
+    use openmls::prelude::*;
+    use openmls_traits::signatures::Signer as _;
+
+    use crate::raw::Local;
+
+    fn wrap(kp: &KeyPackage) -> Vec<u8> {
+        MlsMessageOut::from(kp.clone())
+            .tls_serialize_detached()
+            .expect("ser")
+    }
+
+    fn cwk(l: &Local) -> CredentialWithKey {
+        CredentialWithKey {
+            credential: BasicCredential::new(l.identity.clone()).into(),
+            signature_key: l.signer.public().into(),
+        }
+    }
+
+    pub fn with_lifetime(l: &Local, not_before: u64, not_after: u64) -> Vec<u8> {
+        let kpb = KeyPackage::builder()
+            .key_package_lifetime(Lifetime::init(not_before, not_after))
+            .build(crate::raw::CS, &l.provider, &l.signer, cwk(l))
+            .expect("kp");
+        wrap(kpb.key_package())
+    }
+
+    pub fn with_suite(l: &Local, suite: Ciphersuite) -> Vec<u8> {
+        let signer = openmls_basic_credential::SignatureKeyPair::new(suite.signature_algorithm())
+            .expect("keys");
+        let cwk = CredentialWithKey {
+            credential: BasicCredential::new(l.identity.clone()).into(),
+            signature_key: signer.public().into(),
+        };
+        let kpb = KeyPackage::builder()
+            .build(suite, &l.provider, &signer, cwk)
+            .expect("kp");
+        wrap(kpb.key_package())
+    }
+
+    /// A last-resort KeyPackage whose leaf does not list the extension.
+    pub fn last_resort_undeclared(l: &Local) -> Vec<u8> {
+        let kpb = KeyPackage::builder()
+            .mark_as_last_resort()
+            .build(crate::raw::CS, &l.provider, &l.signer, cwk(l))
+            .expect("kp");
+        wrap(kpb.key_package())
+    }
+
+    /// A KeyPackage whose signature no longer verifies.
+    pub fn bad_signature(l: &Local) -> Vec<u8> {
+        let mut b = l.key_package();
+        let n = b.len();
+        b[n - 1] ^= 0x01;
+        b
+    }
+
+    fn varint(n: usize) -> Vec<u8> {
+        // RFC 9420 §2.1.2 variable-size length.
+        if n < 64 {
+            vec![n as u8]
+        } else if n < 16384 {
+            vec![0x40 | (n >> 8) as u8, n as u8]
+        } else {
+            let n = n as u32;
+            vec![
+                0x80 | (n >> 24) as u8,
+                (n >> 16) as u8,
+                (n >> 8) as u8,
+                n as u8,
+            ]
+        }
+    }
+
+    /// A correctly signed KeyPackage whose init_key equals its leaf's
+    /// encryption_key (RFC 9420 §10.1 forbids it). Ed25519 and X25519 keys
+    /// are 32 bytes, so the offsets are fixed.
+    pub fn init_equals_encryption(l: &Local) -> Vec<u8> {
+        let mut b = l.key_package();
+        // MLSMessage header (4) + version (2) + suite (2) + len (1) = 9.
+        assert_eq!(b[8], 32, "init_key length");
+        assert_eq!(b[41], 32, "encryption_key length");
+        let enc: Vec<u8> = b[42..74].to_vec();
+        b[9..41].copy_from_slice(&enc);
+        // Re-sign KeyPackageTBS: SignWithLabel(key, "KeyPackageTBS", tbs)
+        // over SignContent { label<V>, content<V> } (RFC 9420 §5.1.2).
+        let n = b.len();
+        assert_eq!(&b[n - 66..n - 64], &[0x40, 0x40], "64-byte signature");
+        let tbs = &b[4..n - 66];
+        let label = b"MLS 1.0 KeyPackageTBS";
+        let mut content = varint(label.len());
+        content.extend_from_slice(label);
+        content.extend(varint(tbs.len()));
+        content.extend_from_slice(tbs);
+        let sig = l.signer.sign(&content).expect("sign");
+        b[n - 64..].copy_from_slice(&sig);
+        b
+    }
+}
+
+impl raw::Local {
+    /// A Commit adding the KeyPackage `kp` (MLSMessage bytes), followed by its
+    /// Welcome: a submission bundle.
+    pub fn add(&self, g: &mut openmls::prelude::MlsGroup, kp: &[u8]) -> Vec<u8> {
+        use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+        use openmls::prelude::*;
+        let kp = match MlsMessageIn::tls_deserialize_exact(kp)
+            .expect("kp")
+            .extract()
+        {
+            MlsMessageBodyIn::KeyPackage(k) => k
+                .validate(self.provider.crypto(), ProtocolVersion::Mls10)
+                .expect("valid"),
+            _ => panic!("not a KeyPackage"),
+        };
+        let (commit, welcome, _) = g
+            .add_members(&self.provider, &self.signer, &[kp])
+            .expect("add");
+        let mut out = commit.tls_serialize_detached().expect("ser");
+        out.extend(welcome.tls_serialize_detached().expect("ser"));
+        out
     }
 }

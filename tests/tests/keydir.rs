@@ -1,0 +1,558 @@
+//! The key directory: one conformance suite over both storage backends,
+//! atomic claims through several keydir processes, every invalid upload with
+//! its code, expiry, restarts, and identity bindings checked by clients.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use keydir::store::{Caps, KeyStore, Reservation, Stored, Take};
+use openmls::prelude::Ciphersuite;
+use tests::client::Event;
+use tests::proto::{DeviceId, UserId};
+use tests::raw::Local;
+use tests::{bad_kp, get, post, unix_now, NatsServer, Operator};
+
+fn stored(n: u8, not_after: u64, caps: Caps) -> Stored {
+    Stored {
+        kp_ref: vec![n; 16],
+        suite: 1,
+        not_after,
+        caps,
+        bytes: vec![n; 40],
+    }
+}
+
+/// The behaviour every backend must have.
+async fn conformance<S: KeyStore + 'static>(s: Arc<S>) -> anyhow::Result<()> {
+    let now = unix_now();
+    let d = DeviceId::parse("mimi://a.example/d/alice/one")?;
+    let d2 = DeviceId::parse("mimi://a.example/d/alice/two")?;
+    let u = UserId::parse("mimi://a.example/u/alice")?;
+    let all: &(dyn Fn(&Stored) -> bool + Sync) = &|_| true;
+
+    // Pools, counts, one-time takes.
+    for n in 1..=3 {
+        s.put_one_time(&d, &stored(n, now + 100, Caps::default()))
+            .await?;
+    }
+    assert_eq!(s.count_one_time(&d, 1).await?, 3);
+    assert_eq!(s.count_one_time(&d, 2).await?, 0);
+    let mut seen = HashSet::new();
+    for _ in 0..3 {
+        match s.take_one_time(&d, 1, now, all).await? {
+            Take::Taken(k) => assert!(seen.insert(k.kp_ref)),
+            other => panic!("expected a KeyPackage, got {other:?}"),
+        }
+    }
+    assert_eq!(s.take_one_time(&d, 1, now, all).await?, Take::Empty);
+
+    // Expired ones are never served and are deleted on the way.
+    s.put_one_time(&d, &stored(9, now - 1, Caps::default()))
+        .await?;
+    assert_eq!(s.take_one_time(&d, 1, now, all).await?, Take::Empty);
+    assert_eq!(s.count_one_time(&d, 1).await?, 0);
+    s.put_one_time(&d, &stored(10, now + 5, Caps::default()))
+        .await?;
+    assert_eq!(s.sweep(&d, 1, now + 10).await?, 1);
+
+    // Capability filters leave incompatible ones in the pool.
+    s.put_one_time(&d, &stored(11, now + 100, Caps::default()))
+        .await?;
+    let wants_ext: &(dyn Fn(&Stored) -> bool + Sync) = &|x| {
+        x.caps.covers(&Caps {
+            extensions: vec![0xff00],
+            ..Default::default()
+        })
+    };
+    assert_eq!(
+        s.take_one_time(&d, 1, now, wants_ext).await?,
+        Take::NoneCompatible
+    );
+    assert_eq!(s.count_one_time(&d, 1).await?, 1);
+
+    // Last resort: replaced, never consumed.
+    assert_eq!(s.last_resort(&d, 1).await?, None);
+    s.put_last_resort(&d, &stored(20, now + 100, Caps::default()))
+        .await?;
+    s.put_last_resort(&d, &stored(21, now + 100, Caps::default()))
+        .await?;
+    assert_eq!(
+        s.last_resort(&d, 1).await?.map(|x| x.kp_ref),
+        Some(vec![21; 16])
+    );
+    assert!(s.last_resort(&d, 1).await?.is_some());
+
+    // Devices of a user.
+    s.add_device(&u, &d).await?;
+    s.add_device(&u, &d).await?;
+    s.add_device(&u, &d2).await?;
+    let mut ds = s.devices(&u).await?;
+    ds.sort();
+    assert_eq!(ds, vec![d.clone(), d2.clone()]);
+    s.put_one_time(&d2, &stored(30, now + 100, Caps::default()))
+        .await?;
+    s.put_last_resort(&d2, &stored(31, now + 100, Caps::default()))
+        .await?;
+    s.remove_device(&d2, &[1]).await?;
+    assert_eq!(s.devices(&u).await?, vec![d.clone()]);
+    assert_eq!(s.count_one_time(&d2, 1).await?, 0);
+    assert_eq!(s.last_resort(&d2, 1).await?, None);
+
+    // Reservations are taken once.
+    let r = Reservation {
+        device: d.clone(),
+        claimer: d2.clone(),
+        at: now - 50,
+        stored: stored(40, now + 100, Caps::default()),
+    };
+    s.put_reservation(&r).await?;
+    assert_eq!(s.reservations_before(now - 60).await?.len(), 0);
+    assert_eq!(s.reservations_before(now).await?, vec![r.clone()]);
+    assert_eq!(s.take_reservation(&r.stored.kp_ref).await?, Some(r.clone()));
+    assert_eq!(s.take_reservation(&r.stored.kp_ref).await?, None);
+
+    // Bindings.
+    assert_eq!(s.binding(&d).await?, None);
+    s.put_binding(&d, b"signed").await?;
+    assert_eq!(s.binding(&d).await?, Some(b"signed".to_vec()));
+
+    // Concurrent takes: each KeyPackage goes to exactly one taker.
+    let d3 = DeviceId::parse("mimi://a.example/d/carol/one")?;
+    for n in 100..120 {
+        s.put_one_time(&d3, &stored(n, now + 100, Caps::default()))
+            .await?;
+    }
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let s = s.clone();
+        let d3 = d3.clone();
+        tasks.push(tokio::spawn(async move {
+            s.take_one_time(&d3, 1, now, &|_| true).await
+        }));
+    }
+    let mut got = HashSet::new();
+    for t in tasks {
+        if let Take::Taken(k) = t.await?? {
+            assert!(got.insert(k.kp_ref), "a KeyPackage was taken twice");
+        }
+    }
+    assert_eq!(got.len(), 20);
+    assert_eq!(s.count_one_time(&d3, 1).await?, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_sled() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = sled::open(dir.path().join("kd"))?;
+    conformance(Arc::new(keydir::SledStore::open(&db)?)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_jetstream() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    conformance(Arc::new(keydir::JsStore::open(&js, 1).await?)).await
+}
+
+async fn claim(
+    url: &str,
+    token: &str,
+    user: &str,
+    extra: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let mut body = serde_json::json!({ "user": user });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    let resp = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+        .post(format!("{url}/v1/keypackages/claim"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("claim");
+    (
+        resp.status().as_u16(),
+        resp.json().await.unwrap_or_default(),
+    )
+}
+
+/// 50 parallel claims through two keydir processes on the JetStream backend
+/// against a device with 10 one-time KeyPackages and one last-resort one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_claims_through_two_processes() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let a = Operator::start_with(&nats, "a.example", "ingest", |c| {
+        c.keydir.backend = config::KeydirBackend::Jetstream;
+    })?;
+    let b = a.worker("ingest")?;
+    let mut bob = a.client("bob", "phone", 10).await?;
+    let claimers: Vec<String> = (0..5)
+        .map(|i| a.token(&a.device_id(&format!("c{i}"), "d")))
+        .collect();
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let url = if i % 2 == 0 {
+            a.url.clone()
+        } else {
+            b.url.clone()
+        };
+        let token = claimers[i % 5].clone();
+        tasks.push(tokio::spawn(async move {
+            claim(
+                &url,
+                &token,
+                "mimi://a.example/u/bob",
+                serde_json::json!({}),
+            )
+            .await
+        }));
+    }
+    let (mut one_time, mut last_resort, mut seen) = (HashSet::new(), HashSet::new(), 0);
+    for t in tasks {
+        let (status, body) = t.await?;
+        assert_eq!(status, 200, "{body}");
+        let kps = body["key_packages"].as_array().cloned().unwrap_or_default();
+        assert_eq!(kps.len(), 1, "{body}");
+        let kp = kps[0]["key_package"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if kps[0]["last_resort"].as_bool() == Some(true) {
+            last_resort.insert(kp);
+        } else {
+            assert!(
+                one_time.insert(kp),
+                "a one-time KeyPackage was served twice"
+            );
+        }
+        seen += 1;
+    }
+    assert_eq!((seen, one_time.len(), last_resort.len()), (50, 10, 1));
+    let (status, stock) = get(&a.url, "/v1/keypackages/stock", Some(&a.token(bob.id()))).await;
+    assert_eq!(status, 200);
+    assert_eq!(stock["stock"][0]["one_time"], 0, "{stock}");
+    assert_eq!(stock["stock"][0]["last_resort"], true, "{stock}");
+    let notices: Vec<Event> = bob
+        .sync()
+        .await?
+        .into_iter()
+        .filter(|e| matches!(e, Event::KeyPackagesLow { .. }))
+        .collect();
+    assert!(
+        notices.contains(&Event::KeyPackagesLow {
+            cipher_suite: 1,
+            remaining: 0
+        }),
+        "{notices:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_uploads_are_refused_with_their_codes() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let op = Operator::start_with(&nats, "a.example", "run", |c| {
+        c.keydir.max_lifetime_secs = 30 * 86_400
+    })?;
+    let me = op.device_id("mallory", "m");
+    let token = op.token(&me);
+    let l = Local::new(me.as_str());
+    let now = unix_now();
+    let mut wrong_version = l.key_package();
+    wrong_version[1] = 2;
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "bad signature",
+            bad_kp::bad_signature(&l),
+            422,
+            "invalid_signature",
+        ),
+        ("wrong version", wrong_version, 400, "unsupported_version"),
+        (
+            "cipher suite not accepted",
+            bad_kp::with_suite(
+                &l,
+                Ciphersuite::MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519,
+            ),
+            422,
+            "unsupported_cipher_suite",
+        ),
+        (
+            "expired",
+            bad_kp::with_lifetime(&l, now - 1000, now - 10),
+            422,
+            "key_package_expired",
+        ),
+        (
+            "lifetime too long",
+            bad_kp::with_lifetime(&l, now, now + 60 * 86_400),
+            422,
+            "lifetime_too_long",
+        ),
+        (
+            "another identity",
+            Local::new("mimi://a.example/d/alice/x").key_package(),
+            403,
+            "identity_mismatch",
+        ),
+        (
+            "init key == encryption key",
+            bad_kp::init_equals_encryption(&l),
+            422,
+            "init_key_equals_encryption_key",
+        ),
+        (
+            "last resort not in capabilities",
+            bad_kp::last_resort_undeclared(&l),
+            422,
+            "last_resort_not_in_capabilities",
+        ),
+        (
+            "truncated",
+            l.key_package()[..50].to_vec(),
+            400,
+            "malformed_message",
+        ),
+    ];
+    for (name, body, status, code) in cases {
+        let (got, json) = post(&op.url, "/v1/keypackages", Some(&token), body).await;
+        assert_eq!(
+            (got, json["code"].as_str().unwrap_or_default()),
+            (status, code),
+            "{name}: {json}"
+        );
+    }
+    // A good one in the same batch as a bad one: nothing is stored.
+    let mut batch = l.key_package();
+    batch.extend(bad_kp::bad_signature(&l));
+    let (got, _) = post(&op.url, "/v1/keypackages", Some(&token), batch).await;
+    assert_eq!(got, 422);
+    let (_, stock) = get(&op.url, "/v1/keypackages/stock", Some(&token)).await;
+    assert_eq!(stock["stock"][0]["one_time"], 0, "{stock}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_filter_by_suite_and_capabilities_and_never_serve_expired() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let op = Operator::start(&nats, "a.example")?;
+    let carol = op.device_id("carol", "c");
+    let l = Local::new(carol.as_str());
+    let now = unix_now();
+    // One KeyPackage that expires in three seconds, and no last resort.
+    let (got, body) = post(
+        &op.url,
+        "/v1/keypackages",
+        Some(&op.token(&carol)),
+        bad_kp::with_lifetime(&l, now - 10, now + 3),
+    )
+    .await;
+    assert_eq!(got, 200, "{body}");
+    let asker = op.token(&op.device_id("dave", "d"));
+    let (got, body) = claim(
+        &op.url,
+        &asker,
+        "mimi://a.example/u/carol",
+        serde_json::json!({ "cipher_suites": [3] }),
+    )
+    .await;
+    assert_eq!(
+        (got, body["code"].as_str()),
+        (404, Some("no_compatible_material")),
+        "{body}"
+    );
+    let (got, body) = claim(
+        &op.url,
+        &asker,
+        "mimi://a.example/u/carol",
+        serde_json::json!({ "required_capabilities": { "extensions": [65280] } }),
+    )
+    .await;
+    assert_eq!(
+        (got, body["code"].as_str()),
+        (404, Some("no_compatible_material")),
+        "{body}"
+    );
+    let (got, body) = claim(
+        &op.url,
+        &asker,
+        "mimi://a.example/u/nobody",
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(
+        (got, body["code"].as_str()),
+        (404, Some("unknown_user")),
+        "{body}"
+    );
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let (got, body) = claim(
+        &op.url,
+        &asker,
+        "mimi://a.example/u/carol",
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(
+        (got, body["code"].as_str()),
+        (404, Some("key_material_exhausted")),
+        "{body}"
+    );
+    Ok(())
+}
+
+/// keydir killed with SIGKILL in the middle of claims, on both backends:
+/// no KeyPackage is lost or served twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_mid_claims_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    for backend in [
+        config::KeydirBackend::Sled,
+        config::KeydirBackend::Jetstream,
+    ] {
+        let nats = NatsServer::start()?;
+        let mut op =
+            Operator::start_with(&nats, "a.example", "ingest", |c| c.keydir.backend = backend)?;
+        let erin = op.client("erin", "e", 40).await?;
+        let asker = op.token(&op.device_id("frank", "f"));
+        let mut served = HashSet::new();
+        for round in 0..3 {
+            let mut tasks = Vec::new();
+            for _ in 0..10 {
+                let (url, asker) = (op.url.clone(), asker.clone());
+                tasks.push(tokio::spawn(async move {
+                    let r = reqwest::Client::new()
+                        .post(format!("{url}/v1/keypackages/claim"))
+                        .bearer_auth(asker)
+                        .json(&serde_json::json!({ "user": "mimi://a.example/u/erin" }))
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status().is_success() => {
+                            r.json::<serde_json::Value>().await.ok()
+                        }
+                        _ => None,
+                    }
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(5 * round)).await;
+            op.kill();
+            for t in tasks {
+                if let Some(body) = t.await? {
+                    let kp = &body["key_packages"][0];
+                    if kp["last_resort"] == false {
+                        let k = kp["key_package"].as_str().unwrap_or_default().to_owned();
+                        assert!(served.insert(k), "{backend:?}: served twice");
+                    }
+                }
+            }
+            op.restart()?;
+        }
+        let (_, stock) = get(&op.url, "/v1/keypackages/stock", Some(&op.token(erin.id()))).await;
+        let left = stock["stock"][0]["one_time"].as_u64().unwrap_or(999) as usize;
+        // A claim cut off by the kill may have taken a KeyPackage whose answer
+        // never arrived (held as a reservation, returned later); none is
+        // served twice and none vanishes from the count of stock + served +
+        // reserved.
+        assert!(
+            served.len() + left <= 40,
+            "{backend:?}: {} served + {left} left",
+            served.len()
+        );
+        assert!(
+            served.len() + left >= 40 - 10,
+            "{backend:?}: {} served + {left} left",
+            served.len()
+        );
+    }
+    Ok(())
+}
+
+/// A Welcome naming a member whose key is not the one its operator bound
+/// is refused by the client, which then does not join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_refuses_welcome_with_unbound_member_key() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let op = Operator::start(&nats, "a.example")?;
+    let alice = op.client("alice", "phone", 1).await?;
+    let mut bob = op.client("bob", "phone", 2).await?;
+    // An impostor with alice's identity but a key the operator never bound.
+    let impostor = Local::new(alice.id().as_str());
+    let token = op.token(alice.id());
+    let mut group = impostor.group(
+        "mimi://a.example/r/trap",
+        openmls::prelude::PURE_PLAINTEXT_WIRE_FORMAT_POLICY,
+    );
+    let (got, body) = post(
+        &op.url,
+        "/v1/groups",
+        Some(&token),
+        impostor.group_info(&group),
+    )
+    .await;
+    assert_eq!(got, 201, "{body}");
+    let (_, claimed) = claim(
+        &op.url,
+        &token,
+        "mimi://a.example/u/bob",
+        serde_json::json!({}),
+    )
+    .await;
+    let kp_b64 = claimed["key_packages"][0]["key_package"]
+        .as_str()
+        .unwrap_or_default();
+    let kp_bytes = base64::engine::general_purpose::STANDARD.decode(kp_b64)?;
+    let bundle = impostor.add(&mut group, &kp_bytes);
+    let (got, body) = post(&op.url, "/v1/messages", Some(&token), bundle).await;
+    assert_eq!(got, 200, "{body}");
+    let events = bob.sync().await?;
+    assert!(
+        events.iter().any(
+            |e| matches!(e, Event::Failed { reason, .. } if reason.contains("does not match"))
+        ),
+        "{events:?}"
+    );
+    assert!(bob.groups().is_empty());
+
+    // A removed device's binding is revoked, and lookups say so.
+    let (got, _) = reqwest::Client::new()
+        .delete(format!(
+            "{}/v1/devices/{}",
+            op.url,
+            tests::client::http::encode_segment(alice.id().as_str())
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), ()))?;
+    assert_eq!(got, 204);
+    let (got, body) = get(
+        &op.url,
+        &format!(
+            "/v1/identity/{}",
+            tests::client::http::encode_segment(alice.id().as_str())
+        ),
+        Some(&op.token(bob.id())),
+    )
+    .await;
+    assert_eq!(got, 410, "{body}");
+    let (got, body) = claim(
+        &op.url,
+        &op.token(bob.id()),
+        "mimi://a.example/u/alice",
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(
+        (got, body["code"].as_str()),
+        (404, Some("unknown_user")),
+        "{body}"
+    );
+    Ok(())
+}
