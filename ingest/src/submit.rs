@@ -109,6 +109,10 @@ pub async fn submit_message(
         }
         None => proto::wire::submission_id(&device, &[b"msg", &body]),
     };
+    let welcome_refs = match &bundle.welcome {
+        Some(w) => proto::mls::welcome_recipients(w)?,
+        None => Vec::new(),
+    };
     let sub = Submission {
         id,
         device,
@@ -120,6 +124,11 @@ pub async fn submit_message(
         },
     };
     let (position, epoch) = await_verdict(&api, sub).await?;
+    // The accepted Welcome used these KeyPackages: settle their reservations
+    // (best effort; an unsettled one would only return to its pool later).
+    if let Err(e) = api.keydir.consumed(&welcome_refs).await {
+        tracing::warn!(error = %e, "cannot settle KeyPackage reservations");
+    }
     Ok(json(AcceptedJson {
         group: group.to_string(),
         position,

@@ -556,3 +556,50 @@ async fn client_refuses_welcome_with_unbound_member_key() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// A claimed KeyPackage that no Welcome used returns to its pool after the
+/// reservation time; one that a Welcome used does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_reservations_return_to_the_pool() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let op = Operator::start_with(&nats, "a.example", "run", |c| c.keydir.reservation_secs = 2)?;
+    let mut alice = op.client("alice", "phone", 1).await?;
+    let _bob = op.client("bob", "phone", 2).await?;
+    let _carol = op.client("carol", "phone", 2).await?;
+    let stock = |d: DeviceId| {
+        let (url, token) = (op.url.clone(), op.token(&d));
+        async move {
+            let (_, s) = get(&url, "/v1/keypackages/stock", Some(&token)).await;
+            s["stock"][0]["one_time"].as_u64().unwrap_or(999)
+        }
+    };
+    // Bob's KeyPackage is claimed and used in a Welcome; carol's is claimed
+    // and never used.
+    let g = alice.create_group("r").await?;
+    alice.add(&g, &[op.user_id("bob")]).await?;
+    let (got, _) = claim(
+        &op.url,
+        &op.token(alice.id()),
+        "mimi://a.example/u/carol",
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(got, 200);
+    assert_eq!(stock(op.device_id("bob", "phone")).await, 1);
+    assert_eq!(stock(op.device_id("carol", "phone")).await, 1);
+    let mut back = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if stock(op.device_id("carol", "phone")).await == 2 {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "carol's unused KeyPackage did not return");
+    assert_eq!(
+        stock(op.device_id("bob", "phone")).await,
+        1,
+        "a used KeyPackage must not return"
+    );
+    Ok(())
+}
