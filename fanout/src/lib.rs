@@ -9,6 +9,7 @@
 //! in part before a crash).
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, message::PublishMessage, AckKind};
@@ -76,7 +77,14 @@ pub struct Fanout {
     topo: Topology,
     domain: String,
     metrics: Metrics,
+    /// This worker's last known cursor per group (position, KV revision):
+    /// saves the KV read while one worker streams a group. A stale entry
+    /// only costs a failed compare-and-set or a wait, never a wrong delivery.
+    cursors: HashMap<GroupId, (u64, u64)>,
 }
+
+/// Cursors kept before the cache is cleared.
+const MAX_CURSORS: usize = 100_000;
 
 enum Step {
     Done,
@@ -89,11 +97,12 @@ impl Fanout {
             topo,
             domain,
             metrics,
+            cursors: HashMap::new(),
         }
     }
 
     pub async fn run(
-        self,
+        mut self,
         consumer: jetstream::consumer::PullConsumer,
         shutdown: CancellationToken,
     ) -> Result<(), RunFanoutError> {
@@ -149,37 +158,48 @@ impl Fanout {
         }
     }
 
-    async fn deliver(&self, group: &GroupId, entry: &LogEntry) -> Result<Step, String> {
+    async fn deliver(&mut self, group: &GroupId, entry: &LogEntry) -> Result<Step, String> {
         let key = names::group_key(group);
-        let cursor = self
-            .topo
-            .fanout
-            .entry(key.as_str())
-            .await
-            .map_err(|e| e.to_string())?;
-        let (done, revision) = match &cursor {
-            Some(e) => (parse_u64(&e.value), e.revision),
-            None => (0, 0),
+        let (done, revision) = match self.cursors.get(group) {
+            Some(c) if c.0 + 1 == entry.position => *c,
+            _ => {
+                let cursor = self
+                    .topo
+                    .fanout
+                    .entry(key.as_str())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match &cursor {
+                    Some(e) => (parse_u64(&e.value), e.revision),
+                    None => (0, 0),
+                }
+            }
         };
         if entry.position <= done {
             tracing::debug!(position = entry.position, done, "already delivered");
             return Ok(Step::Done);
         }
         if entry.position != done + 1 {
+            self.cursors.remove(group);
             return Ok(Step::NotYet);
         }
         let local = |d: &DeviceId| d.domain() == self.domain;
-        for d in entry.recipients.iter().filter(|d| local(d)) {
-            let item = MailboxItem {
-                group: Some(group.clone()),
-                position: entry.position,
-                epoch: entry.epoch,
-                kind: entry.kind,
-                own: *d == entry.sender,
-                message: entry.message.clone(),
-            };
-            self.put(group, entry.position, d, &item).await?;
-        }
+        let mut items: Vec<(&DeviceId, MailboxItem)> = entry
+            .recipients
+            .iter()
+            .filter(|d| local(d))
+            .map(|d| {
+                let item = MailboxItem {
+                    group: Some(group.clone()),
+                    position: entry.position,
+                    epoch: entry.epoch,
+                    kind: entry.kind,
+                    own: *d == entry.sender,
+                    message: entry.message.clone(),
+                };
+                (d, item)
+            })
+            .collect();
         if let Some(w) = &entry.welcome {
             for d in entry.welcome_recipients.iter().filter(|d| local(d)) {
                 let item = MailboxItem {
@@ -190,16 +210,16 @@ impl Fanout {
                     own: false,
                     message: w.clone(),
                 };
-                self.put(group, entry.position, d, &item).await?;
+                items.push((d, item));
             }
         }
+        self.put_all(group, entry.position, &items).await?;
         let value = Bytes::from(entry.position.to_string());
         let moved = if revision == 0 {
             self.topo
                 .fanout
                 .create(key.as_str(), value)
                 .await
-                .map(|_| ())
                 .map_err(|e| {
                     (
                         e.kind() == kv::CreateErrorKind::AlreadyExists,
@@ -211,7 +231,6 @@ impl Fanout {
                 .fanout
                 .update(key.as_str(), value, revision)
                 .await
-                .map(|_| ())
                 .map_err(|e| {
                     (
                         e.kind() == kv::UpdateErrorKind::WrongLastRevision,
@@ -220,10 +239,17 @@ impl Fanout {
                 })
         };
         match moved {
-            Ok(()) => {}
+            Ok(rev) => {
+                if self.cursors.len() > MAX_CURSORS {
+                    self.cursors.clear();
+                }
+                self.cursors.insert(group.clone(), (entry.position, rev));
+            }
             // Another worker delivered the same entry concurrently (a
             // redelivery race); the mailbox dedup made that harmless.
-            Err((true, _)) => {}
+            Err((true, _)) => {
+                self.cursors.remove(group);
+            }
             Err((false, e)) => return Err(e),
         }
         self.metrics.entries.inc();
@@ -231,29 +257,35 @@ impl Fanout {
         Ok(Step::Done)
     }
 
-    async fn put(
+    /// Publishes every item, then waits for all the acks: one round trip
+    /// per entry rather than one per recipient.
+    async fn put_all(
         &self,
         group: &GroupId,
         position: u64,
-        d: &DeviceId,
-        item: &MailboxItem,
+        items: &[(&DeviceId, MailboxItem)],
     ) -> Result<(), String> {
-        let publish = PublishMessage::build()
-            .payload(Bytes::from(proto::wire::encode(item)))
-            .message_id(names::mailbox_msg_id(group, position, d));
-        let ack = self
-            .topo
-            .js
-            .send_publish(names::mailbox_subject(d), publish)
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())?;
-        if !ack.duplicate {
-            self.metrics
-                .delivered
-                .with_label_values(&[item.kind.as_str()])
-                .inc();
+        let mut acks = Vec::with_capacity(items.len());
+        for (d, item) in items {
+            let publish = PublishMessage::build()
+                .payload(Bytes::from(proto::wire::encode(item)))
+                .message_id(names::mailbox_msg_id(group, position, d));
+            let ack = self
+                .topo
+                .js
+                .send_publish(names::mailbox_subject(d), publish)
+                .await
+                .map_err(|e| e.to_string())?;
+            acks.push((item.kind, ack));
+        }
+        for (kind, ack) in acks {
+            let ack = ack.await.map_err(|e| e.to_string())?;
+            if !ack.duplicate {
+                self.metrics
+                    .delivered
+                    .with_label_values(&[kind.as_str()])
+                    .inc();
+            }
         }
         Ok(())
     }

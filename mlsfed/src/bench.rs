@@ -159,6 +159,83 @@ pub async fn run(mut cfg: config::Config, messages: usize, members: usize) -> an
     );
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+
+    // 3. KeyPackage claims per second through the API, on each backend.
+    for backend in [
+        config::KeydirBackend::Sled,
+        config::KeydirBackend::Jetstream,
+    ] {
+        let mut kcfg = cfg.clone();
+        kcfg.keydir.backend = backend;
+        kcfg.keydir.claims_per_minute_per_requester = 1_000_000;
+        kcfg.keydir.claims_per_minute_per_user = 1_000_000;
+        kcfg.data_dir = tmp.path().join(format!("keydir-{backend:?}"));
+        let rate = claims(kcfg, tmp.path(), 20, 50).await?;
+        println!("KeyPackage claims through the API ({backend:?} backend, 16 in flight): {rate:.0} claims/s");
+    }
     drop(embedded);
     Ok(())
+}
+
+/// Uploads `per_device` KeyPackages for each of `users` devices, then claims
+/// them all; returns claims per second.
+async fn claims(
+    cfg: config::Config,
+    dir: &std::path::Path,
+    users: usize,
+    per_device: usize,
+) -> anyhow::Result<f64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let nats = mlsfed::connect(&cfg.nats_url).await?;
+    let roles = mlsfed::Roles {
+        ingest: true,
+        sequencer: false,
+        fanout: false,
+    };
+    let server = tokio::spawn(mlsfed::run(
+        cfg.clone(),
+        roles,
+        nats,
+        Some(listener),
+        prometheus::Registry::new(),
+        shutdown.clone(),
+    ));
+    let tag = format!("{:?}", cfg.keydir.backend).to_lowercase();
+    for i in 0..users {
+        let id = proto::DeviceId::new(&cfg.domain, &format!("k{tag}{i}"), "d")?;
+        let token = proto::auth::issue(cfg.token_secret.as_bytes(), &id, unix_now() + 3600);
+        let mut d = Device::open(&dir.join(format!("k{tag}{i}")), &url, &token, Some(&id))?;
+        d.publish_key_packages(per_device, false).await?;
+    }
+    let claimer = proto::DeviceId::new(&cfg.domain, "claimer", "d")?;
+    let token = proto::auth::issue(cfg.token_secret.as_bytes(), &claimer, unix_now() + 3600);
+    let http = reqwest::Client::new();
+    let total = users * per_device;
+    let t0 = Instant::now();
+    let results = futures::stream::iter((0..total).map(|i| {
+        let (http, url, token) = (http.clone(), url.clone(), token.clone());
+        let user = format!("mimi://{}/u/k{tag}{}", cfg.domain, i % users);
+        async move {
+            let r = http
+                .post(format!("{url}/v1/keypackages/claim"))
+                .bearer_auth(token)
+                .json(&serde_json::json!({ "user": user }))
+                .send()
+                .await?;
+            anyhow::ensure!(r.status().is_success(), "claim failed: {}", r.status());
+            anyhow::Ok(())
+        }
+    }))
+    .buffer_unordered(16)
+    .collect::<Vec<_>>()
+    .await;
+    let elapsed = t0.elapsed();
+    for r in results {
+        r?;
+    }
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(total as f64 / elapsed.as_secs_f64())
 }

@@ -103,7 +103,9 @@ impl Sequencer {
             match self.handle(&sub).await {
                 Ok(verdict) => {
                     self.publish_verdict(&sub.id, &verdict).await;
-                    if let Err(e) = msg.double_ack().await {
+                    // A lost ack only means a redelivery, which `recent`
+                    // answers with the same verdict.
+                    if let Err(e) = msg.ack().await {
                         tracing::warn!(error = %e, "ack of submission failed; it will be redelivered");
                     }
                 }
@@ -118,18 +120,19 @@ impl Sequencer {
         }
     }
 
+    /// Records the verdict (for clients that retry) and announces it (for
+    /// the waiting ingest), concurrently.
     async fn publish_verdict(&self, id: &str, verdict: &Verdict) {
         let bytes = Bytes::from(verdict.to_bytes());
-        if let Err(e) = self.topo.verdicts.put(id, bytes.clone()).await {
+        let client = self.topo.js.client();
+        let (recorded, announced) = tokio::join!(
+            self.topo.verdicts.put(id, bytes.clone()),
+            client.publish(names::verdict_subject(id), bytes),
+        );
+        if let Err(e) = recorded {
             tracing::warn!(error = %e, "cannot record verdict");
         }
-        if let Err(e) = self
-            .topo
-            .js
-            .client()
-            .publish(names::verdict_subject(id), bytes)
-            .await
-        {
+        if let Err(e) = announced {
             tracing::warn!(error = %e, "cannot announce verdict");
         }
     }
