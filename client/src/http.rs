@@ -40,8 +40,7 @@ pub struct Item {
 
 impl Item {
     pub fn bytes(&self) -> Result<Vec<u8>, ClientError> {
-        B64.decode(&self.message)
-            .map_err(|e| ClientError::Protocol(format!("bad base64 in item: {e}")))
+        B64.decode(&self.message).map_err(|e| ClientError::Protocol(format!("bad base64 in item: {e}")))
     }
 }
 
@@ -78,10 +77,7 @@ impl Http {
             base: base.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
             device,
-            client: reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(60))
-                .build()
-                .unwrap_or_default(),
+            client: reqwest::Client::builder().timeout(std::time::Duration::from_secs(60)).build().unwrap_or_default(),
         }
     }
 
@@ -94,11 +90,7 @@ impl Http {
     }
 
     fn mailbox_url(&self) -> String {
-        format!(
-            "{}/v1/devices/{}/mailbox",
-            self.base,
-            encode_segment(self.device.as_str())
-        )
+        format!("{}/v1/devices/{}/mailbox", self.base, encode_segment(self.device.as_str()))
     }
 
     async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
@@ -109,19 +101,11 @@ impl Http {
         let text = resp.text().await.unwrap_or_default();
         Err(match serde_json::from_str::<ApiError>(&text) {
             Ok(e) => ClientError::Api(e),
-            Err(_) => ClientError::Api(ApiError::new(
-                ErrorCode::Internal,
-                format!("HTTP {status}: {text}"),
-            )),
+            Err(_) => ClientError::Api(ApiError::new(ErrorCode::Internal, format!("HTTP {status}: {text}"))),
         })
     }
 
-    async fn post_mls(
-        &self,
-        path: &str,
-        body: Vec<u8>,
-        key: Option<&str>,
-    ) -> Result<reqwest::Response, ClientError> {
+    async fn post_mls(&self, path: &str, body: Vec<u8>, key: Option<&str>) -> Result<reqwest::Response, ClientError> {
         let mut req = self
             .client
             .post(format!("{}{path}", self.base))
@@ -134,24 +118,12 @@ impl Http {
         Self::check(req.send().await?).await
     }
 
-    pub async fn upload_key_packages(
-        &self,
-        body: Vec<u8>,
-    ) -> Result<serde_json::Value, ClientError> {
-        Ok(self
-            .post_mls("/v1/keypackages", body, None)
-            .await?
-            .json()
-            .await?)
+    pub async fn upload_key_packages(&self, body: Vec<u8>) -> Result<serde_json::Value, ClientError> {
+        Ok(self.post_mls("/v1/keypackages", body, None).await?.json().await?)
     }
 
     pub async fn stock(&self) -> Result<serde_json::Value, ClientError> {
-        let r = self
-            .client
-            .get(format!("{}/v1/keypackages/stock", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await?;
+        let r = self.client.get(format!("{}/v1/keypackages/stock", self.base)).bearer_auth(&self.token).send().await?;
         Ok(Self::check(r).await?.json().await?)
     }
 
@@ -172,53 +144,41 @@ impl Http {
 
     /// The operator's public facts, including its binding key.
     pub async fn operator(&self) -> Result<serde_json::Value, ClientError> {
-        let r = self
-            .client
-            .get(format!("{}/v1/operator", self.base))
-            .send()
-            .await?;
+        let r = self.client.get(format!("{}/v1/operator", self.base)).send().await?;
         Ok(Self::check(r).await?.json().await?)
     }
 
     /// The operator's signed binding of `device` (also when revoked).
-    pub async fn binding(
-        &self,
-        device: &DeviceId,
-    ) -> Result<proto::identity::SignedBinding, ClientError> {
+    /// Also returns the key the binding is signed with, as our server names
+    /// it (another operator's key for its devices).
+    pub async fn binding(&self, device: &DeviceId) -> Result<(proto::identity::SignedBinding, String), ClientError> {
+        #[derive(Deserialize)]
+        struct B {
+            #[serde(flatten)]
+            signed: proto::identity::SignedBinding,
+            #[serde(default)]
+            operator_key: String,
+        }
         let r = self
             .client
-            .get(format!(
-                "{}/v1/identity/{}",
-                self.base,
-                encode_segment(device.as_str())
-            ))
+            .get(format!("{}/v1/identity/{}", self.base, encode_segment(device.as_str())))
             .bearer_auth(&self.token)
             .send()
             .await?;
-        if r.status() == reqwest::StatusCode::GONE {
-            return Ok(r.json().await?);
-        }
-        Ok(Self::check(r).await?.json().await?)
+        let b: B = if r.status() == reqwest::StatusCode::GONE {
+            r.json().await?
+        } else {
+            Self::check(r).await?.json().await?
+        };
+        Ok((b.signed, b.operator_key))
     }
 
     pub async fn create_group(&self, group_info: Vec<u8>) -> Result<Accepted, ClientError> {
-        Ok(self
-            .post_mls("/v1/groups", group_info, None)
-            .await?
-            .json()
-            .await?)
+        Ok(self.post_mls("/v1/groups", group_info, None).await?.json().await?)
     }
 
-    pub async fn submit(
-        &self,
-        bundle: Vec<u8>,
-        key: Option<&str>,
-    ) -> Result<Accepted, ClientError> {
-        Ok(self
-            .post_mls("/v1/messages", bundle, key)
-            .await?
-            .json()
-            .await?)
+    pub async fn submit(&self, bundle: Vec<u8>, key: Option<&str>) -> Result<Accepted, ClientError> {
+        Ok(self.post_mls("/v1/messages", bundle, key).await?.json().await?)
     }
 
     pub async fn fetch(&self, after: u64, limit: usize) -> Result<Vec<Item>, ClientError> {
@@ -248,24 +208,16 @@ impl Http {
     pub async fn websocket(
         &self,
         after: u64,
-    ) -> Result<
-        tokio_tungstenite::WebSocketStream<
-            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-        >,
-        ClientError,
-    > {
+    ) -> Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, ClientError>
+    {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
         let url = format!("{}/ws?after={after}", self.mailbox_url()).replacen("http", "ws", 1);
-        let mut req = url
-            .into_client_request()
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut req = url.into_client_request().map_err(|e| ClientError::Protocol(e.to_string()))?;
         let auth = format!("Bearer {}", self.token)
             .parse()
             .map_err(|_| ClientError::Protocol("token is not a valid header".into()))?;
         req.headers_mut().insert("authorization", auth);
-        let (ws, _) = tokio_tungstenite::connect_async(req)
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let (ws, _) = tokio_tungstenite::connect_async(req).await.map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok(ws)
     }
 }

@@ -57,10 +57,7 @@ impl ClientError {
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn mls<E: std::fmt::Display>(e: E) -> ClientError {
@@ -166,12 +163,7 @@ fn join_config() -> MlsGroupJoinConfig {
 
 impl Device {
     /// Opens the device stored under `home`, creating it as `id` if new.
-    pub fn open(
-        home: &Path,
-        server: &str,
-        token: &str,
-        id: Option<&DeviceId>,
-    ) -> Result<Self, ClientError> {
+    pub fn open(home: &Path, server: &str, token: &str, id: Option<&DeviceId>) -> Result<Self, ClientError> {
         let store = store::Store::open(home)?;
         let provider = OpenMlsRustCrypto::default();
         store.load_into(provider.storage())?;
@@ -180,11 +172,7 @@ impl Device {
             Some(m) => {
                 if let Some(want) = id {
                     if want.as_str() != m.device {
-                        return Err(ClientError::Protocol(format!(
-                            "{} holds device {}",
-                            home.display(),
-                            m.device
-                        )));
+                        return Err(ClientError::Protocol(format!("{} holds device {}", home.display(), m.device)));
                     }
                 }
                 let signer = SignatureKeyPair::read(
@@ -196,10 +184,8 @@ impl Device {
                 (m, signer)
             }
             None => {
-                let id =
-                    id.ok_or_else(|| ClientError::Protocol("new device needs an id".into()))?;
-                let signer =
-                    SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(mls)?;
+                let id = id.ok_or_else(|| ClientError::Protocol("new device needs an id".into()))?;
+                let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(mls)?;
                 signer.store(provider.storage()).map_err(mls)?;
                 let m = Meta {
                     device: id.to_string(),
@@ -212,10 +198,7 @@ impl Device {
         let id = DeviceId::parse(&meta.device).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let mut groups = BTreeMap::new();
         for g in meta.groups.keys() {
-            if let Some(group) =
-                MlsGroup::load(provider.storage(), &GroupId::from_slice(g.as_bytes()))
-                    .map_err(mls)?
-            {
+            if let Some(group) = MlsGroup::load(provider.storage(), &GroupId::from_slice(g.as_bytes())).map_err(mls)? {
                 groups.insert(g.clone(), group);
             }
         }
@@ -260,30 +243,22 @@ impl Device {
     }
 
     /// Builds and uploads `count` one-time KeyPackages, plus a last-resort one.
-    pub async fn publish_key_packages(
-        &mut self,
-        count: usize,
-        last_resort: bool,
-    ) -> Result<(), ClientError> {
+    pub async fn publish_key_packages(&mut self, count: usize, last_resort: bool) -> Result<(), ClientError> {
         let mut body = Vec::new();
         for i in 0..count + usize::from(last_resort) {
             let mut b = KeyPackage::builder();
             if i == count {
                 // A last-resort extension must also be declared in the leaf
                 // capabilities, or receivers reject the KeyPackage.
-                b = b
-                    .mark_as_last_resort()
-                    .leaf_node_capabilities(Capabilities::new(
-                        None,
-                        None,
-                        Some(&[ExtensionType::LastResort]),
-                        None,
-                        None,
-                    ));
+                b = b.mark_as_last_resort().leaf_node_capabilities(Capabilities::new(
+                    None,
+                    None,
+                    Some(&[ExtensionType::LastResort]),
+                    None,
+                    None,
+                ));
             }
-            let kpb = b
-                .build(CIPHERSUITE, &self.provider, &self.signer, self.credential())
-                .map_err(mls)?;
+            let kpb = b.build(CIPHERSUITE, &self.provider, &self.signer, self.credential()).map_err(mls)?;
             let out: MlsMessageOut = kpb.key_package().clone().into();
             body.extend(out.tls_serialize_detached().map_err(mls)?);
         }
@@ -294,8 +269,7 @@ impl Device {
 
     /// Creates a group hosted by this device's operator.
     pub async fn create_group(&mut self, room: &str) -> Result<String, ClientError> {
-        let gid = proto::GroupId::new(self.id.domain(), room)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let gid = proto::GroupId::new(self.id.domain(), room).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let group = MlsGroup::new_with_group_id(
             &self.provider,
             &self.signer,
@@ -304,9 +278,7 @@ impl Device {
             self.credential(),
         )
         .map_err(mls)?;
-        let gi = group
-            .export_group_info(self.provider.crypto(), &self.signer, true)
-            .map_err(mls)?;
+        let gi = group.export_group_info(self.provider.crypto(), &self.signer, true).map_err(mls)?;
         let bytes = gi.tls_serialize_detached().map_err(mls)?;
         let accepted = self.http.create_group(bytes).await?;
         self.meta.groups.insert(gid.to_string(), accepted.position);
@@ -317,13 +289,8 @@ impl Device {
 
     /// Drops a Commit the hub refused, so the group can build another.
     pub fn discard_pending(&mut self, g: &str) -> Result<(), ClientError> {
-        let group = self
-            .groups
-            .get_mut(g)
-            .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
-        group
-            .clear_pending_commit(self.provider.storage())
-            .map_err(mls)?;
+        let group = self.groups.get_mut(g).ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
+        group.clear_pending_commit(self.provider.storage()).map_err(mls)?;
         self.persist()
     }
 
@@ -332,20 +299,14 @@ impl Device {
     }
 
     pub fn epoch_authenticator(&self, g: &str) -> Option<Vec<u8>> {
-        self.groups
-            .get(g)
-            .map(|x| x.epoch_authenticator().as_slice().to_vec())
+        self.groups.get(g).map(|x| x.epoch_authenticator().as_slice().to_vec())
     }
 
     pub fn members(&self, g: &str) -> Vec<String> {
         self.groups
             .get(g)
             .map(|x| {
-                x.members()
-                    .map(|m| {
-                        String::from_utf8_lossy(m.credential.serialized_content()).into_owned()
-                    })
-                    .collect()
+                x.members().map(|m| String::from_utf8_lossy(m.credential.serialized_content()).into_owned()).collect()
             })
             .unwrap_or_default()
     }
@@ -359,33 +320,18 @@ impl Device {
         let mut out = Vec::new();
         for u in users {
             for c in self.http.claim(u).await? {
-                let bytes = B64
-                    .decode(&c.key_package)
-                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
-                let kp = match MlsMessageIn::tls_deserialize_exact(&bytes)
-                    .map_err(mls)?
-                    .extract()
-                {
-                    MlsMessageBodyIn::KeyPackage(k) => k
-                        .validate(self.provider.crypto(), ProtocolVersion::Mls10)
-                        .map_err(mls)?,
-                    _ => {
-                        return Err(ClientError::Protocol(
-                            "claim returned a non-KeyPackage".into(),
-                        ))
+                let bytes = B64.decode(&c.key_package).map_err(|e| ClientError::Protocol(e.to_string()))?;
+                let kp = match MlsMessageIn::tls_deserialize_exact(&bytes).map_err(mls)?.extract() {
+                    MlsMessageBodyIn::KeyPackage(k) => {
+                        k.validate(self.provider.crypto(), ProtocolVersion::Mls10).map_err(mls)?
                     }
+                    _ => return Err(ClientError::Protocol("claim returned a non-KeyPackage".into())),
                 };
                 if kp.leaf_node().credential().serialized_content() != c.device.as_bytes() {
-                    return Err(ClientError::Protocol(
-                        "claimed KeyPackage is not for the device named".into(),
-                    ));
+                    return Err(ClientError::Protocol("claimed KeyPackage is not for the device named".into()));
                 }
                 let leaf = kp.leaf_node();
-                self.verify_member(
-                    leaf.credential().serialized_content(),
-                    leaf.signature_key().as_slice(),
-                )
-                .await?;
+                self.verify_member(leaf.credential().serialized_content(), leaf.signature_key().as_slice()).await?;
                 out.push(kp);
             }
         }
@@ -395,8 +341,7 @@ impl Device {
     /// Adds every device of `users` in one Commit (with its Welcome).
     pub async fn add(&mut self, g: &str, users: &[UserId]) -> Result<(), ClientError> {
         let kps = self.claim(users).await?;
-        self.commit_with_retry(g, |d, g| d.prepare_add(g, &kps))
-            .await
+        self.commit_with_retry(g, |d, g| d.prepare_add(g, &kps)).await
     }
 
     /// Rotates this device's leaf (RFC 9420 §12.4, a Commit with an UpdatePath).
@@ -408,18 +353,13 @@ impl Device {
     pub async fn remove(&mut self, g: &str, device: &DeviceId) -> Result<(), ClientError> {
         self.commit_with_retry(g, |d, g| {
             let (provider, signer) = (&d.provider, &d.signer);
-            let group = d
-                .groups
-                .get_mut(g)
-                .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
+            let group = d.groups.get_mut(g).ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
             let idx = group
                 .members()
                 .find(|m| m.credential.serialized_content() == device.as_bytes())
                 .map(|m| m.index)
                 .ok_or_else(|| ClientError::Protocol(format!("{device} is not a member")))?;
-            let (commit, _, _) = group
-                .remove_members(provider, signer, &[idx])
-                .map_err(mls)?;
+            let (commit, _, _) = group.remove_members(provider, signer, &[idx]).map_err(mls)?;
             commit.tls_serialize_detached().map_err(mls)
         })
         .await
@@ -449,18 +389,12 @@ impl Device {
                 }
             }
         }
-        Err(ClientError::Protocol(
-            "gave up after repeated wrong_epoch".into(),
-        ))
+        Err(ClientError::Protocol("gave up after repeated wrong_epoch".into()))
     }
 
     /// Submits a Commit built elsewhere (tests use this to race two Commits)
     /// without syncing afterwards. On refusal the pending Commit is cleared.
-    pub async fn submit_pending(
-        &mut self,
-        g: &str,
-        body: Vec<u8>,
-    ) -> Result<Accepted, ClientError> {
+    pub async fn submit_pending(&mut self, g: &str, body: Vec<u8>) -> Result<Accepted, ClientError> {
         match self.http.submit(body, None).await {
             Ok(a) => Ok(a),
             Err(e) => {
@@ -473,13 +407,8 @@ impl Device {
     /// Prepares a self-update Commit without sending it (for races in tests).
     pub fn prepare_update(&mut self, g: &str) -> Result<Vec<u8>, ClientError> {
         let (provider, signer) = (&self.provider, &self.signer);
-        let group = self
-            .groups
-            .get_mut(g)
-            .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
-        let bundle = group
-            .self_update(provider, signer, LeafNodeParameters::default())
-            .map_err(mls)?;
+        let group = self.groups.get_mut(g).ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
+        let bundle = group.self_update(provider, signer, LeafNodeParameters::default()).map_err(mls)?;
         let body = bundle.commit().tls_serialize_detached().map_err(mls)?;
         self.persist()?;
         Ok(body)
@@ -489,20 +418,13 @@ impl Device {
     pub async fn send(&mut self, g: &str, text: &str) -> Result<u64, ClientError> {
         for _ in 0..EPOCH_RETRIES {
             let (provider, signer) = (&self.provider, &self.signer);
-            let group = self
-                .groups
-                .get_mut(g)
-                .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
-            let out = group
-                .create_message(provider, signer, text.as_bytes())
-                .map_err(mls)?;
+            let group = self.groups.get_mut(g).ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
+            let out = group.create_message(provider, signer, text.as_bytes()).map_err(mls)?;
             let body = out.tls_serialize_detached().map_err(mls)?;
             self.persist()?;
             match self.http.submit(body, None).await {
                 Ok(a) => {
-                    self.meta
-                        .sent
-                        .insert(format!("{g} {}", a.position), text.to_owned());
+                    self.meta.sent.insert(format!("{g} {}", a.position), text.to_owned());
                     self.persist()?;
                     return Ok(a.position);
                 }
@@ -512,28 +434,19 @@ impl Device {
                 Err(e) => return Err(e),
             }
         }
-        Err(ClientError::Protocol(
-            "gave up after repeated wrong_epoch".into(),
-        ))
+        Err(ClientError::Protocol("gave up after repeated wrong_epoch".into()))
     }
 
     /// Syncs until the group has applied `position` (bounded).
     async fn sync_until(&mut self, g: &str, position: u64) -> Result<(), ClientError> {
         for i in 0..200u32 {
             self.catch_up().await?;
-            if self.meta.groups.get(g).copied().unwrap_or(0) >= position
-                || !self.groups.contains_key(g)
-            {
+            if self.meta.groups.get(g).copied().unwrap_or(0) >= position || !self.groups.contains_key(g) {
                 return Ok(());
             }
-            tokio::time::sleep(std::time::Duration::from_millis(
-                10 + 5 * u64::from(i.min(20)),
-            ))
-            .await;
+            tokio::time::sleep(std::time::Duration::from_millis(10 + 5 * u64::from(i.min(20)))).await;
         }
-        Err(ClientError::Protocol(format!(
-            "position {position} of {g} did not arrive"
-        )))
+        Err(ClientError::Protocol(format!("position {position} of {g} did not arrive")))
     }
 
     /// Fetches and applies everything in the mailbox, then acks it. Returns
@@ -567,18 +480,12 @@ impl Device {
     /// Checks a member's credential and signature key against the binding
     /// its operator signed, fetched through our own server.
     pub async fn verify_member(&mut self, identity: &[u8], key: &[u8]) -> Result<(), ClientError> {
-        let device = DeviceId::from_credential_identity(identity).map_err(|e| {
-            ClientError::Identity(format!("member identity is not a device id: {e}"))
-        })?;
+        let device = DeviceId::from_credential_identity(identity)
+            .map_err(|e| ClientError::Identity(format!("member identity is not a device id: {e}")))?;
         if self.verified.get(device.as_str()).is_some_and(|k| k == key) {
             return Ok(());
         }
-        if device.domain() != self.id.domain() {
-            return Err(ClientError::Identity(format!(
-                "{device}: bindings of other operators need federation"
-            )));
-        }
-        let operator_key = match &self.operator_key {
+        let our_key = match &self.operator_key {
             Some(k) => k.clone(),
             None => {
                 let op = self.http.operator().await?;
@@ -591,13 +498,16 @@ impl Device {
                 k
             }
         };
-        let signed = match self.http.binding(&device).await {
+        let (signed, named_key) = match self.http.binding(&device).await {
             Ok(s) => s,
             Err(ClientError::Api(e)) if e.code == ErrorCode::UnknownDevice => {
                 return Err(ClientError::Identity(format!("{device}: no binding")))
             }
             Err(e) => return Err(e),
         };
+        // Our own devices are vouched for by our operator's key; another
+        // operator's by the key our server holds for that peer.
+        let operator_key = if device.domain() == self.id.domain() { our_key } else { named_key };
         signed
             .check(&operator_key, &device, key, unix_now())
             .map_err(|e| ClientError::Identity(format!("{device}: {e}")))?;
@@ -612,48 +522,27 @@ impl Device {
         }
         self.meta.cursor = item.seq;
         if item.kind == "notice" {
-            let n: Option<proto::wire::Notice> = item
-                .notice
-                .clone()
-                .and_then(|v| serde_json::from_value(v).ok());
+            let n: Option<proto::wire::Notice> = item.notice.clone().and_then(|v| serde_json::from_value(v).ok());
             return Ok(n.map(|n| match n {
-                proto::wire::Notice::KeyPackagesLow {
-                    cipher_suite,
-                    remaining,
-                } => Event::KeyPackagesLow {
-                    cipher_suite,
-                    remaining,
-                },
+                proto::wire::Notice::KeyPackagesLow { cipher_suite, remaining } => {
+                    Event::KeyPackagesLow { cipher_suite, remaining }
+                }
             }));
         }
         let Some(g) = item.group.clone() else {
             return Ok(None);
         };
         let bytes = item.bytes()?;
-        let fail = |reason: String| {
-            Ok(Some(Event::Failed {
-                group: g.clone(),
-                position: item.position,
-                reason,
-            }))
-        };
+        let fail = |reason: String| Ok(Some(Event::Failed { group: g.clone(), position: item.position, reason }));
         if item.kind == "welcome" {
             if self.groups.contains_key(&g) {
                 return Ok(None);
             }
-            let welcome = match MlsMessageIn::tls_deserialize_exact(&bytes)
-                .map_err(mls)?
-                .extract()
-            {
+            let welcome = match MlsMessageIn::tls_deserialize_exact(&bytes).map_err(mls)?.extract() {
                 MlsMessageBodyIn::Welcome(w) => w,
                 _ => return fail("welcome item is not a Welcome".into()),
             };
-            let staged = match StagedWelcome::new_from_welcome(
-                &self.provider,
-                &join_config(),
-                welcome,
-                None,
-            ) {
+            let staged = match StagedWelcome::new_from_welcome(&self.provider, &join_config(), welcome, None) {
                 Ok(s) => s,
                 Err(e) => return fail(format!("cannot process Welcome: {e}")),
             };
@@ -674,11 +563,7 @@ impl Device {
             let epoch = group.epoch().as_u64();
             self.groups.insert(g.clone(), group);
             self.meta.groups.insert(g.clone(), item.position);
-            return Ok(Some(Event::Joined {
-                group: g,
-                position: item.position,
-                epoch,
-            }));
+            return Ok(Some(Event::Joined { group: g, position: item.position, epoch }));
         }
         let applied = self.meta.groups.get(&g).copied();
         match applied {
@@ -688,27 +573,14 @@ impl Device {
         }
         self.meta.groups.insert(g.clone(), item.position);
         if item.kind == "application" && item.own {
-            let text = self
-                .meta
-                .sent
-                .remove(&format!("{g} {}", item.position))
-                .unwrap_or_default();
+            let text = self.meta.sent.remove(&format!("{g} {}", item.position)).unwrap_or_default();
             let sender = self.id.to_string();
-            return Ok(Some(Event::Message {
-                group: g,
-                position: item.position,
-                sender,
-                text,
-                own: true,
-            }));
+            return Ok(Some(Event::Message { group: g, position: item.position, sender, text, own: true }));
         }
         let Some(group) = self.groups.get_mut(&g) else {
             return Ok(None);
         };
-        let pm = match MlsMessageIn::tls_deserialize_exact(&bytes)
-            .map_err(mls)?
-            .try_into_protocol_message()
-        {
+        let pm = match MlsMessageIn::tls_deserialize_exact(&bytes).map_err(mls)?.try_into_protocol_message() {
             Ok(pm) => pm,
             Err(e) => return fail(format!("not a protocol message: {e}")),
         };
@@ -716,8 +588,7 @@ impl Device {
             Ok(p) => p,
             Err(e) => return fail(format!("cannot process: {e}")),
         };
-        let sender =
-            String::from_utf8_lossy(processed.credential().serialized_content()).into_owned();
+        let sender = String::from_utf8_lossy(processed.credential().serialized_content()).into_owned();
         let position = item.position;
         let event = match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(a) => Event::Message {
@@ -729,35 +600,21 @@ impl Device {
             },
             ProcessedMessageContent::OwnPendingCommit => {
                 group.merge_pending_commit(&self.provider).map_err(mls)?;
-                Event::Commit {
-                    group: g,
-                    position,
-                    epoch: group.epoch().as_u64(),
-                    own: true,
-                }
+                Event::Commit { group: g, position, epoch: group.epoch().as_u64(), own: true }
             }
             ProcessedMessageContent::StagedCommitMessage(sc) => {
                 let removed = sc.self_removed();
-                group
-                    .merge_staged_commit(&self.provider, *sc)
-                    .map_err(mls)?;
+                group.merge_staged_commit(&self.provider, *sc).map_err(mls)?;
                 if removed {
                     self.groups.remove(&g);
                     self.meta.groups.remove(&g);
                     Event::Removed { group: g, position }
                 } else {
-                    Event::Commit {
-                        group: g,
-                        position,
-                        epoch: group.epoch().as_u64(),
-                        own: false,
-                    }
+                    Event::Commit { group: g, position, epoch: group.epoch().as_u64(), own: false }
                 }
             }
             ProcessedMessageContent::ProposalMessage(p) => {
-                group
-                    .store_pending_proposal(self.provider.storage(), *p)
-                    .map_err(mls)?;
+                group.store_pending_proposal(self.provider.storage(), *p).map_err(mls)?;
                 Event::Proposal { group: g, position }
             }
             other => return fail(format!("unexpected content {other:?}")),
@@ -771,10 +628,7 @@ impl Device {
     /// pre-encrypt so that they measure the server).
     pub fn encrypt_for_bench(&mut self, g: &str, text: &[u8]) -> Result<Vec<u8>, ClientError> {
         let (provider, signer) = (&self.provider, &self.signer);
-        let group = self
-            .groups
-            .get_mut(g)
-            .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
+        let group = self.groups.get_mut(g).ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
         let out = group.create_message(provider, signer, text).map_err(mls)?;
         let bytes = out.tls_serialize_detached().map_err(mls)?;
         // The ratchet advanced: persist it, or a reopened device would reuse
@@ -788,10 +642,7 @@ impl Device {
     /// Prepares a Commit adding `kps` without sending it (for races in tests).
     pub fn prepare_add(&mut self, g: &str, kps: &[KeyPackage]) -> Result<Vec<u8>, ClientError> {
         let (provider, signer) = (&self.provider, &self.signer);
-        let group = self
-            .groups
-            .get_mut(g)
-            .ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
+        let group = self.groups.get_mut(g).ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
         let (commit, welcome, _) = group.add_members(provider, signer, kps).map_err(mls)?;
         let mut body = commit.tls_serialize_detached().map_err(mls)?;
         body.extend(welcome.tls_serialize_detached().map_err(mls)?);

@@ -24,10 +24,7 @@ impl Store {
     }
 
     pub fn load_into(&self, storage: &MemoryStorage) -> Result<(), ClientError> {
-        let mut map = storage
-            .values
-            .write()
-            .map_err(|_| ClientError::Protocol("poisoned store".into()))?;
+        let mut map = storage.values.write().map_err(|_| ClientError::Protocol("poisoned store".into()))?;
         for kv in self.mls.iter() {
             let (k, v) = kv?;
             map.insert(k.to_vec(), v.to_vec());
@@ -37,18 +34,13 @@ impl Store {
 
     pub fn meta(&self) -> Result<Option<Meta>, ClientError> {
         match self.db.get(META)? {
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| ClientError::Protocol(e.to_string())),
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| ClientError::Protocol(e.to_string())),
             None => Ok(None),
         }
     }
 
     pub fn save(&self, storage: &MemoryStorage, meta: &Meta) -> Result<(), ClientError> {
-        let map = storage
-            .values
-            .read()
-            .map_err(|_| ClientError::Protocol("poisoned store".into()))?;
+        let map = storage.values.read().map_err(|_| ClientError::Protocol("poisoned store".into()))?;
         let mut batch = sled::Batch::default();
         for kv in self.mls.iter() {
             let (k, v) = kv?;

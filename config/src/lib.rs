@@ -13,15 +13,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum LoadConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("environment variable {name} is not valid: {reason}")]
     Env { name: &'static str, reason: String },
     #[error("config is not valid: {0}")]
@@ -52,6 +46,50 @@ pub struct Config {
     pub limits: Limits,
     pub streams: Streams,
     pub keydir: Keydir,
+    pub federation: Federation,
+    /// Peer operators we federate with (static; discovery is out of scope).
+    pub peers: Vec<Peer>,
+}
+
+/// One peer operator.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub domain: String,
+    /// The peer's NATS, where we publish into its inbound stream. Credentials
+    /// there allow only our own inbound subject (docs/federation.md).
+    pub nats_url: String,
+    /// Optional NATS user credentials for the peer's server.
+    #[serde(default)]
+    pub nats_user: String,
+    #[serde(default)]
+    pub nats_password: String,
+    /// The peer's Ed25519 operator key (base64), which signs its envelopes
+    /// and its identity bindings.
+    pub public_key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Federation {
+    /// How long our outbox keeps messages for an unreachable peer: the
+    /// outage we tolerate. Beyond it the peer needs a resync.
+    pub outbox_max_age_secs: u64,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Timeout of a request to a peer (claims, identity lookups).
+    pub request_timeout_ms: u64,
+}
+
+impl Default for Federation {
+    fn default() -> Self {
+        Self {
+            outbox_max_age_secs: 14 * 86_400,
+            backoff_initial_ms: 200,
+            backoff_max_ms: 60_000,
+            request_timeout_ms: 5_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,17 +160,15 @@ impl Default for Config {
             limits: Limits::default(),
             streams: Streams::default(),
             keydir: Keydir::default(),
+            federation: Federation::default(),
+            peers: Vec::new(),
         }
     }
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_body_bytes: 1 << 20,
-            submit_timeout_ms: 10_000,
-            max_fetch: 256,
-        }
+        Self { max_body_bytes: 1 << 20, submit_timeout_ms: 10_000, max_fetch: 256 }
     }
 }
 
@@ -192,14 +228,9 @@ impl Config {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, LoadConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| LoadConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| LoadConfigError::Parse {
-            path: path.into(),
-            source,
-        })
+        let text =
+            std::fs::read_to_string(path).map_err(|source| LoadConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|source| LoadConfigError::Parse { path: path.into(), source })
     }
 
     fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), LoadConfigError> {
@@ -222,10 +253,9 @@ impl Config {
             self.token_secret = v;
         }
         if let Some(v) = get("MLSFED_MAX_BODY_BYTES") {
-            self.limits.max_body_bytes = v.parse().map_err(|e| LoadConfigError::Env {
-                name: "MLSFED_MAX_BODY_BYTES",
-                reason: format!("{e}"),
-            })?;
+            self.limits.max_body_bytes = v
+                .parse()
+                .map_err(|e| LoadConfigError::Env { name: "MLSFED_MAX_BODY_BYTES", reason: format!("{e}") })?;
         }
         Ok(())
     }
@@ -234,22 +264,19 @@ impl Config {
         if proto_like_domain(&self.domain) {
             Ok(())
         } else {
-            Err(LoadConfigError::Invalid(format!(
-                "domain {:?} is not a lowercase DNS name",
-                self.domain
-            )))
+            Err(LoadConfigError::Invalid(format!("domain {:?} is not a lowercase DNS name", self.domain)))
         }?;
         if self.token_secret.len() < 8 {
-            return Err(LoadConfigError::Invalid(
-                "token_secret must be at least 8 bytes".into(),
-            ));
+            return Err(LoadConfigError::Invalid("token_secret must be at least 8 bytes".into()));
         }
         if self.limits.max_body_bytes < 1024 {
-            return Err(LoadConfigError::Invalid(
-                "limits.max_body_bytes must be at least 1024".into(),
-            ));
+            return Err(LoadConfigError::Invalid("limits.max_body_bytes must be at least 1024".into()));
         }
         Ok(())
+    }
+
+    pub fn peer(&self, domain: &str) -> Option<&Peer> {
+        self.peers.iter().find(|p| p.domain == domain)
     }
 
     /// The operator's Ed25519 seed for identity bindings.
@@ -264,9 +291,7 @@ impl Config {
         hex::decode(&self.operator_key_seed)
             .ok()
             .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| {
-                LoadConfigError::Invalid("operator_key_seed must be 64 hex characters".into())
-            })
+            .ok_or_else(|| LoadConfigError::Invalid("operator_key_seed must be 64 hex characters".into()))
     }
 
     /// The embedded nats-server's directory.
@@ -282,11 +307,8 @@ impl Config {
 
 fn proto_like_domain(d: &str) -> bool {
     !d.is_empty()
-        && d.split('.').all(|l| {
-            !l.is_empty()
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        })
+        && d.split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
 }
 
 #[cfg(test)]
@@ -296,16 +318,14 @@ mod tests {
     #[test]
     fn env_overrides_and_validation() {
         let mut c = Config::default();
-        c.apply_env(|k| (k == "MLSFED_DOMAIN").then(|| "b.example".to_string()))
-            .unwrap();
+        c.apply_env(|k| (k == "MLSFED_DOMAIN").then(|| "b.example".to_string())).unwrap();
         assert_eq!(c.domain, "b.example");
         assert!(c.validate().is_ok());
         c.domain = "Bad Domain".into();
         assert!(c.validate().is_err());
         let e = c.apply_env(|k| (k == "MLSFED_MAX_BODY_BYTES").then(|| "x".to_string()));
         assert!(matches!(e, Err(LoadConfigError::Env { .. })));
-        let parsed: Config =
-            toml::from_str("domain = \"c.example\"\n[limits]\nmax_body_bytes = 2048\n").unwrap();
+        let parsed: Config = toml::from_str("domain = \"c.example\"\n[limits]\nmax_body_bytes = 2048\n").unwrap();
         assert_eq!(parsed.limits.max_body_bytes, 2048);
         assert!(toml::from_str::<Config>("nonsense = 1").is_err());
     }

@@ -16,6 +16,7 @@ use async_nats::jetstream::{self, kv, message::PublishMessage, AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use proto::federation::Payload;
 use proto::streams::Topology;
 use proto::wire::{EntryKind, LogEntry, MailboxItem};
 use proto::{names, DeviceId, GroupId};
@@ -36,6 +37,7 @@ pub struct Metrics {
     pub delivered: IntCounterVec,
     pub entries: IntCounter,
     pub out_of_order_waits: IntCounter,
+    pub forwarded: IntCounter,
     pub lag_seconds: Histogram,
 }
 
@@ -43,32 +45,28 @@ impl Metrics {
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let m = Self {
             delivered: IntCounterVec::new(
-                Opts::new(
-                    "mlsfed_fanout_delivered_total",
-                    "Mailbox items written, by kind.",
-                ),
+                Opts::new("mlsfed_fanout_delivered_total", "Mailbox items written, by kind."),
                 &["kind"],
             )?,
-            entries: IntCounter::new(
-                "mlsfed_fanout_entries_total",
-                "LOG entries fully fanned out.",
-            )?,
+            entries: IntCounter::new("mlsfed_fanout_entries_total", "LOG entries fully fanned out.")?,
             out_of_order_waits: IntCounter::new(
                 "mlsfed_fanout_order_waits_total",
                 "Entries held back because their predecessor was not yet delivered.",
             )?,
+            forwarded: IntCounter::new(
+                "mlsfed_fanout_forwarded_total",
+                "Entries handed to a peer operator's outbox (one per peer with members).",
+            )?,
             lag_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "mlsfed_fanout_lag_seconds",
-                    "Time from LOG append to mailbox delivery.",
-                )
-                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 18)?),
+                HistogramOpts::new("mlsfed_fanout_lag_seconds", "Time from LOG append to mailbox delivery.")
+                    .buckets(prometheus::exponential_buckets(0.0005, 2.0, 18)?),
             )?,
         };
         registry.register(Box::new(m.delivered.clone()))?;
         registry.register(Box::new(m.entries.clone()))?;
         registry.register(Box::new(m.out_of_order_waits.clone()))?;
         registry.register(Box::new(m.lag_seconds.clone()))?;
+        registry.register(Box::new(m.forwarded.clone()))?;
         Ok(m)
     }
 }
@@ -80,7 +78,17 @@ pub struct Fanout {
     /// This worker's last known cursor per group (position, KV revision):
     /// saves the KV read while one worker streams a group. A stale entry
     /// only costs a failed compare-and-set or a wait, never a wrong delivery.
-    cursors: HashMap<GroupId, (u64, u64)>,
+    cursors: HashMap<GroupId, (Cursor, u64)>,
+}
+
+/// A group's fan-out progress (KV `mlsfed_fanout`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct Cursor {
+    /// The last position delivered to every local mailbox.
+    done: u64,
+    /// At the hub: per peer domain, the last position handed to it.
+    #[serde(default)]
+    peers: std::collections::BTreeMap<String, u64>,
 }
 
 /// Cursors kept before the cache is cleared.
@@ -93,12 +101,7 @@ enum Step {
 
 impl Fanout {
     pub fn new(topo: Topology, domain: String, metrics: Metrics) -> Self {
-        Self {
-            topo,
-            domain,
-            metrics,
-            cursors: HashMap::new(),
-        }
+        Self { topo, domain, metrics, cursors: HashMap::new() }
     }
 
     pub async fn run(
@@ -106,10 +109,7 @@ impl Fanout {
         consumer: jetstream::consumer::PullConsumer,
         shutdown: CancellationToken,
     ) -> Result<(), RunFanoutError> {
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| RunFanoutError::Consume(e.to_string()))?;
+        let mut messages = consumer.messages().await.map_err(|e| RunFanoutError::Consume(e.to_string()))?;
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -136,9 +136,7 @@ impl Fanout {
                 Ok(Step::Done) => {
                     if let Ok(info) = msg.info() {
                         let age = time::OffsetDateTime::now_utc() - info.published;
-                        self.metrics
-                            .lag_seconds
-                            .observe(age.as_seconds_f64().max(0.0));
+                        self.metrics.lag_seconds.observe(age.as_seconds_f64().max(0.0));
                     }
                     if let Err(e) = msg.double_ack().await {
                         tracing::warn!(error = %e, "ack failed; entry will be redelivered and deduplicated");
@@ -150,9 +148,7 @@ impl Fanout {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "fanout failed; retrying later");
-                    let _ = msg
-                        .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
-                        .await;
+                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
                 }
             }
         }
@@ -160,26 +156,21 @@ impl Fanout {
 
     async fn deliver(&mut self, group: &GroupId, entry: &LogEntry) -> Result<Step, String> {
         let key = names::group_key(group);
-        let (done, revision) = match self.cursors.get(group) {
-            Some(c) if c.0 + 1 == entry.position => *c,
+        let (mut cursor, revision) = match self.cursors.get(group) {
+            Some((c, rev)) if c.done == entry.prev_position => (c.clone(), *rev),
             _ => {
-                let cursor = self
-                    .topo
-                    .fanout
-                    .entry(key.as_str())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                match &cursor {
-                    Some(e) => (parse_u64(&e.value), e.revision),
-                    None => (0, 0),
+                let stored = self.topo.fanout.entry(key.as_str()).await.map_err(|e| e.to_string())?;
+                match &stored {
+                    Some(e) => (serde_json::from_slice(&e.value).unwrap_or_default(), e.revision),
+                    None => (Cursor::default(), 0),
                 }
             }
         };
-        if entry.position <= done {
-            tracing::debug!(position = entry.position, done, "already delivered");
+        if entry.position <= cursor.done {
+            tracing::debug!(position = entry.position, done = cursor.done, "already delivered");
             return Ok(Step::Done);
         }
-        if entry.position != done + 1 {
+        if entry.prev_position != cursor.done {
             self.cursors.remove(group);
             return Ok(Step::NotYet);
         }
@@ -214,36 +205,47 @@ impl Fanout {
             }
         }
         self.put_all(group, entry.position, &items).await?;
-        let value = Bytes::from(entry.position.to_string());
+        if let Some(w) = &entry.welcome {
+            if entry.welcome_recipients.iter().any(local) {
+                // The key directory settles the reservations of the
+                // KeyPackages this Welcome used (best effort: an unsettled
+                // one only returns to its pool after the reservation time).
+                if let Ok(refs) = proto::mls::welcome_recipients(w) {
+                    let _ = self
+                        .topo
+                        .js
+                        .client()
+                        .publish(names::KEYDIR_CONSUMED_SUBJECT, Bytes::from(proto::wire::encode(&refs)))
+                        .await;
+                }
+            }
+        }
+        // At the hub: hand the entry to each peer operator with members in
+        // it, once per peer however many of its devices are members.
+        if group.hub() == self.domain {
+            self.forward(entry, &mut cursor).await?;
+        }
+        cursor.done = entry.position;
+        let value = Bytes::from(serde_json::to_vec(&cursor).map_err(|e| e.to_string())?);
         let moved = if revision == 0 {
             self.topo
                 .fanout
                 .create(key.as_str(), value)
                 .await
-                .map_err(|e| {
-                    (
-                        e.kind() == kv::CreateErrorKind::AlreadyExists,
-                        e.to_string(),
-                    )
-                })
+                .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string()))
         } else {
             self.topo
                 .fanout
                 .update(key.as_str(), value, revision)
                 .await
-                .map_err(|e| {
-                    (
-                        e.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                        e.to_string(),
-                    )
-                })
+                .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string()))
         };
         match moved {
             Ok(rev) => {
                 if self.cursors.len() > MAX_CURSORS {
                     self.cursors.clear();
                 }
-                self.cursors.insert(group.clone(), (entry.position, rev));
+                self.cursors.insert(group.clone(), (cursor, rev));
             }
             // Another worker delivered the same entry concurrently (a
             // redelivery race); the mailbox dedup made that harmless.
@@ -257,43 +259,63 @@ impl Fanout {
         Ok(Step::Done)
     }
 
+    /// Puts one Deliver record per peer domain with recipients into our
+    /// outbox; the bridge signs and sends it.
+    async fn forward(&self, entry: &LogEntry, cursor: &mut Cursor) -> Result<(), String> {
+        let mut peers: Vec<&str> = entry
+            .recipients
+            .iter()
+            .chain(entry.welcome_recipients.iter())
+            .map(|d| d.domain())
+            .filter(|d| *d != self.domain)
+            .collect();
+        peers.sort_unstable();
+        peers.dedup();
+        let mut acks = Vec::new();
+        for peer in peers {
+            let mine = |ds: &[DeviceId]| ds.iter().filter(|d| d.domain() == peer).cloned().collect::<Vec<_>>();
+            let welcome_recipients = mine(&entry.welcome_recipients);
+            let part = LogEntry {
+                prev_position: cursor.peers.get(peer).copied().unwrap_or(0),
+                recipients: mine(&entry.recipients),
+                welcome: if welcome_recipients.is_empty() { None } else { entry.welcome.clone() },
+                welcome_recipients,
+                ..entry.clone()
+            };
+            let id =
+                names::fed_msg_id("deliver", &[entry.group.as_bytes(), &entry.position.to_be_bytes(), peer.as_bytes()]);
+            let publish = PublishMessage::build()
+                .payload(Bytes::from(proto::wire::encode(&Payload::Deliver(part))))
+                .message_id(id);
+            let ack =
+                self.topo.js.send_publish(names::fed_out_subject(peer), publish).await.map_err(|e| e.to_string())?;
+            acks.push(ack);
+            cursor.peers.insert(peer.to_owned(), entry.position);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| e.to_string())?;
+            self.metrics.forwarded.inc();
+        }
+        Ok(())
+    }
+
     /// Publishes every item, then waits for all the acks: one round trip
     /// per entry rather than one per recipient.
-    async fn put_all(
-        &self,
-        group: &GroupId,
-        position: u64,
-        items: &[(&DeviceId, MailboxItem)],
-    ) -> Result<(), String> {
+    async fn put_all(&self, group: &GroupId, position: u64, items: &[(&DeviceId, MailboxItem)]) -> Result<(), String> {
         let mut acks = Vec::with_capacity(items.len());
         for (d, item) in items {
             let publish = PublishMessage::build()
                 .payload(Bytes::from(proto::wire::encode(item)))
                 .message_id(names::mailbox_msg_id(group, position, d));
-            let ack = self
-                .topo
-                .js
-                .send_publish(names::mailbox_subject(d), publish)
-                .await
-                .map_err(|e| e.to_string())?;
+            let ack = self.topo.js.send_publish(names::mailbox_subject(d), publish).await.map_err(|e| e.to_string())?;
             acks.push((item.kind, ack));
         }
         for (kind, ack) in acks {
             let ack = ack.await.map_err(|e| e.to_string())?;
             if !ack.duplicate {
-                self.metrics
-                    .delivered
-                    .with_label_values(&[kind.as_str()])
-                    .inc();
+                self.metrics.delivered.with_label_values(&[kind.as_str()]).inc();
             }
         }
         Ok(())
     }
-}
-
-fn parse_u64(b: &[u8]) -> u64 {
-    std::str::from_utf8(b)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }

@@ -1,1 +1,521 @@
+//! The federation bridge: the only part of mlsfed that talks to other
+//! operators.
+//!
+//! - **Outbox**: one durable consumer per peer on FED_OUT, one envelope in
+//!   flight, sealed with our Ed25519 key and published into the peer's
+//!   FED_IN over the peer's NATS; our copy is acked only after the peer's
+//!   JetStream acked it (design decision 5). Failures back off exponentially
+//!   with jitter, reset by any inbound contact from that peer.
+//! - **Inbox**: FED_IN envelopes are opened (configured origin, signature,
+//!   destination, version), checked against the per-peer high-water mark, and
+//!   applied: a forwarded submission goes into SUBMIT, a verdict to the
+//!   waiting ingest, a delivery into our LOG for local fan-out.
+//! - **Requests**: key claims and identity lookups go to the peer by NATS
+//!   request/reply, signed both ways, with a timeout.
 #![forbid(unsafe_code)]
+
+mod metrics;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, consumer::pull, kv, message::PublishMessage, AckKind};
+use bytes::Bytes;
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use futures::StreamExt;
+use proto::federation::{self as fed, Envelope, OpenEnvelopeError, Payload, Request, Response, RpcEnvelope};
+use proto::streams::Topology;
+use proto::wire::Verdict;
+use proto::{names, ApiError, ErrorCode};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub use metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunBridgeError {
+    #[error("cannot set up the bridge: {0}")]
+    Setup(String),
+}
+
+struct PeerKeys(HashMap<String, VerifyingKey>);
+
+impl fed::PeerKeys for PeerKeys {
+    fn key_of(&self, domain: &str) -> Option<VerifyingKey> {
+        self.0.get(domain).copied()
+    }
+}
+
+struct Peer {
+    cfg: config::Peer,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// Woken by inbound contact from this peer, to retry at once.
+    contact: Notify,
+}
+
+pub struct Bridge {
+    topo: Topology,
+    us: String,
+    fed: config::Federation,
+    signer: SigningKey,
+    keys: PeerKeys,
+    peers: HashMap<String, Arc<Peer>>,
+    metrics: Metrics,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn reply_error(code: ErrorCode, msg: impl Into<String>) -> Bytes {
+    Bytes::from(proto::wire::encode(&Response::Error(ApiError::new(code, msg))))
+}
+
+/// Why an inbound envelope is refused (metric label).
+enum Refusal {
+    Open(OpenEnvelopeError),
+    SubjectMismatch,
+    SenderNotOrigin,
+    NotHub,
+    NotOurDevices,
+}
+
+impl Refusal {
+    fn label(&self) -> &'static str {
+        match self {
+            Refusal::Open(e) => e.label(),
+            Refusal::SubjectMismatch => "subject_mismatch",
+            Refusal::SenderNotOrigin => "sender_not_origin",
+            Refusal::NotHub => "not_hub",
+            Refusal::NotOurDevices => "not_our_devices",
+        }
+    }
+}
+
+impl Bridge {
+    /// Connects to every configured peer (reconnecting forever in the
+    /// background: an unreachable peer is an outbox that waits).
+    pub async fn new(topo: Topology, cfg: &config::Config, metrics: Metrics) -> Result<Self, RunBridgeError> {
+        let signer =
+            proto::identity::operator_key(&cfg.operator_seed().map_err(|e| RunBridgeError::Setup(e.to_string()))?);
+        let mut keys = HashMap::new();
+        let mut peers = HashMap::new();
+        for p in &cfg.peers {
+            let key = fed::verifying_key(&p.public_key).ok_or_else(|| {
+                RunBridgeError::Setup(format!("peer {}: public_key is not a base64 Ed25519 key", p.domain))
+            })?;
+            keys.insert(p.domain.clone(), key);
+            let mut opts = async_nats::ConnectOptions::new()
+                .retry_on_initial_connect()
+                .max_reconnects(None)
+                .name(format!("mlsfed-bridge {}", cfg.domain));
+            if !p.nats_user.is_empty() {
+                opts = opts.user_and_password(p.nats_user.clone(), p.nats_password.clone());
+            }
+            let client = opts
+                .connect(p.nats_url.as_str())
+                .await
+                .map_err(|e| RunBridgeError::Setup(format!("peer {}: {e}", p.domain)))?;
+            let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(client.clone());
+            peers.insert(p.domain.clone(), Arc::new(Peer { cfg: p.clone(), client, js, contact: Notify::new() }));
+        }
+        Ok(Self {
+            topo,
+            us: cfg.domain.clone(),
+            fed: cfg.federation.clone(),
+            signer,
+            keys: PeerKeys(keys),
+            peers,
+            metrics,
+        })
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RunBridgeError> {
+        let me = Arc::new(self);
+        let mut tasks = tokio::task::JoinSet::new();
+        for peer in me.peers.values() {
+            tasks.spawn(me.clone().outbox(peer.clone(), shutdown.clone()));
+        }
+        tasks.spawn(me.clone().inbox(shutdown.clone()));
+        tasks.spawn(me.clone().serve_peer_requests(shutdown.clone()));
+        tasks.spawn(me.clone().serve_our_requests(shutdown.clone()));
+        let first = tasks.join_next().await;
+        shutdown.cancel();
+        while tasks.join_next().await.is_some() {}
+        match first {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => Err(RunBridgeError::Setup(format!("bridge task failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self.fed.backoff_initial_ms.saturating_mul(1u64 << attempt.min(20)).min(self.fed.backoff_max_ms);
+        // ±20% jitter so peers coming back are not hit in lock step.
+        let jitter = 0.8 + rand::random::<f64>() * 0.4;
+        Duration::from_millis((base as f64 * jitter) as u64)
+    }
+
+    /// Sends our outbox for `peer`, in order, one envelope at a time.
+    async fn outbox(self: Arc<Self>, peer: Arc<Peer>, shutdown: CancellationToken) -> Result<(), RunBridgeError> {
+        let domain = peer.cfg.domain.clone();
+        let name = names::bridge_out_consumer(&domain);
+        let consumer: jetstream::consumer::PullConsumer = self
+            .topo
+            .fed_out
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: names::fed_out_subject(&domain),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    // One in flight keeps envelopes in order for the peer's
+                    // high-water mark.
+                    max_ack_pending: 1,
+                    ack_wait: Duration::from_secs(30),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| RunBridgeError::Setup(e.to_string()))?;
+        let mut messages = consumer.messages().await.map_err(|e| RunBridgeError::Setup(e.to_string()))?;
+        let mut attempt = 0u32;
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                m = messages.next() => m,
+            };
+            let msg = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::warn!(peer = %domain, error = %e, "outbox stream error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                None => return Err(RunBridgeError::Setup("outbox consumer closed".into())),
+            };
+            let Ok(info) = msg.info() else { continue };
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            let age = (time_now() - info.published).as_seconds_f64().max(0.0);
+            self.metrics.outbox_pending.with_label_values(&[&domain]).set(pending as i64 + 1);
+            self.metrics.outbox_age.with_label_values(&[&domain]).set(age);
+            let payload: Payload = match proto::wire::decode(&msg.payload) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(peer = %domain, error = %e, "undecodable outbox record; terminating it");
+                    let _ = msg.ack_with(AckKind::Term).await;
+                    continue;
+                }
+            };
+            let env = Envelope { version: 1, origin: self.us.clone(), destination: domain.clone(), seq, payload };
+            let sealed = Bytes::from(fed::seal(&self.signer, &env));
+            let publish = PublishMessage::build().payload(sealed).message_id(format!("{}-{seq}", self.us));
+            let sent = match peer.js.send_publish(names::fed_in_subject(&self.us), publish).await {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match sent {
+                Ok(()) => {
+                    attempt = 0;
+                    self.metrics.sent.with_label_values(&[&domain]).inc();
+                    self.metrics.outbox_pending.with_label_values(&[&domain]).set(pending as i64);
+                    if pending == 0 {
+                        self.metrics.outbox_age.with_label_values(&[&domain]).set(0.0);
+                    }
+                    if let Err(e) = msg.double_ack().await {
+                        tracing::warn!(peer = %domain, error = %e, "outbox ack failed; the peer will drop the resend");
+                    }
+                }
+                Err(e) => {
+                    self.metrics.send_failures.with_label_values(&[&domain]).inc();
+                    let wait = self.backoff(attempt);
+                    attempt = attempt.saturating_add(1);
+                    tracing::debug!(peer = %domain, error = %e, ?wait, "peer unreachable; backing off");
+                    let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = peer.contact.notified() => { attempt = 0; }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies envelopes that peers put into our FED_IN.
+    async fn inbox(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RunBridgeError> {
+        let consumer: jetstream::consumer::PullConsumer = self
+            .topo
+            .fed_in
+            .get_or_create_consumer(
+                names::BRIDGE_IN_CONSUMER,
+                pull::Config {
+                    durable_name: Some(names::BRIDGE_IN_CONSUMER.into()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    max_ack_pending: 1,
+                    ack_wait: Duration::from_secs(30),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| RunBridgeError::Setup(e.to_string()))?;
+        let mut messages = consumer.messages().await.map_err(|e| RunBridgeError::Setup(e.to_string()))?;
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                m = messages.next() => m,
+            };
+            let msg = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "inbox stream error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                None => return Err(RunBridgeError::Setup("inbox consumer closed".into())),
+            };
+            match self.receive(&msg.subject, &msg.payload).await {
+                Ok(()) => {
+                    let _ = msg.double_ack().await;
+                }
+                Err(Ok(refusal)) => {
+                    // Forged, misaddressed or misattributed: never applied,
+                    // never retried.
+                    self.metrics.refused.with_label_values(&[refusal.label()]).inc();
+                    tracing::warn!(reason = refusal.label(), "inbound envelope refused");
+                    let _ = msg.ack_with(AckKind::Term).await;
+                }
+                Err(Err(e)) => {
+                    tracing::warn!(error = %e, "inbound envelope deferred");
+                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                }
+            }
+        }
+    }
+
+    /// `Err(Ok(_))`: refused; `Err(Err(_))`: transient, retry.
+    async fn receive(&self, subject: &str, bytes: &[u8]) -> Result<(), Result<Refusal, String>> {
+        let env: Envelope = fed::open(bytes, &self.keys, &self.us).map_err(|e| Ok(Refusal::Open(e)))?;
+        if names::origin_of_fed_in(subject).as_deref() != Some(env.origin.as_str()) {
+            return Err(Ok(Refusal::SubjectMismatch));
+        }
+        let origin = env.origin.clone();
+        if let Some(p) = self.peers.get(&origin) {
+            p.contact.notify_waiters();
+        }
+        // The per-peer high-water mark makes a replay harmless even after
+        // JetStream's duplicate window has passed.
+        let key = names::hwm_key(&origin);
+        let entry = self.topo.federation.entry(key.as_str()).await.map_err(|e| Err(e.to_string()))?;
+        let (hwm, rev) = match &entry {
+            Some(e) => (std::str::from_utf8(&e.value).ok().and_then(|s| s.parse().ok()).unwrap_or(0u64), e.revision),
+            None => (0, 0),
+        };
+        if env.seq <= hwm {
+            self.metrics.replays.with_label_values(&[&origin]).inc();
+            return Ok(());
+        }
+        self.apply(&origin, env.payload).await?;
+        let value = Bytes::from(env.seq.to_string());
+        let stored = if rev == 0 {
+            self.topo.federation.create(key.as_str(), value).await.map(|_| ()).map_err(|e| e.to_string())
+        } else {
+            self.topo.federation.update(key.as_str(), value, rev).await.map(|_| ()).map_err(|e| {
+                if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                    String::new()
+                } else {
+                    e.to_string()
+                }
+            })
+        };
+        if let Err(e) = stored {
+            if !e.is_empty() {
+                tracing::warn!(error = %e, "cannot store high-water mark");
+            }
+        }
+        self.metrics.received.with_label_values(&[&origin]).inc();
+        Ok(())
+    }
+
+    async fn publish_local(
+        &self,
+        subject: String,
+        payload: Vec<u8>,
+        id: String,
+    ) -> Result<(), Result<Refusal, String>> {
+        let publish = PublishMessage::build().payload(Bytes::from(payload)).message_id(id);
+        self.topo
+            .js
+            .send_publish(subject, publish)
+            .await
+            .map_err(|e| Err(e.to_string()))?
+            .await
+            .map_err(|e| Err(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn apply(&self, origin: &str, payload: Payload) -> Result<(), Result<Refusal, String>> {
+        match payload {
+            Payload::Submit(mut sub) => {
+                // A peer speaks only for its own devices, to groups we host.
+                if sub.device.domain() != origin {
+                    return Err(Ok(Refusal::SenderNotOrigin));
+                }
+                if sub.group.hub() != self.us {
+                    return Err(Ok(Refusal::NotHub));
+                }
+                sub.origin = Some(origin.to_owned());
+                let id = sub.id.clone();
+                self.publish_local(names::submit_subject(&sub.group), proto::wire::encode(&sub), id).await
+            }
+            Payload::Verdict { submission_id, verdict } => {
+                let bytes = Bytes::from(verdict.to_bytes());
+                self.topo.verdicts.put(&submission_id, bytes.clone()).await.map_err(|e| Err(e.to_string()))?;
+                self.topo
+                    .js
+                    .client()
+                    .publish(names::verdict_subject(&submission_id), bytes)
+                    .await
+                    .map_err(|e| Err(e.to_string()))?;
+                if let Verdict::Rejected(_) = verdict {
+                    self.metrics.remote_rejections.with_label_values(&[origin]).inc();
+                }
+                Ok(())
+            }
+            Payload::Deliver(entry) => {
+                if entry.group.hub() != origin {
+                    return Err(Ok(Refusal::NotHub));
+                }
+                let ours = |ds: &[proto::DeviceId]| ds.iter().all(|d| d.domain() == self.us);
+                if !ours(&entry.recipients) || !ours(&entry.welcome_recipients) {
+                    return Err(Ok(Refusal::NotOurDevices));
+                }
+                let id = names::fed_msg_id("rlog", &[entry.group.as_bytes(), &entry.position.to_be_bytes()]);
+                self.publish_local(names::log_subject(&entry.group), proto::wire::encode(&entry), id).await
+            }
+        }
+    }
+
+    /// Answers peers' signed requests (claims, identity lookups) by asking
+    /// our key directory.
+    async fn serve_peer_requests(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RunBridgeError> {
+        let client = self.topo.js.client();
+        let mut sub =
+            client.subscribe(names::PEER_RPC_WILDCARD).await.map_err(|e| RunBridgeError::Setup(e.to_string()))?;
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                m = sub.next() => match m { Some(m) => m, None => return Ok(()) },
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let Some(reply) = msg.reply.clone() else { return };
+                let answer = me.answer_peer(&msg.subject, &msg.payload).await;
+                let _ = me.topo.js.client().publish(reply, answer).await;
+            });
+        }
+    }
+
+    async fn answer_peer(&self, subject: &str, bytes: &[u8]) -> Bytes {
+        let env: RpcEnvelope<Request> = match fed::open(bytes, &self.keys, &self.us) {
+            Ok(e) => e,
+            Err(e) => {
+                self.metrics.refused.with_label_values(&[e.label()]).inc();
+                return reply_error(ErrorCode::ForgedEnvelope, e.to_string());
+            }
+        };
+        let origin = env.origin.clone();
+        if Some(names::peer_rpc_subject(&origin).as_str()) != Some(subject) || env.sent_at + 60 < unix_now() {
+            self.metrics.refused.with_label_values(&["subject_mismatch"]).inc();
+            return reply_error(ErrorCode::ForgedEnvelope, "request subject or age is wrong");
+        }
+        if let Some(p) = self.peers.get(&origin) {
+            p.contact.notify_waiters();
+        }
+        if let Request::Claim { requester, .. } = &env.body {
+            if requester.domain() != origin {
+                self.metrics.refused.with_label_values(&["sender_not_origin"]).inc();
+                return reply_error(ErrorCode::ForgedEnvelope, "a peer claims only for its own devices");
+            }
+        }
+        let timeout = Duration::from_millis(self.fed.request_timeout_ms);
+        let req = Bytes::from(proto::wire::encode(&env.body));
+        let response =
+            match tokio::time::timeout(timeout, self.topo.js.client().request(names::KEYDIR_RPC_SUBJECT, req)).await {
+                Ok(Ok(m)) => proto::wire::decode::<Response>(&m.payload).unwrap_or_else(|_| {
+                    Response::Error(ApiError::new(ErrorCode::Internal, "bad key directory answer"))
+                }),
+                _ => Response::Error(ApiError::new(ErrorCode::Unavailable, "key directory unavailable")),
+            };
+        let out = RpcEnvelope {
+            version: 1,
+            origin: self.us.clone(),
+            destination: origin,
+            sent_at: unix_now(),
+            body: response,
+        };
+        Bytes::from(fed::seal(&self.signer, &out))
+    }
+
+    /// Carries our ingest's requests to peers.
+    async fn serve_our_requests(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RunBridgeError> {
+        let client = self.topo.js.client();
+        let mut sub =
+            client.subscribe(names::BRIDGE_RPC_WILDCARD).await.map_err(|e| RunBridgeError::Setup(e.to_string()))?;
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                m = sub.next() => match m { Some(m) => m, None => return Ok(()) },
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let Some(reply) = msg.reply.clone() else { return };
+                let answer = me.ask_peer(&msg.subject, &msg.payload).await;
+                let _ = me.topo.js.client().publish(reply, answer).await;
+            });
+        }
+    }
+
+    async fn ask_peer(&self, subject: &str, bytes: &[u8]) -> Bytes {
+        let peer = self.peers.values().find(|p| names::bridge_rpc_subject(&p.cfg.domain) == subject).cloned();
+        let Some(peer) = peer else {
+            return reply_error(ErrorCode::NotHub, "not a configured peer");
+        };
+        let Ok(body) = proto::wire::decode::<Request>(bytes) else {
+            return reply_error(ErrorCode::InvalidRequest, "bad request");
+        };
+        let domain = peer.cfg.domain.clone();
+        let env =
+            RpcEnvelope { version: 1, origin: self.us.clone(), destination: domain.clone(), sent_at: unix_now(), body };
+        let sealed = Bytes::from(fed::seal(&self.signer, &env));
+        let timeout = Duration::from_millis(self.fed.request_timeout_ms);
+        let answer =
+            tokio::time::timeout(timeout, peer.client.request(names::peer_rpc_subject(&self.us), sealed)).await;
+        let unreachable = || {
+            self.metrics.request_failures.with_label_values(&[&domain]).inc();
+            reply_error(ErrorCode::PeerUnreachable, format!("{domain} did not answer"))
+        };
+        let m = match answer {
+            Ok(Ok(m)) => m,
+            _ => return unreachable(),
+        };
+        match fed::open::<RpcEnvelope<Response>, _>(&m.payload, &self.keys, &self.us) {
+            Ok(env) if env.origin == domain => Bytes::from(proto::wire::encode(&env.body)),
+            Ok(_) | Err(_) => {
+                // A peer's error replies to a request it could not verify are
+                // unsigned; either way, nothing usable came back.
+                if let Ok(Response::Error(e)) = proto::wire::decode::<Response>(&m.payload) {
+                    return Bytes::from(proto::wire::encode(&Response::Error(e)));
+                }
+                self.metrics.refused.with_label_values(&["bad_signature"]).inc();
+                reply_error(ErrorCode::ForgedEnvelope, "the peer's answer does not verify")
+            }
+        }
+    }
+}
+
+fn time_now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}

@@ -23,10 +23,14 @@ impl From<ApiError> for Reject {
 
 impl IntoResponse for Reject {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.code.http_status())
-            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         let code = self.0.code;
-        let mut resp = (status, Json(self.0)).into_response();
+        // Only `wrong_epoch` carries the epoch fields: leave out the nulls.
+        let mut body = serde_json::to_value(&self.0).unwrap_or_default();
+        if let Some(map) = body.as_object_mut() {
+            map.retain(|_, v| !v.is_null());
+        }
+        let mut resp = (status, Json(body)).into_response();
         // Read back by the metrics middleware.
         resp.extensions_mut().insert(code);
         resp

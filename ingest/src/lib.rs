@@ -41,18 +41,12 @@ impl Metrics {
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let m = Self {
             requests: HistogramVec::new(
-                prometheus::HistogramOpts::new(
-                    "mlsfed_api_request_seconds",
-                    "Client API request latency, by route.",
-                )
-                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+                prometheus::HistogramOpts::new("mlsfed_api_request_seconds", "Client API request latency, by route.")
+                    .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
                 &["route", "status"],
             )?,
             errors: IntCounterVec::new(
-                Opts::new(
-                    "mlsfed_api_errors_total",
-                    "Client API refusals, by stable error code.",
-                ),
+                Opts::new("mlsfed_api_errors_total", "Client API refusals, by stable error code."),
                 &["code"],
             )?,
         };
@@ -75,10 +69,7 @@ pub struct Api {
 pub type Shared = Arc<Api>;
 
 pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// The authenticated device of a request (`Authorization: Bearer <token>`).
@@ -99,10 +90,7 @@ impl FromRequestParts<Shared> for AuthDevice {
         let device = proto::auth::verify(api.cfg.token_secret.as_bytes(), token.trim(), now_unix())
             .map_err(|e| Reject::new(ErrorCode::Unauthenticated, e.to_string()))?;
         if device.domain() != api.cfg.domain {
-            return Err(Reject::new(
-                ErrorCode::Unauthenticated,
-                "token is for a device of another operator",
-            ));
+            return Err(Reject::new(ErrorCode::Unauthenticated, "token is for a device of another operator"));
         }
         Ok(AuthDevice(device))
     }
@@ -111,12 +99,9 @@ impl FromRequestParts<Shared> for AuthDevice {
 /// Reads a request body up to the configured limit.
 pub async fn read_body(api: &Api, body: axum::body::Body) -> Result<bytes::Bytes, Reject> {
     let limit = api.cfg.limits.max_body_bytes;
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        Reject::new(
-            ErrorCode::BodyTooLarge,
-            format!("request body is larger than {limit} bytes"),
-        )
-    })
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| Reject::new(ErrorCode::BodyTooLarge, format!("request body is larger than {limit} bytes")))
 }
 
 pub fn router(api: Shared) -> Router {
@@ -129,10 +114,7 @@ pub fn router(api: Shared) -> Router {
         .route("/v1/keypackages/stock", get(keys::stock))
         .route("/v1/keypackages/claim", post(keys::claim))
         .route("/v1/identity/{device}", get(keys::identity))
-        .route(
-            "/v1/devices/{device}",
-            axum::routing::delete(keys::remove_device),
-        )
+        .route("/v1/devices/{device}", axum::routing::delete(keys::remove_device))
         .route("/v1/groups", post(submit::create_group))
         .route("/v1/messages", post(submit::submit_message))
         .route("/v1/devices/{device}/mailbox", get(mailbox::fetch))
@@ -186,10 +168,7 @@ async fn release_reservations(api: Shared) {
         }
         match api.keydir.release_expired(now_unix()).await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(
-                released = n,
-                "unused KeyPackage reservations returned to their pools"
-            ),
+            Ok(n) => tracing::info!(released = n, "unused KeyPackage reservations returned to their pools"),
             Err(e) => tracing::warn!(error = %e, "cannot release reservations"),
         }
     }
@@ -198,10 +177,10 @@ async fn release_reservations(api: Shared) {
 /// Serves the API on `listener` until `shutdown` fires.
 pub async fn serve(listener: TcpListener, api: Shared) -> std::io::Result<()> {
     tokio::spawn(release_reservations(api.clone()));
+    tokio::spawn(keys::serve_keydir_requests(api.clone()));
+    tokio::spawn(keys::settle_consumed(api.clone()));
     let shutdown = api.shutdown.clone();
-    axum::serve(listener, router(api))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(listener, router(api)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
 pub(crate) fn json<T: serde::Serialize>(v: T) -> Json<T> {

@@ -46,42 +46,23 @@ pub struct FetchQuery {
 }
 
 fn own_mailbox(auth: &DeviceId, path: &str) -> Result<(), Reject> {
-    let asked = DeviceId::parse(path)
-        .map_err(|e| Reject::new(ErrorCode::InvalidIdentifier, e.to_string()))?;
+    let asked = DeviceId::parse(path).map_err(|e| Reject::new(ErrorCode::InvalidIdentifier, e.to_string()))?;
     if &asked != auth {
-        return Err(Reject::new(
-            ErrorCode::ForbiddenDevice,
-            "a device may read only its own mailbox",
-        ));
+        return Err(Reject::new(ErrorCode::ForbiddenDevice, "a device may read only its own mailbox"));
     }
     Ok(())
 }
 
 /// Reads up to `limit` items after cursor `after`.
-async fn read(
-    api: &Shared,
-    device: &DeviceId,
-    after: u64,
-    limit: usize,
-) -> Result<Vec<ItemJson>, Reject> {
+async fn read(api: &Shared, device: &DeviceId, after: u64, limit: usize) -> Result<Vec<ItemJson>, Reject> {
     let subject = names::mailbox_subject(device);
     let mut out = Vec::new();
     let mut next = after + 1;
     while out.len() < limit {
-        let msg = match api
-            .topo
-            .mailbox
-            .direct_get_next_for_subject(subject.as_str(), Some(next))
-            .await
-        {
+        let msg = match api.topo.mailbox.direct_get_next_for_subject(subject.as_str(), Some(next)).await {
             Ok(m) => m,
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
-            Err(e) => {
-                return Err(Reject::new(
-                    ErrorCode::Unavailable,
-                    format!("mailbox unavailable: {e}"),
-                ))
-            }
+            Err(e) => return Err(Reject::new(ErrorCode::Unavailable, format!("mailbox unavailable: {e}"))),
         };
         next = msg.sequence + 1;
         let Ok(item) = proto::wire::decode::<MailboxItem>(&msg.payload) else {
@@ -96,16 +77,8 @@ async fn read(
             epoch: item.epoch,
             kind: item.kind.as_str(),
             own: item.own,
-            message: if notice {
-                String::new()
-            } else {
-                B64.encode(&item.message)
-            },
-            notice: if notice {
-                serde_json::from_slice(&item.message).ok()
-            } else {
-                None
-            },
+            message: if notice { String::new() } else { B64.encode(&item.message) },
+            notice: if notice { serde_json::from_slice(&item.message).ok() } else { None },
         });
     }
     Ok(out)
@@ -118,10 +91,7 @@ pub async fn fetch(
     Query(q): Query<FetchQuery>,
 ) -> Result<Response, Reject> {
     own_mailbox(&device, &path)?;
-    let limit = q
-        .limit
-        .unwrap_or(api.cfg.limits.max_fetch)
-        .clamp(1, api.cfg.limits.max_fetch);
+    let limit = q.limit.unwrap_or(api.cfg.limits.max_fetch).clamp(1, api.cfg.limits.max_fetch);
     let items = read(&api, &device, q.after, limit).await?;
     let next = items.last().map(|i| i.seq).unwrap_or(q.after);
     Ok(json(serde_json::json!({ "items": items, "next": next })).into_response())
@@ -151,8 +121,8 @@ pub async fn ack(
 ) -> Result<Response, Reject> {
     own_mailbox(&device, &path)?;
     let body = read_body(&api, body).await?;
-    let req: AckRequest = serde_json::from_slice(&body)
-        .map_err(|e| Reject::new(ErrorCode::InvalidRequest, format!("bad ack: {e}")))?;
+    let req: AckRequest =
+        serde_json::from_slice(&body).map_err(|e| Reject::new(ErrorCode::InvalidRequest, format!("bad ack: {e}")))?;
     purge(&api, &device, req.up_to).await?;
     Ok(json(serde_json::json!({ "acked": req.up_to })).into_response())
 }
@@ -178,12 +148,7 @@ struct ClientFrame {
 /// from the stream, so nothing is skipped or sent twice on one socket.
 async fn push(api: Shared, device: DeviceId, mut cursor: u64, socket: WebSocket) {
     let (mut tx, mut rx) = socket.split();
-    let wake = api
-        .topo
-        .js
-        .client()
-        .subscribe(names::mailbox_subject(&device))
-        .await;
+    let wake = api.topo.js.client().subscribe(names::mailbox_subject(&device)).await;
     let Ok(mut wake) = wake else { return };
     let limit = api.cfg.limits.max_fetch;
     loop {

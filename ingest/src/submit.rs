@@ -29,54 +29,29 @@ pub async fn create_group(
     proto::mls::precheck(&body, &[proto::mls::wire_format::GROUP_INFO])?;
     let group = group_of_group_info(&body)?;
     if group.hub() != api.cfg.domain {
-        return Err(Reject::new(
-            ErrorCode::NotHub,
-            "a group is created at the operator named in its id",
-        ));
+        return Err(Reject::new(ErrorCode::NotHub, "a group is created at the operator named in its id"));
     }
     let id = proto::wire::submission_id(&device, &[b"create", &body]);
     let sub = Submission {
         id,
         device,
         group: group.clone(),
-        kind: SubmissionKind::Create {
-            group_info: body.to_vec(),
-        },
+        kind: SubmissionKind::Create { group_info: body.to_vec() },
+        origin: None,
     };
     let (position, epoch) = await_verdict(&api, sub).await?;
-    Ok((
-        StatusCode::CREATED,
-        json(AcceptedJson {
-            group: group.to_string(),
-            position,
-            epoch,
-        }),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, json(AcceptedJson { group: group.to_string(), position, epoch })).into_response())
 }
 
 fn group_of_group_info(bytes: &[u8]) -> Result<GroupId, Reject> {
     use openmls::prelude::tls_codec::Deserialize as _;
     use openmls::prelude::{MlsMessageBodyIn, MlsMessageIn};
-    let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| {
-        Reject::new(
-            ErrorCode::MalformedMessage,
-            format!("cannot decode GroupInfo: {e}"),
-        )
-    })?;
+    let msg = MlsMessageIn::tls_deserialize_exact(bytes)
+        .map_err(|e| Reject::new(ErrorCode::MalformedMessage, format!("cannot decode GroupInfo: {e}")))?;
     match msg.extract() {
-        MlsMessageBodyIn::GroupInfo(gi) => {
-            GroupId::from_mls(gi.group_id().as_slice()).map_err(|e| {
-                Reject::new(
-                    ErrorCode::InvalidIdentifier,
-                    format!("group_id is not a mimi room id: {e}"),
-                )
-            })
-        }
-        _ => Err(Reject::new(
-            ErrorCode::WrongWireFormat,
-            "expected a GroupInfo",
-        )),
+        MlsMessageBodyIn::GroupInfo(gi) => GroupId::from_mls(gi.group_id().as_slice())
+            .map_err(|e| Reject::new(ErrorCode::InvalidIdentifier, format!("group_id is not a mimi room id: {e}"))),
+        _ => Err(Reject::new(ErrorCode::WrongWireFormat, "expected a GroupInfo")),
     }
 }
 
@@ -89,24 +64,16 @@ pub async fn submit_message(
     let body = read_body(&api, body).await?;
     let bundle = proto::mls::parse_bundle(&body)?;
     let group = bundle.header.group.clone();
-    if group.hub() != api.cfg.domain {
-        return Err(Reject::new(
-            ErrorCode::NotHub,
-            "this operator is not the hub of that group",
-        ));
+    // A group hosted elsewhere: the submission goes to its hub through our
+    // outbox (only the bridge talks to other operators).
+    if group.hub() != api.cfg.domain && api.cfg.peer(group.hub()).is_none() {
+        return Err(Reject::new(ErrorCode::NotHub, "the group's hub is not a peer of this operator"));
     }
     // A client idempotency key makes a retry of a re-encrypted message (new
     // bytes, same intent) dedupe too; by default the bytes are the key.
     let id = match headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
-        Some(k) if !k.is_empty() && k.len() <= 128 => {
-            proto::wire::submission_id(&device, &[b"key", k.as_bytes()])
-        }
-        Some(_) => {
-            return Err(Reject::new(
-                ErrorCode::InvalidRequest,
-                "Idempotency-Key must be 1..=128 bytes",
-            ))
-        }
+        Some(k) if !k.is_empty() && k.len() <= 128 => proto::wire::submission_id(&device, &[b"key", k.as_bytes()]),
+        Some(_) => return Err(Reject::new(ErrorCode::InvalidRequest, "Idempotency-Key must be 1..=128 bytes")),
         None => proto::wire::submission_id(&device, &[b"msg", &body]),
     };
     let welcome_refs = match &bundle.welcome {
@@ -122,6 +89,7 @@ pub async fn submit_message(
             welcome: bundle.welcome,
             group_info: bundle.group_info,
         },
+        origin: None,
     };
     let (position, epoch) = await_verdict(&api, sub).await?;
     // The accepted Welcome used these KeyPackages: settle their reservations
@@ -129,31 +97,28 @@ pub async fn submit_message(
     if let Err(e) = api.keydir.consumed(&welcome_refs).await {
         tracing::warn!(error = %e, "cannot settle KeyPackage reservations");
     }
-    Ok(json(AcceptedJson {
-        group: group.to_string(),
-        position,
-        epoch,
-    })
-    .into_response())
+    Ok(json(AcceptedJson { group: group.to_string(), position, epoch }).into_response())
 }
 
 /// Queues a submission and waits for the sequencer's verdict.
 async fn await_verdict(api: &Shared, sub: Submission) -> Result<(u64, u64), Reject> {
     let client = api.topo.js.client();
-    let unavailable =
-        |e: String| Reject::new(ErrorCode::Unavailable, format!("queue unavailable: {e}"));
+    let unavailable = |e: String| Reject::new(ErrorCode::Unavailable, format!("queue unavailable: {e}"));
     // Subscribe before publishing so the verdict cannot be missed.
-    let mut verdicts = client
-        .subscribe(names::verdict_subject(&sub.id))
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
-    let publish = PublishMessage::build()
-        .payload(Bytes::from(proto::wire::encode(&sub)))
-        .message_id(&sub.id);
+    let mut verdicts =
+        client.subscribe(names::verdict_subject(&sub.id)).await.map_err(|e| unavailable(e.to_string()))?;
+    let (subject, payload, msg_id) = if sub.group.hub() == api.cfg.domain {
+        (names::submit_subject(&sub.group), proto::wire::encode(&sub), sub.id.clone())
+    } else {
+        let id = names::fed_msg_id("submit", &[sub.id.as_bytes()]);
+        let record = proto::federation::Payload::Submit(sub.clone());
+        (names::fed_out_subject(sub.group.hub()), proto::wire::encode(&record), id)
+    };
+    let publish = PublishMessage::build().payload(Bytes::from(payload)).message_id(msg_id);
     let ack = api
         .topo
         .js
-        .send_publish(names::submit_subject(&sub.group), publish)
+        .send_publish(subject, publish)
         .await
         .map_err(|e| unavailable(e.to_string()))?
         .await

@@ -59,11 +59,7 @@ impl JsStore {
                 Err(_) => js.get_key_value(names::KEYDIR_BUCKET).await.map_err(jse)?,
             },
         };
-        Ok(Self {
-            js: js.clone(),
-            stream,
-            kv,
-        })
+        Ok(Self { js: js.clone(), stream, kv })
     }
 
     async fn publish(&self, subject: String, payload: Vec<u8>, id: Option<String>) -> Result<()> {
@@ -71,12 +67,7 @@ impl JsStore {
         if let Some(id) = id {
             m = m.message_id(id);
         }
-        self.js
-            .send_publish(subject, m)
-            .await
-            .map_err(jse)?
-            .await
-            .map_err(jse)?;
+        self.js.send_publish(subject, m).await.map_err(jse)?.await.map_err(jse)?;
         Ok(())
     }
 
@@ -101,11 +92,7 @@ impl JsStore {
 
     /// Visits messages on `subject` (may be a wildcard) in order.
     async fn next(&self, subject: &str, from: u64) -> Result<Option<(u64, Bytes)>> {
-        match self
-            .stream
-            .direct_get_next_for_subject(subject, Some(from))
-            .await
-        {
+        match self.stream.direct_get_next_for_subject(subject, Some(from)).await {
             Ok(m) => Ok(Some((m.sequence, m.payload))),
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(jse(e)),
@@ -113,11 +100,7 @@ impl JsStore {
     }
 
     /// Read-modify-write of a user's device list by KV revision.
-    async fn edit_devices(
-        &self,
-        u: &UserId,
-        edit: impl Fn(&mut Vec<DeviceId>) -> bool,
-    ) -> Result<()> {
+    async fn edit_devices(&self, u: &UserId, edit: impl Fn(&mut Vec<DeviceId>) -> bool) -> Result<()> {
         let key = names::user_devices_key(u);
         for _ in 0..CAS_RETRIES {
             let entry = self.kv.entry(key.as_str()).await.map_err(jse)?;
@@ -164,20 +147,12 @@ impl KeyStore for JsStore {
     }
 
     async fn put_last_resort(&self, d: &DeviceId, s: &Stored) -> Result<()> {
-        self.kv
-            .put(names::last_resort_key(d, s.suite), Bytes::from(enc(s)))
-            .await
-            .map_err(jse)?;
+        self.kv.put(names::last_resort_key(d, s.suite), Bytes::from(enc(s))).await.map_err(jse)?;
         Ok(())
     }
 
     async fn last_resort(&self, d: &DeviceId, suite: u16) -> Result<Option<Stored>> {
-        match self
-            .kv
-            .get(names::last_resort_key(d, suite))
-            .await
-            .map_err(jse)?
-        {
+        match self.kv.get(names::last_resort_key(d, suite)).await.map_err(jse)? {
             Some(v) if !v.is_empty() => Ok(Some(dec(&v)?)),
             _ => Ok(None),
         }
@@ -205,19 +180,11 @@ impl KeyStore for JsStore {
                 return Ok(Take::Taken(s));
             }
         }
-        Ok(if saw_any {
-            Take::NoneCompatible
-        } else {
-            Take::Empty
-        })
+        Ok(if saw_any { Take::NoneCompatible } else { Take::Empty })
     }
 
     async fn count_one_time(&self, d: &DeviceId, suite: u16) -> Result<usize> {
-        let mut info = self
-            .stream
-            .info_with_subjects(names::key_packages_of(d, suite))
-            .await
-            .map_err(jse)?;
+        let mut info = self.stream.info_with_subjects(names::key_packages_of(d, suite)).await.map_err(jse)?;
         let mut n = 0;
         while let Some(item) = info.next().await {
             n += item.map_err(jse)?.1;
@@ -263,30 +230,18 @@ impl KeyStore for JsStore {
         })
         .await?;
         for suite in suites {
-            self.stream
-                .purge()
-                .filter(names::key_packages_of(d, *suite))
-                .await
-                .map_err(jse)?;
-            self.kv
-                .delete(names::last_resort_key(d, *suite))
-                .await
-                .map_err(jse)?;
+            self.stream.purge().filter(names::key_packages_of(d, *suite)).await.map_err(jse)?;
+            self.kv.delete(names::last_resort_key(d, *suite)).await.map_err(jse)?;
         }
         Ok(())
     }
 
     async fn put_reservation(&self, r: &Reservation) -> Result<()> {
-        self.publish(names::reservation_subject(&r.stored.kp_ref), enc(r), None)
-            .await
+        self.publish(names::reservation_subject(&r.stored.kp_ref), enc(r), None).await
     }
 
     async fn take_reservation(&self, kp_ref: &[u8]) -> Result<Option<Reservation>> {
-        let m = match self
-            .stream
-            .direct_get_last_for_subject(names::reservation_subject(kp_ref))
-            .await
-        {
+        let m = match self.stream.direct_get_last_for_subject(names::reservation_subject(kp_ref)).await {
             Ok(m) => m,
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(jse(e)),
@@ -312,20 +267,11 @@ impl KeyStore for JsStore {
     }
 
     async fn put_binding(&self, d: &DeviceId, signed: &[u8]) -> Result<()> {
-        self.kv
-            .put(names::binding_key(d), Bytes::copy_from_slice(signed))
-            .await
-            .map_err(jse)?;
+        self.kv.put(names::binding_key(d), Bytes::copy_from_slice(signed)).await.map_err(jse)?;
         Ok(())
     }
 
     async fn binding(&self, d: &DeviceId) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .kv
-            .get(names::binding_key(d))
-            .await
-            .map_err(jse)?
-            .filter(|v| !v.is_empty())
-            .map(|v| v.to_vec()))
+        Ok(self.kv.get(names::binding_key(d)).await.map_err(jse)?.filter(|v| !v.is_empty()).map(|v| v.to_vec()))
     }
 }

@@ -21,9 +21,7 @@ use std::collections::HashMap;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use openmls::prelude::tls_codec::Deserialize as _;
-use openmls::prelude::{
-    KeyPackage, KeyPackageVerifyError, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion,
-};
+use openmls::prelude::{KeyPackage, KeyPackageVerifyError, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion};
 use openmls::treesync::errors::LifetimeError;
 use openmls_rust_crypto::RustCrypto;
 use prometheus::{IntCounterVec, Opts, Registry};
@@ -52,10 +50,9 @@ pub enum KeydirError {
 impl KeydirError {
     pub fn to_api(&self) -> ApiError {
         match self {
-            KeydirError::Invalid { index, source } => ApiError::new(
-                source.code,
-                format!("KeyPackage {index}: {}", source.message),
-            ),
+            KeydirError::Invalid { index, source } => {
+                ApiError::new(source.code, format!("KeyPackage {index}: {}", source.message))
+            }
             KeydirError::Refused(e) => e.clone(),
             KeydirError::Store(e) => {
                 tracing::warn!(error = %e, "key store failure");
@@ -131,17 +128,11 @@ impl Metrics {
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let m = Self {
             uploads: IntCounterVec::new(
-                Opts::new(
-                    "mlsfed_keydir_uploads_total",
-                    "KeyPackages uploaded, by result code.",
-                ),
+                Opts::new("mlsfed_keydir_uploads_total", "KeyPackages uploaded, by result code."),
                 &["result"],
             )?,
             claims: IntCounterVec::new(
-                Opts::new(
-                    "mlsfed_keydir_claims_total",
-                    "KeyPackages claimed or refused, by result.",
-                ),
+                Opts::new("mlsfed_keydir_claims_total", "KeyPackages claimed or refused, by result."),
                 &["result"],
             )?,
         };
@@ -234,17 +225,8 @@ struct Parsed {
 }
 
 impl KeyDirectory {
-    pub fn new(
-        store: Backend,
-        cfg: config::Keydir,
-        domain: String,
-        seed: [u8; 32],
-        metrics: Metrics,
-    ) -> Self {
-        let limits = limits::RateLimits::new(
-            cfg.claims_per_minute_per_requester,
-            cfg.claims_per_minute_per_user,
-        );
+    pub fn new(store: Backend, cfg: config::Keydir, domain: String, seed: [u8; 32], metrics: Metrics) -> Self {
+        let limits = limits::RateLimits::new(cfg.claims_per_minute_per_requester, cfg.claims_per_minute_per_user);
         Self {
             store,
             crypto: RustCrypto::default(),
@@ -268,12 +250,8 @@ impl KeyDirectory {
     /// Validates one KeyPackage for `device` (RFC 9420 §10.1).
     fn validate(&self, device: &DeviceId, bytes: &[u8], now: u64) -> Result<Parsed, ApiError> {
         proto::mls::precheck(bytes, &[wire_format::KEY_PACKAGE])?;
-        let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|x| {
-            api(
-                ErrorCode::MalformedMessage,
-                format!("cannot decode KeyPackage: {x}"),
-            )
-        })?;
+        let msg = MlsMessageIn::tls_deserialize_exact(bytes)
+            .map_err(|x| api(ErrorCode::MalformedMessage, format!("cannot decode KeyPackage: {x}")))?;
         let kp_in = match msg.extract() {
             MlsMessageBodyIn::KeyPackage(k) => k,
             _ => return Err(api(ErrorCode::WrongWireFormat, "expected a KeyPackage")),
@@ -282,31 +260,21 @@ impl KeyDirectory {
         // against the clock, init_key != encryption_key, and that every
         // extension is declared in the leaf capabilities (so a last-resort
         // extension without its capability is refused).
-        let kp = kp_in
-            .validate(&self.crypto, ProtocolVersion::Mls10)
-            .map_err(|x| match x {
-                KeyPackageVerifyError::InvalidSignature
-                | KeyPackageVerifyError::InvalidLeafNodeSignature => {
-                    api(ErrorCode::InvalidSignature, x.to_string())
-                }
-                KeyPackageVerifyError::LifetimeError(LifetimeError::Expired { .. }) => {
-                    api(ErrorCode::KeyPackageExpired, x.to_string())
-                }
-                KeyPackageVerifyError::LifetimeError(_)
-                | KeyPackageVerifyError::MissingLifetime => {
-                    api(ErrorCode::InvalidKeyPackage, x.to_string())
-                }
-                KeyPackageVerifyError::InitKeyEqualsEncryptionKey => {
-                    api(ErrorCode::InitKeyReused, x.to_string())
-                }
-                KeyPackageVerifyError::UnsupportedExtension => {
-                    api(ErrorCode::LastResortNotInCapabilities, x.to_string())
-                }
-                KeyPackageVerifyError::InvalidProtocolVersion => {
-                    api(ErrorCode::UnsupportedVersion, x.to_string())
-                }
-                other => api(ErrorCode::InvalidKeyPackage, other.to_string()),
-            })?;
+        let kp = kp_in.validate(&self.crypto, ProtocolVersion::Mls10).map_err(|x| match x {
+            KeyPackageVerifyError::InvalidSignature | KeyPackageVerifyError::InvalidLeafNodeSignature => {
+                api(ErrorCode::InvalidSignature, x.to_string())
+            }
+            KeyPackageVerifyError::LifetimeError(LifetimeError::Expired { .. }) => {
+                api(ErrorCode::KeyPackageExpired, x.to_string())
+            }
+            KeyPackageVerifyError::LifetimeError(_) | KeyPackageVerifyError::MissingLifetime => {
+                api(ErrorCode::InvalidKeyPackage, x.to_string())
+            }
+            KeyPackageVerifyError::InitKeyEqualsEncryptionKey => api(ErrorCode::InitKeyReused, x.to_string()),
+            KeyPackageVerifyError::UnsupportedExtension => api(ErrorCode::LastResortNotInCapabilities, x.to_string()),
+            KeyPackageVerifyError::InvalidProtocolVersion => api(ErrorCode::UnsupportedVersion, x.to_string()),
+            other => api(ErrorCode::InvalidKeyPackage, other.to_string()),
+        })?;
         let suite = u16::from(kp.ciphersuite());
         if !self.cfg.cipher_suites.contains(&suite) {
             return Err(api(
@@ -315,10 +283,7 @@ impl KeyDirectory {
             ));
         }
         if kp.leaf_node().credential().serialized_content() != device.as_bytes() {
-            return Err(api(
-                ErrorCode::IdentityMismatch,
-                "credential identity is not the uploading device",
-            ));
+            return Err(api(ErrorCode::IdentityMismatch, "credential identity is not the uploading device"));
         }
         let lt = kp.life_time();
         if lt.not_after() <= now {
@@ -326,10 +291,7 @@ impl KeyDirectory {
         }
         // One hour of slack for clock skew between the client and us.
         if lt.not_after().saturating_sub(lt.not_before()) > self.cfg.max_lifetime_secs + 3600 {
-            return Err(api(
-                ErrorCode::LifetimeTooLong,
-                "KeyPackage lifetime is longer than this operator accepts",
-            ));
+            return Err(api(ErrorCode::LifetimeTooLong, "KeyPackage lifetime is longer than this operator accepts"));
         }
         let c = kp.leaf_node().capabilities();
         let caps = Caps {
@@ -343,72 +305,39 @@ impl KeyDirectory {
             .as_slice()
             .to_vec();
         let last_resort = kp.last_resort();
-        let stored = Stored {
-            kp_ref,
-            suite,
-            not_after: lt.not_after(),
-            caps,
-            bytes: bytes.to_vec(),
-        };
-        Ok(Parsed {
-            kp,
-            stored,
-            last_resort,
-        })
+        let stored = Stored { kp_ref, suite, not_after: lt.not_after(), caps, bytes: bytes.to_vec() };
+        Ok(Parsed { kp, stored, last_resort })
     }
 
     /// Stores a batch of concatenated MLSMessage(KeyPackage) for `device`
     /// and (re)binds the device's signature key. The batch is all or
     /// nothing: the first invalid KeyPackage refuses it.
-    pub async fn upload(
-        &self,
-        device: &DeviceId,
-        body: &[u8],
-        now: u64,
-    ) -> Result<UploadReport, KeydirError> {
+    pub async fn upload(&self, device: &DeviceId, body: &[u8], now: u64) -> Result<UploadReport, KeydirError> {
         let mut input = body;
         let mut parsed = Vec::new();
         while !input.is_empty() {
             if parsed.len() == MAX_BATCH {
-                return Err(refused(
-                    ErrorCode::TooManyKeyPackages,
-                    format!("at most {MAX_BATCH} per upload"),
-                ));
+                return Err(refused(ErrorCode::TooManyKeyPackages, format!("at most {MAX_BATCH} per upload")));
             }
             let start = input;
             let index = parsed.len();
             let fail = |source: ApiError| {
-                self.metrics
-                    .uploads
-                    .with_label_values(&[source.code.as_str()])
-                    .inc();
+                self.metrics.uploads.with_label_values(&[source.code.as_str()]).inc();
                 KeydirError::Invalid { index, source }
             };
             proto::mls::precheck(input, &[wire_format::KEY_PACKAGE]).map_err(fail)?;
             if MlsMessageIn::tls_deserialize(&mut input).is_err() {
-                return Err(fail(api(
-                    ErrorCode::MalformedMessage,
-                    "cannot decode KeyPackage",
-                )));
+                return Err(fail(api(ErrorCode::MalformedMessage, "cannot decode KeyPackage")));
             }
             let raw = &start[..start.len() - input.len()];
             parsed.push(self.validate(device, raw, now).map_err(fail)?);
         }
         let Some(first) = parsed.first() else {
-            return Err(refused(
-                ErrorCode::InvalidRequest,
-                "no KeyPackage in the request",
-            ));
+            return Err(refused(ErrorCode::InvalidRequest, "no KeyPackage in the request"));
         };
         let key = first.kp.leaf_node().signature_key().as_slice().to_vec();
-        if parsed
-            .iter()
-            .any(|p| p.kp.leaf_node().signature_key().as_slice() != key.as_slice())
-        {
-            return Err(refused(
-                ErrorCode::IdentityMismatch,
-                "all KeyPackages of a device carry one signature key",
-            ));
+        if parsed.iter().any(|p| p.kp.leaf_node().signature_key().as_slice() != key.as_slice()) {
+            return Err(refused(ErrorCode::IdentityMismatch, "all KeyPackages of a device carry one signature key"));
         }
         let mut per_suite: HashMap<u16, usize> = HashMap::new();
         for p in parsed.iter().filter(|p| !p.last_resort) {
@@ -416,10 +345,7 @@ impl KeyDirectory {
         }
         for (suite, n) in &per_suite {
             if self.store.count_one_time(device, *suite).await? + n > self.cfg.max_per_device {
-                return Err(refused(
-                    ErrorCode::TooManyKeyPackages,
-                    "this device's pool is full",
-                ));
+                return Err(refused(ErrorCode::TooManyKeyPackages, "this device's pool is full"));
             }
         }
         self.bind(device, &key, now).await?;
@@ -472,25 +398,21 @@ impl KeyDirectory {
             .binding(device)
             .await?
             .ok_or_else(|| refused(ErrorCode::UnknownDevice, "no binding for this device"))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| KeydirError::Store(StoreError::Corrupt(e.to_string())))
+        serde_json::from_slice(&bytes).map_err(|e| KeydirError::Store(StoreError::Corrupt(e.to_string())))
     }
 
     /// Removes a device: its binding is revoked (and stays, so lookups say
     /// so) and its KeyPackages are deleted.
     pub async fn remove_device(&self, device: &DeviceId, now: u64) -> Result<(), KeydirError> {
         let signed = self.binding(device).await?;
-        let mut b = signed
-            .open(&self.operator_key())
-            .map_err(|e| KeydirError::Store(StoreError::Corrupt(e.to_string())))?;
+        let mut b =
+            signed.open(&self.operator_key()).map_err(|e| KeydirError::Store(StoreError::Corrupt(e.to_string())))?;
         b.revoked = true;
         b.issued_at = now;
         let bytes = serde_json::to_vec(&proto::identity::sign(&self.signer, &b))
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.store.put_binding(device, &bytes).await?;
-        self.store
-            .remove_device(device, &self.cfg.cipher_suites)
-            .await?;
+        self.store.remove_device(device, &self.cfg.cipher_suites).await?;
         Ok(())
     }
 
@@ -503,43 +425,21 @@ impl KeyDirectory {
         now: u64,
     ) -> Result<ClaimOutcome, KeydirError> {
         if user.domain() != self.domain {
-            return Err(refused(
-                ErrorCode::NotHub,
-                "that user belongs to another operator",
-            ));
+            return Err(refused(ErrorCode::NotHub, "that user belongs to another operator"));
         }
         if let Err(e) = self.limits.check(requester.as_str(), user.as_str()) {
-            self.metrics
-                .claims
-                .with_label_values(&["rate_limited"])
-                .inc();
+            self.metrics.claims.with_label_values(&["rate_limited"]).inc();
             return Err(KeydirError::Refused(e));
         }
-        let devices: Vec<DeviceId> = self
-            .store
-            .devices(user)
-            .await?
-            .into_iter()
-            .filter(|d| d != requester)
-            .collect();
+        let devices: Vec<DeviceId> = self.store.devices(user).await?.into_iter().filter(|d| d != requester).collect();
         if devices.is_empty() {
-            self.metrics
-                .claims
-                .with_label_values(&["unknown_user"])
-                .inc();
-            return Err(refused(
-                ErrorCode::UnknownUser,
-                "no device of this user has published KeyPackages",
-            ));
+            self.metrics.claims.with_label_values(&["unknown_user"]).inc();
+            return Err(refused(ErrorCode::UnknownUser, "no device of this user has published KeyPackages"));
         }
         let suites: Vec<u16> = if req.cipher_suites.is_empty() {
             self.cfg.cipher_suites.clone()
         } else {
-            req.cipher_suites
-                .iter()
-                .copied()
-                .filter(|s| self.cfg.cipher_suites.contains(s))
-                .collect()
+            req.cipher_suites.iter().copied().filter(|s| self.cfg.cipher_suites.contains(s)).collect()
         };
         let accept = |s: &Stored| s.caps.covers(&req.required_capabilities);
         let mut out = ClaimOutcome::default();
@@ -559,11 +459,7 @@ impl KeyDirectory {
                             .await?;
                         let remaining = self.store.count_one_time(d, *suite).await?;
                         if remaining < self.cfg.low_water {
-                            out.low_stock.push(LowStock {
-                                device: d.clone(),
-                                cipher_suite: *suite,
-                                remaining,
-                            });
+                            out.low_stock.push(LowStock { device: d.clone(), cipher_suite: *suite, remaining });
                         }
                         got = Some(Claimed {
                             device: d.clone(),
@@ -580,11 +476,7 @@ impl KeyDirectory {
                 }
                 match self.store.last_resort(d, *suite).await? {
                     Some(s) if s.not_after > now && accept(&s) => {
-                        out.low_stock.push(LowStock {
-                            device: d.clone(),
-                            cipher_suite: *suite,
-                            remaining: 0,
-                        });
+                        out.low_stock.push(LowStock { device: d.clone(), cipher_suite: *suite, remaining: 0 });
                         got = Some(Claimed {
                             device: d.clone(),
                             cipher_suite: *suite,
@@ -598,14 +490,7 @@ impl KeyDirectory {
                 }
             }
             if let Some(c) = got {
-                self.metrics
-                    .claims
-                    .with_label_values(&[if c.last_resort {
-                        "last_resort"
-                    } else {
-                        "one_time"
-                    }])
-                    .inc();
+                self.metrics.claims.with_label_values(&[if c.last_resort { "last_resort" } else { "one_time" }]).inc();
                 out.claimed.push(c);
             }
         }
@@ -645,11 +530,7 @@ impl KeyDirectory {
     /// `reservation_secs` ago that no Welcome used; returns how many.
     pub async fn release_expired(&self, now: u64) -> Result<usize, KeydirError> {
         let mut n = 0;
-        for r in self
-            .store
-            .reservations_before(now.saturating_sub(self.cfg.reservation_secs))
-            .await?
-        {
+        for r in self.store.reservations_before(now.saturating_sub(self.cfg.reservation_secs)).await? {
             // take_reservation settles a race with `consumed` or another
             // keydir process: only one of them gets the record.
             if let Some(r) = self.store.take_reservation(&r.stored.kp_ref).await? {

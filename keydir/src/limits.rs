@@ -34,30 +34,17 @@ impl RateLimits {
     /// Takes one token from the requester's and the target's buckets.
     pub fn check(&self, requester: &str, user: &str) -> Result<(), ApiError> {
         let now = Instant::now();
-        let mut b = self
-            .buckets
-            .lock()
-            .map_err(|_| ApiError::new(ErrorCode::Internal, "rate limiter poisoned"))?;
+        let mut b = self.buckets.lock().map_err(|_| ApiError::new(ErrorCode::Internal, "rate limiter poisoned"))?;
         if b.len() > MAX_BUCKETS {
             b.retain(|_, v| now.duration_since(v.at).as_secs() < 60);
         }
-        let keys = [
-            (format!("r:{requester}"), self.per_requester),
-            (format!("u:{user}"), self.per_user),
-        ];
+        let keys = [(format!("r:{requester}"), self.per_requester), (format!("u:{user}"), self.per_user)];
         for (k, per_minute) in &keys {
-            let e = b.entry(k.clone()).or_insert(Bucket {
-                tokens: *per_minute,
-                at: now,
-            });
-            e.tokens = (e.tokens + now.duration_since(e.at).as_secs_f64() * per_minute / 60.0)
-                .min(*per_minute);
+            let e = b.entry(k.clone()).or_insert(Bucket { tokens: *per_minute, at: now });
+            e.tokens = (e.tokens + now.duration_since(e.at).as_secs_f64() * per_minute / 60.0).min(*per_minute);
             e.at = now;
             if e.tokens < 1.0 {
-                return Err(ApiError::new(
-                    ErrorCode::RateLimited,
-                    "too many KeyPackage claims; slow down",
-                ));
+                return Err(ApiError::new(ErrorCode::RateLimited, "too many KeyPackage claims; slow down"));
             }
         }
         for (k, _) in &keys {
@@ -78,10 +65,7 @@ mod tests {
         let l = RateLimits::new(2, 100);
         assert!(l.check("a", "u").is_ok());
         assert!(l.check("a", "u").is_ok());
-        assert_eq!(
-            l.check("a", "u").map_err(|e| e.code),
-            Err(ErrorCode::RateLimited)
-        );
+        assert_eq!(l.check("a", "u").map_err(|e| e.code), Err(ErrorCode::RateLimited));
         assert!(l.check("b", "u").is_ok(), "limits are per requester");
         tokio::time::advance(std::time::Duration::from_secs(30)).await;
         assert!(l.check("a", "u").is_ok());

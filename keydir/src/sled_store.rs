@@ -52,24 +52,17 @@ impl SledStore {
 
 impl KeyStore for SledStore {
     async fn put_one_time(&self, d: &DeviceId, s: &Stored) -> Result<()> {
-        self.one_time.insert(
-            key(&[d.as_bytes(), &s.suite.to_be_bytes(), &s.kp_ref]),
-            enc(s),
-        )?;
+        self.one_time.insert(key(&[d.as_bytes(), &s.suite.to_be_bytes(), &s.kp_ref]), enc(s))?;
         self.durable().await
     }
 
     async fn put_last_resort(&self, d: &DeviceId, s: &Stored) -> Result<()> {
-        self.last_resort
-            .insert(key(&[d.as_bytes(), &s.suite.to_be_bytes()]), enc(s))?;
+        self.last_resort.insert(key(&[d.as_bytes(), &s.suite.to_be_bytes()]), enc(s))?;
         self.durable().await
     }
 
     async fn last_resort(&self, d: &DeviceId, suite: u16) -> Result<Option<Stored>> {
-        self.last_resort
-            .get(key(&[d.as_bytes(), &suite.to_be_bytes()]))?
-            .map(|v| dec(&v))
-            .transpose()
+        self.last_resort.get(key(&[d.as_bytes(), &suite.to_be_bytes()]))?.map(|v| dec(&v)).transpose()
     }
 
     async fn take_one_time(
@@ -80,10 +73,7 @@ impl KeyStore for SledStore {
         accept: &(dyn Fn(&Stored) -> bool + Sync),
     ) -> Result<Take> {
         let mut saw_any = false;
-        for item in self
-            .one_time
-            .scan_prefix(key(&[d.as_bytes(), &suite.to_be_bytes()]))
-        {
+        for item in self.one_time.scan_prefix(key(&[d.as_bytes(), &suite.to_be_bytes()])) {
             let (k, v) = item?;
             let s: Stored = dec(&v)?;
             if s.not_after <= now {
@@ -100,26 +90,16 @@ impl KeyStore for SledStore {
                 return Ok(Take::Taken(s));
             }
         }
-        Ok(if saw_any {
-            Take::NoneCompatible
-        } else {
-            Take::Empty
-        })
+        Ok(if saw_any { Take::NoneCompatible } else { Take::Empty })
     }
 
     async fn count_one_time(&self, d: &DeviceId, suite: u16) -> Result<usize> {
-        Ok(self
-            .one_time
-            .scan_prefix(key(&[d.as_bytes(), &suite.to_be_bytes()]))
-            .count())
+        Ok(self.one_time.scan_prefix(key(&[d.as_bytes(), &suite.to_be_bytes()])).count())
     }
 
     async fn sweep(&self, d: &DeviceId, suite: u16, now: u64) -> Result<usize> {
         let mut n = 0;
-        for item in self
-            .one_time
-            .scan_prefix(key(&[d.as_bytes(), &suite.to_be_bytes()]))
-        {
+        for item in self.one_time.scan_prefix(key(&[d.as_bytes(), &suite.to_be_bytes()])) {
             let (k, v) = item?;
             if dec::<Stored>(&v)?.not_after <= now && self.one_time.remove(&k)?.is_some() {
                 n += 1;
@@ -129,8 +109,7 @@ impl KeyStore for SledStore {
     }
 
     async fn add_device(&self, u: &UserId, d: &DeviceId) -> Result<()> {
-        self.devices
-            .insert(key(&[u.as_bytes(), d.as_bytes()]), &[])?;
+        self.devices.insert(key(&[u.as_bytes(), d.as_bytes()]), &[])?;
         self.durable().await
     }
 
@@ -150,17 +129,12 @@ impl KeyStore for SledStore {
     }
 
     async fn remove_device(&self, d: &DeviceId, suites: &[u16]) -> Result<()> {
-        self.devices
-            .remove(key(&[d.user().as_bytes(), d.as_bytes()]))?;
+        self.devices.remove(key(&[d.user().as_bytes(), d.as_bytes()]))?;
         for suite in suites {
-            for item in self
-                .one_time
-                .scan_prefix(key(&[d.as_bytes(), &suite.to_be_bytes()]))
-            {
+            for item in self.one_time.scan_prefix(key(&[d.as_bytes(), &suite.to_be_bytes()])) {
                 self.one_time.remove(item?.0)?;
             }
-            self.last_resort
-                .remove(key(&[d.as_bytes(), &suite.to_be_bytes()]))?;
+            self.last_resort.remove(key(&[d.as_bytes(), &suite.to_be_bytes()]))?;
         }
         self.durable().await
     }
@@ -171,11 +145,7 @@ impl KeyStore for SledStore {
     }
 
     async fn take_reservation(&self, kp_ref: &[u8]) -> Result<Option<Reservation>> {
-        let r = self
-            .reservations
-            .remove(kp_ref)?
-            .map(|v| dec(&v))
-            .transpose()?;
+        let r = self.reservations.remove(kp_ref)?.map(|v| dec(&v)).transpose()?;
         if r.is_some() {
             self.durable().await?;
         }

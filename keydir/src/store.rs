@@ -20,18 +20,9 @@ pub struct Caps {
 
 impl Caps {
     pub fn covers(&self, required: &Caps) -> bool {
-        required
-            .extensions
-            .iter()
-            .all(|e| self.extensions.contains(e))
-            && required
-                .proposals
-                .iter()
-                .all(|p| self.proposals.contains(p))
-            && required
-                .credentials
-                .iter()
-                .all(|c| self.credentials.contains(c))
+        required.extensions.iter().all(|e| self.extensions.contains(e))
+            && required.proposals.iter().all(|p| self.proposals.contains(p))
+            && required.credentials.iter().all(|c| self.credentials.contains(c))
     }
 }
 
@@ -84,11 +75,7 @@ pub trait KeyStore: Send + Sync {
     fn put_one_time(&self, d: &DeviceId, s: &Stored) -> impl Future<Output = Result<()>> + Send;
     /// Replaces the device's last-resort KeyPackage for `s.suite`.
     fn put_last_resort(&self, d: &DeviceId, s: &Stored) -> impl Future<Output = Result<()>> + Send;
-    fn last_resort(
-        &self,
-        d: &DeviceId,
-        suite: u16,
-    ) -> impl Future<Output = Result<Option<Stored>>> + Send;
+    fn last_resort(&self, d: &DeviceId, suite: u16) -> impl Future<Output = Result<Option<Stored>>> + Send;
     /// Takes one non-expired one-time KeyPackage that `accept` allows;
     /// expired ones met on the way are deleted.
     fn take_one_time(
@@ -98,38 +85,19 @@ pub trait KeyStore: Send + Sync {
         now: u64,
         accept: &(dyn Fn(&Stored) -> bool + Sync),
     ) -> impl Future<Output = Result<Take>> + Send;
-    fn count_one_time(
-        &self,
-        d: &DeviceId,
-        suite: u16,
-    ) -> impl Future<Output = Result<usize>> + Send;
+    fn count_one_time(&self, d: &DeviceId, suite: u16) -> impl Future<Output = Result<usize>> + Send;
     /// Deletes expired one-time KeyPackages of `d`; returns how many.
-    fn sweep(
-        &self,
-        d: &DeviceId,
-        suite: u16,
-        now: u64,
-    ) -> impl Future<Output = Result<usize>> + Send;
+    fn sweep(&self, d: &DeviceId, suite: u16, now: u64) -> impl Future<Output = Result<usize>> + Send;
 
     fn add_device(&self, u: &UserId, d: &DeviceId) -> impl Future<Output = Result<()>> + Send;
     fn devices(&self, u: &UserId) -> impl Future<Output = Result<Vec<DeviceId>>> + Send;
     /// Forgets the device and deletes all its KeyPackages.
-    fn remove_device(
-        &self,
-        d: &DeviceId,
-        suites: &[u16],
-    ) -> impl Future<Output = Result<()>> + Send;
+    fn remove_device(&self, d: &DeviceId, suites: &[u16]) -> impl Future<Output = Result<()>> + Send;
 
     fn put_reservation(&self, r: &Reservation) -> impl Future<Output = Result<()>> + Send;
-    fn take_reservation(
-        &self,
-        kp_ref: &[u8],
-    ) -> impl Future<Output = Result<Option<Reservation>>> + Send;
+    fn take_reservation(&self, kp_ref: &[u8]) -> impl Future<Output = Result<Option<Reservation>>> + Send;
     /// Reservations claimed at or before `before` (unix seconds).
-    fn reservations_before(
-        &self,
-        before: u64,
-    ) -> impl Future<Output = Result<Vec<Reservation>>> + Send;
+    fn reservations_before(&self, before: u64) -> impl Future<Output = Result<Vec<Reservation>>> + Send;
 
     fn put_binding(&self, d: &DeviceId, signed: &[u8]) -> impl Future<Output = Result<()>> + Send;
     fn binding(&self, d: &DeviceId) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;

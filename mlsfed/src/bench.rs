@@ -31,8 +31,7 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 pub async fn run(mut cfg: config::Config, messages: usize, members: usize) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     cfg.data_dir = tmp.path().join("operator");
-    let embedded =
-        embedded_nats(&cfg)?.context("bench runs its own nats-server; unset MLSFED_NATS_URL")?;
+    let embedded = embedded_nats(&cfg)?.context("bench runs its own nats-server; unset MLSFED_NATS_URL")?;
     cfg.nats_url = embedded.url();
     let nats = mlsfed::connect(&cfg.nats_url).await?;
 
@@ -49,9 +48,7 @@ pub async fn run(mut cfg: config::Config, messages: usize, members: usize) -> an
     let start = Instant::now();
     let mut acks = futures::stream::FuturesUnordered::new();
     for _ in 0..raw_n {
-        acks.push(std::future::IntoFuture::into_future(
-            js.publish("bench.raw", payload.clone()).await?,
-        ));
+        acks.push(std::future::IntoFuture::into_future(js.publish("bench.raw", payload.clone()).await?));
         if acks.len() >= 512 {
             acks.next().await.transpose()?;
         }
@@ -81,9 +78,8 @@ pub async fn run(mut cfg: config::Config, messages: usize, members: usize) -> an
         devices.push(d);
     }
     let g = devices[0].create_group("bench").await?;
-    let users: Vec<_> = (1..members)
-        .map(|i| proto::UserId::new(&cfg.domain, &format!("user{i}")))
-        .collect::<Result<_, _>>()?;
+    let users: Vec<_> =
+        (1..members).map(|i| proto::UserId::new(&cfg.domain, &format!("user{i}"))).collect::<Result<_, _>>()?;
     devices[0].add(&g, &users).await?;
     for d in devices.iter_mut().skip(1) {
         d.sync().await?;
@@ -102,8 +98,7 @@ pub async fn run(mut cfg: config::Config, messages: usize, members: usize) -> an
     let watcher = tokio::spawn(async move {
         let mut ws = ws_http.websocket(start_cursor).await?;
         while arr.lock().await.len() < want {
-            let Some(frame) = tokio::time::timeout(Duration::from_secs(60), ws.next()).await?
-            else {
+            let Some(frame) = tokio::time::timeout(Duration::from_secs(60), ws.next()).await? else {
                 break;
             };
             if let tokio_tungstenite::tungstenite::Message::Text(t) = frame? {
@@ -137,10 +132,8 @@ pub async fn run(mut cfg: config::Config, messages: usize, members: usize) -> an
     let delivered_elapsed = t0.elapsed();
     let starts = starts.lock().await;
     let arrivals = arrivals.lock().await;
-    let mut e2e: Vec<Duration> = arrivals
-        .iter()
-        .filter_map(|(p, at)| starts.get(p).map(|s| at.saturating_duration_since(*s)))
-        .collect();
+    let mut e2e: Vec<Duration> =
+        arrivals.iter().filter_map(|(p, at)| starts.get(p).map(|s| at.saturating_duration_since(*s))).collect();
     submit_lat.sort();
     e2e.sort();
     let deliveries = messages * members;
@@ -161,10 +154,7 @@ pub async fn run(mut cfg: config::Config, messages: usize, members: usize) -> an
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
 
     // 3. KeyPackage claims per second through the API, on each backend.
-    for backend in [
-        config::KeydirBackend::Sled,
-        config::KeydirBackend::Jetstream,
-    ] {
+    for backend in [config::KeydirBackend::Sled, config::KeydirBackend::Jetstream] {
         let mut kcfg = cfg.clone();
         kcfg.keydir.backend = backend;
         kcfg.keydir.claims_per_minute_per_requester = 1_000_000;
@@ -179,21 +169,12 @@ pub async fn run(mut cfg: config::Config, messages: usize, members: usize) -> an
 
 /// Uploads `per_device` KeyPackages for each of `users` devices, then claims
 /// them all; returns claims per second.
-async fn claims(
-    cfg: config::Config,
-    dir: &std::path::Path,
-    users: usize,
-    per_device: usize,
-) -> anyhow::Result<f64> {
+async fn claims(cfg: config::Config, dir: &std::path::Path, users: usize, per_device: usize) -> anyhow::Result<f64> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let shutdown = CancellationToken::new();
     let nats = mlsfed::connect(&cfg.nats_url).await?;
-    let roles = mlsfed::Roles {
-        ingest: true,
-        sequencer: false,
-        fanout: false,
-    };
+    let roles = mlsfed::Roles { ingest: true, ..mlsfed::Roles::NONE };
     let server = tokio::spawn(mlsfed::run(
         cfg.clone(),
         roles,

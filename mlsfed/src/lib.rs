@@ -19,14 +19,13 @@ pub struct Roles {
     pub ingest: bool,
     pub sequencer: bool,
     pub fanout: bool,
+    /// The federation bridge (runs only when peers are configured).
+    pub bridge: bool,
 }
 
 impl Roles {
-    pub const ALL: Roles = Roles {
-        ingest: true,
-        sequencer: true,
-        fanout: true,
-    };
+    pub const ALL: Roles = Roles { ingest: true, sequencer: true, fanout: true, bridge: true };
+    pub const NONE: Roles = Roles { ingest: false, sequencer: false, fanout: false, bridge: false };
 }
 
 /// Connects to NATS with reconnects forever: a worker rides out a NATS restart.
@@ -58,36 +57,26 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let js = jetstream(nats);
-    let topo = proto::streams::ensure(&js, &cfg.streams)
-        .await
-        .context("cannot create streams")?;
+    let topo = proto::streams::ensure(&js, &cfg).await.context("cannot create streams")?;
     let mut tasks = JoinSet::new();
     if roles.sequencer {
-        let consumer = proto::streams::worker_consumer(
-            &topo.submit,
-            proto::names::SEQUENCER_CONSUMER,
-            &cfg.streams,
-        )
-        .await?;
-        let seq = sequencer::Sequencer::new(
-            topo.clone(),
-            cfg.domain.clone(),
-            sequencer::Metrics::new(&registry)?,
-        );
+        let consumer =
+            proto::streams::worker_consumer(&topo.submit, proto::names::SEQUENCER_CONSUMER, &cfg.streams).await?;
+        let seq = sequencer::Sequencer::new(topo.clone(), cfg.domain.clone(), sequencer::Metrics::new(&registry)?);
         let sd = shutdown.clone();
         tasks.spawn(async move { seq.run(consumer, sd).await.map_err(anyhow::Error::from) });
     }
     if roles.fanout {
-        let consumer =
-            proto::streams::worker_consumer(&topo.log, proto::names::FANOUT_CONSUMER, &cfg.streams)
-                .await?;
-        let fo = fanout::Fanout::new(
-            topo.clone(),
-            cfg.domain.clone(),
-            fanout::Metrics::new(&registry)?,
-        );
+        let consumer = proto::streams::worker_consumer(&topo.log, proto::names::FANOUT_CONSUMER, &cfg.streams).await?;
+        let fo = fanout::Fanout::new(topo.clone(), cfg.domain.clone(), fanout::Metrics::new(&registry)?);
         let sd = shutdown.clone();
         tasks.spawn(async move { fo.run(consumer, sd).await.map_err(anyhow::Error::from) });
+    }
+    if roles.bridge && !cfg.peers.is_empty() {
+        let bridge =
+            federation_bridge::Bridge::new(topo.clone(), &cfg, federation_bridge::Metrics::new(&registry)?).await?;
+        let sd = shutdown.clone();
+        tasks.spawn(async move { bridge.run(sd).await.map_err(anyhow::Error::from) });
     }
     if roles.ingest {
         let listener = listener.context("the ingest role needs a listener")?;
@@ -97,9 +86,9 @@ pub async fn run(
                 let db = sled::open(cfg.keydir_path()).context("cannot open key directory")?;
                 keydir::Backend::Sled(keydir::SledStore::open(&db)?)
             }
-            config::KeydirBackend::Jetstream => keydir::Backend::JetStream(Box::new(
-                keydir::JsStore::open(&js, cfg.streams.replicas).await?,
-            )),
+            config::KeydirBackend::Jetstream => {
+                keydir::Backend::JetStream(Box::new(keydir::JsStore::open(&js, cfg.streams.replicas).await?))
+            }
         };
         let kd = keydir::KeyDirectory::new(
             store,
@@ -116,11 +105,7 @@ pub async fn run(
             metrics: ingest::Metrics::new(&registry)?,
             shutdown: shutdown.clone(),
         });
-        tasks.spawn(async move {
-            ingest::serve(listener, api)
-                .await
-                .map_err(anyhow::Error::from)
-        });
+        tasks.spawn(async move { ingest::serve(listener, api).await.map_err(anyhow::Error::from) });
     }
     // The first role to stop (shutdown, or a failure) stops the process.
     let first = tasks.join_next().await;

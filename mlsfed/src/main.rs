@@ -34,6 +34,10 @@ enum Cmd {
     Sequencer,
     /// The local fan-out worker.
     Fanout,
+    /// The federation bridge to peer operators.
+    Bridge,
+    /// Print this operator's Ed25519 public key (peers put it in their config).
+    OperatorKey,
     /// Issue a bearer token for a device of this operator.
     Token {
         #[arg(long)]
@@ -56,10 +60,7 @@ enum Cmd {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MLSFED_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 #[tokio::main]
@@ -69,50 +70,19 @@ async fn main() -> anyhow::Result<()> {
     let cfg = config::Config::load(cli.config.as_deref())?;
     match cli.cmd {
         Cmd::Run => serve(cfg, Roles::ALL).await,
-        Cmd::Ingest => {
-            serve(
-                cfg,
-                Roles {
-                    ingest: true,
-                    sequencer: false,
-                    fanout: false,
-                },
-            )
-            .await
-        }
-        Cmd::Sequencer => {
-            serve(
-                cfg,
-                Roles {
-                    ingest: false,
-                    sequencer: true,
-                    fanout: false,
-                },
-            )
-            .await
-        }
-        Cmd::Fanout => {
-            serve(
-                cfg,
-                Roles {
-                    ingest: false,
-                    sequencer: false,
-                    fanout: true,
-                },
-            )
-            .await
+        Cmd::Ingest => serve(cfg, Roles { ingest: true, ..Roles::NONE }).await,
+        Cmd::Sequencer => serve(cfg, Roles { sequencer: true, ..Roles::NONE }).await,
+        Cmd::Fanout => serve(cfg, Roles { fanout: true, ..Roles::NONE }).await,
+        Cmd::Bridge => serve(cfg, Roles { bridge: true, ..Roles::NONE }).await,
+        Cmd::OperatorKey => {
+            let key = proto::identity::operator_key(&cfg.operator_seed()?);
+            println!("{}", proto::identity::public_key_b64(&key));
+            Ok(())
         }
         Cmd::Token { device, ttl_secs } => {
             let d = proto::DeviceId::parse(&device)?;
-            anyhow::ensure!(
-                d.domain() == cfg.domain,
-                "device {d} is not on this operator ({})",
-                cfg.domain
-            );
-            println!(
-                "{}",
-                proto::auth::issue(cfg.token_secret.as_bytes(), &d, unix_now() + ttl_secs)
-            );
+            anyhow::ensure!(d.domain() == cfg.domain, "device {d} is not on this operator ({})", cfg.domain);
+            println!("{}", proto::auth::issue(cfg.token_secret.as_bytes(), &d, unix_now() + ttl_secs));
             Ok(())
         }
         Cmd::Demo => demo::run(cfg).await,
@@ -121,10 +91,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Starts the embedded nats-server when no URL is configured.
@@ -185,13 +152,5 @@ async fn serve(mut cfg: config::Config, roles: Roles) -> anyhow::Result<()> {
             drop(embedded);
         });
     }
-    mlsfed::run(
-        cfg,
-        roles,
-        client,
-        listener,
-        prometheus::Registry::new(),
-        shutdown,
-    )
-    .await
+    mlsfed::run(cfg, roles, client, listener, prometheus::Registry::new(), shutdown).await
 }

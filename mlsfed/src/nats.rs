@@ -39,12 +39,7 @@ impl NatsProcess {
     /// Starts nats-server on a random loopback port (`port` 0) or on `port`.
     pub fn start(bin: &str, dir: &Path, port: u16) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let mut p = Self {
-            child: None,
-            bin: bin.to_owned(),
-            dir: dir.to_owned(),
-            port,
-        };
+        let mut p = Self { child: None, bin: bin.to_owned(), dir: dir.to_owned(), port };
         p.spawn()?;
         Ok(p)
     }
@@ -53,11 +48,7 @@ impl NatsProcess {
         let ports = self.dir.join("ports");
         let _ = std::fs::remove_dir_all(&ports);
         std::fs::create_dir_all(&ports)?;
-        let port = if self.port == 0 {
-            "-1".to_owned()
-        } else {
-            self.port.to_string()
-        };
+        let port = if self.port == 0 { "-1".to_owned() } else { self.port.to_string() };
         let child = Command::new(&self.bin)
             .args(["-a", "127.0.0.1", "-p", &port, "-js", "--http_port", "0"])
             .arg("-sd")
@@ -67,8 +58,7 @@ impl NatsProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(
-                std::fs::File::create(self.dir.join("nats-server.log"))
-                    .context("cannot create nats log")?,
+                std::fs::File::create(self.dir.join("nats-server.log")).context("cannot create nats log")?,
             ))
             .spawn()
             .with_context(|| format!("cannot start {} (run scripts/install-nats)", self.bin))?;
@@ -82,10 +72,7 @@ impl NatsProcess {
         while Instant::now() < deadline {
             if let Some(c) = self.child.as_mut() {
                 if let Some(status) = c.try_wait()? {
-                    bail!(
-                        "nats-server exited at start ({status}); see {}",
-                        self.dir.join("nats-server.log").display()
-                    );
+                    bail!("nats-server exited at start ({status}); see {}", self.dir.join("nats-server.log").display());
                 }
             }
             if let Some(port) = read_port(ports) {

@@ -48,16 +48,11 @@ pub fn verify(secret: &[u8], token: &str, now_unix: u64) -> Result<DeviceId, Ver
         return Err(VerifyTokenError::Malformed);
     }
     let device = parts.next().ok_or(VerifyTokenError::Malformed)?;
-    let exp: u64 = parts
-        .next()
-        .and_then(|e| e.parse().ok())
-        .ok_or(VerifyTokenError::Malformed)?;
+    let exp: u64 = parts.next().and_then(|e| e.parse().ok()).ok_or(VerifyTokenError::Malformed)?;
     if exp <= now_unix {
         return Err(VerifyTokenError::Expired);
     }
-    let device = B64
-        .decode(device)
-        .map_err(|_| VerifyTokenError::Malformed)?;
+    let device = B64.decode(device).map_err(|_| VerifyTokenError::Malformed)?;
     DeviceId::from_credential_identity(&device).map_err(|_| VerifyTokenError::Malformed)
 }
 

@@ -83,11 +83,16 @@ codes! {
     DeviceRevoked => ("device_revoked", 410, false),
     RateLimited => ("rate_limited", 429, true),
     // Server side.
+    PeerUnreachable => ("peer_unreachable", 503, true),
+    IncompatiblePeer => ("incompatible_peer", 502, false),
+    ForgedEnvelope => ("forged_envelope", 403, false),
     Timeout => ("timeout", 504, true),
     Unavailable => ("unavailable", 503, true),
     Internal => ("internal", 503, true),
 }
 
+/// Binary encodings (postcard) need every field present, so the optional
+/// fields are always serialized; HTTP rendering drops the empty ones.
 /// The JSON body of every error response: `{"code": "...", "message": "...", ...}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{code:?}: {message}")]
@@ -95,10 +100,10 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
     /// For `wrong_epoch`: the group's current epoch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub current_epoch: Option<u64>,
     /// For `wrong_epoch`: the hub position of the Commit that won the epoch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub winning_commit_position: Option<u64>,
     #[serde(default)]
     pub retryable: bool,

@@ -60,32 +60,20 @@ pub fn public_key_b64(key: &SigningKey) -> String {
 pub fn sign(key: &SigningKey, b: &Binding) -> SignedBinding {
     let bytes = serde_json::to_vec(b).unwrap_or_default();
     let sig = key.sign(&bytes);
-    SignedBinding {
-        binding: B64.encode(&bytes),
-        signature: B64.encode(sig.to_bytes()),
-    }
+    SignedBinding { binding: B64.encode(&bytes), signature: B64.encode(sig.to_bytes()) }
 }
 
 impl SignedBinding {
     /// Verifies the signature with the operator's public key (base64) and
     /// returns the binding, whatever its state.
     pub fn open(&self, operator_key_b64: &str) -> Result<Binding, VerifyBindingError> {
-        let key: [u8; 32] = B64
-            .decode(operator_key_b64)
-            .ok()
-            .and_then(|k| k.try_into().ok())
-            .ok_or(VerifyBindingError::Malformed)?;
+        let key: [u8; 32] =
+            B64.decode(operator_key_b64).ok().and_then(|k| k.try_into().ok()).ok_or(VerifyBindingError::Malformed)?;
         let key = VerifyingKey::from_bytes(&key).map_err(|_| VerifyBindingError::Malformed)?;
-        let bytes = B64
-            .decode(&self.binding)
-            .map_err(|_| VerifyBindingError::Malformed)?;
-        let sig: [u8; 64] = B64
-            .decode(&self.signature)
-            .ok()
-            .and_then(|s| s.try_into().ok())
-            .ok_or(VerifyBindingError::Malformed)?;
-        key.verify(&bytes, &Signature::from_bytes(&sig))
-            .map_err(|_| VerifyBindingError::BadSignature)?;
+        let bytes = B64.decode(&self.binding).map_err(|_| VerifyBindingError::Malformed)?;
+        let sig: [u8; 64] =
+            B64.decode(&self.signature).ok().and_then(|s| s.try_into().ok()).ok_or(VerifyBindingError::Malformed)?;
+        key.verify(&bytes, &Signature::from_bytes(&sig)).map_err(|_| VerifyBindingError::BadSignature)?;
         serde_json::from_slice(&bytes).map_err(|_| VerifyBindingError::Malformed)
     }
 
@@ -107,11 +95,7 @@ impl SignedBinding {
         if b.not_after <= now {
             return Err(VerifyBindingError::Expired);
         }
-        if B64
-            .decode(&b.signature_key)
-            .map_err(|_| VerifyBindingError::Malformed)?
-            != signature_key
-        {
+        if B64.decode(&b.signature_key).map_err(|_| VerifyBindingError::Malformed)? != signature_key {
             return Err(VerifyBindingError::KeyMismatch);
         }
         Ok(b)
@@ -137,23 +121,11 @@ mod tests {
         };
         let s = sign(&k, &b);
         assert!(s.check(&pk, &d, &[1, 2, 3], 50).is_ok());
-        assert_eq!(
-            s.check(&pk, &d, &[1, 2, 4], 50),
-            Err(VerifyBindingError::KeyMismatch)
-        );
-        assert_eq!(
-            s.check(&pk, &d, &[1, 2, 3], 100),
-            Err(VerifyBindingError::Expired)
-        );
+        assert_eq!(s.check(&pk, &d, &[1, 2, 4], 50), Err(VerifyBindingError::KeyMismatch));
+        assert_eq!(s.check(&pk, &d, &[1, 2, 3], 100), Err(VerifyBindingError::Expired));
         let other = public_key_b64(&operator_key(&[8; 32]));
-        assert_eq!(
-            s.check(&other, &d, &[1, 2, 3], 50),
-            Err(VerifyBindingError::BadSignature)
-        );
+        assert_eq!(s.check(&other, &d, &[1, 2, 3], 50), Err(VerifyBindingError::BadSignature));
         let revoked = sign(&k, &Binding { revoked: true, ..b });
-        assert_eq!(
-            revoked.check(&pk, &d, &[1, 2, 3], 50),
-            Err(VerifyBindingError::Revoked)
-        );
+        assert_eq!(revoked.check(&pk, &d, &[1, 2, 3], 50), Err(VerifyBindingError::Revoked));
     }
 }

@@ -31,28 +31,18 @@ fn valid_domain(d: &str) -> bool {
     !d.is_empty()
         && d.len() <= 100
         && d.split('.').all(|label| {
-            !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            !label.is_empty() && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         })
 }
 
 fn valid_segment(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
-        })
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Splits `mimi://domain/kind/...` into the domain and the path segments.
-fn split<'a>(
-    s: &'a str,
-    kind: &str,
-    n: usize,
-    shape: &'static str,
-) -> Result<(&'a str, Vec<&'a str>), ParseIdError> {
+fn split<'a>(s: &'a str, kind: &str, n: usize, shape: &'static str) -> Result<(&'a str, Vec<&'a str>), ParseIdError> {
     if s.len() > MAX_ID_LEN {
         return Err(ParseIdError::TooLong);
     }

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod federation;
 pub mod identity;
 pub mod ids;
 pub mod mls;

@@ -75,69 +75,40 @@ pub fn precheck(bytes: &[u8], allowed: &[u16]) -> Result<u16, ApiError> {
 /// Decodes one MLSMessage from the front of `input`, advancing it.
 fn take_one(input: &mut &[u8]) -> Result<(Vec<u8>, MlsMessageIn), ApiError> {
     let start = *input;
-    let msg = MlsMessageIn::tls_deserialize(input).map_err(|e| {
-        err(
-            ErrorCode::MalformedMessage,
-            format!("cannot decode MLSMessage: {e}"),
-        )
-    })?;
+    let msg = MlsMessageIn::tls_deserialize(input)
+        .map_err(|e| err(ErrorCode::MalformedMessage, format!("cannot decode MLSMessage: {e}")))?;
     let used = start.len() - input.len();
     Ok((start[..used].to_vec(), msg))
 }
 
 /// Parses a submission body (see [`Bundle`]).
 pub fn parse_bundle(bytes: &[u8]) -> Result<Bundle, ApiError> {
-    precheck(
-        bytes,
-        &[wire_format::PUBLIC_MESSAGE, wire_format::PRIVATE_MESSAGE],
-    )?;
+    precheck(bytes, &[wire_format::PUBLIC_MESSAGE, wire_format::PRIVATE_MESSAGE])?;
     let mut input = bytes;
     let (message, msg) = take_one(&mut input)?;
-    let pm: ProtocolMessage = msg.try_into_protocol_message().map_err(|_| {
-        err(
-            ErrorCode::WrongWireFormat,
-            "expected a PublicMessage or PrivateMessage",
-        )
-    })?;
+    let pm: ProtocolMessage = msg
+        .try_into_protocol_message()
+        .map_err(|_| err(ErrorCode::WrongWireFormat, "expected a PublicMessage or PrivateMessage"))?;
     let header = header_of(&pm)?;
     let mut welcome = None;
     let mut group_info = None;
     while !input.is_empty() {
         if header.content != Content::Commit {
-            return Err(err(
-                ErrorCode::InvalidRequest,
-                "only a Commit may carry a Welcome or GroupInfo",
-            ));
+            return Err(err(ErrorCode::InvalidRequest, "only a Commit may carry a Welcome or GroupInfo"));
         }
         let wf = precheck(input, &[wire_format::WELCOME, wire_format::GROUP_INFO])?;
         let (raw, _) = take_one(&mut input)?;
-        let slot = if wf == wire_format::WELCOME {
-            &mut welcome
-        } else {
-            &mut group_info
-        };
+        let slot = if wf == wire_format::WELCOME { &mut welcome } else { &mut group_info };
         if slot.replace(raw).is_some() {
-            return Err(err(
-                ErrorCode::InvalidRequest,
-                "a bundle carries at most one Welcome and one GroupInfo",
-            ));
+            return Err(err(ErrorCode::InvalidRequest, "a bundle carries at most one Welcome and one GroupInfo"));
         }
     }
-    Ok(Bundle {
-        message,
-        header,
-        welcome,
-        group_info,
-    })
+    Ok(Bundle { message, header, welcome, group_info })
 }
 
 fn header_of(pm: &ProtocolMessage) -> Result<Header, ApiError> {
-    let group = GroupId::from_mls(pm.group_id().as_slice()).map_err(|e| {
-        err(
-            ErrorCode::InvalidIdentifier,
-            format!("group_id is not a mimi room id: {e}"),
-        )
-    })?;
+    let group = GroupId::from_mls(pm.group_id().as_slice())
+        .map_err(|e| err(ErrorCode::InvalidIdentifier, format!("group_id is not a mimi room id: {e}")))?;
     let public = matches!(pm, ProtocolMessage::PublicMessage(_));
     let content = match pm.content_type() {
         ContentType::Application => Content::Application,
@@ -149,42 +120,23 @@ fn header_of(pm: &ProtocolMessage) -> Result<Header, ApiError> {
     // design decision 3). Application data is always PrivateMessage (§6.2).
     match (public, content) {
         (false, Content::Proposal | Content::Commit) => {
-            return Err(err(
-                ErrorCode::EncryptedHandshake,
-                "handshake messages must be sent as PublicMessage",
-            ))
+            return Err(err(ErrorCode::EncryptedHandshake, "handshake messages must be sent as PublicMessage"))
         }
         (true, Content::Application) => {
-            return Err(err(
-                ErrorCode::WrongWireFormat,
-                "application messages must be PrivateMessage (RFC 9420 §6.2)",
-            ))
+            return Err(err(ErrorCode::WrongWireFormat, "application messages must be PrivateMessage (RFC 9420 §6.2)"))
         }
         _ => {}
     }
-    Ok(Header {
-        group,
-        epoch: pm.epoch().as_u64(),
-        content,
-        public,
-    })
+    Ok(Header { group, epoch: pm.epoch().as_u64(), content, public })
 }
 
 /// Extracts the Welcome's recipients (KeyPackageRefs, RFC 9420 §12.4.3.1).
 pub fn welcome_recipients(bytes: &[u8]) -> Result<Vec<Vec<u8>>, ApiError> {
     precheck(bytes, &[wire_format::WELCOME])?;
-    let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| {
-        err(
-            ErrorCode::MalformedMessage,
-            format!("cannot decode Welcome: {e}"),
-        )
-    })?;
+    let msg = MlsMessageIn::tls_deserialize_exact(bytes)
+        .map_err(|e| err(ErrorCode::MalformedMessage, format!("cannot decode Welcome: {e}")))?;
     match msg.extract() {
-        MlsMessageBodyIn::Welcome(w) => Ok(w
-            .secrets()
-            .iter()
-            .map(|s| s.new_member().as_slice().to_vec())
-            .collect()),
+        MlsMessageBodyIn::Welcome(w) => Ok(w.secrets().iter().map(|s| s.new_member().as_slice().to_vec()).collect()),
         _ => Err(err(ErrorCode::WrongWireFormat, "expected a Welcome")),
     }
 }

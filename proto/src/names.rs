@@ -73,10 +73,7 @@ pub fn notice_msg_id(d: &DeviceId, suite: u16, remaining: usize) -> String {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update(d.as_bytes());
-    format!(
-        "nt-{}-{suite}-{remaining}",
-        hex::encode(&h.finalize()[..12])
-    )
+    format!("nt-{}-{suite}-{remaining}", hex::encode(&h.finalize()[..12]))
 }
 
 /// Header names carried on JetStream messages.
@@ -97,11 +94,7 @@ pub const RESERVATIONS_WILDCARD: &str = "mlsfed.kp.res.*";
 pub const KEYDIR_BUCKET: &str = "mlsfed_keydir";
 
 pub fn key_package_subject(d: &DeviceId, suite: u16, kp_ref: &[u8]) -> String {
-    format!(
-        "{PREFIX}.kp.ot.{}.{suite}.{}",
-        d.token(),
-        hex::encode(kp_ref)
-    )
+    format!("{PREFIX}.kp.ot.{}.{suite}.{}", d.token(), hex::encode(kp_ref))
 }
 
 pub fn key_packages_of(d: &DeviceId, suite: u16) -> String {
@@ -127,3 +120,74 @@ pub fn user_devices_key(u: &crate::ids::UserId) -> String {
 pub fn binding_key(d: &DeviceId) -> String {
     format!("bind.{}", d.token())
 }
+
+/// Our outbox to each peer: `mlsfed.fedout.<hex peer domain>` (Limits;
+/// retention is the outage we tolerate).
+pub const FED_OUT_STREAM: &str = "MLSFED_FED_OUT";
+pub const FED_OUT_WILDCARD: &str = "mlsfed.fedout.*";
+/// Our inbox from peers: `mlsfed.fedin.<hex origin domain>`; each peer's
+/// NATS user may publish only to its own subject (docs/federation.md).
+pub const FED_IN_STREAM: &str = "MLSFED_FED_IN";
+pub const FED_IN_WILDCARD: &str = "mlsfed.fedin.*";
+/// Per-peer high-water marks of accepted envelopes.
+pub const FEDERATION_BUCKET: &str = "mlsfed_federation";
+pub const BRIDGE_IN_CONSUMER: &str = "bridge-in";
+
+fn domain_token(domain: &str) -> String {
+    hex::encode(domain.as_bytes())
+}
+
+pub fn fed_out_subject(peer: &str) -> String {
+    format!("{PREFIX}.fedout.{}", domain_token(peer))
+}
+
+pub fn fed_in_subject(origin: &str) -> String {
+    format!("{PREFIX}.fedin.{}", domain_token(origin))
+}
+
+/// The origin domain named by a FED_IN subject.
+pub fn origin_of_fed_in(subject: &str) -> Option<String> {
+    let token = subject.strip_prefix(&format!("{PREFIX}.fedin."))?;
+    String::from_utf8(hex::decode(token).ok()?).ok()
+}
+
+pub fn bridge_out_consumer(peer: &str) -> String {
+    format!("bridge-out-{}", domain_token(peer))
+}
+
+pub fn hwm_key(peer: &str) -> String {
+    format!("hwm.{}", domain_token(peer))
+}
+
+/// On a peer's NATS: where we send it requests (claims, identity lookups).
+pub fn peer_rpc_subject(origin: &str) -> String {
+    format!("{PREFIX}.fedrpc.{}", domain_token(origin))
+}
+
+pub const PEER_RPC_WILDCARD: &str = "mlsfed.fedrpc.*";
+
+/// On our NATS: ingest asks our bridge to query `peer`.
+pub fn bridge_rpc_subject(peer: &str) -> String {
+    format!("{PREFIX}.bridgerpc.{}", domain_token(peer))
+}
+
+pub const BRIDGE_RPC_WILDCARD: &str = "mlsfed.bridgerpc.*";
+
+/// On our NATS: the bridge asks our key directory (served by ingest).
+pub const KEYDIR_RPC_SUBJECT: &str = "mlsfed.keydir.rpc";
+pub const KEYDIR_RPC_QUEUE: &str = "keydir";
+
+/// `Nats-Msg-Id` of an outbox record.
+pub fn fed_msg_id(kind: &str, parts: &[&[u8]]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    format!("{kind}-{}", hex::encode(&h.finalize()[..16]))
+}
+
+/// Core NATS: the KeyPackageRefs a delivered Welcome used, so the key
+/// directory settles their reservations.
+pub const KEYDIR_CONSUMED_SUBJECT: &str = "mlsfed.keydir.consumed";

@@ -11,25 +11,13 @@ use crate::names;
 #[derive(Debug, thiserror::Error)]
 pub enum EnsureStreamsError {
     #[error("cannot create stream {name}: {source}")]
-    Stream {
-        name: &'static str,
-        source: jetstream::context::CreateStreamError,
-    },
+    Stream { name: &'static str, source: jetstream::context::CreateStreamError },
     #[error("cannot create bucket {name}: {source}")]
-    Bucket {
-        name: &'static str,
-        source: jetstream::context::CreateKeyValueError,
-    },
+    Bucket { name: &'static str, source: jetstream::context::CreateKeyValueError },
     #[error("cannot open bucket {name}: {source}")]
-    OpenBucket {
-        name: &'static str,
-        source: jetstream::context::KeyValueError,
-    },
+    OpenBucket { name: &'static str, source: jetstream::context::KeyValueError },
     #[error("cannot create consumer {name}: {source}")]
-    Consumer {
-        name: &'static str,
-        source: jetstream::stream::ConsumerError,
-    },
+    Consumer { name: &'static str, source: jetstream::stream::ConsumerError },
 }
 
 /// Handles to everything a worker uses.
@@ -42,6 +30,9 @@ pub struct Topology {
     pub groups: kv::Store,
     pub fanout: kv::Store,
     pub verdicts: kv::Store,
+    pub fed_out: stream::Stream,
+    pub fed_in: stream::Stream,
+    pub federation: kv::Store,
 }
 
 async fn ensure_stream(
@@ -51,9 +42,7 @@ async fn ensure_stream(
 ) -> Result<stream::Stream, EnsureStreamsError> {
     // get_or_create keeps an existing stream as it is; operators change
     // retention of a live stream with the admin tooling, not by restarting.
-    js.get_or_create_stream(cfg)
-        .await
-        .map_err(|source| EnsureStreamsError::Stream { name, source })
+    js.get_or_create_stream(cfg).await.map_err(|source| EnsureStreamsError::Stream { name, source })
 }
 
 async fn ensure_bucket(
@@ -66,18 +55,13 @@ async fn ensure_bucket(
         Err(_) => match js.create_key_value(cfg).await {
             Ok(s) => Ok(s),
             // Another worker created it between our get and our create.
-            Err(_) => js
-                .get_key_value(name)
-                .await
-                .map_err(|source| EnsureStreamsError::OpenBucket { name, source }),
+            Err(_) => js.get_key_value(name).await.map_err(|source| EnsureStreamsError::OpenBucket { name, source }),
         },
     }
 }
 
-pub async fn ensure(
-    js: &jetstream::Context,
-    cfg: &config::Streams,
-) -> Result<Topology, EnsureStreamsError> {
+pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Topology, EnsureStreamsError> {
+    let cfg = &all.streams;
     let replicas = cfg.replicas.max(1);
     let submit = ensure_stream(
         js,
@@ -127,23 +111,13 @@ pub async fn ensure(
     .await?;
     let groups = ensure_bucket(
         js,
-        kv::Config {
-            bucket: names::GROUPS_BUCKET.into(),
-            history: 1,
-            num_replicas: replicas,
-            ..Default::default()
-        },
+        kv::Config { bucket: names::GROUPS_BUCKET.into(), history: 1, num_replicas: replicas, ..Default::default() },
         names::GROUPS_BUCKET,
     )
     .await?;
     let fanout = ensure_bucket(
         js,
-        kv::Config {
-            bucket: names::FANOUT_BUCKET.into(),
-            history: 1,
-            num_replicas: replicas,
-            ..Default::default()
-        },
+        kv::Config { bucket: names::FANOUT_BUCKET.into(), history: 1, num_replicas: replicas, ..Default::default() },
         names::FANOUT_BUCKET,
     )
     .await?;
@@ -159,15 +133,47 @@ pub async fn ensure(
         names::VERDICTS_BUCKET,
     )
     .await?;
-    Ok(Topology {
-        js: js.clone(),
-        submit,
-        log,
-        mailbox,
-        groups,
-        fanout,
-        verdicts,
-    })
+    let fed_out = ensure_stream(
+        js,
+        stream::Config {
+            name: names::FED_OUT_STREAM.into(),
+            subjects: vec![names::FED_OUT_WILDCARD.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(all.federation.outbox_max_age_secs),
+            duplicate_window: cfg.duplicate_window(),
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        names::FED_OUT_STREAM,
+    )
+    .await?;
+    let fed_in = ensure_stream(
+        js,
+        stream::Config {
+            name: names::FED_IN_STREAM.into(),
+            subjects: vec![names::FED_IN_WILDCARD.into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: cfg.duplicate_window(),
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        names::FED_IN_STREAM,
+    )
+    .await?;
+    let federation = ensure_bucket(
+        js,
+        kv::Config {
+            bucket: names::FEDERATION_BUCKET.into(),
+            history: 1,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        names::FEDERATION_BUCKET,
+    )
+    .await?;
+    Ok(Topology { js: js.clone(), submit, log, mailbox, groups, fanout, verdicts, fed_out, fed_in, federation })
 }
 
 /// The shared durable pull consumer of a worker role. All processes of a role

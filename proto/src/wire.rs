@@ -17,6 +17,9 @@ pub struct Submission {
     pub device: DeviceId,
     pub group: GroupId,
     pub kind: SubmissionKind,
+    /// The peer operator that forwarded it (None: one of our devices). The
+    /// hub sends the verdict back there.
+    pub origin: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,11 +29,7 @@ pub enum SubmissionKind {
     Create { group_info: Vec<u8> },
     /// An MLSMessage (PrivateMessage application message, or PublicMessage
     /// Proposal/Commit), with the Commit's Welcome and GroupInfo if any.
-    Message {
-        message: Vec<u8>,
-        welcome: Option<Vec<u8>>,
-        group_info: Option<Vec<u8>>,
-    },
+    Message { message: Vec<u8>, welcome: Option<Vec<u8>>, group_info: Option<Vec<u8>> },
 }
 
 /// The sequencer's decision on one submission.
@@ -73,6 +72,10 @@ pub struct LogEntry {
     pub group: GroupId,
     /// 1-based, gapless hub position in the group.
     pub position: u64,
+    /// The position of the previous entry this operator receives for the
+    /// group: `position - 1` at the hub; at a follower, the previous entry
+    /// the hub sent it (followers get only entries with local recipients).
+    pub prev_position: u64,
     /// The epoch the message was sent in (for Created: 0).
     pub epoch: u64,
     pub kind: EntryKind,
@@ -153,6 +156,7 @@ mod tests {
         let e = LogEntry {
             group: GroupId::parse("mimi://a.example/r/x").unwrap(),
             position: 3,
+            prev_position: 2,
             epoch: 1,
             kind: EntryKind::Commit,
             sender: d.clone(),
@@ -167,22 +171,13 @@ mod tests {
         let mut err = ApiError::new(crate::ErrorCode::WrongEpoch, "x");
         err.current_epoch = Some(3);
         for v in [
-            Verdict::Accepted {
-                position: 1,
-                epoch: 2,
-            },
+            Verdict::Accepted { position: 1, epoch: 2 },
             Verdict::Rejected(err),
             Verdict::Rejected(ApiError::new(crate::ErrorCode::NotAMember, "y")),
         ] {
             assert_eq!(Verdict::from_bytes(&v.to_bytes()).unwrap(), v);
         }
-        assert_eq!(
-            submission_id(&d, &[b"ab", b"c"]),
-            submission_id(&d, &[b"ab", b"c"])
-        );
-        assert_ne!(
-            submission_id(&d, &[b"ab", b"c"]),
-            submission_id(&d, &[b"a", b"bc"])
-        );
+        assert_eq!(submission_id(&d, &[b"ab", b"c"]), submission_id(&d, &[b"ab", b"c"]));
+        assert_ne!(submission_id(&d, &[b"ab", b"c"]), submission_id(&d, &[b"a", b"bc"]));
     }
 }

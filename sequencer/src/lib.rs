@@ -18,6 +18,7 @@ use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMes
 use bytes::Bytes;
 use futures::StreamExt;
 use openmls_rust_crypto::RustCrypto;
+use proto::federation::Payload;
 use proto::streams::Topology;
 use proto::wire::{EntryKind, LogEntry, Submission, SubmissionKind, Verdict};
 use proto::{names, ApiError, ErrorCode, GroupId};
@@ -56,13 +57,7 @@ pub struct Sequencer {
 
 impl Sequencer {
     pub fn new(topo: Topology, domain: String, metrics: Metrics) -> Self {
-        Self {
-            topo,
-            domain,
-            crypto: RustCrypto::default(),
-            cache: HashMap::new(),
-            metrics,
-        }
+        Self { topo, domain, crypto: RustCrypto::default(), cache: HashMap::new(), metrics }
     }
 
     /// Consumes SUBMIT until `shutdown` fires.
@@ -71,10 +66,7 @@ impl Sequencer {
         consumer: jetstream::consumer::PullConsumer,
         shutdown: CancellationToken,
     ) -> Result<(), RunSequencerError> {
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| RunSequencerError::Consume(e.to_string()))?;
+        let mut messages = consumer.messages().await.map_err(|e| RunSequencerError::Consume(e.to_string()))?;
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -102,7 +94,7 @@ impl Sequencer {
             };
             match self.handle(&sub).await {
                 Ok(verdict) => {
-                    self.publish_verdict(&sub.id, &verdict).await;
+                    self.publish_verdict(&sub, &verdict).await;
                     // A lost ack only means a redelivery, which `recent`
                     // answers with the same verdict.
                     if let Err(e) = msg.ack().await {
@@ -112,9 +104,7 @@ impl Sequencer {
                 Err(StepError::Transient(e)) => {
                     tracing::warn!(error = %e, "submission deferred");
                     self.cache.remove(&sub.group);
-                    let _ = msg
-                        .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
-                        .await;
+                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
                 }
             }
         }
@@ -122,18 +112,33 @@ impl Sequencer {
 
     /// Records the verdict (for clients that retry) and announces it (for
     /// the waiting ingest), concurrently.
-    async fn publish_verdict(&self, id: &str, verdict: &Verdict) {
+    async fn publish_verdict(&self, sub: &Submission, verdict: &Verdict) {
+        let id = sub.id.as_str();
         let bytes = Bytes::from(verdict.to_bytes());
         let client = self.topo.js.client();
-        let (recorded, announced) = tokio::join!(
-            self.topo.verdicts.put(id, bytes.clone()),
-            client.publish(names::verdict_subject(id), bytes),
-        );
+        let (recorded, announced) =
+            tokio::join!(self.topo.verdicts.put(id, bytes.clone()), client.publish(names::verdict_subject(id), bytes),);
         if let Err(e) = recorded {
             tracing::warn!(error = %e, "cannot record verdict");
         }
         if let Err(e) = announced {
             tracing::warn!(error = %e, "cannot announce verdict");
+        }
+        if let Some(peer) = &sub.origin {
+            // A forwarded submission: the verdict goes back through our
+            // outbox to the peer whose device sent it.
+            let payload = Payload::Verdict { submission_id: sub.id.clone(), verdict: verdict.clone() };
+            let publish = PublishMessage::build()
+                .payload(Bytes::from(proto::wire::encode(&payload)))
+                .message_id(names::fed_msg_id("verdict", &[sub.id.as_bytes()]));
+            match self.topo.js.send_publish(names::fed_out_subject(peer), publish).await {
+                Ok(ack) => {
+                    if let Err(e) = ack.await {
+                        tracing::warn!(error = %e, "verdict for a peer not queued");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "verdict for a peer not queued"),
+            }
         }
     }
 
@@ -144,11 +149,7 @@ impl Sequencer {
         if let Ok(v) = &verdict {
             match v {
                 Verdict::Accepted { .. } => self.metrics.accepted.inc(),
-                Verdict::Rejected(e) => self
-                    .metrics
-                    .rejected
-                    .with_label_values(&[e.code.as_str()])
-                    .inc(),
+                Verdict::Rejected(e) => self.metrics.rejected.with_label_values(&[e.code.as_str()]).inc(),
             }
         }
         verdict
@@ -158,10 +159,7 @@ impl Sequencer {
         if sub.group.hub() != self.domain {
             return Ok(Verdict::Rejected(ApiError::new(
                 ErrorCode::NotHub,
-                format!(
-                    "this operator is not the hub of groups on {}",
-                    sub.group.hub()
-                ),
+                format!("this operator is not the hub of groups on {}", sub.group.hub()),
             )));
         }
         let mut refresh = false;
@@ -184,29 +182,22 @@ impl Sequencer {
     }
 
     /// One attempt; `Ok(None)` means the append lost a CAS race.
-    async fn try_once(
-        &mut self,
-        sub: &Submission,
-        refresh: bool,
-    ) -> Result<Option<Verdict>, StepError> {
+    async fn try_once(&mut self, sub: &Submission, refresh: bool) -> Result<Option<Verdict>, StepError> {
         match &sub.kind {
             SubmissionKind::Create { group_info } => {
                 if self.load(&sub.group, refresh).await?.is_some() {
                     return Ok(Some(self.already(sub).unwrap_or_else(|| {
-                        Verdict::Rejected(ApiError::new(
-                            ErrorCode::GroupExists,
-                            "the group already exists",
-                        ))
+                        Verdict::Rejected(ApiError::new(ErrorCode::GroupExists, "the group already exists"))
                     })));
                 }
-                let mut state =
-                    match validate::bootstrap(&self.crypto, &sub.group, &sub.device, group_info) {
-                        Ok(s) => s,
-                        Err(e) => return Ok(Some(Verdict::Rejected(e))),
-                    };
+                let mut state = match validate::bootstrap(&self.crypto, &sub.group, &sub.device, group_info) {
+                    Ok(s) => s,
+                    Err(e) => return Ok(Some(Verdict::Rejected(e))),
+                };
                 let entry = LogEntry {
                     group: sub.group.clone(),
                     position: 1,
+                    prev_position: 0,
                     epoch: 0,
                     kind: EntryKind::Created,
                     sender: sub.device.clone(),
@@ -222,16 +213,9 @@ impl Sequencer {
                 state.record(&sub.id, 1, 0, seq, false);
                 self.save(&state).await;
                 self.cache.insert(sub.group.clone(), state);
-                Ok(Some(Verdict::Accepted {
-                    position: 1,
-                    epoch: 0,
-                }))
+                Ok(Some(Verdict::Accepted { position: 1, epoch: 0 }))
             }
-            SubmissionKind::Message {
-                message,
-                welcome,
-                group_info,
-            } => {
+            SubmissionKind::Message { message, welcome, group_info } => {
                 let mut raw = message.clone();
                 raw.extend_from_slice(welcome.as_deref().unwrap_or_default());
                 raw.extend_from_slice(group_info.as_deref().unwrap_or_default());
@@ -240,18 +224,12 @@ impl Sequencer {
                     Err(e) => return Ok(Some(Verdict::Rejected(e))),
                 };
                 if self.load(&sub.group, refresh).await?.is_none() {
-                    return Ok(Some(Verdict::Rejected(ApiError::new(
-                        ErrorCode::UnknownGroup,
-                        "no such group",
-                    ))));
+                    return Ok(Some(Verdict::Rejected(ApiError::new(ErrorCode::UnknownGroup, "no such group"))));
                 }
                 if let Some(v) = self.already(sub) {
                     return Ok(Some(v));
                 }
-                let state = self
-                    .cache
-                    .get(&sub.group)
-                    .ok_or_else(|| StepError::Transient("cache".into()))?;
+                let state = self.cache.get(&sub.group).ok_or_else(|| StepError::Transient("cache".into()))?;
                 let plan = match validate::plan(state, &self.crypto, &sub.device, &bundle) {
                     Ok(p) => p,
                     Err(e) => return Ok(Some(Verdict::Rejected(e))),
@@ -261,6 +239,7 @@ impl Sequencer {
                 let entry = LogEntry {
                     group: sub.group.clone(),
                     position,
+                    prev_position: position - 1,
                     epoch: plan.epoch,
                     kind: plan.kind,
                     sender: sub.device.clone(),
@@ -273,19 +252,13 @@ impl Sequencer {
                 let Some(seq) = self.append(&sub.group, expected, &entry).await? else {
                     return Ok(None);
                 };
-                let state = self
-                    .cache
-                    .get_mut(&sub.group)
-                    .ok_or_else(|| StepError::Transient("cache".into()))?;
+                let state = self.cache.get_mut(&sub.group).ok_or_else(|| StepError::Transient("cache".into()))?;
                 let is_commit = entry.kind == EntryKind::Commit;
                 if let Err(e) = validate::apply(state, plan.effect) {
                     // The entry is in LOG; a replay will rebuild the state.
                     tracing::error!(error = %e, "cannot apply accepted entry to cached state");
                     self.cache.remove(&sub.group);
-                    return Ok(Some(Verdict::Accepted {
-                        position,
-                        epoch: entry.epoch,
-                    }));
+                    return Ok(Some(Verdict::Accepted { position, epoch: entry.epoch }));
                 }
                 state.record(&sub.id, position, entry.epoch, seq, is_commit);
                 tracing::debug!(position, seq, kind = entry.kind.as_str(), "appended");
@@ -294,10 +267,7 @@ impl Sequencer {
                     let bytes = state.snapshot();
                     self.save_bytes(&sub.group, bytes).await;
                 }
-                Ok(Some(Verdict::Accepted {
-                    position,
-                    epoch: entry.epoch,
-                }))
+                Ok(Some(Verdict::Accepted { position, epoch: entry.epoch }))
             }
         }
     }
@@ -310,28 +280,15 @@ impl Sequencer {
 
     /// Appends `entry` to the group's LOG if its last entry is still at
     /// `expected`. `Ok(None)`: someone else appended first.
-    async fn append(
-        &self,
-        group: &GroupId,
-        expected: u64,
-        entry: &LogEntry,
-    ) -> Result<Option<u64>, StepError> {
+    async fn append(&self, group: &GroupId, expected: u64, entry: &LogEntry) -> Result<Option<u64>, StepError> {
         let publish = PublishMessage::build()
             .payload(Bytes::from(proto::wire::encode(entry)))
             .message_id(names::log_msg_id(&entry.submission_id))
             .expected_last_subject_sequence(expected)
-            .header(
-                names::headers::POSITION,
-                entry.position.to_string().as_str(),
-            )
+            .header(names::headers::POSITION, entry.position.to_string().as_str())
             .header(names::headers::EPOCH, entry.epoch.to_string().as_str())
             .header(names::headers::KIND, entry.kind.as_str());
-        let ack = match self
-            .topo
-            .js
-            .send_publish(names::log_subject(group), publish)
-            .await
-        {
+        let ack = match self.topo.js.send_publish(names::log_subject(group), publish).await {
             Ok(f) => f.await,
             Err(e) => return Err(StepError::Transient(e.to_string())),
         };
@@ -352,12 +309,7 @@ impl Sequencer {
     }
 
     async fn save_bytes(&self, group: &GroupId, bytes: Vec<u8>) {
-        if let Err(e) = self
-            .topo
-            .groups
-            .put(names::group_key(group), bytes.into())
-            .await
-        {
+        if let Err(e) = self.topo.groups.put(names::group_key(group), bytes.into()).await {
             // Only a cache: the next load replays LOG further back.
             tracing::warn!(error = %e, "cannot save group snapshot");
         }
@@ -386,12 +338,7 @@ impl Sequencer {
         let subject = names::log_subject(group);
         let mut next = state.as_ref().map(|s| s.last_subject_seq + 1).unwrap_or(1);
         loop {
-            let msg = match self
-                .topo
-                .log
-                .direct_get_next_for_subject(subject.as_str(), Some(next))
-                .await
-            {
+            let msg = match self.topo.log.direct_get_next_for_subject(subject.as_str(), Some(next)).await {
                 Ok(m) => m,
                 Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
                 Err(e) => return Err(StepError::Transient(e.to_string())),
@@ -409,22 +356,12 @@ impl Sequencer {
         }))
     }
 
-    fn replay(
-        &self,
-        state: Option<GroupState>,
-        entry: &LogEntry,
-        seq: u64,
-    ) -> Result<GroupState, StepError> {
-        let bad = |e: ApiError| {
-            StepError::Transient(format!(
-                "LOG entry {} does not replay: {}",
-                entry.position, e.message
-            ))
-        };
+    fn replay(&self, state: Option<GroupState>, entry: &LogEntry, seq: u64) -> Result<GroupState, StepError> {
+        let bad =
+            |e: ApiError| StepError::Transient(format!("LOG entry {} does not replay: {}", entry.position, e.message));
         let mut state = match (state, entry.kind) {
             (None, EntryKind::Created) => {
-                validate::bootstrap(&self.crypto, &entry.group, &entry.sender, &entry.message)
-                    .map_err(bad)?
+                validate::bootstrap(&self.crypto, &entry.group, &entry.sender, &entry.message).map_err(bad)?
             }
             (Some(mut s), EntryKind::Commit | EntryKind::Proposal) => {
                 let mut raw = entry.message.clone();
@@ -435,19 +372,9 @@ impl Sequencer {
                 s
             }
             (Some(s), _) => s,
-            (None, _) => {
-                return Err(StepError::Transient(
-                    "LOG does not start with a creation".into(),
-                ))
-            }
+            (None, _) => return Err(StepError::Transient("LOG does not start with a creation".into())),
         };
-        state.record(
-            &entry.submission_id,
-            entry.position,
-            entry.epoch,
-            seq,
-            entry.kind == EntryKind::Commit,
-        );
+        state.record(&entry.submission_id, entry.position, entry.epoch, seq, entry.kind == EntryKind::Commit);
         Ok(state)
     }
 }

@@ -15,15 +15,9 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let m = Self {
-            accepted: IntCounter::new(
-                "mlsfed_sequencer_accepted_total",
-                "Submissions appended to a group log.",
-            )?,
+            accepted: IntCounter::new("mlsfed_sequencer_accepted_total", "Submissions appended to a group log.")?,
             rejected: IntCounterVec::new(
-                Opts::new(
-                    "mlsfed_sequencer_rejected_total",
-                    "Submissions refused, by error code.",
-                ),
+                Opts::new("mlsfed_sequencer_rejected_total", "Submissions refused, by error code."),
                 &["code"],
             )?,
             cas_conflicts: IntCounter::new(
@@ -39,11 +33,8 @@ impl Metrics {
                 "Undecodable submissions terminated.",
             )?,
             step_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "mlsfed_sequencer_step_seconds",
-                    "Time to decide one submission.",
-                )
-                .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16)?),
+                HistogramOpts::new("mlsfed_sequencer_step_seconds", "Time to decide one submission.")
+                    .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16)?),
             )?,
         };
         registry.register(Box::new(m.accepted.clone()))?;

@@ -59,44 +59,26 @@ impl GroupState {
     pub fn member_devices(&self) -> Vec<DeviceId> {
         self.public
             .members()
-            .filter_map(|m| {
-                DeviceId::from_credential_identity(m.credential.serialized_content()).ok()
-            })
+            .filter_map(|m| DeviceId::from_credential_identity(m.credential.serialized_content()).ok())
             .collect()
     }
 
     pub fn is_member(&self, d: &DeviceId) -> bool {
-        self.public
-            .members()
-            .any(|m| m.credential.serialized_content() == d.as_bytes())
+        self.public.members().any(|m| m.credential.serialized_content() == d.as_bytes())
     }
 
     pub fn recent_verdict(&self, submission_id: &str) -> Option<(u64, u64)> {
-        self.recent
-            .iter()
-            .find(|(id, _, _)| id == submission_id)
-            .map(|(_, p, e)| (*p, *e))
+        self.recent.iter().find(|(id, _, _)| id == submission_id).map(|(_, p, e)| (*p, *e))
     }
 
     pub fn winning_commit(&self, epoch: u64) -> Option<u64> {
-        self.commits
-            .iter()
-            .find(|(e, _)| *e == epoch)
-            .map(|(_, p)| *p)
+        self.commits.iter().find(|(e, _)| *e == epoch).map(|(_, p)| *p)
     }
 
-    pub fn record(
-        &mut self,
-        submission_id: &str,
-        position: u64,
-        epoch: u64,
-        subject_seq: u64,
-        commit: bool,
-    ) {
+    pub fn record(&mut self, submission_id: &str, position: u64, epoch: u64, subject_seq: u64, commit: bool) {
         self.position = position;
         self.last_subject_seq = subject_seq;
-        self.recent
-            .push_back((submission_id.to_owned(), position, epoch));
+        self.recent.push_back((submission_id.to_owned(), position, epoch));
         if self.recent.len() > RECENT {
             self.recent.pop_front();
         }
@@ -130,8 +112,7 @@ impl GroupState {
         let snap: Snapshot = proto::wire::decode(bytes).ok()?;
         let storage = MemoryStorage::default();
         storage.values.write().ok()?.extend(snap.storage);
-        let public =
-            PublicGroup::load(&storage, &MlsGroupId::from_slice(group.as_bytes())).ok()??;
+        let public = PublicGroup::load(&storage, &MlsGroupId::from_slice(group.as_bytes())).ok()??;
         Some(Self {
             group: group.clone(),
             storage,

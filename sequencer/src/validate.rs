@@ -4,8 +4,8 @@
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, ProtocolMessage, PublicGroup,
-    PublicProcessMessageError, QueuedProposal, Sender, StagedCommit, ValidationError,
+    MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, ProtocolMessage, PublicGroup, PublicProcessMessageError,
+    QueuedProposal, Sender, StagedCommit, ValidationError,
 };
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
@@ -35,13 +35,8 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
 }
 
 pub fn wrong_epoch(state: &GroupState, sent_in: u64) -> ApiError {
-    let mut e = err(
-        ErrorCode::WrongEpoch,
-        format!(
-            "message is for epoch {sent_in}, the group is at epoch {}",
-            state.epoch()
-        ),
-    );
+    let mut e =
+        err(ErrorCode::WrongEpoch, format!("message is for epoch {sent_in}, the group is at epoch {}", state.epoch()));
     e.current_epoch = Some(state.epoch());
     e.winning_commit_position = state.winning_commit(sent_in);
     e
@@ -57,101 +52,58 @@ pub fn bootstrap(
 ) -> Result<GroupState, ApiError> {
     proto::mls::precheck(group_info, &[proto::mls::wire_format::GROUP_INFO])?;
     let vgi = match MlsMessageIn::tls_deserialize_exact(group_info)
-        .map_err(|e| {
-            err(
-                ErrorCode::MalformedMessage,
-                format!("cannot decode GroupInfo: {e}"),
-            )
-        })?
+        .map_err(|e| err(ErrorCode::MalformedMessage, format!("cannot decode GroupInfo: {e}")))?
         .extract()
     {
         MlsMessageBodyIn::GroupInfo(vgi) => vgi,
         _ => return Err(err(ErrorCode::WrongWireFormat, "expected a GroupInfo")),
     };
     if vgi.group_id().as_slice() != group.as_bytes() {
-        return Err(err(
-            ErrorCode::InvalidGroupInfo,
-            "GroupInfo is for another group",
-        ));
+        return Err(err(ErrorCode::InvalidGroupInfo, "GroupInfo is for another group"));
     }
     if vgi.epoch().as_u64() != 0 {
-        return Err(err(
-            ErrorCode::InvalidGroupInfo,
-            "a new group starts at epoch 0",
-        ));
+        return Err(err(ErrorCode::InvalidGroupInfo, "a new group starts at epoch 0"));
     }
     let tree = vgi
         .extensions()
         .ratchet_tree()
         .map(|t| t.ratchet_tree().clone())
-        .ok_or_else(|| {
-            err(
-                ErrorCode::InvalidGroupInfo,
-                "GroupInfo lacks the ratchet_tree extension",
-            )
-        })?;
+        .ok_or_else(|| err(ErrorCode::InvalidGroupInfo, "GroupInfo lacks the ratchet_tree extension"))?;
     let storage = MemoryStorage::default();
     // from_external verifies the GroupInfo signature against the signer's leaf
     // and the tree's parent hashes (RFC 9420 §12.4.3, §7.9.2).
     let (public, _) = PublicGroup::from_external(crypto, &storage, tree, vgi, proposal_store())
-        .map_err(|e| {
-            err(
-                ErrorCode::InvalidGroupInfo,
-                format!("GroupInfo does not verify: {e}"),
-            )
-        })?;
+        .map_err(|e| err(ErrorCode::InvalidGroupInfo, format!("GroupInfo does not verify: {e}")))?;
     let members: Vec<_> = public.members().collect();
-    let only_creator =
-        members.len() == 1 && members[0].credential.serialized_content() == creator.as_bytes();
+    let only_creator = members.len() == 1 && members[0].credential.serialized_content() == creator.as_bytes();
     if !only_creator {
-        return Err(err(
-            ErrorCode::InvalidGroupInfo,
-            "a new group must have exactly one member: the creating device",
-        ));
+        return Err(err(ErrorCode::InvalidGroupInfo, "a new group must have exactly one member: the creating device"));
     }
     Ok(GroupState::new(group.clone(), storage, public))
 }
 
 fn map_process_error(e: PublicProcessMessageError, state: &GroupState, sent_in: u64) -> ApiError {
     match e {
-        PublicProcessMessageError::ValidationError(ValidationError::WrongEpoch) => {
-            wrong_epoch(state, sent_in)
+        PublicProcessMessageError::ValidationError(ValidationError::WrongEpoch) => wrong_epoch(state, sent_in),
+        PublicProcessMessageError::ValidationError(ValidationError::UnknownMember) => {
+            err(ErrorCode::NotAMember, "the sender is not a member of the group")
         }
-        PublicProcessMessageError::ValidationError(ValidationError::UnknownMember) => err(
-            ErrorCode::NotAMember,
-            "the sender is not a member of the group",
-        ),
-        PublicProcessMessageError::ValidationError(ValidationError::InvalidSignature) => err(
-            ErrorCode::InvalidSignature,
-            "the message signature does not verify",
-        ),
-        PublicProcessMessageError::ValidationError(v) => err(
-            ErrorCode::InvalidCommit,
-            format!("message fails validation: {v}"),
-        ),
-        PublicProcessMessageError::InvalidCommit(c) => {
-            err(ErrorCode::InvalidCommit, format!("commit is invalid: {c}"))
+        PublicProcessMessageError::ValidationError(ValidationError::InvalidSignature) => {
+            err(ErrorCode::InvalidSignature, "the message signature does not verify")
         }
-        other => err(
-            ErrorCode::InvalidCommit,
-            format!("message refused: {other}"),
-        ),
+        PublicProcessMessageError::ValidationError(v) => {
+            err(ErrorCode::InvalidCommit, format!("message fails validation: {v}"))
+        }
+        PublicProcessMessageError::InvalidCommit(c) => err(ErrorCode::InvalidCommit, format!("commit is invalid: {c}")),
+        other => err(ErrorCode::InvalidCommit, format!("message refused: {other}")),
     }
 }
 
 /// Validates a protocol message from `device` against `state`.
-pub fn plan(
-    state: &GroupState,
-    crypto: &RustCrypto,
-    device: &DeviceId,
-    bundle: &Bundle,
-) -> Result<Plan, ApiError> {
+pub fn plan(state: &GroupState, crypto: &RustCrypto, device: &DeviceId, bundle: &Bundle) -> Result<Plan, ApiError> {
     let h = &bundle.header;
     if !state.is_member(device) {
-        return Err(err(
-            ErrorCode::NotAMember,
-            "the submitting device is not a member of the group",
-        ));
+        return Err(err(ErrorCode::NotAMember, "the submitting device is not a member of the group"));
     }
     let recipients = state.member_devices();
     if h.epoch != state.epoch() {
@@ -179,15 +131,9 @@ pub fn plan(
     if let ProtocolMessage::PublicMessage(p) = &pm {
         match p.sender() {
             Sender::Member(idx) => {
-                let leaf = state
-                    .public
-                    .leaf(*idx)
-                    .ok_or_else(|| err(ErrorCode::NotAMember, "sender leaf is empty"))?;
+                let leaf = state.public.leaf(*idx).ok_or_else(|| err(ErrorCode::NotAMember, "sender leaf is empty"))?;
                 if leaf.credential().serialized_content() != device.as_bytes() {
-                    return Err(err(
-                        ErrorCode::SenderMismatch,
-                        "the sender leaf is not the authenticated device",
-                    ));
+                    return Err(err(ErrorCode::SenderMismatch, "the sender leaf is not the authenticated device"));
                 }
             }
             _ => {
@@ -198,17 +144,11 @@ pub fn plan(
             }
         }
     }
-    let processed = state
-        .public
-        .process_message(crypto, pm)
-        .map_err(|e| map_process_error(e, state, h.epoch))?;
+    let processed = state.public.process_message(crypto, pm).map_err(|e| map_process_error(e, state, h.epoch))?;
     match processed.into_content() {
         ProcessedMessageContent::ProposalMessage(qp) => {
             if bundle.welcome.is_some() {
-                return Err(err(
-                    ErrorCode::WelcomeMismatch,
-                    "a proposal carries no Welcome",
-                ));
+                return Err(err(ErrorCode::WelcomeMismatch, "a proposal carries no Welcome"));
             }
             Ok(Plan {
                 kind: EntryKind::Proposal,
@@ -224,18 +164,10 @@ pub fn plan(
             let mut kp_refs = Vec::new();
             for add in sc.add_proposals() {
                 let kp = add.add_proposal().key_package();
-                let d = DeviceId::from_credential_identity(
-                    kp.leaf_node().credential().serialized_content(),
-                )
-                .map_err(|e| {
-                    err(
-                        ErrorCode::InvalidCommit,
-                        format!("added member has an invalid identity: {e}"),
-                    )
-                })?;
-                let r = kp
-                    .hash_ref(crypto)
-                    .map_err(|_| err(ErrorCode::InvalidCommit, "cannot hash added KeyPackage"))?;
+                let d = DeviceId::from_credential_identity(kp.leaf_node().credential().serialized_content())
+                    .map_err(|e| err(ErrorCode::InvalidCommit, format!("added member has an invalid identity: {e}")))?;
+                let r =
+                    kp.hash_ref(crypto).map_err(|_| err(ErrorCode::InvalidCommit, "cannot hash added KeyPackage"))?;
                 kp_refs.push(r.as_slice().to_vec());
                 added.push(d);
             }
@@ -243,16 +175,10 @@ pub fn plan(
             // (RFC 9420 §12.4.3.1: new_member is the KeyPackageRef).
             match &bundle.welcome {
                 None if !added.is_empty() => {
-                    return Err(err(
-                        ErrorCode::WelcomeMismatch,
-                        "a Commit that adds members needs its Welcome",
-                    ))
+                    return Err(err(ErrorCode::WelcomeMismatch, "a Commit that adds members needs its Welcome"))
                 }
                 Some(_) if added.is_empty() => {
-                    return Err(err(
-                        ErrorCode::WelcomeMismatch,
-                        "a Welcome with a Commit that adds nobody",
-                    ))
+                    return Err(err(ErrorCode::WelcomeMismatch, "a Welcome with a Commit that adds nobody"))
                 }
                 Some(w) => {
                     let mut got = proto::mls::welcome_recipients(w)?;
@@ -277,10 +203,7 @@ pub fn plan(
                 effect: Effect::Merge(sc),
             })
         }
-        _ => Err(err(
-            ErrorCode::InvalidRequest,
-            "unsupported message content",
-        )),
+        _ => Err(err(ErrorCode::InvalidRequest, "unsupported message content")),
     }
 }
 
@@ -288,13 +211,7 @@ pub fn plan(
 pub fn apply(state: &mut GroupState, effect: Effect) -> Result<(), String> {
     match effect {
         Effect::None => Ok(()),
-        Effect::Merge(sc) => state
-            .public
-            .merge_commit(&state.storage, *sc)
-            .map_err(|e| e.to_string()),
-        Effect::Queue(qp) => state
-            .public
-            .add_proposal(&state.storage, *qp)
-            .map_err(|e| e.to_string()),
+        Effect::Merge(sc) => state.public.merge_commit(&state.storage, *sc).map_err(|e| e.to_string()),
+        Effect::Queue(qp) => state.public.add_proposal(&state.storage, *qp).map_err(|e| e.to_string()),
     }
 }

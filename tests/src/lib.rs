@@ -25,30 +25,20 @@ pub use proto;
 pub const SECRET: &str = "test-secret-0123456789";
 
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn target_dir() -> PathBuf {
     // Test binaries live in target/<profile>/deps; the workspace binaries
     // one level up.
     let exe = std::env::current_exe().unwrap_or_default();
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default()
 }
 
 /// Path of a workspace binary (`scripts/test` builds them before the tests).
 pub fn binary(name: &str) -> PathBuf {
     let p = target_dir().join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --workspace --bins` (scripts/test does)",
-        p.display()
-    );
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` (scripts/test does)", p.display());
     p
 }
 
@@ -164,10 +154,7 @@ impl Operator {
             .arg("--config")
             .arg(&self.config_path)
             .arg(&self.role)
-            .env(
-                "MLSFED_LOG",
-                std::env::var("MLSFED_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("MLSFED_LOG", std::env::var("MLSFED_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .env_remove("MLSFED_NATS_URL")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -185,9 +172,7 @@ impl Operator {
             // Keep draining so the child never blocks on a full pipe.
             for _ in lines {}
         });
-        let first = rx
-            .recv_timeout(Duration::from_secs(30))
-            .context("mlsfed did not start within 30 s")?;
+        let first = rx.recv_timeout(Duration::from_secs(30)).context("mlsfed did not start within 30 s")?;
         if let Some(url) = first.strip_prefix("mlsfed listening on ") {
             self.url = url.trim().to_owned();
         } else if !first.starts_with("mlsfed worker started") {
@@ -215,8 +200,7 @@ impl Operator {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.role)))
-            .unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.role))).unwrap_or_default()
     }
 
     pub fn token(&self, device: &DeviceId) -> String {
@@ -240,13 +224,7 @@ impl Operator {
         if kps > 0 {
             d.publish_key_packages(kps, true).await?;
         }
-        Ok(Client {
-            device: Some(d),
-            home,
-            url: self.url.clone(),
-            token: self.token(&id),
-            log: Vec::new(),
-        })
+        Ok(Client { device: Some(d), home, url: self.url.clone(), token: self.token(&id), log: Vec::new() })
     }
 
     pub async fn healthy(&self) -> bool {
@@ -302,12 +280,7 @@ impl Client {
     /// client process would.
     pub fn reopen(&mut self) -> anyhow::Result<()> {
         self.device = None;
-        self.device = Some(Device::open(
-            self.home.path(),
-            &self.url,
-            &self.token,
-            None,
-        )?);
+        self.device = Some(Device::open(self.home.path(), &self.url, &self.token, None)?);
         Ok(())
     }
 
@@ -326,13 +299,9 @@ impl Client {
         self.log
             .iter()
             .filter_map(|e| match e {
-                Event::Message {
-                    group: g,
-                    position,
-                    sender,
-                    text,
-                    ..
-                } if g == group => Some((*position, sender.clone(), text.clone())),
+                Event::Message { group: g, position, sender, text, .. } if g == group => {
+                    Some((*position, sender.clone(), text.clone()))
+                }
                 _ => None,
             })
             .collect()
@@ -343,15 +312,9 @@ impl Client {
         self.log
             .iter()
             .filter_map(|e| match e {
-                Event::Message {
-                    group: g, position, ..
-                }
-                | Event::Commit {
-                    group: g, position, ..
-                }
-                | Event::Joined {
-                    group: g, position, ..
-                }
+                Event::Message { group: g, position, .. }
+                | Event::Commit { group: g, position, .. }
+                | Event::Joined { group: g, position, .. }
                 | Event::Proposal { group: g, position }
                 | Event::Removed { group: g, position } => (g == group).then_some(*position),
                 Event::Failed { .. } | Event::KeyPackagesLow { .. } => None,
@@ -360,11 +323,7 @@ impl Client {
     }
 
     pub fn failures(&self) -> Vec<Event> {
-        self.log
-            .iter()
-            .filter(|e| matches!(e, Event::Failed { .. }))
-            .cloned()
-            .collect()
+        self.log.iter().filter(|e| matches!(e, Event::Failed { .. })).cloned().collect()
     }
 }
 
@@ -405,16 +364,8 @@ pub async fn sync_until(
 }
 
 /// Raw HTTP to an operator, for tests that send bytes no SDK would.
-pub async fn post(
-    url: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Vec<u8>,
-) -> (u16, serde_json::Value) {
-    let mut req = reqwest::Client::new()
-        .post(format!("{url}{path}"))
-        .header("content-type", "message/mls")
-        .body(body);
+pub async fn post(url: &str, path: &str, token: Option<&str>, body: Vec<u8>) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new().post(format!("{url}{path}")).header("content-type", "message/mls").body(body);
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -456,11 +407,7 @@ pub mod raw {
             let provider = OpenMlsRustCrypto::default();
             let signer = SignatureKeyPair::new(CS.signature_algorithm()).expect("keys");
             signer.store(provider.storage()).expect("store");
-            Self {
-                provider,
-                signer,
-                identity: identity.as_bytes().to_vec(),
-            }
+            Self { provider, signer, identity: identity.as_bytes().to_vec() }
         }
 
         fn cwk(&self) -> CredentialWithKey {
@@ -472,12 +419,8 @@ pub mod raw {
 
         /// An MLSMessage(KeyPackage).
         pub fn key_package(&self) -> Vec<u8> {
-            let kpb = KeyPackage::builder()
-                .build(CS, &self.provider, &self.signer, self.cwk())
-                .expect("kp");
-            MlsMessageOut::from(kpb.key_package().clone())
-                .tls_serialize_detached()
-                .expect("ser")
+            let kpb = KeyPackage::builder().build(CS, &self.provider, &self.signer, self.cwk()).expect("kp");
+            MlsMessageOut::from(kpb.key_package().clone()).tls_serialize_detached().expect("ser")
         }
 
         /// A group that exists only here (never registered with a hub).
@@ -505,9 +448,7 @@ pub mod raw {
         }
 
         pub fn update_commit(&self, g: &mut MlsGroup) -> Vec<u8> {
-            let b = g
-                .self_update(&self.provider, &self.signer, LeafNodeParameters::default())
-                .expect("update");
+            let b = g.self_update(&self.provider, &self.signer, LeafNodeParameters::default()).expect("update");
             b.commit().tls_serialize_detached().expect("ser")
         }
 
@@ -538,9 +479,7 @@ pub mod bad_kp {
     use crate::raw::Local;
 
     fn wrap(kp: &KeyPackage) -> Vec<u8> {
-        MlsMessageOut::from(kp.clone())
-            .tls_serialize_detached()
-            .expect("ser")
+        MlsMessageOut::from(kp.clone()).tls_serialize_detached().expect("ser")
     }
 
     fn cwk(l: &Local) -> CredentialWithKey {
@@ -559,15 +498,12 @@ pub mod bad_kp {
     }
 
     pub fn with_suite(l: &Local, suite: Ciphersuite) -> Vec<u8> {
-        let signer = openmls_basic_credential::SignatureKeyPair::new(suite.signature_algorithm())
-            .expect("keys");
+        let signer = openmls_basic_credential::SignatureKeyPair::new(suite.signature_algorithm()).expect("keys");
         let cwk = CredentialWithKey {
             credential: BasicCredential::new(l.identity.clone()).into(),
             signature_key: signer.public().into(),
         };
-        let kpb = KeyPackage::builder()
-            .build(suite, &l.provider, &signer, cwk)
-            .expect("kp");
+        let kpb = KeyPackage::builder().build(suite, &l.provider, &signer, cwk).expect("kp");
         wrap(kpb.key_package())
     }
 
@@ -596,12 +532,7 @@ pub mod bad_kp {
             vec![0x40 | (n >> 8) as u8, n as u8]
         } else {
             let n = n as u32;
-            vec![
-                0x80 | (n >> 24) as u8,
-                (n >> 16) as u8,
-                (n >> 8) as u8,
-                n as u8,
-            ]
+            vec![0x80 | (n >> 24) as u8, (n >> 16) as u8, (n >> 8) as u8, n as u8]
         }
     }
 
@@ -637,20 +568,90 @@ impl raw::Local {
     pub fn add(&self, g: &mut openmls::prelude::MlsGroup, kp: &[u8]) -> Vec<u8> {
         use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
         use openmls::prelude::*;
-        let kp = match MlsMessageIn::tls_deserialize_exact(kp)
-            .expect("kp")
-            .extract()
-        {
-            MlsMessageBodyIn::KeyPackage(k) => k
-                .validate(self.provider.crypto(), ProtocolVersion::Mls10)
-                .expect("valid"),
+        let kp = match MlsMessageIn::tls_deserialize_exact(kp).expect("kp").extract() {
+            MlsMessageBodyIn::KeyPackage(k) => {
+                k.validate(self.provider.crypto(), ProtocolVersion::Mls10).expect("valid")
+            }
             _ => panic!("not a KeyPackage"),
         };
-        let (commit, welcome, _) = g
-            .add_members(&self.provider, &self.signer, &[kp])
-            .expect("add");
+        let (commit, welcome, _) = g.add_members(&self.provider, &self.signer, &[kp]).expect("add");
         let mut out = commit.tls_serialize_detached().expect("ser");
         out.extend(welcome.tls_serialize_detached().expect("ser"));
         out
     }
+}
+
+/// A federation of operators, each with its own nats-server, every one
+/// configured as a peer of every other.
+pub struct Federation {
+    pub nats: Vec<NatsServer>,
+    pub ops: Vec<Operator>,
+}
+
+/// A fixed Ed25519 seed per test domain, so peers can be configured with
+/// each other's public keys before they start.
+pub fn operator_seed(domain: &str) -> [u8; 32] {
+    let mut seed = [7u8; 32];
+    for (i, b) in domain.bytes().take(32).enumerate() {
+        seed[i] = b;
+    }
+    seed
+}
+
+pub fn operator_public_key(domain: &str) -> String {
+    proto::identity::public_key_b64(&proto::identity::operator_key(&operator_seed(domain)))
+}
+
+impl Federation {
+    pub fn start(domains: &[&str], tweak: impl Fn(&mut config::Config)) -> anyhow::Result<Self> {
+        let nats: Vec<NatsServer> = domains.iter().map(|_| NatsServer::start()).collect::<Result<_, _>>()?;
+        let mut ops = Vec::new();
+        for (i, d) in domains.iter().enumerate() {
+            let peers = domains
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(j, p)| config::Peer {
+                    domain: (*p).to_owned(),
+                    nats_url: nats[j].url(),
+                    nats_user: String::new(),
+                    nats_password: String::new(),
+                    public_key: operator_public_key(p),
+                })
+                .collect::<Vec<_>>();
+            ops.push(Operator::start_with(&nats[i], d, "run", |c| {
+                c.operator_key_seed = operator_seed(d).iter().map(|b| format!("{b:02x}")).collect();
+                c.peers = peers.clone();
+                c.federation.backoff_initial_ms = 100;
+                c.federation.backoff_max_ms = 1000;
+                c.federation.request_timeout_ms = 2000;
+                tweak(c);
+            })?);
+        }
+        Ok(Self { nats, ops })
+    }
+
+    pub fn op(&self, domain: &str) -> &Operator {
+        self.ops.iter().find(|o| o.domain == domain).expect("operator in the federation")
+    }
+
+    pub fn nats_of(&mut self, domain: &str) -> &mut NatsServer {
+        let i = self.ops.iter().position(|o| o.domain == domain).expect("operator in the federation");
+        &mut self.nats[i]
+    }
+}
+
+/// Reads one sample of a Prometheus metric from an operator (0 if absent).
+pub async fn metric(op: &Operator, name_and_labels: &str) -> f64 {
+    let text = match reqwest::get(format!("{}/metrics", op.url)).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => return -1.0,
+    };
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == name_and_labels).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
 }

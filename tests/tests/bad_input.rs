@@ -12,9 +12,7 @@ fn code(v: &serde_json::Value) -> &str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_get_typed_errors() -> anyhow::Result<()> {
     let nats = NatsServer::start()?;
-    let op = Operator::start_with(&nats, "a.example", "run", |c| {
-        c.limits.max_body_bytes = 8192
-    })?;
+    let op = Operator::start_with(&nats, "a.example", "run", |c| c.limits.max_body_bytes = 8192)?;
     let mut alice = op.client("alice", "phone", 3).await?;
     let mut bob = op.client("bob", "phone", 3).await?;
     let g = alice.create_group("room").await?;
@@ -33,36 +31,15 @@ async fn hostile_requests_get_typed_errors() -> anyhow::Result<()> {
         "truncated",
         400,
         "malformed_message",
-        post(
-            &url,
-            "/v1/messages",
-            Some(&ta),
-            good[..good.len() / 2].to_vec(),
-        )
-        .await,
+        post(&url, "/v1/messages", Some(&ta), good[..good.len() / 2].to_vec()).await,
     );
     let mut garbage = vec![0, 1, 0, 2];
     garbage.extend_from_slice(&[0xff; 64]);
-    case(
-        "garbage",
-        400,
-        "malformed_message",
-        post(&url, "/v1/messages", Some(&ta), garbage).await,
-    );
-    case(
-        "tiny",
-        400,
-        "malformed_message",
-        post(&url, "/v1/messages", Some(&ta), vec![0]).await,
-    );
+    case("garbage", 400, "malformed_message", post(&url, "/v1/messages", Some(&ta), garbage).await);
+    case("tiny", 400, "malformed_message", post(&url, "/v1/messages", Some(&ta), vec![0]).await);
     let mut wrong_version = good.clone();
     wrong_version[1] = 7;
-    case(
-        "wrong version",
-        400,
-        "unsupported_version",
-        post(&url, "/v1/messages", Some(&ta), wrong_version).await,
-    );
+    case("wrong version", 400, "unsupported_version", post(&url, "/v1/messages", Some(&ta), wrong_version).await);
     case(
         "key package as message",
         400,
@@ -71,77 +48,37 @@ async fn hostile_requests_get_typed_errors() -> anyhow::Result<()> {
     );
     let mut bad_wf = good.clone();
     bad_wf[3] = 9;
-    case(
-        "unknown wire format",
-        400,
-        "wrong_wire_format",
-        post(&url, "/v1/messages", Some(&ta), bad_wf).await,
-    );
-    case(
-        "oversize",
-        413,
-        "body_too_large",
-        post(&url, "/v1/messages", Some(&ta), vec![0; 9000]).await,
-    );
+    case("unknown wire format", 400, "wrong_wire_format", post(&url, "/v1/messages", Some(&ta), bad_wf).await);
+    case("oversize", 413, "body_too_large", post(&url, "/v1/messages", Some(&ta), vec![0; 9000]).await);
 
     // Group state.
-    let mut ghost = alice_raw.group(
-        "mimi://a.example/r/ghost",
-        PURE_PLAINTEXT_WIRE_FORMAT_POLICY,
-    );
+    let mut ghost = alice_raw.group("mimi://a.example/r/ghost", PURE_PLAINTEXT_WIRE_FORMAT_POLICY);
     case(
         "unknown group",
         404,
         "unknown_group",
-        post(
-            &url,
-            "/v1/messages",
-            Some(&ta),
-            alice_raw.app_message(&mut ghost, "boo"),
-        )
-        .await,
+        post(&url, "/v1/messages", Some(&ta), alice_raw.app_message(&mut ghost, "boo")).await,
     );
     let mut elsewhere = alice_raw.group("mimi://b.example/r/x", PURE_PLAINTEXT_WIRE_FORMAT_POLICY);
     case(
         "not our group",
         421,
         "not_hub",
-        post(
-            &url,
-            "/v1/messages",
-            Some(&ta),
-            alice_raw.app_message(&mut elsewhere, "x"),
-        )
-        .await,
+        post(&url, "/v1/messages", Some(&ta), alice_raw.app_message(&mut elsewhere, "x")).await,
     );
-    let mut ciphertext = alice_raw.group(
-        "mimi://a.example/r/ghost2",
-        PURE_CIPHERTEXT_WIRE_FORMAT_POLICY,
-    );
+    let mut ciphertext = alice_raw.group("mimi://a.example/r/ghost2", PURE_CIPHERTEXT_WIRE_FORMAT_POLICY);
     case(
         "encrypted handshake",
         400,
         "encrypted_handshake",
-        post(
-            &url,
-            "/v1/messages",
-            Some(&ta),
-            alice_raw.update_commit(&mut ciphertext),
-        )
-        .await,
+        post(&url, "/v1/messages", Some(&ta), alice_raw.update_commit(&mut ciphertext)).await,
     );
     let mut not_uri = alice_raw.group("not a mimi id", PURE_PLAINTEXT_WIRE_FORMAT_POLICY);
     case(
         "group id not a uri",
         400,
         "invalid_identifier",
-        post(
-            &url,
-            "/v1/messages",
-            Some(&ta),
-            alice_raw.app_message(&mut not_uri, "x"),
-        )
-        .await,
+        post(&url, "/v1/messages", Some(&ta), alice_raw.app_message(&mut not_uri, "x")).await,
     );
     // Alice's real Commit, submitted with Bob's token.
     let commit = alice.prepare_update(&g)?;
@@ -167,17 +104,9 @@ async fn hostile_requests_get_typed_errors() -> anyhow::Result<()> {
     // A second device claiming the same room id.
     let squat = Local::new(bob.id().as_str());
     let taken = squat.group(&g, PURE_PLAINTEXT_WIRE_FORMAT_POLICY);
-    case(
-        "group exists",
-        409,
-        "group_exists",
-        post(&url, "/v1/groups", Some(&tb), squat.group_info(&taken)).await,
-    );
+    case("group exists", 409, "group_exists", post(&url, "/v1/groups", Some(&tb), squat.group_info(&taken)).await);
     // A GroupInfo whose creator is not the authenticated device.
-    let fresh = alice_raw.group(
-        "mimi://a.example/r/fresh",
-        PURE_PLAINTEXT_WIRE_FORMAT_POLICY,
-    );
+    let fresh = alice_raw.group("mimi://a.example/r/fresh", PURE_PLAINTEXT_WIRE_FORMAT_POLICY);
     case(
         "group created for someone else",
         422,
@@ -186,19 +115,9 @@ async fn hostile_requests_get_typed_errors() -> anyhow::Result<()> {
     );
 
     // Authentication and authorization.
-    case(
-        "no token",
-        401,
-        "unauthenticated",
-        post(&url, "/v1/messages", None, good.clone()).await,
-    );
+    case("no token", 401, "unauthenticated", post(&url, "/v1/messages", None, good.clone()).await);
     let forged = tb.replace("mft1.", "mft1.x");
-    case(
-        "forged token",
-        401,
-        "unauthenticated",
-        post(&url, "/v1/messages", Some(&forged), good.clone()).await,
-    );
+    case("forged token", 401, "unauthenticated", post(&url, "/v1/messages", Some(&forged), good.clone()).await);
     let foreign = tests::proto::auth::issue(
         tests::SECRET.as_bytes(),
         &tests::proto::DeviceId::parse("mimi://b.example/d/eve/x")?,
@@ -210,27 +129,13 @@ async fn hostile_requests_get_typed_errors() -> anyhow::Result<()> {
         "unauthenticated",
         post(&url, "/v1/messages", Some(&foreign), good.clone()).await,
     );
-    let alice_box = format!(
-        "/v1/devices/{}/mailbox",
-        tests::client::http::encode_segment(alice.id().as_str())
-    );
-    case(
-        "reading another device's mailbox",
-        403,
-        "forbidden_device",
-        get(&url, &alice_box, Some(&tb)).await,
-    );
+    let alice_box = format!("/v1/devices/{}/mailbox", tests::client::http::encode_segment(alice.id().as_str()));
+    case("reading another device's mailbox", 403, "forbidden_device", get(&url, &alice_box, Some(&tb)).await);
     case(
         "acking another device's mailbox",
         403,
         "forbidden_device",
-        post(
-            &url,
-            &format!("{alice_box}/ack"),
-            Some(&tb),
-            b"{\"up_to\":1}".to_vec(),
-        )
-        .await,
+        post(&url, &format!("{alice_box}/ack"), Some(&tb), b"{\"up_to\":1}".to_vec()).await,
     );
 
     // Key directory.
@@ -259,44 +164,19 @@ async fn hostile_requests_get_typed_errors() -> anyhow::Result<()> {
                 .send()
                 .await
                 .expect("claim");
-            (
-                resp.status().as_u16(),
-                resp.json().await.unwrap_or(serde_json::Value::Null),
-            )
+            (resp.status().as_u16(), resp.json().await.unwrap_or(serde_json::Value::Null))
         }
     };
-    case(
-        "claim for unknown user",
-        404,
-        "unknown_user",
-        claim_at(claim("mimi://a.example/u/nobody")).await,
-    );
-    case(
-        "claim with bad user id",
-        400,
-        "invalid_identifier",
-        claim_at(claim("bob")).await,
-    );
-    case(
-        "claim with bad json",
-        400,
-        "invalid_request",
-        claim_at(b"{".to_vec()).await,
-    );
-    case(
-        "unknown endpoint",
-        400,
-        "invalid_request",
-        get(&url, "/v1/nope", Some(&tb)).await,
-    );
+    case("claim for unknown user", 404, "unknown_user", claim_at(claim("mimi://a.example/u/nobody")).await);
+    case("claim with bad user id", 400, "invalid_identifier", claim_at(claim("bob")).await);
+    case("claim with bad json", 400, "invalid_request", claim_at(b"{".to_vec()).await);
+    case("unknown endpoint", 400, "invalid_request", get(&url, "/v1/nope", Some(&tb)).await);
 
     let mut failed = Vec::new();
     for (name, status, want, (got_status, body)) in &cases {
         assert_ne!(*got_status, 500, "{name} answered 500");
         if got_status != status || code(body) != *want {
-            failed.push(format!(
-                "{name}: want {status} {want}, got {got_status} {body}"
-            ));
+            failed.push(format!("{name}: want {status} {want}, got {got_status} {body}"));
         }
     }
     assert!(failed.is_empty(), "\n{}", failed.join("\n"));
@@ -305,24 +185,13 @@ async fn hostile_requests_get_typed_errors() -> anyhow::Result<()> {
     assert!(op.healthy().await);
     let p = alice.send(&g, "still here").await?;
     settle(&mut [&mut alice, &mut bob]).await?;
-    assert_eq!(
-        bob.messages(&g).last().map(|m| (m.0, m.2.as_str())),
-        Some((p, "still here"))
-    );
+    assert_eq!(bob.messages(&g).last().map(|m| (m.0, m.2.as_str())), Some((p, "still here")));
     assert!(bob.failures().is_empty(), "{:?}", bob.failures());
     drop(carol);
     // Each refusal is counted by code.
     let metrics = reqwest::get(format!("{url}/metrics")).await?.text().await?;
-    for want in [
-        "malformed_message",
-        "sender_mismatch",
-        "unauthenticated",
-        "forbidden_device",
-    ] {
-        assert!(
-            metrics.contains(&format!("mlsfed_api_errors_total{{code=\"{want}\"}}")),
-            "metric for {want}"
-        );
+    for want in ["malformed_message", "sender_mismatch", "unauthenticated", "forbidden_device"] {
+        assert!(metrics.contains(&format!("mlsfed_api_errors_total{{code=\"{want}\"}}")), "metric for {want}");
     }
     Ok(())
 }

@@ -20,9 +20,7 @@ async fn one_commit_wins_each_epoch() -> anyhow::Result<()> {
     let mut bob = op.client("bob", "phone", 2).await?;
     let mut carol = op.client("carol", "phone", 2).await?;
     let g = alice.create_group("race").await?;
-    alice
-        .add(&g, &[op.user_id("bob"), op.user_id("carol")])
-        .await?;
+    alice.add(&g, &[op.user_id("bob"), op.user_id("carol")]).await?;
     settle(&mut [&mut alice, &mut bob, &mut carol]).await?;
 
     let mut rng = rand::thread_rng();
@@ -61,9 +59,7 @@ async fn one_commit_wins_each_epoch() -> anyhow::Result<()> {
             (Err(e), Ok(a)) => (a.position, e, false),
             (b, c) => panic!("round {round}: expected exactly one winner, got {b:?} / {c:?}"),
         };
-        let tests::client::ClientError::Api(e) = loser_err else {
-            panic!("round {round}: {loser_err}")
-        };
+        let tests::client::ClientError::Api(e) = loser_err else { panic!("round {round}: {loser_err}") };
         assert_eq!(e.code, ErrorCode::WrongEpoch, "round {round}");
         assert_eq!(e.current_epoch, Some(epoch + 1), "round {round}");
         assert_eq!(e.winning_commit_position, Some(winner_pos), "round {round}");
@@ -83,18 +79,10 @@ async fn one_commit_wins_each_epoch() -> anyhow::Result<()> {
             let (mut x, mut y) = candidates.pop().expect("pushed above");
             // (Each candidate also gets a replenish notice: its only
             // one-time KeyPackage was claimed.)
-            let joined = |ev: Vec<Event>| {
-                ev.iter()
-                    .filter(|e| matches!(e, Event::Joined { .. }))
-                    .count()
-            };
+            let joined = |ev: Vec<Event>| ev.iter().filter(|e| matches!(e, Event::Joined { .. })).count();
             let jx = joined(x.sync().await?);
             let jy = joined(y.sync().await?);
-            assert_eq!(
-                (jx, jy),
-                if bob_won { (1, 0) } else { (0, 1) },
-                "round {round}"
-            );
+            assert_eq!((jx, jy), if bob_won { (1, 0) } else { (0, 1) }, "round {round}");
             losers.push(if bob_won { y } else { x });
         }
     }
@@ -103,11 +91,7 @@ async fn one_commit_wins_each_epoch() -> anyhow::Result<()> {
     }
     // The devices whose add lost never receive anything, even later.
     for l in losers.iter_mut() {
-        assert!(l
-            .sync()
-            .await?
-            .iter()
-            .all(|e| matches!(e, Event::KeyPackagesLow { .. })));
+        assert!(l.sync().await?.iter().all(|e| matches!(e, Event::KeyPackagesLow { .. })));
         assert!(l.groups().is_empty());
     }
     Ok(())

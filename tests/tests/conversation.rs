@@ -18,26 +18,11 @@ async fn three_devices_converse_in_hub_order() -> anyhow::Result<()> {
 
     let g = alice.create_group("room1").await?;
     assert!(g.starts_with("mimi://a.example/r/"));
-    alice
-        .add(&g, &[op.user_id("bob"), op.user_id("carol")])
-        .await?;
+    alice.add(&g, &[op.user_id("bob"), op.user_id("carol")]).await?;
     bob.sync().await?;
     carol.sync().await?;
-    assert!(
-        bob.log
-            .iter()
-            .any(|e| matches!(e, Event::Joined { epoch: 1, .. })),
-        "{:?}",
-        bob.log
-    );
-    assert!(
-        carol
-            .log
-            .iter()
-            .any(|e| matches!(e, Event::Joined { epoch: 1, .. })),
-        "{:?}",
-        carol.log
-    );
+    assert!(bob.log.iter().any(|e| matches!(e, Event::Joined { epoch: 1, .. })), "{:?}", bob.log);
+    assert!(carol.log.iter().any(|e| matches!(e, Event::Joined { epoch: 1, .. })), "{:?}", carol.log);
 
     // Carol goes offline; alice and bob talk.
     let p1 = alice.send(&g, "a1").await?;
@@ -49,21 +34,9 @@ async fn three_devices_converse_in_hub_order() -> anyhow::Result<()> {
     // Carol reconnects and catches up from her cursor, in hub order.
     carol.sync().await?;
     let want = vec![
-        (
-            p1,
-            op.device_id("alice", "phone").to_string(),
-            "a1".to_string(),
-        ),
-        (
-            p2,
-            op.device_id("bob", "phone").to_string(),
-            "b1".to_string(),
-        ),
-        (
-            p3,
-            op.device_id("alice", "phone").to_string(),
-            "a2".to_string(),
-        ),
+        (p1, op.device_id("alice", "phone").to_string(), "a1".to_string()),
+        (p2, op.device_id("bob", "phone").to_string(), "b1".to_string()),
+        (p3, op.device_id("alice", "phone").to_string(), "a2".to_string()),
     ];
     for c in [&alice, &bob, &carol] {
         assert_eq!(c.messages(&g), want, "device {}", c.id());
@@ -78,17 +51,10 @@ async fn three_devices_converse_in_hub_order() -> anyhow::Result<()> {
     assert_eq!(carol.epoch(&g), Some(2));
     // Carol encrypts before she learns of her removal; the hub refuses her.
     alice.remove(&g, &op.device_id("carol", "laptop")).await?;
-    let refused = carol
-        .send(&g, "still here?")
-        .await
-        .expect_err("a removed member cannot send");
+    let refused = carol.send(&g, "still here?").await.expect_err("a removed member cannot send");
     assert_eq!(refused.code(), Some(ErrorCode::NotAMember), "{refused}");
     carol.sync().await?;
-    assert!(
-        matches!(carol.log.last(), Some(Event::Removed { .. })),
-        "{:?}",
-        carol.log
-    );
+    assert!(matches!(carol.log.last(), Some(Event::Removed { .. })), "{:?}", carol.log);
     assert!(carol.groups().is_empty());
 
     let a3 = alice.send(&g, "a3").await?;
@@ -98,11 +64,7 @@ async fn three_devices_converse_in_hub_order() -> anyhow::Result<()> {
     // Every device saw every position once, strictly increasing.
     for c in [&alice, &bob, &carol] {
         let ps = c.positions(&g);
-        assert!(
-            ps.windows(2).all(|w| w[0] < w[1]),
-            "device {} positions {ps:?}",
-            c.id()
-        );
+        assert!(ps.windows(2).all(|w| w[0] < w[1]), "device {} positions {ps:?}", c.id());
         assert!(c.failures().is_empty(), "{:?}", c.failures());
     }
     let texts = |c: &tests::Client| c.messages(&g).into_iter().map(|m| m.2).collect::<Vec<_>>();
@@ -118,10 +80,7 @@ async fn three_devices_converse_in_hub_order() -> anyhow::Result<()> {
     assert_eq!(bob.epoch(&g), epoch_before);
     alice.send(&g, "after restart").await?;
     bob.sync().await?;
-    assert_eq!(
-        texts(&bob).last().map(String::as_str),
-        Some("after restart")
-    );
+    assert_eq!(texts(&bob).last().map(String::as_str), Some("after restart"));
     Ok(())
 }
 
@@ -138,21 +97,10 @@ async fn cli_state_survives_process_restarts() -> anyhow::Result<()> {
         let out = Command::new(binary("mlsfed-client"))
             .arg("--home")
             .arg(home.path())
-            .args([
-                "--server",
-                &op.url,
-                "--token",
-                &op.token(&dave),
-                "--device",
-                dave.as_str(),
-            ])
+            .args(["--server", &op.url, "--token", &op.token(&dave), "--device", dave.as_str()])
             .args(args)
             .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "mlsfed-client {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        anyhow::ensure!(out.status.success(), "mlsfed-client {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         Ok(String::from_utf8(out.stdout)?)
     };
     cli(&["publish-key-packages", "--count", "2"])?;
@@ -166,10 +114,7 @@ async fn cli_state_survives_process_restarts() -> anyhow::Result<()> {
     cli(&["send", &g, "hello alice"])?;
     cli(&["update", &g])?;
     alice.sync().await?;
-    assert_eq!(
-        alice.messages(&g).last().map(|m| m.2.as_str()),
-        Some("hello alice")
-    );
+    assert_eq!(alice.messages(&g).last().map(|m| m.2.as_str()), Some("hello alice"));
     assert_eq!(alice.epoch(&g), Some(2));
     let status = cli(&["status"])?;
     assert!(status.contains("\"epoch\":2"), "{status}");

@@ -15,9 +15,7 @@ async fn accepted_before_fanout_survives_sigkill() -> anyhow::Result<()> {
     let mut bob = op.client("bob", "phone", 2).await?;
     let mut carol = op.client("carol", "phone", 2).await?;
     let g = alice.create_group("crash").await?;
-    alice
-        .add(&g, &[op.user_id("bob"), op.user_id("carol")])
-        .await?;
+    alice.add(&g, &[op.user_id("bob"), op.user_id("carol")]).await?;
     settle(&mut [&mut alice, &mut bob, &mut carol]).await?;
     op.kill();
 
@@ -29,10 +27,7 @@ async fn accepted_before_fanout_survives_sigkill() -> anyhow::Result<()> {
     }
     let pos = alice.send(&g, "survives the crash").await?;
     bob.sync().await?;
-    assert!(
-        bob.messages(&g).is_empty(),
-        "nothing is fanned out without fanout"
-    );
+    assert!(bob.messages(&g).is_empty(), "nothing is fanned out without fanout");
     front.kill();
     drop(_seq);
 
@@ -45,11 +40,7 @@ async fn accepted_before_fanout_survives_sigkill() -> anyhow::Result<()> {
     for c in [&bob, &carol] {
         assert_eq!(
             c.messages(&g),
-            vec![(
-                pos,
-                op.device_id("alice", "phone").to_string(),
-                "survives the crash".to_string()
-            )]
+            vec![(pos, op.device_id("alice", "phone").to_string(), "survives the crash".to_string())]
         );
     }
     Ok(())
@@ -66,9 +57,7 @@ async fn sigkill_under_load_delivers_exactly_once() -> anyhow::Result<()> {
     let mut bob = op.client("bob", "phone", 2).await?;
     let mut carol = op.client("carol", "phone", 2).await?;
     let g = alice.create_group("load").await?;
-    alice
-        .add(&g, &[op.user_id("bob"), op.user_id("carol")])
-        .await?;
+    alice.add(&g, &[op.user_id("bob"), op.user_id("carol")]).await?;
     settle(&mut [&mut alice, &mut bob, &mut carol]).await?;
 
     let mut accepted = Vec::new();
@@ -103,10 +92,7 @@ async fn sigkill_under_load_delivers_exactly_once() -> anyhow::Result<()> {
     }
     // Redelivery (ack_wait 5 s in tests) finishes what the killed workers held.
     let n = accepted.len();
-    sync_until(&mut [&mut bob, &mut carol], Duration::from_secs(60), |c| {
-        c.messages(&g).len() >= n
-    })
-    .await?;
+    sync_until(&mut [&mut bob, &mut carol], Duration::from_secs(60), |c| c.messages(&g).len() >= n).await?;
     // Whatever else arrives late (cut-off submissions) arrives within ack_wait.
     tokio::time::sleep(Duration::from_secs(6)).await;
     settle(&mut [&mut alice, &mut bob, &mut carol]).await?;
@@ -114,20 +100,13 @@ async fn sigkill_under_load_delivers_exactly_once() -> anyhow::Result<()> {
         assert!(c.failures().is_empty(), "{:?}", c.failures());
         let texts: Vec<String> = c.messages(&g).into_iter().map(|m| m.2).collect();
         let positions: Vec<u64> = c.messages(&g).into_iter().map(|m| m.0).collect();
-        assert!(
-            positions.windows(2).all(|w| w[0] < w[1]),
-            "order {positions:?}"
-        );
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "order {positions:?}");
         let mut dedup = texts.clone();
         dedup.sort();
         dedup.dedup();
         assert_eq!(dedup.len(), texts.len(), "duplicates in {texts:?}");
         for t in &accepted {
-            assert!(
-                texts.contains(t),
-                "accepted {t} missing on {}: got {texts:?}, uncertain {uncertain:?}",
-                c.id()
-            );
+            assert!(texts.contains(t), "accepted {t} missing on {}: got {texts:?}, uncertain {uncertain:?}", c.id());
         }
         for t in &texts {
             assert!(accepted.contains(t) || uncertain.contains(t), "unknown {t}");

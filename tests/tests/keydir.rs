@@ -15,13 +15,7 @@ use tests::raw::Local;
 use tests::{bad_kp, get, post, unix_now, NatsServer, Operator};
 
 fn stored(n: u8, not_after: u64, caps: Caps) -> Stored {
-    Stored {
-        kp_ref: vec![n; 16],
-        suite: 1,
-        not_after,
-        caps,
-        bytes: vec![n; 40],
-    }
+    Stored { kp_ref: vec![n; 16], suite: 1, not_after, caps, bytes: vec![n; 40] }
 }
 
 /// The behaviour every backend must have.
@@ -34,8 +28,7 @@ async fn conformance<S: KeyStore + 'static>(s: Arc<S>) -> anyhow::Result<()> {
 
     // Pools, counts, one-time takes.
     for n in 1..=3 {
-        s.put_one_time(&d, &stored(n, now + 100, Caps::default()))
-            .await?;
+        s.put_one_time(&d, &stored(n, now + 100, Caps::default())).await?;
     }
     assert_eq!(s.count_one_time(&d, 1).await?, 3);
     assert_eq!(s.count_one_time(&d, 2).await?, 0);
@@ -49,39 +42,24 @@ async fn conformance<S: KeyStore + 'static>(s: Arc<S>) -> anyhow::Result<()> {
     assert_eq!(s.take_one_time(&d, 1, now, all).await?, Take::Empty);
 
     // Expired ones are never served and are deleted on the way.
-    s.put_one_time(&d, &stored(9, now - 1, Caps::default()))
-        .await?;
+    s.put_one_time(&d, &stored(9, now - 1, Caps::default())).await?;
     assert_eq!(s.take_one_time(&d, 1, now, all).await?, Take::Empty);
     assert_eq!(s.count_one_time(&d, 1).await?, 0);
-    s.put_one_time(&d, &stored(10, now + 5, Caps::default()))
-        .await?;
+    s.put_one_time(&d, &stored(10, now + 5, Caps::default())).await?;
     assert_eq!(s.sweep(&d, 1, now + 10).await?, 1);
 
     // Capability filters leave incompatible ones in the pool.
-    s.put_one_time(&d, &stored(11, now + 100, Caps::default()))
-        .await?;
-    let wants_ext: &(dyn Fn(&Stored) -> bool + Sync) = &|x| {
-        x.caps.covers(&Caps {
-            extensions: vec![0xff00],
-            ..Default::default()
-        })
-    };
-    assert_eq!(
-        s.take_one_time(&d, 1, now, wants_ext).await?,
-        Take::NoneCompatible
-    );
+    s.put_one_time(&d, &stored(11, now + 100, Caps::default())).await?;
+    let wants_ext: &(dyn Fn(&Stored) -> bool + Sync) =
+        &|x| x.caps.covers(&Caps { extensions: vec![0xff00], ..Default::default() });
+    assert_eq!(s.take_one_time(&d, 1, now, wants_ext).await?, Take::NoneCompatible);
     assert_eq!(s.count_one_time(&d, 1).await?, 1);
 
     // Last resort: replaced, never consumed.
     assert_eq!(s.last_resort(&d, 1).await?, None);
-    s.put_last_resort(&d, &stored(20, now + 100, Caps::default()))
-        .await?;
-    s.put_last_resort(&d, &stored(21, now + 100, Caps::default()))
-        .await?;
-    assert_eq!(
-        s.last_resort(&d, 1).await?.map(|x| x.kp_ref),
-        Some(vec![21; 16])
-    );
+    s.put_last_resort(&d, &stored(20, now + 100, Caps::default())).await?;
+    s.put_last_resort(&d, &stored(21, now + 100, Caps::default())).await?;
+    assert_eq!(s.last_resort(&d, 1).await?.map(|x| x.kp_ref), Some(vec![21; 16]));
     assert!(s.last_resort(&d, 1).await?.is_some());
 
     // Devices of a user.
@@ -91,10 +69,8 @@ async fn conformance<S: KeyStore + 'static>(s: Arc<S>) -> anyhow::Result<()> {
     let mut ds = s.devices(&u).await?;
     ds.sort();
     assert_eq!(ds, vec![d.clone(), d2.clone()]);
-    s.put_one_time(&d2, &stored(30, now + 100, Caps::default()))
-        .await?;
-    s.put_last_resort(&d2, &stored(31, now + 100, Caps::default()))
-        .await?;
+    s.put_one_time(&d2, &stored(30, now + 100, Caps::default())).await?;
+    s.put_last_resort(&d2, &stored(31, now + 100, Caps::default())).await?;
     s.remove_device(&d2, &[1]).await?;
     assert_eq!(s.devices(&u).await?, vec![d.clone()]);
     assert_eq!(s.count_one_time(&d2, 1).await?, 0);
@@ -121,16 +97,13 @@ async fn conformance<S: KeyStore + 'static>(s: Arc<S>) -> anyhow::Result<()> {
     // Concurrent takes: each KeyPackage goes to exactly one taker.
     let d3 = DeviceId::parse("mimi://a.example/d/carol/one")?;
     for n in 100..120 {
-        s.put_one_time(&d3, &stored(n, now + 100, Caps::default()))
-            .await?;
+        s.put_one_time(&d3, &stored(n, now + 100, Caps::default())).await?;
     }
     let mut tasks = Vec::new();
     for _ in 0..40 {
         let s = s.clone();
         let d3 = d3.clone();
-        tasks.push(tokio::spawn(async move {
-            s.take_one_time(&d3, 1, now, &|_| true).await
-        }));
+        tasks.push(tokio::spawn(async move { s.take_one_time(&d3, 1, now, &|_| true).await }));
     }
     let mut got = HashSet::new();
     for t in tasks {
@@ -157,12 +130,7 @@ async fn conformance_jetstream() -> anyhow::Result<()> {
     conformance(Arc::new(keydir::JsStore::open(&js, 1).await?)).await
 }
 
-async fn claim(
-    url: &str,
-    token: &str,
-    user: &str,
-    extra: serde_json::Value,
-) -> (u16, serde_json::Value) {
+async fn claim(url: &str, token: &str, user: &str, extra: serde_json::Value) -> (u16, serde_json::Value) {
     let mut body = serde_json::json!({ "user": user });
     if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
         b.extend(e.clone());
@@ -177,10 +145,7 @@ async fn claim(
         .send()
         .await
         .expect("claim");
-    (
-        resp.status().as_u16(),
-        resp.json().await.unwrap_or_default(),
-    )
+    (resp.status().as_u16(), resp.json().await.unwrap_or_default())
 }
 
 /// 50 parallel claims through two keydir processes on the JetStream backend
@@ -193,26 +158,14 @@ async fn parallel_claims_through_two_processes() -> anyhow::Result<()> {
     })?;
     let b = a.worker("ingest")?;
     let mut bob = a.client("bob", "phone", 10).await?;
-    let claimers: Vec<String> = (0..5)
-        .map(|i| a.token(&a.device_id(&format!("c{i}"), "d")))
-        .collect();
+    let claimers: Vec<String> = (0..5).map(|i| a.token(&a.device_id(&format!("c{i}"), "d"))).collect();
     let mut tasks = Vec::new();
     for i in 0..50 {
-        let url = if i % 2 == 0 {
-            a.url.clone()
-        } else {
-            b.url.clone()
-        };
+        let url = if i % 2 == 0 { a.url.clone() } else { b.url.clone() };
         let token = claimers[i % 5].clone();
-        tasks.push(tokio::spawn(async move {
-            claim(
-                &url,
-                &token,
-                "mimi://a.example/u/bob",
-                serde_json::json!({}),
-            )
-            .await
-        }));
+        tasks.push(tokio::spawn(
+            async move { claim(&url, &token, "mimi://a.example/u/bob", serde_json::json!({})).await },
+        ));
     }
     let (mut one_time, mut last_resort, mut seen) = (HashSet::new(), HashSet::new(), 0);
     for t in tasks {
@@ -220,17 +173,11 @@ async fn parallel_claims_through_two_processes() -> anyhow::Result<()> {
         assert_eq!(status, 200, "{body}");
         let kps = body["key_packages"].as_array().cloned().unwrap_or_default();
         assert_eq!(kps.len(), 1, "{body}");
-        let kp = kps[0]["key_package"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let kp = kps[0]["key_package"].as_str().unwrap_or_default().to_owned();
         if kps[0]["last_resort"].as_bool() == Some(true) {
             last_resort.insert(kp);
         } else {
-            assert!(
-                one_time.insert(kp),
-                "a one-time KeyPackage was served twice"
-            );
+            assert!(one_time.insert(kp), "a one-time KeyPackage was served twice");
         }
         seen += 1;
     }
@@ -239,28 +186,16 @@ async fn parallel_claims_through_two_processes() -> anyhow::Result<()> {
     assert_eq!(status, 200);
     assert_eq!(stock["stock"][0]["one_time"], 0, "{stock}");
     assert_eq!(stock["stock"][0]["last_resort"], true, "{stock}");
-    let notices: Vec<Event> = bob
-        .sync()
-        .await?
-        .into_iter()
-        .filter(|e| matches!(e, Event::KeyPackagesLow { .. }))
-        .collect();
-    assert!(
-        notices.contains(&Event::KeyPackagesLow {
-            cipher_suite: 1,
-            remaining: 0
-        }),
-        "{notices:?}"
-    );
+    let notices: Vec<Event> =
+        bob.sync().await?.into_iter().filter(|e| matches!(e, Event::KeyPackagesLow { .. })).collect();
+    assert!(notices.contains(&Event::KeyPackagesLow { cipher_suite: 1, remaining: 0 }), "{notices:?}");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_uploads_are_refused_with_their_codes() -> anyhow::Result<()> {
     let nats = NatsServer::start()?;
-    let op = Operator::start_with(&nats, "a.example", "run", |c| {
-        c.keydir.max_lifetime_secs = 30 * 86_400
-    })?;
+    let op = Operator::start_with(&nats, "a.example", "run", |c| c.keydir.max_lifetime_secs = 30 * 86_400)?;
     let me = op.device_id("mallory", "m");
     let token = op.token(&me);
     let l = Local::new(me.as_str());
@@ -268,66 +203,24 @@ async fn invalid_uploads_are_refused_with_their_codes() -> anyhow::Result<()> {
     let mut wrong_version = l.key_package();
     wrong_version[1] = 2;
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
-        (
-            "bad signature",
-            bad_kp::bad_signature(&l),
-            422,
-            "invalid_signature",
-        ),
+        ("bad signature", bad_kp::bad_signature(&l), 422, "invalid_signature"),
         ("wrong version", wrong_version, 400, "unsupported_version"),
         (
             "cipher suite not accepted",
-            bad_kp::with_suite(
-                &l,
-                Ciphersuite::MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519,
-            ),
+            bad_kp::with_suite(&l, Ciphersuite::MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519),
             422,
             "unsupported_cipher_suite",
         ),
-        (
-            "expired",
-            bad_kp::with_lifetime(&l, now - 1000, now - 10),
-            422,
-            "key_package_expired",
-        ),
-        (
-            "lifetime too long",
-            bad_kp::with_lifetime(&l, now, now + 60 * 86_400),
-            422,
-            "lifetime_too_long",
-        ),
-        (
-            "another identity",
-            Local::new("mimi://a.example/d/alice/x").key_package(),
-            403,
-            "identity_mismatch",
-        ),
-        (
-            "init key == encryption key",
-            bad_kp::init_equals_encryption(&l),
-            422,
-            "init_key_equals_encryption_key",
-        ),
-        (
-            "last resort not in capabilities",
-            bad_kp::last_resort_undeclared(&l),
-            422,
-            "last_resort_not_in_capabilities",
-        ),
-        (
-            "truncated",
-            l.key_package()[..50].to_vec(),
-            400,
-            "malformed_message",
-        ),
+        ("expired", bad_kp::with_lifetime(&l, now - 1000, now - 10), 422, "key_package_expired"),
+        ("lifetime too long", bad_kp::with_lifetime(&l, now, now + 60 * 86_400), 422, "lifetime_too_long"),
+        ("another identity", Local::new("mimi://a.example/d/alice/x").key_package(), 403, "identity_mismatch"),
+        ("init key == encryption key", bad_kp::init_equals_encryption(&l), 422, "init_key_equals_encryption_key"),
+        ("last resort not in capabilities", bad_kp::last_resort_undeclared(&l), 422, "last_resort_not_in_capabilities"),
+        ("truncated", l.key_package()[..50].to_vec(), 400, "malformed_message"),
     ];
     for (name, body, status, code) in cases {
         let (got, json) = post(&op.url, "/v1/keypackages", Some(&token), body).await;
-        assert_eq!(
-            (got, json["code"].as_str().unwrap_or_default()),
-            (status, code),
-            "{name}: {json}"
-        );
+        assert_eq!((got, json["code"].as_str().unwrap_or_default()), (status, code), "{name}: {json}");
     }
     // A good one in the same batch as a bad one: nothing is stored.
     let mut batch = l.key_package();
@@ -347,27 +240,13 @@ async fn claims_filter_by_suite_and_capabilities_and_never_serve_expired() -> an
     let l = Local::new(carol.as_str());
     let now = unix_now();
     // One KeyPackage that expires in three seconds, and no last resort.
-    let (got, body) = post(
-        &op.url,
-        "/v1/keypackages",
-        Some(&op.token(&carol)),
-        bad_kp::with_lifetime(&l, now - 10, now + 3),
-    )
-    .await;
+    let (got, body) =
+        post(&op.url, "/v1/keypackages", Some(&op.token(&carol)), bad_kp::with_lifetime(&l, now - 10, now + 3)).await;
     assert_eq!(got, 200, "{body}");
     let asker = op.token(&op.device_id("dave", "d"));
-    let (got, body) = claim(
-        &op.url,
-        &asker,
-        "mimi://a.example/u/carol",
-        serde_json::json!({ "cipher_suites": [3] }),
-    )
-    .await;
-    assert_eq!(
-        (got, body["code"].as_str()),
-        (404, Some("no_compatible_material")),
-        "{body}"
-    );
+    let (got, body) =
+        claim(&op.url, &asker, "mimi://a.example/u/carol", serde_json::json!({ "cipher_suites": [3] })).await;
+    assert_eq!((got, body["code"].as_str()), (404, Some("no_compatible_material")), "{body}");
     let (got, body) = claim(
         &op.url,
         &asker,
@@ -375,36 +254,12 @@ async fn claims_filter_by_suite_and_capabilities_and_never_serve_expired() -> an
         serde_json::json!({ "required_capabilities": { "extensions": [65280] } }),
     )
     .await;
-    assert_eq!(
-        (got, body["code"].as_str()),
-        (404, Some("no_compatible_material")),
-        "{body}"
-    );
-    let (got, body) = claim(
-        &op.url,
-        &asker,
-        "mimi://a.example/u/nobody",
-        serde_json::json!({}),
-    )
-    .await;
-    assert_eq!(
-        (got, body["code"].as_str()),
-        (404, Some("unknown_user")),
-        "{body}"
-    );
+    assert_eq!((got, body["code"].as_str()), (404, Some("no_compatible_material")), "{body}");
+    let (got, body) = claim(&op.url, &asker, "mimi://a.example/u/nobody", serde_json::json!({})).await;
+    assert_eq!((got, body["code"].as_str()), (404, Some("unknown_user")), "{body}");
     tokio::time::sleep(Duration::from_millis(4500)).await;
-    let (got, body) = claim(
-        &op.url,
-        &asker,
-        "mimi://a.example/u/carol",
-        serde_json::json!({}),
-    )
-    .await;
-    assert_eq!(
-        (got, body["code"].as_str()),
-        (404, Some("key_material_exhausted")),
-        "{body}"
-    );
+    let (got, body) = claim(&op.url, &asker, "mimi://a.example/u/carol", serde_json::json!({})).await;
+    assert_eq!((got, body["code"].as_str()), (404, Some("key_material_exhausted")), "{body}");
     Ok(())
 }
 
@@ -412,13 +267,9 @@ async fn claims_filter_by_suite_and_capabilities_and_never_serve_expired() -> an
 /// no KeyPackage is lost or served twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_mid_claims_loses_and_duplicates_nothing() -> anyhow::Result<()> {
-    for backend in [
-        config::KeydirBackend::Sled,
-        config::KeydirBackend::Jetstream,
-    ] {
+    for backend in [config::KeydirBackend::Sled, config::KeydirBackend::Jetstream] {
         let nats = NatsServer::start()?;
-        let mut op =
-            Operator::start_with(&nats, "a.example", "ingest", |c| c.keydir.backend = backend)?;
+        let mut op = Operator::start_with(&nats, "a.example", "ingest", |c| c.keydir.backend = backend)?;
         let erin = op.client("erin", "e", 40).await?;
         let asker = op.token(&op.device_id("frank", "f"));
         let mut served = HashSet::new();
@@ -434,9 +285,7 @@ async fn restart_mid_claims_loses_and_duplicates_nothing() -> anyhow::Result<()>
                         .send()
                         .await;
                     match r {
-                        Ok(r) if r.status().is_success() => {
-                            r.json::<serde_json::Value>().await.ok()
-                        }
+                        Ok(r) if r.status().is_success() => r.json::<serde_json::Value>().await.ok(),
                         _ => None,
                     }
                 }));
@@ -460,16 +309,8 @@ async fn restart_mid_claims_loses_and_duplicates_nothing() -> anyhow::Result<()>
         // never arrived (held as a reservation, returned later); none is
         // served twice and none vanishes from the count of stock + served +
         // reserved.
-        assert!(
-            served.len() + left <= 40,
-            "{backend:?}: {} served + {left} left",
-            served.len()
-        );
-        assert!(
-            served.len() + left >= 40 - 10,
-            "{backend:?}: {} served + {left} left",
-            served.len()
-        );
+        assert!(served.len() + left <= 40, "{backend:?}: {} served + {left} left", served.len());
+        assert!(served.len() + left >= 40 - 10, "{backend:?}: {} served + {left} left", served.len());
     }
     Ok(())
 }
@@ -485,48 +326,25 @@ async fn client_refuses_welcome_with_unbound_member_key() -> anyhow::Result<()> 
     // An impostor with alice's identity but a key the operator never bound.
     let impostor = Local::new(alice.id().as_str());
     let token = op.token(alice.id());
-    let mut group = impostor.group(
-        "mimi://a.example/r/trap",
-        openmls::prelude::PURE_PLAINTEXT_WIRE_FORMAT_POLICY,
-    );
-    let (got, body) = post(
-        &op.url,
-        "/v1/groups",
-        Some(&token),
-        impostor.group_info(&group),
-    )
-    .await;
+    let mut group = impostor.group("mimi://a.example/r/trap", openmls::prelude::PURE_PLAINTEXT_WIRE_FORMAT_POLICY);
+    let (got, body) = post(&op.url, "/v1/groups", Some(&token), impostor.group_info(&group)).await;
     assert_eq!(got, 201, "{body}");
-    let (_, claimed) = claim(
-        &op.url,
-        &token,
-        "mimi://a.example/u/bob",
-        serde_json::json!({}),
-    )
-    .await;
-    let kp_b64 = claimed["key_packages"][0]["key_package"]
-        .as_str()
-        .unwrap_or_default();
+    let (_, claimed) = claim(&op.url, &token, "mimi://a.example/u/bob", serde_json::json!({})).await;
+    let kp_b64 = claimed["key_packages"][0]["key_package"].as_str().unwrap_or_default();
     let kp_bytes = base64::engine::general_purpose::STANDARD.decode(kp_b64)?;
     let bundle = impostor.add(&mut group, &kp_bytes);
     let (got, body) = post(&op.url, "/v1/messages", Some(&token), bundle).await;
     assert_eq!(got, 200, "{body}");
     let events = bob.sync().await?;
     assert!(
-        events.iter().any(
-            |e| matches!(e, Event::Failed { reason, .. } if reason.contains("does not match"))
-        ),
+        events.iter().any(|e| matches!(e, Event::Failed { reason, .. } if reason.contains("does not match"))),
         "{events:?}"
     );
     assert!(bob.groups().is_empty());
 
     // A removed device's binding is revoked, and lookups say so.
     let (got, _) = reqwest::Client::new()
-        .delete(format!(
-            "{}/v1/devices/{}",
-            op.url,
-            tests::client::http::encode_segment(alice.id().as_str())
-        ))
+        .delete(format!("{}/v1/devices/{}", op.url, tests::client::http::encode_segment(alice.id().as_str())))
         .bearer_auth(&token)
         .send()
         .await
@@ -534,26 +352,13 @@ async fn client_refuses_welcome_with_unbound_member_key() -> anyhow::Result<()> 
     assert_eq!(got, 204);
     let (got, body) = get(
         &op.url,
-        &format!(
-            "/v1/identity/{}",
-            tests::client::http::encode_segment(alice.id().as_str())
-        ),
+        &format!("/v1/identity/{}", tests::client::http::encode_segment(alice.id().as_str())),
         Some(&op.token(bob.id())),
     )
     .await;
     assert_eq!(got, 410, "{body}");
-    let (got, body) = claim(
-        &op.url,
-        &op.token(bob.id()),
-        "mimi://a.example/u/alice",
-        serde_json::json!({}),
-    )
-    .await;
-    assert_eq!(
-        (got, body["code"].as_str()),
-        (404, Some("unknown_user")),
-        "{body}"
-    );
+    let (got, body) = claim(&op.url, &op.token(bob.id()), "mimi://a.example/u/alice", serde_json::json!({})).await;
+    assert_eq!((got, body["code"].as_str()), (404, Some("unknown_user")), "{body}");
     Ok(())
 }
 
@@ -577,13 +382,7 @@ async fn unused_reservations_return_to_the_pool() -> anyhow::Result<()> {
     // and never used.
     let g = alice.create_group("r").await?;
     alice.add(&g, &[op.user_id("bob")]).await?;
-    let (got, _) = claim(
-        &op.url,
-        &op.token(alice.id()),
-        "mimi://a.example/u/carol",
-        serde_json::json!({}),
-    )
-    .await;
+    let (got, _) = claim(&op.url, &op.token(alice.id()), "mimi://a.example/u/carol", serde_json::json!({})).await;
     assert_eq!(got, 200);
     assert_eq!(stock(op.device_id("bob", "phone")).await, 1);
     assert_eq!(stock(op.device_id("carol", "phone")).await, 1);
@@ -596,10 +395,6 @@ async fn unused_reservations_return_to_the_pool() -> anyhow::Result<()> {
         }
     }
     assert!(back, "carol's unused KeyPackage did not return");
-    assert_eq!(
-        stock(op.device_id("bob", "phone")).await,
-        1,
-        "a used KeyPackage must not return"
-    );
+    assert_eq!(stock(op.device_id("bob", "phone")).await, 1, "a used KeyPackage must not return");
     Ok(())
 }

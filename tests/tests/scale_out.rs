@@ -10,27 +10,14 @@ use tests::{settle, sync_until, NatsServer, Operator};
 async fn two_sequencers_two_fanouts_keep_order() -> anyhow::Result<()> {
     let nats = NatsServer::start()?;
     let front = Operator::start_with(&nats, "a.example", "ingest", |_| {})?;
-    let _workers = [
-        front.worker("sequencer")?,
-        front.worker("sequencer")?,
-        front.worker("fanout")?,
-        front.worker("fanout")?,
-    ];
+    let _workers =
+        [front.worker("sequencer")?, front.worker("sequencer")?, front.worker("fanout")?, front.worker("fanout")?];
     let mut alice = front.client("alice", "phone", 2).await?;
     let mut bob = front.client("bob", "phone", 2).await?;
     let mut carol = front.client("carol", "phone", 2).await?;
     let mut dave = front.client("dave", "phone", 2).await?;
     let g = alice.create_group("scale").await?;
-    alice
-        .add(
-            &g,
-            &[
-                front.user_id("bob"),
-                front.user_id("carol"),
-                front.user_id("dave"),
-            ],
-        )
-        .await?;
+    alice.add(&g, &[front.user_id("bob"), front.user_id("carol"), front.user_id("dave")]).await?;
     settle(&mut [&mut alice, &mut bob, &mut carol, &mut dave]).await?;
 
     // Three senders at once, 40 messages each, pre-encrypted and submitted
@@ -65,27 +52,16 @@ async fn two_sequencers_two_fanouts_keep_order() -> anyhow::Result<()> {
     // A commit in the middle of the traffic must be ordered too.
     dave.update(&g).await?;
     let last = alice.send(&g, "after the commit").await?;
-    sync_until(
-        &mut [&mut alice, &mut bob, &mut carol, &mut dave],
-        Duration::from_secs(60),
-        |c| c.positions(&g).last().is_some_and(|p| *p >= last),
-    )
+    sync_until(&mut [&mut alice, &mut bob, &mut carol, &mut dave], Duration::from_secs(60), |c| {
+        c.positions(&g).last().is_some_and(|p| *p >= last)
+    })
     .await?;
 
     let reference: Vec<(u64, String)> = dave.messages(&g).into_iter().map(|m| (m.0, m.2)).collect();
-    assert_eq!(
-        reference.len(),
-        121,
-        "dave saw {} messages",
-        reference.len()
-    );
+    assert_eq!(reference.len(), 121, "dave saw {} messages", reference.len());
     for c in [&alice, &bob, &carol, &dave] {
         let ps = c.positions(&g);
-        assert!(
-            ps.windows(2).all(|w| w[0] < w[1]),
-            "{} out of order: {ps:?}",
-            c.id()
-        );
+        assert!(ps.windows(2).all(|w| w[0] < w[1]), "{} out of order: {ps:?}", c.id());
         assert!(c.failures().is_empty(), "{:?}", c.failures());
         // Every device saw the same messages at the same positions. Own
         // messages come back as echoes; the pre-encrypted ones carry no

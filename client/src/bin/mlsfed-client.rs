@@ -10,10 +10,7 @@ use clap::{Parser, Subcommand};
 use client::Device;
 
 #[derive(Parser)]
-#[command(
-    name = "mlsfed-client",
-    about = "An MLS device talking to its mlsfed operator"
-)]
+#[command(name = "mlsfed-client", about = "An MLS device talking to its mlsfed operator")]
 struct Cli {
     /// Directory holding this device's state.
     #[arg(long, env = "MLSFED_CLIENT_HOME")]
@@ -64,18 +61,11 @@ fn print(events: &[client::Event]) -> anyhow::Result<()> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let id = cli
-        .device
-        .as_deref()
-        .map(proto::DeviceId::parse)
-        .transpose()
-        .context("bad --device")?;
+    let id = cli.device.as_deref().map(proto::DeviceId::parse).transpose().context("bad --device")?;
     std::fs::create_dir_all(&cli.home)?;
     let mut d = Device::open(&cli.home, &cli.server, &cli.token, id.as_ref())?;
     let users = |us: &[String]| -> anyhow::Result<Vec<proto::UserId>> {
-        us.iter()
-            .map(|u| proto::UserId::parse(u).with_context(|| format!("bad user {u}")))
-            .collect()
+        us.iter().map(|u| proto::UserId::parse(u).with_context(|| format!("bad user {u}"))).collect()
     };
     match cli.cmd {
         Cmd::PublishKeyPackages { count } => d.publish_key_packages(count, true).await?,
@@ -100,10 +90,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Status => {
             for g in d.groups() {
-                println!(
-                    "{}",
-                    serde_json::json!({ "group": g, "epoch": d.epoch(&g), "members": d.members(&g) })
-                );
+                println!("{}", serde_json::json!({ "group": g, "epoch": d.epoch(&g), "members": d.members(&g) }));
             }
         }
     }

@@ -1,0 +1,78 @@
+//! Federation metrics, labelled by configured peer domain (a small, operator
+//! controlled set) or by a closed set of refusal reasons; never by group,
+//! user or device.
+
+use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub sent: IntCounterVec,
+    pub send_failures: IntCounterVec,
+    pub outbox_pending: IntGaugeVec,
+    pub outbox_age: GaugeVec,
+    pub received: IntCounterVec,
+    pub replays: IntCounterVec,
+    pub refused: IntCounterVec,
+    pub request_failures: IntCounterVec,
+    pub remote_rejections: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let peer = &["peer"];
+        let m = Self {
+            sent: IntCounterVec::new(
+                Opts::new("mlsfed_federation_sent_total", "Envelopes handed to a peer (acked by its JetStream)."),
+                peer,
+            )?,
+            send_failures: IntCounterVec::new(
+                Opts::new("mlsfed_federation_send_failures_total", "Failed attempts to hand an envelope to a peer."),
+                peer,
+            )?,
+            outbox_pending: IntGaugeVec::new(
+                Opts::new("mlsfed_federation_outbox_pending", "Envelopes waiting in the outbox to a peer."),
+                peer,
+            )?,
+            outbox_age: GaugeVec::new(
+                Opts::new(
+                    "mlsfed_federation_outbox_lag_seconds",
+                    "Age of the oldest envelope not yet handed to a peer: per-peer delivery lag.",
+                ),
+                peer,
+            )?,
+            received: IntCounterVec::new(
+                Opts::new("mlsfed_federation_received_total", "Envelopes accepted from a peer."),
+                peer,
+            )?,
+            replays: IntCounterVec::new(
+                Opts::new(
+                    "mlsfed_federation_replays_total",
+                    "Envelopes at or below the peer's high-water mark, dropped.",
+                ),
+                peer,
+            )?,
+            refused: IntCounterVec::new(
+                Opts::new("mlsfed_federation_refused_total", "Inbound envelopes and requests refused, by reason."),
+                &["reason"],
+            )?,
+            request_failures: IntCounterVec::new(
+                Opts::new("mlsfed_federation_request_failures_total", "Requests to a peer that got no answer."),
+                peer,
+            )?,
+            remote_rejections: IntCounterVec::new(
+                Opts::new("mlsfed_federation_remote_rejections_total", "Forwarded submissions the hub refused."),
+                peer,
+            )?,
+        };
+        registry.register(Box::new(m.sent.clone()))?;
+        registry.register(Box::new(m.send_failures.clone()))?;
+        registry.register(Box::new(m.outbox_pending.clone()))?;
+        registry.register(Box::new(m.outbox_age.clone()))?;
+        registry.register(Box::new(m.received.clone()))?;
+        registry.register(Box::new(m.replays.clone()))?;
+        registry.register(Box::new(m.refused.clone()))?;
+        registry.register(Box::new(m.request_failures.clone()))?;
+        registry.register(Box::new(m.remote_rejections.clone()))?;
+        Ok(m)
+    }
+}

@@ -1,0 +1,197 @@
+//! One group across three operators, each with its own nats-server: server
+//! fan-out through the bridge, remote claims and identity checks, forged
+//! envelopes, and a peer that goes away.
+
+use std::time::Duration;
+
+use tests::proto::federation::{seal, Envelope, Payload};
+use tests::proto::wire::Verdict;
+use tests::{metric, operator_seed, sync_until, Client, Federation};
+
+const A: &str = "a.example";
+const B: &str = "b.example";
+const C: &str = "c.example";
+
+struct World {
+    fed: Federation,
+    alice: Client,
+    bob_phone: Client,
+    bob_laptop: Client,
+    carol: Client,
+    group: String,
+}
+
+async fn world() -> anyhow::Result<World> {
+    let fed = Federation::start(&[A, B, C], |c| c.limits.submit_timeout_ms = 5000)?;
+    let mut alice = fed.op(A).client("alice", "phone", 2).await?;
+    let bob_phone = fed.op(B).client("bob", "phone", 2).await?;
+    let bob_laptop = fed.op(B).client("bob", "laptop", 2).await?;
+    let carol = fed.op(C).client("carol", "phone", 2).await?;
+    let group = alice.create_group("fed").await?;
+    // Claims and identity checks for B's and C's users go through A.
+    alice.add(&group, &[fed.op(B).user_id("bob"), fed.op(C).user_id("carol")]).await?;
+    Ok(World { fed, alice, bob_phone, bob_laptop, carol, group })
+}
+
+fn all(w: &mut World) -> [&mut Client; 4] {
+    [&mut w.alice, &mut w.bob_phone, &mut w.bob_laptop, &mut w.carol]
+}
+
+fn texts(c: &Client, g: &str) -> Vec<String> {
+    c.messages(g).into_iter().map(|m| m.2).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_operators_share_a_group() -> anyhow::Result<()> {
+    let mut w = world().await?;
+    let g = w.group.clone();
+    sync_until(&mut all(&mut w), Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
+    for c in all(&mut w) {
+        assert!(c.failures().is_empty(), "{}: {:?}", c.id(), c.failures());
+    }
+    // Everyone talks; submissions from B and C are forwarded to the hub A.
+    w.alice.send(&g, "hello from A").await?;
+    w.bob_phone.send(&g, "bob phone on B").await?;
+    w.carol.send(&g, "carol on C").await?;
+    w.bob_laptop.send(&g, "bob laptop on B").await?;
+    let last = w.alice.send(&g, "bye from A").await?;
+    sync_until(&mut all(&mut w), Duration::from_secs(30), |c| c.positions(&g).last().is_some_and(|p| *p >= last))
+        .await?;
+    let want = ["hello from A", "bob phone on B", "carol on C", "bob laptop on B", "bye from A"];
+    for c in all(&mut w) {
+        assert_eq!(texts(c, &g), want, "{}", c.id());
+        let ps = c.positions(&g);
+        assert!(ps.windows(2).all(|p| p[0] < p[1]), "{}: {ps:?}", c.id());
+        assert!(c.failures().is_empty(), "{}: {:?}", c.id(), c.failures());
+    }
+    // Each entry crossed each link once: A forwarded every entry from the
+    // add onwards once to B (two devices) and once to C.
+    let entries = (last - 1) as f64; // positions 2..=last
+    assert_eq!(metric(w.fed.op(A), "mlsfed_fanout_forwarded_total").await, 2.0 * entries);
+    assert_eq!(metric(w.fed.op(B), "mlsfed_federation_replays_total{peer=\"a.example\"}").await, 0.0);
+    // All agree on the epoch.
+    let ea = w.alice.epoch_authenticator(&g);
+    for c in [&w.bob_phone, &w.bob_laptop, &w.carol] {
+        assert_eq!(c.epoch_authenticator(&g), ea, "{}", c.id());
+    }
+    // A Commit from a follower is ordered by the hub too.
+    w.carol.update(&g).await?;
+    let p = w.bob_phone.send(&g, "after carol's update").await?;
+    sync_until(&mut all(&mut w), Duration::from_secs(30), |c| c.positions(&g).last().is_some_and(|x| *x >= p)).await?;
+    let ea = w.alice.epoch_authenticator(&g);
+    for c in all(&mut w) {
+        assert_eq!(c.epoch_authenticator(&g), ea, "{}", c.id());
+        assert_eq!(texts(c, &g).last().map(String::as_str), Some("after carol's update"), "{}", c.id());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_envelopes_are_refused_and_counted() -> anyhow::Result<()> {
+    let mut w = world().await?;
+    let g = w.group.clone();
+    sync_until(&mut [&mut w.bob_phone, &mut w.carol], Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
+    let a_nats = async_nats::connect(w.fed.nats[0].url()).await?;
+    let js = async_nats::jetstream::new(a_nats);
+    let b_key = tests::proto::identity::operator_key(&operator_seed(B));
+    let wrong_key = tests::proto::identity::operator_key(&[9; 32]);
+    let verdict = |seq: u64, origin: &str| Envelope {
+        version: 1,
+        origin: origin.into(),
+        destination: A.into(),
+        seq,
+        payload: Payload::Verdict {
+            submission_id: "forged".into(),
+            verdict: Verdict::Accepted { position: 99, epoch: 9 },
+        },
+    };
+    let inbox = |origin: &str| tests::proto::names::fed_in_subject(origin);
+    // 1. Bad signature: claims to be B, signed by someone else.
+    js.publish(inbox(B), seal(&wrong_key, &verdict(1_000_000, B)).into()).await?.await?;
+    // 2. Good signature from B, but a submission from a device of C.
+    let bob_msg = w.bob_phone.encrypt_for_bench(&g, b"spoof")?;
+    let sub = tests::proto::wire::Submission {
+        id: "spoofed-sub".into(),
+        device: w.fed.op(C).device_id("carol", "phone"),
+        group: tests::proto::GroupId::parse(&g)?,
+        kind: tests::proto::wire::SubmissionKind::Message { message: bob_msg, welcome: None, group_info: None },
+        origin: None,
+    };
+    let spoof =
+        Envelope { version: 1, origin: B.into(), destination: A.into(), seq: 1_000_001, payload: Payload::Submit(sub) };
+    js.publish(inbox(B), seal(&b_key, &spoof).into()).await?.await?;
+    // 3. An origin that is not a peer.
+    js.publish(inbox("z.example"), seal(&wrong_key, &verdict(5, "z.example")).into()).await?.await?;
+    // 4. A valid envelope, then its replay after the dedup window would have
+    //    passed (a new Nats-Msg-Id, same envelope sequence).
+    js.publish(inbox(B), seal(&b_key, &verdict(1_000_002, B)).into()).await?.await?;
+    js.publish(inbox(B), seal(&b_key, &verdict(1_000_002, B)).into()).await?.await?;
+    let a = w.fed.op(A);
+    for _ in 0..100 {
+        if metric(a, "mlsfed_federation_replays_total{peer=\"b.example\"}").await >= 1.0
+            && metric(a, "mlsfed_federation_refused_total{reason=\"unknown_peer\"}").await >= 1.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(a, "mlsfed_federation_refused_total{reason=\"bad_signature\"}").await, 1.0);
+    assert_eq!(metric(a, "mlsfed_federation_refused_total{reason=\"sender_not_origin\"}").await, 1.0);
+    assert_eq!(metric(a, "mlsfed_federation_refused_total{reason=\"unknown_peer\"}").await, 1.0);
+    assert_eq!(metric(a, "mlsfed_federation_replays_total{peer=\"b.example\"}").await, 1.0);
+    // Nothing forged reached anyone, and honest traffic still flows.
+    let p = w.alice.send(&g, "still fine").await?;
+    sync_until(&mut [&mut w.bob_phone, &mut w.carol], Duration::from_secs(30), |c| {
+        c.positions(&g).last().is_some_and(|x| *x >= p)
+    })
+    .await?;
+    for c in [&w.bob_phone, &w.carol] {
+        assert_eq!(texts(c, &g), ["still fine"], "{}", c.id());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_while_the_peer_is_down_consumes_nothing() -> anyhow::Result<()> {
+    let mut fed = Federation::start(&[A, C], |_| {})?;
+    let mut alice = fed.op(A).client("alice", "phone", 1).await?;
+    let carol = fed.op(C).client("carol", "phone", 3).await?;
+    let stock = |op: &tests::Operator, c: &Client| {
+        let (url, token) = (op.url.clone(), op.token(c.id()));
+        async move {
+            let (_, s) = tests::get(&url, "/v1/keypackages/stock", Some(&token)).await;
+            s["stock"][0]["one_time"].as_u64().unwrap_or(999)
+        }
+    };
+    assert_eq!(stock(fed.op(C), &carol).await, 3);
+    fed.nats_of(C).stop();
+    let err = alice.claim(&[fed.op(C).user_id("carol")]).await.expect_err("C is down");
+    assert_eq!(err.code(), Some(tests::proto::ErrorCode::PeerUnreachable), "{err}");
+    fed.nats_of(C).restart()?;
+    // After C is back, the stock is untouched and a claim works.
+    let mut ok = false;
+    for _ in 0..60 {
+        if stock(fed.op(C), &carol).await == 3 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(ok, "carol's stock changed");
+    // Wait until C answers A's requests again, then claim once.
+    let path = format!("/v1/identity/{}", tests::client::http::encode_segment(carol.id().as_str()));
+    let mut answered = false;
+    for _ in 0..60 {
+        if tests::get(&fed.op(A).url, &path, Some(&fed.op(A).token(alice.id()))).await.0 == 200 {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(answered, "C did not come back");
+    let got = alice.claim(&[fed.op(C).user_id("carol")]).await?;
+    assert_eq!(got.len(), 1);
+    assert_eq!(stock(fed.op(C), &carol).await, 2);
+    drop(carol);
+    Ok(())
+}
