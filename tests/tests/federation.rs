@@ -195,3 +195,108 @@ async fn claim_while_the_peer_is_down_consumes_nothing() -> anyhow::Result<()> {
     drop(carol);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commits_from_two_followers() -> anyhow::Result<()> {
+    let mut w = world().await?;
+    let g = w.group.clone();
+    sync_until(&mut all(&mut w), Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
+    for round in 0..5 {
+        let epoch = w.alice.epoch(&g);
+        let (cb, cc) = (w.bob_phone.prepare_update(&g)?, w.carol.prepare_update(&g)?);
+        let (hb, hc) = (w.bob_phone.http().clone(), w.carol.http().clone());
+        let (rb, rc) = tokio::join!(hb.submit(cb, None), hc.submit(cc, None));
+        let bob_won = match (&rb, &rc) {
+            (Ok(_), Err(e)) | (Err(e), Ok(_)) => {
+                assert_eq!(e.code(), Some(tests::proto::ErrorCode::WrongEpoch), "round {round}: {e}");
+                rb.is_ok()
+            }
+            _ => panic!("round {round}: expected exactly one winner: {rb:?} / {rc:?}"),
+        };
+        if bob_won {
+            w.carol.discard_pending(&g)?
+        } else {
+            w.bob_phone.discard_pending(&g)?
+        }
+        let winner = rb.as_ref().or(rc.as_ref()).map(|a| a.position).unwrap_or_default();
+        sync_until(&mut all(&mut w), Duration::from_secs(30), |c| c.positions(&g).last().is_some_and(|p| *p >= winner))
+            .await?;
+        let ea = w.alice.epoch_authenticator(&g);
+        assert_eq!(w.alice.epoch(&g), epoch.map(|e| e + 1), "round {round}");
+        for c in all(&mut w) {
+            assert_eq!(c.epoch_authenticator(&g), ea, "round {round}: {}", c.id());
+            assert!(c.failures().is_empty(), "{}: {:?}", c.id(), c.failures());
+        }
+    }
+    Ok(())
+}
+
+/// C's nats-server is down for a while during traffic that includes a
+/// Commit: no sender notices, and when C is back its devices get everything
+/// once and in order, and A's outbox to C drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_outage_is_caught_up() -> anyhow::Result<()> {
+    let mut w = world().await?;
+    let g = w.group.clone();
+    sync_until(&mut all(&mut w), Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
+    w.fed.nats_of(C).stop();
+    let mut want = Vec::new();
+    for i in 0..5 {
+        let t = format!("during outage {i}");
+        w.alice.send(&g, &t).await?;
+        want.push(t);
+    }
+    w.bob_phone.update(&g).await?;
+    for i in 0..3 {
+        let t = format!("bob after commit {i}");
+        w.bob_phone.send(&g, &t).await?;
+        want.push(t);
+    }
+    let last = w.alice.send(&g, "last").await?;
+    want.push("last".into());
+    assert!(metric(w.fed.op(A), "mlsfed_federation_outbox_pending{peer=\"c.example\"}").await >= 1.0);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    w.fed.nats_of(C).restart()?;
+    sync_until(&mut all(&mut w), Duration::from_secs(60), |c| c.positions(&g).last().is_some_and(|p| *p >= last))
+        .await?;
+    for c in all(&mut w) {
+        assert_eq!(texts(c, &g), want, "{}", c.id());
+        let ps = c.positions(&g);
+        assert!(ps.windows(2).all(|p| p[0] < p[1]), "{}: {ps:?}", c.id());
+        assert!(c.failures().is_empty(), "{}: {:?}", c.id(), c.failures());
+    }
+    assert_eq!(w.carol.epoch_authenticator(&g), w.alice.epoch_authenticator(&g));
+    let mut drained = false;
+    for _ in 0..40 {
+        if metric(w.fed.op(A), "mlsfed_federation_outbox_pending{peer=\"c.example\"}").await == 0.0 {
+            drained = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(drained, "A's outbox to C did not drain");
+    Ok(())
+}
+
+/// The hub is unreachable when a follower's device submits: the device gets
+/// a retryable error, the submission stays queued, and it is delivered once
+/// the hub is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_while_the_hub_is_down_is_queued_not_lost() -> anyhow::Result<()> {
+    let mut w = world().await?;
+    let g = w.group.clone();
+    sync_until(&mut all(&mut w), Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
+    w.fed.nats_of(A).stop();
+    let err = w.bob_phone.send(&g, "while the hub is down").await.expect_err("no verdict without the hub");
+    let code = err.code().expect("a typed error");
+    assert!(code.retryable(), "{err}");
+    w.fed.nats_of(A).restart()?;
+    sync_until(&mut [&mut w.alice, &mut w.carol], Duration::from_secs(60), |c| {
+        texts(c, &g).iter().any(|t| t == "while the hub is down")
+    })
+    .await?;
+    for c in [&w.alice, &w.carol] {
+        assert_eq!(texts(c, &g), ["while the hub is down"], "{}", c.id());
+    }
+    Ok(())
+}
