@@ -311,6 +311,11 @@ impl Device {
             .unwrap_or_default()
     }
 
+    /// The last hub position this device applied in `g`.
+    pub fn applied(&self, g: &str) -> u64 {
+        self.meta.groups.get(g).copied().unwrap_or(0)
+    }
+
     pub fn groups(&self) -> Vec<String> {
         self.groups.keys().cloned().collect()
     }

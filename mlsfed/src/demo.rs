@@ -1,37 +1,89 @@
-//! `mlsfed demo`: one operator on the embedded defaults (its own nats-server
-//! in a temporary directory) and three scripted devices that converse through
-//! its real HTTP API, printing what each device decrypts.
+//! `mlsfed demo`: three operators on the embedded defaults (each with its own
+//! nats-server in a temporary directory, federated with the other two) and
+//! three scripted devices, one per operator, that converse through their own
+//! operators' real HTTP APIs, printing what each device decrypts.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use client::{Device, Event};
+use mlsfed::nats::NatsProcess;
 use tokio_util::sync::CancellationToken;
 
-use crate::{embedded_nats, unix_now};
+use crate::unix_now;
 
-pub async fn run(mut cfg: config::Config) -> anyhow::Result<()> {
-    let tmp = tempfile::tempdir()?;
-    cfg.data_dir = tmp.path().join("operator");
-    cfg.listen = "127.0.0.1:0".into();
-    let embedded = embedded_nats(&cfg)?.context("the demo runs its own nats-server; unset MLSFED_NATS_URL")?;
-    cfg.nats_url = embedded.url();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    println!("operator {} listening on {url} (nats {})", cfg.domain, cfg.nats_url);
+const DOMAINS: [&str; 3] = ["a.example", "b.example", "c.example"];
+
+fn seed(domain: &str) -> [u8; 32] {
+    let mut s = [42u8; 32];
+    for (i, b) in domain.bytes().take(32).enumerate() {
+        s[i] = b;
+    }
+    s
+}
+
+struct Running {
+    _nats: Vec<NatsProcess>,
+    urls: Vec<String>,
+    configs: Vec<config::Config>,
+    shutdown: CancellationToken,
+    servers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+async fn start(base: config::Config, dir: &std::path::Path) -> anyhow::Result<Running> {
+    let bin = mlsfed::nats::find_binary(&base.nats_server_bin);
+    let mut nats = Vec::new();
+    for d in DOMAINS {
+        nats.push(NatsProcess::start(&bin, &dir.join(d).join("nats"), 0).context("cannot start nats-server")?);
+    }
     let shutdown = CancellationToken::new();
-    let nats = mlsfed::connect(&cfg.nats_url).await?;
-    let server = tokio::spawn(mlsfed::run(
-        cfg.clone(),
-        mlsfed::Roles::ALL,
-        nats,
-        Some(listener),
-        prometheus::Registry::new(),
-        shutdown.clone(),
-    ));
-    let result = script(&cfg, &url, tmp.path()).await;
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    let (mut urls, mut configs, mut servers) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, d) in DOMAINS.iter().enumerate() {
+        let mut cfg = base.clone();
+        cfg.domain = (*d).to_owned();
+        cfg.data_dir = dir.join(d);
+        cfg.nats_url = nats[i].url();
+        cfg.operator_key_seed = seed(d).iter().map(|b| format!("{b:02x}")).collect();
+        cfg.peers = DOMAINS
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(j, p)| config::Peer {
+                domain: (*p).to_owned(),
+                nats_url: nats[j].url(),
+                nats_user: String::new(),
+                nats_password: String::new(),
+                public_key: proto::identity::public_key_b64(&proto::identity::operator_key(&seed(p))),
+            })
+            .collect();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        println!("operator {d} listening on {url} (nats {})", cfg.nats_url);
+        let client = mlsfed::connect(&cfg.nats_url).await?;
+        let registry = prometheus::Registry::new();
+        servers.push(tokio::spawn(mlsfed::run(
+            cfg.clone(),
+            mlsfed::Roles::ALL,
+            client,
+            Some(listener),
+            registry,
+            shutdown.clone(),
+        )));
+        urls.push(url);
+        configs.push(cfg);
+    }
+    Ok(Running { _nats: nats, urls, configs, shutdown, servers })
+}
+
+pub async fn run(cfg: config::Config) -> anyhow::Result<()> {
+    anyhow::ensure!(cfg.nats_url.is_empty(), "the demo runs its own nats-servers; unset MLSFED_NATS_URL");
+    let tmp = tempfile::tempdir()?;
+    let running = start(cfg, tmp.path()).await?;
+    let result = script(&running, tmp.path()).await;
+    running.shutdown.cancel();
+    for s in running.servers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
+    }
     result
 }
 
@@ -50,44 +102,58 @@ fn show(who: &str, events: &[Event]) {
     }
 }
 
-async fn script(cfg: &config::Config, url: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+/// Syncs until the device has applied `position` of `g` (bounded).
+async fn catch_up(who: &str, d: &mut Device, g: &str, position: u64) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        let ev = d.sync().await?;
+        show(who, &ev);
+        if ev.iter().any(|e| matches!(e, Event::Removed { .. })) {
+            return Ok(());
+        }
+        if d.epoch(g).is_some() && d.applied(g) >= position {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("{who} did not receive position {position}")
+}
+
+async fn script(r: &Running, dir: &std::path::Path) -> anyhow::Result<()> {
     let mut devices = Vec::new();
-    for name in ["alice", "bob", "carol"] {
+    for (i, name) in ["alice", "bob", "carol"].into_iter().enumerate() {
+        let cfg = &r.configs[i];
         let id = proto::DeviceId::new(&cfg.domain, name, "phone")?;
         let token = proto::auth::issue(cfg.token_secret.as_bytes(), &id, unix_now() + 3600);
-        let mut d = Device::open(&dir.join(name), url, &token, Some(&id))?;
+        let mut d = Device::open(&dir.join(name), &r.urls[i], &token, Some(&id))?;
         d.publish_key_packages(3, true).await?;
         devices.push(d);
     }
     let [alice, bob, carol] = &mut devices[..] else { unreachable!() };
-    let room = format!("demo{}", rand::random::<u32>());
-    let g = alice.create_group(&room).await?;
-    println!("alice created {g}");
-    let users: Vec<_> =
-        ["bob", "carol"].iter().map(|u| proto::UserId::new(&cfg.domain, u)).collect::<Result<_, _>>()?;
+    let g = alice.create_group(&format!("demo{}", rand::random::<u32>())).await?;
+    println!("alice@a.example created {g} (hub: a.example)");
+    let users = [proto::UserId::new("b.example", "bob")?, proto::UserId::new("c.example", "carol")?];
     alice.add(&g, &users).await?;
-    println!("alice added bob and carol in one commit");
-    show("bob", &bob.sync().await?);
-    show("carol", &carol.sync().await?);
-    alice.send(&g, "hello from alice").await?;
-    bob.send(&g, "hi, bob here").await?;
-    carol.send(&g, "carol says hey").await?;
+    println!("alice added bob@b.example and carol@c.example in one commit (KeyPackages claimed through a.example)");
+    let p = alice.applied(&g);
+    catch_up("bob", bob, &g, p).await?;
+    catch_up("carol", carol, &g, p).await?;
+    alice.send(&g, "hello from operator A").await?;
+    bob.send(&g, "hi, bob here on operator B").await?;
+    let last = carol.send(&g, "carol says hey from operator C").await?;
     for (who, d) in [("alice", &mut *alice), ("bob", &mut *bob), ("carol", &mut *carol)] {
-        show(who, &d.sync().await?);
+        catch_up(who, d, &g, last).await?;
     }
     bob.update(&g).await?;
-    println!("bob rotated his leaf (epoch {})", bob.epoch(&g).unwrap_or_default());
+    println!("bob rotated his leaf through his own operator (epoch {})", bob.epoch(&g).unwrap_or_default());
     alice.remove(&g, carol.id()).await?;
     println!("alice removed carol");
-    // Carol has not synced yet, so her client still encrypts for the group;
-    // the hub refuses her because she is no longer a member.
     match carol.send(&g, "am I still here?").await {
-        Err(e) => println!("  carol's send refused: {e}"),
+        Err(e) => println!("  carol's send refused by the hub: {e}"),
         Ok(_) => anyhow::bail!("carol was able to send after removal"),
     }
-    show("carol", &carol.sync().await?);
-    alice.send(&g, "just us now").await?;
-    show("bob", &bob.sync().await?);
+    catch_up("carol", carol, &g, u64::MAX).await?;
+    let last = alice.send(&g, "just bob and me now").await?;
+    catch_up("bob", bob, &g, last).await?;
     let same = alice.epoch_authenticator(&g) == bob.epoch_authenticator(&g);
     println!("alice and bob agree on epoch {} authenticator: {same}", alice.epoch(&g).unwrap_or_default());
     anyhow::ensure!(same, "epoch authenticators differ");

@@ -45,8 +45,8 @@ enum Cmd {
         #[arg(long, default_value_t = 30 * 86_400)]
         ttl_secs: u64,
     },
-    /// Start an operator on the embedded defaults and run a scripted
-    /// conversation between three devices through it.
+    /// Start three federated operators on the embedded defaults and run a
+    /// scripted conversation between devices of each.
     Demo,
     /// Measure JetStream publish rate and end-to-end delivery.
     Bench {
