@@ -305,6 +305,19 @@ impl Config {
     }
 }
 
+/// Splits `nats://user:pass@host:port` into the URL without credentials and
+/// the credentials (the NATS client takes them separately).
+pub fn split_credentials(url: &str) -> (String, Option<(String, String)>) {
+    let Some((scheme, rest)) = url.split_once("://") else { return (url.to_owned(), None) };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let (user, pass) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            (format!("{scheme}://{host}"), Some((user.to_owned(), pass.to_owned())))
+        }
+        None => (url.to_owned(), None),
+    }
+}
+
 fn proto_like_domain(d: &str) -> bool {
     !d.is_empty()
         && d.split('.')
@@ -314,6 +327,15 @@ fn proto_like_domain(d: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_urls() {
+        assert_eq!(split_credentials("nats://127.0.0.1:4222"), ("nats://127.0.0.1:4222".into(), None));
+        assert_eq!(
+            split_credentials("nats://u:p@127.0.0.1:4222"),
+            ("nats://127.0.0.1:4222".into(), Some(("u".into(), "p".into())))
+        );
+    }
 
     #[test]
     fn env_overrides_and_validation() {

@@ -111,11 +111,14 @@ impl Bridge {
                 .retry_on_initial_connect()
                 .max_reconnects(None)
                 .name(format!("mlsfed-bridge {}", cfg.domain));
+            let (url, creds) = config::split_credentials(&p.nats_url);
             if !p.nats_user.is_empty() {
                 opts = opts.user_and_password(p.nats_user.clone(), p.nats_password.clone());
+            } else if let Some((user, pass)) = creds {
+                opts = opts.user_and_password(user, pass);
             }
             let client = opts
-                .connect(p.nats_url.as_str())
+                .connect(url.as_str())
                 .await
                 .map_err(|e| RunBridgeError::Setup(format!("peer {}: {e}", p.domain)))?;
             let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(client.clone());
@@ -427,7 +430,11 @@ impl Bridge {
             }
         };
         let origin = env.origin.clone();
-        if Some(names::peer_rpc_subject(&origin).as_str()) != Some(subject) || env.sent_at + 60 < unix_now() {
+        // A request older than the requester's timeout was given up on (it
+        // may have sat in a reconnect buffer): answering it could consume a
+        // KeyPackage nobody receives.
+        let max_age = self.fed.request_timeout_ms.div_ceil(1000) + 1;
+        if names::peer_rpc_subject(&origin) != subject || env.sent_at + max_age < unix_now() {
             self.metrics.refused.with_label_values(&["subject_mismatch"]).inc();
             return reply_error(ErrorCode::ForgedEnvelope, "request subject or age is wrong");
         }
@@ -487,6 +494,12 @@ impl Bridge {
             return reply_error(ErrorCode::InvalidRequest, "bad request");
         };
         let domain = peer.cfg.domain.clone();
+        // Never queue a request while the peer is disconnected: the client
+        // would buffer it and deliver it after we gave up.
+        if peer.client.connection_state() != async_nats::connection::State::Connected {
+            self.metrics.request_failures.with_label_values(&[&domain]).inc();
+            return reply_error(ErrorCode::PeerUnreachable, format!("{domain} is not connected"));
+        }
         let env =
             RpcEnvelope { version: 1, origin: self.us.clone(), destination: domain.clone(), sent_at: unix_now(), body };
         let sealed = Bytes::from(fed::seal(&self.signer, &env));

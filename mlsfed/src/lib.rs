@@ -30,11 +30,15 @@ impl Roles {
 
 /// Connects to NATS with reconnects forever: a worker rides out a NATS restart.
 pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
+    let (url, creds) = config::split_credentials(url);
+    let opts = match creds {
+        Some((user, pass)) => async_nats::ConnectOptions::with_user_and_password(user, pass),
+        None => async_nats::ConnectOptions::new(),
+    };
+    opts.retry_on_initial_connect()
         .max_reconnects(None)
         .name("mlsfed")
-        .connect(url)
+        .connect(url.as_str())
         .await
         .with_context(|| format!("cannot connect to NATS at {url}"))
 }

@@ -111,6 +111,9 @@ async fn serve(mut cfg: config::Config, roles: Roles) -> anyhow::Result<()> {
         cfg.nats_url = p.url();
     }
     let client = mlsfed::connect(&cfg.nats_url).await?;
+    // The streams exist before we announce ourselves, so whoever waits for
+    // the announcement can use them at once.
+    proto::streams::ensure(&mlsfed::jetstream(client.clone()), &cfg).await?;
     let listener = if roles.ingest {
         let l = tokio::net::TcpListener::bind(&cfg.listen)
             .await

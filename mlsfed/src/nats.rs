@@ -13,6 +13,8 @@ pub struct NatsProcess {
     bin: String,
     dir: PathBuf,
     port: u16,
+    /// A nats-server config file (authorization, permissions), if any.
+    config: Option<PathBuf>,
 }
 
 /// Where to find nats-server: `$MLSFED_NATS_SERVER_BIN`, then the copy that
@@ -38,8 +40,23 @@ pub fn find_binary(configured: &str) -> String {
 impl NatsProcess {
     /// Starts nats-server on a random loopback port (`port` 0) or on `port`.
     pub fn start(bin: &str, dir: &Path, port: u16) -> anyhow::Result<Self> {
+        Self::start_with_config(bin, dir, port, None)
+    }
+
+    /// Starts with a nats-server config file holding `config` (for example
+    /// an `authorization` block); the command line still sets the address,
+    /// port and JetStream directory.
+    pub fn start_with_config(bin: &str, dir: &Path, port: u16, config: Option<&str>) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let mut p = Self { child: None, bin: bin.to_owned(), dir: dir.to_owned(), port };
+        let config = match config {
+            Some(text) => {
+                let path = dir.join("nats.conf");
+                std::fs::write(&path, text).context("cannot write nats.conf")?;
+                Some(path)
+            }
+            None => None,
+        };
+        let mut p = Self { child: None, bin: bin.to_owned(), dir: dir.to_owned(), port, config };
         p.spawn()?;
         Ok(p)
     }
@@ -49,7 +66,11 @@ impl NatsProcess {
         let _ = std::fs::remove_dir_all(&ports);
         std::fs::create_dir_all(&ports)?;
         let port = if self.port == 0 { "-1".to_owned() } else { self.port.to_string() };
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if let Some(c) = &self.config {
+            cmd.arg("-c").arg(c);
+        }
+        let child = cmd
             .args(["-a", "127.0.0.1", "-p", &port, "-js", "--http_port", "0"])
             .arg("-sd")
             .arg(self.dir.join("jetstream"))

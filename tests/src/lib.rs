@@ -45,6 +45,32 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct NatsServer {
     process: mlsfed::nats::NatsProcess,
     _dir: TempDir,
+    secured: bool,
+}
+
+const LOCAL_PASSWORD: &str = "local-secret";
+
+pub fn peer_user(peer: &str) -> String {
+    format!("peer-{peer}")
+}
+
+fn peer_password(peer: &str) -> String {
+    format!("secret-{peer}")
+}
+
+/// The nats-server `authorization` block of docs/federation.md.
+pub fn federation_nats_config(peers: &[&str]) -> String {
+    let mut users = vec![format!("    {{ user: \"local\", password: \"{LOCAL_PASSWORD}\" }}")];
+    for p in peers {
+        users.push(format!(
+            "    {{ user: \"{}\", password: \"{}\", permissions: {{ publish: {{ allow: [\"{}\", \"{}\"] }}, subscribe: {{ allow: [\"_INBOX.>\"] }} }} }}",
+            peer_user(p),
+            peer_password(p),
+            proto::names::fed_in_subject(p),
+            proto::names::peer_rpc_subject(p),
+        ));
+    }
+    format!("authorization {{\n  users = [\n{}\n  ]\n}}\n", users.join("\n"))
 }
 
 impl NatsServer {
@@ -52,11 +78,33 @@ impl NatsServer {
         let dir = tempfile::tempdir()?;
         let bin = mlsfed::nats::find_binary("nats-server");
         let process = mlsfed::nats::NatsProcess::start(&bin, dir.path(), 0)?;
-        Ok(Self { process, _dir: dir })
+        Ok(Self { process, _dir: dir, secured: false })
     }
 
+    /// A server with the permission layout of docs/federation.md: a `local`
+    /// user for the operator's own processes, and one user per peer that may
+    /// only publish into its own inbound subject and send requests on its
+    /// own request subject.
+    pub fn start_secured(peers: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let bin = mlsfed::nats::find_binary("nats-server");
+        let conf = federation_nats_config(peers);
+        let process = mlsfed::nats::NatsProcess::start_with_config(&bin, dir.path(), 0, Some(&conf))?;
+        Ok(Self { process, _dir: dir, secured: true })
+    }
+
+    /// The URL the operator's own processes use.
     pub fn url(&self) -> String {
-        self.process.url()
+        if self.secured {
+            format!("nats://local:{LOCAL_PASSWORD}@127.0.0.1:{}", self.process.port())
+        } else {
+            self.process.url()
+        }
+    }
+
+    /// The URL a peer uses, with its restricted credentials.
+    pub fn peer_url(&self, peer: &str) -> String {
+        format!("nats://{}:{}@127.0.0.1:{}", peer_user(peer), peer_password(peer), self.process.port())
     }
 
     pub fn stop(&mut self) {
@@ -604,7 +652,13 @@ pub fn operator_public_key(domain: &str) -> String {
 
 impl Federation {
     pub fn start(domains: &[&str], tweak: impl Fn(&mut config::Config)) -> anyhow::Result<Self> {
-        let nats: Vec<NatsServer> = domains.iter().map(|_| NatsServer::start()).collect::<Result<_, _>>()?;
+        let nats: Vec<NatsServer> = domains
+            .iter()
+            .map(|d| {
+                let others: Vec<&str> = domains.iter().copied().filter(|p| p != d).collect();
+                NatsServer::start_secured(&others)
+            })
+            .collect::<Result<_, _>>()?;
         let mut ops = Vec::new();
         for (i, d) in domains.iter().enumerate() {
             let peers = domains
@@ -613,7 +667,9 @@ impl Federation {
                 .filter(|(j, _)| *j != i)
                 .map(|(j, p)| config::Peer {
                     domain: (*p).to_owned(),
-                    nats_url: nats[j].url(),
+                    // Our user on the peer's server: it may only write our
+                    // inbound subject there.
+                    nats_url: nats[j].peer_url(d),
                     nats_user: String::new(),
                     nats_password: String::new(),
                     public_key: operator_public_key(p),
@@ -654,4 +710,15 @@ pub async fn metric(op: &Operator, name_and_labels: &str) -> f64 {
             (k == name_and_labels).then(|| v.parse().ok()).flatten()
         })
         .unwrap_or(0.0)
+}
+
+/// A NATS connection that is established when this returns (credentials may
+/// be in the URL).
+pub async fn nats_connect(url: &str) -> anyhow::Result<async_nats::Client> {
+    let (url, creds) = config::split_credentials(url);
+    let opts = match creds {
+        Some((u, p)) => async_nats::ConnectOptions::with_user_and_password(u, p),
+        None => async_nats::ConnectOptions::new(),
+    };
+    Ok(opts.connect(url.as_str()).await?)
 }

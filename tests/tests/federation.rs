@@ -91,7 +91,7 @@ async fn forged_envelopes_are_refused_and_counted() -> anyhow::Result<()> {
     let mut w = world().await?;
     let g = w.group.clone();
     sync_until(&mut [&mut w.bob_phone, &mut w.carol], Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
-    let a_nats = async_nats::connect(w.fed.nats[0].url()).await?;
+    let a_nats = tests::nats_connect(&w.fed.nats[0].url()).await?;
     let js = async_nats::jetstream::new(a_nats);
     let b_key = tests::proto::identity::operator_key(&operator_seed(B));
     let wrong_key = tests::proto::identity::operator_key(&[9; 32]);
@@ -298,5 +298,33 @@ async fn submit_while_the_hub_is_down_is_queued_not_lost() -> anyhow::Result<()>
     for c in [&w.alice, &w.carol] {
         assert_eq!(texts(c, &g), ["while the hub is down"], "{}", c.id());
     }
+    Ok(())
+}
+
+/// The NATS permissions of docs/federation.md, as the tests run them: a
+/// peer's user may write only its own inbound subject on our server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_may_write_only_its_own_inbox() -> anyhow::Result<()> {
+    let fed = Federation::start(&[A, B, C], |_| {})?;
+    let as_b = tests::nats_connect(&fed.nats[0].peer_url(B)).await?;
+    let js = async_nats::jetstream::ContextBuilder::new().timeout(Duration::from_secs(2)).build(as_b);
+    // Its own inbox: accepted by JetStream (and then refused by A's bridge,
+    // since it is not a sealed envelope).
+    let own = js.publish(tests::proto::names::fed_in_subject(B), "not an envelope".into()).await?.await;
+    assert!(own.is_ok(), "B could not write its own inbox on A: {own:?}");
+    // C's inbox, A's own streams and A's JetStream API: refused by NATS.
+    let impersonate = js.publish(tests::proto::names::fed_in_subject(C), "x".into()).await?.await;
+    assert!(impersonate.is_err(), "B could write C's inbox on A");
+    let submit = js.publish("mlsfed.submit.00", "x".into()).await?.await;
+    assert!(submit.is_err(), "B could write A's SUBMIT");
+    assert!(js.get_stream("MLSFED_LOG").await.is_err(), "B could read A's streams");
+    let a = fed.op(A);
+    for _ in 0..40 {
+        if metric(a, "mlsfed_federation_refused_total{reason=\"malformed\"}").await >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(a, "mlsfed_federation_refused_total{reason=\"malformed\"}").await, 1.0);
     Ok(())
 }

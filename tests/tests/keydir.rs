@@ -126,7 +126,7 @@ async fn conformance_sled() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_jetstream() -> anyhow::Result<()> {
     let nats = NatsServer::start()?;
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    let js = async_nats::jetstream::new(tests::nats_connect(&nats.url()).await?);
     conformance(Arc::new(keydir::JsStore::open(&js, 1).await?)).await
 }
 
