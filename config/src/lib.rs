@@ -33,6 +33,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Address of the client HTTP/WebSocket API.
     pub listen: String,
+    /// Where worker processes without the API (sequencer, fanout, bridge)
+    /// serve `/metrics`, `/healthz` and `/readyz`. Empty: not served.
+    pub metrics_listen: String,
     /// NATS server URL. Empty: start and supervise an embedded nats-server.
     pub nats_url: String,
     /// The nats-server binary for the embedded mode (default: from PATH).
@@ -153,6 +156,7 @@ impl Default for Config {
             domain: "a.example".into(),
             data_dir: PathBuf::from("./mlsfed-data"),
             listen: "127.0.0.1:8080".into(),
+            metrics_listen: String::new(),
             nats_url: String::new(),
             nats_server_bin: "nats-server".into(),
             token_secret: "dev-secret-change-me".into(),
@@ -242,6 +246,9 @@ impl Config {
         }
         if let Some(v) = get("MLSFED_LISTEN") {
             self.listen = v;
+        }
+        if let Some(v) = get("MLSFED_METRICS_LISTEN") {
+            self.metrics_listen = v;
         }
         if let Some(v) = get("MLSFED_NATS_URL") {
             self.nats_url = v;

@@ -82,7 +82,12 @@ pub async fn run(
         let sd = shutdown.clone();
         tasks.spawn(async move { bridge.run(sd).await.map_err(anyhow::Error::from) });
     }
-    if roles.ingest {
+    if !roles.ingest {
+        // A worker's listener, if any, serves its metrics.
+        if let Some(listener) = listener {
+            tasks.spawn(serve_metrics(listener, registry.clone(), js.client(), shutdown.clone()));
+        }
+    } else {
         let listener = listener.context("the ingest role needs a listener")?;
         let store = match cfg.keydir.backend {
             config::KeydirBackend::Sled => {
@@ -120,4 +125,33 @@ pub async fn run(
         Some(Err(e)) => Err(anyhow::anyhow!("a role panicked: {e}")),
         None => Ok(()),
     }
+}
+
+/// `/metrics`, `/healthz` and `/readyz` for worker processes without the API.
+async fn serve_metrics(
+    listener: TcpListener,
+    registry: Registry,
+    nats: async_nats::Client,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use axum::routing::get;
+    let metrics = move || {
+        let registry = registry.clone();
+        async move { prometheus::TextEncoder::new().encode_to_string(&registry.gather()).unwrap_or_default() }
+    };
+    let ready = move || {
+        let nats = nats.clone();
+        async move {
+            match nats.connection_state() {
+                async_nats::connection::State::Connected => (axum::http::StatusCode::OK, "ready"),
+                _ => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS"),
+            }
+        }
+    };
+    let app = axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready));
+    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
+    Ok(())
 }

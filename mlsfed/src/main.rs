@@ -121,6 +121,12 @@ async fn serve(mut cfg: config::Config, roles: Roles) -> anyhow::Result<()> {
         // Tests and scripts read this line to learn the port of `:0`.
         println!("mlsfed listening on http://{}", l.local_addr()?);
         Some(l)
+    } else if !cfg.metrics_listen.is_empty() {
+        let l = tokio::net::TcpListener::bind(&cfg.metrics_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.metrics_listen))?;
+        println!("mlsfed worker started; metrics on http://{}", l.local_addr()?);
+        Some(l)
     } else {
         println!("mlsfed worker started");
         None

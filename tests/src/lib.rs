@@ -223,6 +223,8 @@ impl Operator {
         let first = rx.recv_timeout(Duration::from_secs(30)).context("mlsfed did not start within 30 s")?;
         if let Some(url) = first.strip_prefix("mlsfed listening on ") {
             self.url = url.trim().to_owned();
+        } else if let Some((_, url)) = first.split_once("metrics on ") {
+            self.url = url.trim().to_owned();
         } else if !first.starts_with("mlsfed worker started") {
             bail!("unexpected first line from mlsfed: {first}");
         }

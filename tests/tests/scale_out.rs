@@ -9,7 +9,7 @@ use tests::{settle, sync_until, NatsServer, Operator};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sequencers_two_fanouts_keep_order() -> anyhow::Result<()> {
     let nats = NatsServer::start()?;
-    let front = Operator::start_with(&nats, "a.example", "ingest", |_| {})?;
+    let front = Operator::start_with(&nats, "a.example", "ingest", |c| c.metrics_listen = "127.0.0.1:0".into())?;
     let _workers =
         [front.worker("sequencer")?, front.worker("sequencer")?, front.worker("fanout")?, front.worker("fanout")?];
     let mut alice = front.client("alice", "phone", 2).await?;
@@ -74,5 +74,13 @@ async fn two_sequencers_two_fanouts_keep_order() -> anyhow::Result<()> {
         }
     }
     assert_eq!(alice.epoch_authenticator(&g), dave.epoch_authenticator(&g));
+    // Each worker process serves its own metrics; together the two
+    // sequencers accepted every submission.
+    let accepted = tests::metric(&_workers[0], "mlsfed_sequencer_accepted_total").await
+        + tests::metric(&_workers[1], "mlsfed_sequencer_accepted_total").await;
+    assert!(accepted >= 124.0, "sequencers accepted {accepted}");
+    let fanned = tests::metric(&_workers[2], "mlsfed_fanout_entries_total").await
+        + tests::metric(&_workers[3], "mlsfed_fanout_entries_total").await;
+    assert!(fanned >= 124.0, "fanout workers delivered {fanned} entries");
     Ok(())
 }
