@@ -82,6 +82,9 @@ pub struct Federation {
     pub backoff_max_ms: u64,
     /// Timeout of a request to a peer (claims, identity lookups).
     pub request_timeout_ms: u64,
+    /// Federation protocol versions we offer (the highest common one is
+    /// used; none in common makes a peer incompatible).
+    pub versions: Vec<u16>,
 }
 
 impl Default for Federation {
@@ -91,6 +94,7 @@ impl Default for Federation {
             backoff_initial_ms: 200,
             backoff_max_ms: 60_000,
             request_timeout_ms: 5_000,
+            versions: vec![1],
         }
     }
 }

@@ -55,7 +55,18 @@ struct Peer {
     contact: Notify,
 }
 
+/// What a capabilities exchange with a peer concluded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerVersion {
+    Unknown,
+    Agreed(u16),
+    Incompatible,
+}
+
 pub struct Bridge {
+    /// What we offer in capabilities exchanges.
+    ours: fed::Capabilities,
+    states: std::sync::Mutex<HashMap<String, PeerVersion>>,
     topo: Topology,
     us: String,
     fed: config::Federation,
@@ -124,7 +135,15 @@ impl Bridge {
             let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(client.clone());
             peers.insert(p.domain.clone(), Arc::new(Peer { cfg: p.clone(), client, js, contact: Notify::new() }));
         }
+        let ours = fed::Capabilities {
+            versions: cfg.federation.versions.clone(),
+            mls_versions: vec![1],
+            cipher_suites: cfg.keydir.cipher_suites.clone(),
+            max_message_bytes: cfg.limits.max_body_bytes as u64,
+        };
         Ok(Self {
+            ours,
+            states: std::sync::Mutex::new(HashMap::new()),
             topo,
             us: cfg.domain.clone(),
             fed: cfg.federation.clone(),
@@ -139,6 +158,7 @@ impl Bridge {
         let me = Arc::new(self);
         let mut tasks = tokio::task::JoinSet::new();
         for peer in me.peers.values() {
+            tasks.spawn(me.clone().negotiate(peer.clone(), shutdown.clone()));
             tasks.spawn(me.clone().outbox(peer.clone(), shutdown.clone()));
         }
         tasks.spawn(me.clone().inbox(shutdown.clone()));
@@ -199,6 +219,24 @@ impl Bridge {
                 }
                 None => return Err(RunBridgeError::Setup("outbox consumer closed".into())),
             };
+            // Only a peer we agreed a version with gets envelopes; an
+            // incompatible one keeps them queued (counted, never dropped).
+            match self.state(&domain) {
+                PeerVersion::Agreed(_) => {}
+                state => {
+                    let wait = if state == PeerVersion::Incompatible {
+                        Duration::from_secs(5)
+                    } else {
+                        Duration::from_millis(200)
+                    };
+                    let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    continue;
+                }
+            }
             let Ok(info) = msg.info() else { continue };
             let (seq, pending) = (info.stream_sequence, info.pending);
             let age = (time_now() - info.published).as_seconds_f64().max(0.0);
@@ -441,6 +479,17 @@ impl Bridge {
         if let Some(p) = self.peers.get(&origin) {
             p.contact.notify_waiters();
         }
+        if let Request::Capabilities(theirs) = &env.body {
+            self.agree(&origin, theirs);
+            let out = RpcEnvelope {
+                version: 1,
+                origin: self.us.clone(),
+                destination: origin,
+                sent_at: unix_now(),
+                body: Response::Capabilities(self.ours.clone()),
+            };
+            return Bytes::from(fed::seal(&self.signer, &out));
+        }
         if let Request::Claim { requester, .. } = &env.body {
             if requester.domain() != origin {
                 self.metrics.refused.with_label_values(&["sender_not_origin"]).inc();
@@ -493,37 +542,102 @@ impl Bridge {
         let Ok(body) = proto::wire::decode::<Request>(bytes) else {
             return reply_error(ErrorCode::InvalidRequest, "bad request");
         };
+        if self.state(&peer.cfg.domain) == PeerVersion::Incompatible {
+            return reply_error(
+                ErrorCode::IncompatiblePeer,
+                format!("{} shares no federation version, MLS version or cipher suite with us", peer.cfg.domain),
+            );
+        }
+        let response = match self.request(&peer, body).await {
+            Ok(r) => r,
+            Err(e) => Response::Error(e),
+        };
+        Bytes::from(proto::wire::encode(&response))
+    }
+
+    /// One signed request to a peer and its verified answer.
+    async fn request(&self, peer: &Peer, body: Request) -> Result<Response, ApiError> {
         let domain = peer.cfg.domain.clone();
+        let unreachable = |why: &str| {
+            self.metrics.request_failures.with_label_values(&[&domain]).inc();
+            ApiError::new(ErrorCode::PeerUnreachable, format!("{domain} {why}"))
+        };
         // Never queue a request while the peer is disconnected: the client
         // would buffer it and deliver it after we gave up.
         if peer.client.connection_state() != async_nats::connection::State::Connected {
-            self.metrics.request_failures.with_label_values(&[&domain]).inc();
-            return reply_error(ErrorCode::PeerUnreachable, format!("{domain} is not connected"));
+            return Err(unreachable("is not connected"));
         }
         let env =
             RpcEnvelope { version: 1, origin: self.us.clone(), destination: domain.clone(), sent_at: unix_now(), body };
         let sealed = Bytes::from(fed::seal(&self.signer, &env));
         let timeout = Duration::from_millis(self.fed.request_timeout_ms);
-        let answer =
-            tokio::time::timeout(timeout, peer.client.request(names::peer_rpc_subject(&self.us), sealed)).await;
-        let unreachable = || {
-            self.metrics.request_failures.with_label_values(&[&domain]).inc();
-            reply_error(ErrorCode::PeerUnreachable, format!("{domain} did not answer"))
-        };
-        let m = match answer {
-            Ok(Ok(m)) => m,
-            _ => return unreachable(),
-        };
+        let m =
+            match tokio::time::timeout(timeout, peer.client.request(names::peer_rpc_subject(&self.us), sealed)).await {
+                Ok(Ok(m)) => m,
+                _ => return Err(unreachable("did not answer")),
+            };
         match fed::open::<RpcEnvelope<Response>, _>(&m.payload, &self.keys, &self.us) {
-            Ok(env) if env.origin == domain => Bytes::from(proto::wire::encode(&env.body)),
+            Ok(env) if env.origin == domain => Ok(env.body),
             Ok(_) | Err(_) => {
                 // A peer's error replies to a request it could not verify are
                 // unsigned; either way, nothing usable came back.
                 if let Ok(Response::Error(e)) = proto::wire::decode::<Response>(&m.payload) {
-                    return Bytes::from(proto::wire::encode(&Response::Error(e)));
+                    return Err(e);
                 }
                 self.metrics.refused.with_label_values(&["bad_signature"]).inc();
-                reply_error(ErrorCode::ForgedEnvelope, "the peer's answer does not verify")
+                Err(ApiError::new(ErrorCode::ForgedEnvelope, "the peer's answer does not verify"))
+            }
+        }
+    }
+
+    fn state(&self, peer: &str) -> PeerVersion {
+        self.states.lock().map(|m| m.get(peer).copied().unwrap_or(PeerVersion::Unknown)).unwrap_or(PeerVersion::Unknown)
+    }
+
+    /// Records the outcome of a capabilities exchange with `peer`.
+    fn agree(&self, peer: &str, theirs: &fed::Capabilities) -> PeerVersion {
+        let state = match fed::negotiate(&self.ours, theirs) {
+            Some(v) => PeerVersion::Agreed(v),
+            None => PeerVersion::Incompatible,
+        };
+        let before = self.state(peer);
+        if let Ok(mut m) = self.states.lock() {
+            m.insert(peer.to_owned(), state);
+        }
+        match state {
+            PeerVersion::Agreed(v) => {
+                self.metrics.peer_version.with_label_values(&[peer]).set(i64::from(v));
+                self.metrics.peer_compatible.with_label_values(&[peer]).set(1);
+            }
+            _ => {
+                self.metrics.peer_version.with_label_values(&[peer]).set(0);
+                self.metrics.peer_compatible.with_label_values(&[peer]).set(0);
+                if before != state {
+                    tracing::error!(peer, "peer is incompatible: no common federation version, MLS version or cipher suite; its outbox is held");
+                }
+            }
+        }
+        state
+    }
+
+    /// Exchanges capabilities with `peer` at start and periodically.
+    async fn negotiate(self: Arc<Self>, peer: Arc<Peer>, shutdown: CancellationToken) -> Result<(), RunBridgeError> {
+        let mut attempt = 0u32;
+        loop {
+            let wait = match self.request(&peer, Request::Capabilities(self.ours.clone())).await {
+                Ok(Response::Capabilities(theirs)) => {
+                    attempt = 0;
+                    self.agree(&peer.cfg.domain, &theirs);
+                    Duration::from_secs(60)
+                }
+                _ => {
+                    attempt = attempt.saturating_add(1);
+                    self.backoff(attempt.min(4))
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub refused: IntCounterVec,
     pub request_failures: IntCounterVec,
     pub remote_rejections: IntCounterVec,
+    pub peer_version: IntGaugeVec,
+    pub peer_compatible: IntGaugeVec,
 }
 
 impl Metrics {
@@ -63,7 +65,20 @@ impl Metrics {
                 Opts::new("mlsfed_federation_remote_rejections_total", "Forwarded submissions the hub refused."),
                 peer,
             )?,
+            peer_version: IntGaugeVec::new(
+                Opts::new("mlsfed_federation_peer_version", "Federation version agreed with a peer (0: none)."),
+                peer,
+            )?,
+            peer_compatible: IntGaugeVec::new(
+                Opts::new(
+                    "mlsfed_federation_peer_compatible",
+                    "1 when a capabilities exchange with the peer found common ground, 0 when not.",
+                ),
+                peer,
+            )?,
         };
+        registry.register(Box::new(m.peer_version.clone()))?;
+        registry.register(Box::new(m.peer_compatible.clone()))?;
         registry.register(Box::new(m.sent.clone()))?;
         registry.register(Box::new(m.send_failures.clone()))?;
         registry.register(Box::new(m.outbox_pending.clone()))?;

@@ -138,7 +138,9 @@ pub async fn identity(
                 (signed, key)
             }
             FedResponse::Error(e) => return Err(Reject(e)),
-            FedResponse::Claimed(_) => return Err(Reject::new(ErrorCode::Internal, "unexpected answer")),
+            FedResponse::Claimed(_) | FedResponse::Capabilities(_) => {
+                return Err(Reject::new(ErrorCode::Internal, "unexpected answer"))
+            }
         }
     };
     let status = match signed.open(&key) {
@@ -205,7 +207,9 @@ async fn claim_remote(
             Ok(json(serde_json::json!({ "key_packages": out })).into_response())
         }
         FedResponse::Error(e) => Err(Reject(e)),
-        FedResponse::Binding(_) => Err(Reject::new(ErrorCode::Internal, "unexpected answer")),
+        FedResponse::Binding(_) | FedResponse::Capabilities(_) => {
+            Err(Reject::new(ErrorCode::Internal, "unexpected answer"))
+        }
     }
 }
 
@@ -250,6 +254,10 @@ async fn answer(api: &Shared, req: Request) -> FedResponse {
                 }
                 Err(e) => FedResponse::Error(e.to_api()),
             }
+        }
+        // The bridge answers capabilities itself.
+        Request::Capabilities(_) => {
+            FedResponse::Error(ApiError::new(ErrorCode::InvalidRequest, "not for the key directory"))
         }
         Request::Identity { device } => match api.keydir.binding(&device).await {
             Ok(signed) => FedResponse::Binding(serde_json::to_vec(&signed).unwrap_or_default()),

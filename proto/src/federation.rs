@@ -41,8 +41,37 @@ pub struct Envelope {
 /// lookups for its users.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    Claim { requester: DeviceId, user: UserId, cipher_suites: Vec<u16> },
-    Identity { device: DeviceId },
+    Claim {
+        requester: DeviceId,
+        user: UserId,
+        cipher_suites: Vec<u16>,
+    },
+    Identity {
+        device: DeviceId,
+    },
+    /// Our capabilities; the answer carries the peer's.
+    Capabilities(Capabilities),
+}
+
+/// What an operator speaks (design decision 7), exchanged signed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Federation protocol versions.
+    pub versions: Vec<u16>,
+    /// MLS protocol versions (RFC 9420 §6: mls10 = 1).
+    pub mls_versions: Vec<u16>,
+    pub cipher_suites: Vec<u16>,
+    pub max_message_bytes: u64,
+}
+
+/// The highest federation version both sides speak, provided they also
+/// share an MLS version and a cipher suite.
+pub fn negotiate(ours: &Capabilities, theirs: &Capabilities) -> Option<u16> {
+    let common = |a: &[u16], b: &[u16]| a.iter().any(|x| b.contains(x));
+    if !common(&ours.mls_versions, &theirs.mls_versions) || !common(&ours.cipher_suites, &theirs.cipher_suites) {
+        return None;
+    }
+    ours.versions.iter().copied().filter(|v| theirs.versions.contains(v)).max()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +80,7 @@ pub enum Response {
     Claimed(Vec<(DeviceId, u16, bool, Vec<u8>)>),
     /// A signed binding (JSON of `identity::SignedBinding`).
     Binding(Vec<u8>),
+    Capabilities(Capabilities),
     Error(ApiError),
 }
 

@@ -653,7 +653,8 @@ pub fn operator_public_key(domain: &str) -> String {
 }
 
 impl Federation {
-    pub fn start(domains: &[&str], tweak: impl Fn(&mut config::Config)) -> anyhow::Result<Self> {
+    /// `tweak` adjusts each operator's config (it is told the domain).
+    pub fn start(domains: &[&str], tweak: impl Fn(&str, &mut config::Config)) -> anyhow::Result<Self> {
         let nats: Vec<NatsServer> = domains
             .iter()
             .map(|d| {
@@ -683,7 +684,7 @@ impl Federation {
                 c.federation.backoff_initial_ms = 100;
                 c.federation.backoff_max_ms = 1000;
                 c.federation.request_timeout_ms = 2000;
-                tweak(c);
+                tweak(d, c);
             })?);
         }
         Ok(Self { nats, ops })

@@ -22,7 +22,7 @@ struct World {
 }
 
 async fn world() -> anyhow::Result<World> {
-    let fed = Federation::start(&[A, B, C], |c| c.limits.submit_timeout_ms = 5000)?;
+    let fed = Federation::start(&[A, B, C], |_, c| c.limits.submit_timeout_ms = 5000)?;
     let mut alice = fed.op(A).client("alice", "phone", 2).await?;
     let bob_phone = fed.op(B).client("bob", "phone", 2).await?;
     let bob_laptop = fed.op(B).client("bob", "laptop", 2).await?;
@@ -153,7 +153,7 @@ async fn forged_envelopes_are_refused_and_counted() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claim_while_the_peer_is_down_consumes_nothing() -> anyhow::Result<()> {
-    let mut fed = Federation::start(&[A, C], |_| {})?;
+    let mut fed = Federation::start(&[A, C], |_, _| {})?;
     let mut alice = fed.op(A).client("alice", "phone", 1).await?;
     let carol = fed.op(C).client("carol", "phone", 3).await?;
     let stock = |op: &tests::Operator, c: &Client| {
@@ -305,7 +305,7 @@ async fn submit_while_the_hub_is_down_is_queued_not_lost() -> anyhow::Result<()>
 /// peer's user may write only its own inbound subject on our server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_may_write_only_its_own_inbox() -> anyhow::Result<()> {
-    let fed = Federation::start(&[A, B, C], |_| {})?;
+    let fed = Federation::start(&[A, B, C], |_, _| {})?;
     let as_b = tests::nats_connect(&fed.nats[0].peer_url(B)).await?;
     let js = async_nats::jetstream::ContextBuilder::new().timeout(Duration::from_secs(2)).build(as_b);
     // Its own inbox: accepted by JetStream (and then refused by A's bridge,
@@ -326,5 +326,33 @@ async fn a_peer_may_write_only_its_own_inbox() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(metric(a, "mlsfed_federation_refused_total{reason=\"malformed\"}").await, 1.0);
+    Ok(())
+}
+
+/// Peers with no federation version in common: a clear error and a metric,
+/// and nothing is sent that the other side could not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incompatible_peers_get_a_clear_error() -> anyhow::Result<()> {
+    let fed = Federation::start(&[A, C], |d, c| {
+        if d == C {
+            c.federation.versions = vec![2];
+        }
+    })?;
+    let mut alice = fed.op(A).client("alice", "phone", 1).await?;
+    let _carol = fed.op(C).client("carol", "phone", 2).await?;
+    let a = fed.op(A);
+    let mut seen = false;
+    for _ in 0..100 {
+        // Present and 0 (an absent gauge would also read as 0).
+        let text = reqwest::get(format!("{}/metrics", a.url)).await?.text().await?;
+        if text.contains("mlsfed_federation_peer_compatible{peer=\"c.example\"} 0") {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen, "A did not mark C incompatible");
+    let err = alice.claim(&[fed.op(C).user_id("carol")]).await.expect_err("no common version");
+    assert_eq!(err.code(), Some(tests::proto::ErrorCode::IncompatiblePeer), "{err}");
     Ok(())
 }
