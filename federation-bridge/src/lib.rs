@@ -33,6 +33,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
 
+/// Most outbox records carried by one envelope.
+const BATCH: usize = 64;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunBridgeError {
     #[error("cannot set up the bridge: {0}")]
@@ -194,9 +197,9 @@ impl Bridge {
                     durable_name: Some(name.clone()),
                     filter_subject: names::fed_out_subject(&domain),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    // One in flight keeps envelopes in order for the peer's
-                    // high-water mark.
-                    max_ack_pending: 1,
+                    // One batch in flight keeps envelopes in order for the
+                    // peer's high-water mark.
+                    max_ack_pending: BATCH as i64,
                     ack_wait: Duration::from_secs(30),
                     ..Default::default()
                 },
@@ -204,13 +207,12 @@ impl Bridge {
             .await
             .map_err(|e| RunBridgeError::Setup(e.to_string()))?;
         let mut messages = consumer.messages().await.map_err(|e| RunBridgeError::Setup(e.to_string()))?;
-        let mut attempt = 0u32;
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 m = messages.next() => m,
             };
-            let msg = match next {
+            let first = match next {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
                     tracing::warn!(peer = %domain, error = %e, "outbox stream error");
@@ -219,66 +221,81 @@ impl Bridge {
                 }
                 None => return Err(RunBridgeError::Setup("outbox consumer closed".into())),
             };
-            // Only a peer we agreed a version with gets envelopes; an
-            // incompatible one keeps them queued (counted, never dropped).
-            match self.state(&domain) {
-                PeerVersion::Agreed(_) => {}
-                state => {
-                    let wait = if state == PeerVersion::Incompatible {
-                        Duration::from_secs(5)
-                    } else {
-                        Duration::from_millis(200)
-                    };
-                    let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                    continue;
+            // A bounded batch: whatever else is ready now, in stream order.
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match tokio::time::timeout(Duration::from_millis(2), messages.next()).await {
+                    Ok(Some(Ok(m))) => batch.push(m),
+                    _ => break,
                 }
             }
-            let Ok(info) = msg.info() else { continue };
+            let mut payloads = Vec::with_capacity(batch.len());
+            let mut held = Vec::with_capacity(batch.len());
+            for m in batch {
+                match proto::wire::decode::<Payload>(&m.payload) {
+                    Ok(p) => {
+                        payloads.push(p);
+                        held.push(m);
+                    }
+                    Err(e) => {
+                        tracing::error!(peer = %domain, error = %e, "undecodable outbox record; terminating it");
+                        let _ = m.ack_with(AckKind::Term).await;
+                    }
+                }
+            }
+            let Some(last) = held.last() else { continue };
+            let Ok(info) = last.info() else { continue };
             let (seq, pending) = (info.stream_sequence, info.pending);
-            let age = (time_now() - info.published).as_seconds_f64().max(0.0);
-            self.metrics.outbox_pending.with_label_values(&[&domain]).set(pending as i64 + 1);
-            self.metrics.outbox_age.with_label_values(&[&domain]).set(age);
-            let payload: Payload = match proto::wire::decode(&msg.payload) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(peer = %domain, error = %e, "undecodable outbox record; terminating it");
-                    let _ = msg.ack_with(AckKind::Term).await;
-                    continue;
-                }
-            };
-            let env = Envelope { version: 1, origin: self.us.clone(), destination: domain.clone(), seq, payload };
+            if let Ok(first_info) = held[0].info() {
+                let age = (time_now() - first_info.published).as_seconds_f64().max(0.0);
+                self.metrics.outbox_age.with_label_values(&[&domain]).set(age);
+            }
+            self.metrics.outbox_pending.with_label_values(&[&domain]).set((pending as usize + held.len()) as i64);
+            let env = Envelope { version: 1, origin: self.us.clone(), destination: domain.clone(), seq, payloads };
             let sealed = Bytes::from(fed::seal(&self.signer, &env));
-            let publish = PublishMessage::build().payload(sealed).message_id(format!("{}-{seq}", self.us));
-            let sent = match peer.js.send_publish(names::fed_in_subject(&self.us), publish).await {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match sent {
-                Ok(()) => {
-                    attempt = 0;
-                    self.metrics.sent.with_label_values(&[&domain]).inc();
-                    self.metrics.outbox_pending.with_label_values(&[&domain]).set(pending as i64);
-                    if pending == 0 {
-                        self.metrics.outbox_age.with_label_values(&[&domain]).set(0.0);
+            // Hold the batch until the peer has it: nothing later is sent
+            // before it, so the peer's high-water mark never skips anything.
+            let mut attempt = 0u32;
+            loop {
+                let sent = if matches!(self.state(&domain), PeerVersion::Agreed(_)) {
+                    let publish =
+                        PublishMessage::build().payload(sealed.clone()).message_id(format!("{}-{seq}", self.us));
+                    match peer.js.send_publish(names::fed_in_subject(&self.us), publish).await {
+                        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
                     }
-                    if let Err(e) = msg.double_ack().await {
-                        tracing::warn!(peer = %domain, error = %e, "outbox ack failed; the peer will drop the resend");
+                } else {
+                    // Not yet agreed, or incompatible: keep it queued.
+                    Err("no agreed federation version".to_owned())
+                };
+                match sent {
+                    Ok(()) => {
+                        self.metrics.sent.with_label_values(&[&domain]).inc_by(held.len() as u64);
+                        self.metrics.outbox_pending.with_label_values(&[&domain]).set(pending as i64);
+                        if pending == 0 {
+                            self.metrics.outbox_age.with_label_values(&[&domain]).set(0.0);
+                        }
+                        for m in &held {
+                            if let Err(e) = m.ack().await {
+                                tracing::warn!(peer = %domain, error = %e, "outbox ack failed; the peer drops the resend");
+                            }
+                        }
+                        break;
                     }
-                }
-                Err(e) => {
-                    self.metrics.send_failures.with_label_values(&[&domain]).inc();
-                    let wait = self.backoff(attempt);
-                    attempt = attempt.saturating_add(1);
-                    tracing::debug!(peer = %domain, error = %e, ?wait, "peer unreachable; backing off");
-                    let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = peer.contact.notified() => { attempt = 0; }
+                    Err(e) => {
+                        self.metrics.send_failures.with_label_values(&[&domain]).inc();
+                        let wait = self.backoff(attempt);
+                        attempt = attempt.saturating_add(1);
+                        tracing::debug!(peer = %domain, error = %e, ?wait, "peer unreachable; backing off");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = peer.contact.notified() => { attempt = 0; }
+                        }
+                        // Keep the held messages ours while we retry.
+                        for m in &held {
+                            let _ = m.ack_with(AckKind::Progress).await;
+                        }
                     }
                 }
             }
@@ -358,7 +375,19 @@ impl Bridge {
             self.metrics.replays.with_label_values(&[&origin]).inc();
             return Ok(());
         }
-        self.apply(&origin, env.payload).await?;
+        for payload in env.payloads {
+            match self.apply(&origin, payload).await {
+                Ok(()) => {}
+                // One bad record does not spoil the others in the envelope.
+                Err(Ok(refusal)) => {
+                    self.metrics.refused.with_label_values(&[refusal.label()]).inc();
+                    tracing::warn!(reason = refusal.label(), "inbound record refused");
+                }
+                // Re-applying the records before it is harmless (they are
+                // idempotent), so the whole envelope is retried.
+                Err(Err(e)) => return Err(Err(e)),
+            }
+        }
         let value = Bytes::from(env.seq.to_string());
         let stored = if rev == 0 {
             self.topo.federation.create(key.as_str(), value).await.map(|_| ()).map_err(|e| e.to_string())

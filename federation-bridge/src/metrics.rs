@@ -24,7 +24,7 @@ impl Metrics {
         let peer = &["peer"];
         let m = Self {
             sent: IntCounterVec::new(
-                Opts::new("mlsfed_federation_sent_total", "Envelopes handed to a peer (acked by its JetStream)."),
+                Opts::new("mlsfed_federation_sent_total", "Outbox records handed to a peer (acked by its JetStream)."),
                 peer,
             )?,
             send_failures: IntCounterVec::new(

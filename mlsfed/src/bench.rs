@@ -153,7 +153,10 @@ pub async fn run(mut cfg: config::Config, messages: usize, members: usize) -> an
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
 
-    // 3. KeyPackage claims per second through the API, on each backend.
+    // 3. Across one federation link.
+    federation(cfg.clone(), tmp.path(), messages.min(1000)).await?;
+
+    // 4. KeyPackage claims per second through the API, on each backend.
     for backend in [config::KeydirBackend::Sled, config::KeydirBackend::Jetstream] {
         let mut kcfg = cfg.clone();
         kcfg.keydir.backend = backend;
@@ -219,4 +222,100 @@ async fn claims(cfg: config::Config, dir: &std::path::Path, users: usize, per_de
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     Ok(total as f64 / elapsed.as_secs_f64())
+}
+
+/// Messages per second across one federation link (hub A, member on B),
+/// and the rate at which B catches up after its nats-server was down.
+async fn federation(mut cfg: config::Config, dir: &std::path::Path, n: usize) -> anyhow::Result<()> {
+    cfg.nats_url = String::new();
+    let fdir = dir.join("federation");
+    let mut running = crate::demo::start_domains(cfg, &["a.example", "b.example"], &fdir).await?;
+    let device = |i: usize, user: &str| -> anyhow::Result<Device> {
+        let c = &running.configs[i];
+        let id = proto::DeviceId::new(&c.domain, user, "d")?;
+        let token = proto::auth::issue(c.token_secret.as_bytes(), &id, unix_now() + 3600);
+        Ok(Device::open(&fdir.join(user), &running.urls[i], &token, Some(&id))?)
+    };
+    let mut alice = device(0, "alice")?;
+    let mut bob = device(1, "bob")?;
+    alice.publish_key_packages(1, false).await?;
+    bob.publish_key_packages(1, false).await?;
+    let g = alice.create_group("fedbench").await?;
+    alice.add(&g, &[proto::UserId::new("b.example", "bob")?]).await?;
+    for _ in 0..200 {
+        bob.sync().await?;
+        if bob.epoch(&g).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::ensure!(bob.epoch(&g).is_some(), "bob did not join across the link");
+
+    // Throughput: n messages from A, counted as they reach bob's mailbox on B.
+    let send = |alice: &mut Device, n: usize| -> anyhow::Result<Vec<Vec<u8>>> {
+        (0..n)
+            .map(|i| alice.encrypt_for_bench(&g, format!("fed {i}").as_bytes()).map_err(anyhow::Error::from))
+            .collect()
+    };
+    let submit_all = |bodies: Vec<Vec<u8>>, http: client::Http| async move {
+        let results = futures::stream::iter(bodies.into_iter().map(|b| {
+            let http = http.clone();
+            async move { http.submit(b, None).await }
+        }))
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+        results.into_iter().collect::<Result<Vec<_>, _>>().map(|v| v.len())
+    };
+    let count_after = |http: client::Http, mut cursor: u64| async move {
+        let mut count = 0;
+        loop {
+            let items = http.fetch(cursor, 256).await?;
+            if items.is_empty() {
+                return anyhow::Ok((count, cursor));
+            }
+            cursor = items.last().map(|i| i.seq).unwrap_or(cursor);
+            count += items.iter().filter(|i| i.kind == "application").count();
+        }
+    };
+    let bodies = send(&mut alice, n)?;
+    let (bob_http, start_cursor) = (bob.http().clone(), bob.cursor());
+    let t0 = Instant::now();
+    submit_all(bodies, alice.http().clone()).await?;
+    let (mut got, mut cursor) = (0, start_cursor);
+    while got < n && t0.elapsed() < Duration::from_secs(120) {
+        let (c, next) = count_after(bob_http.clone(), cursor).await?;
+        got += c;
+        cursor = next;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let link_rate = got as f64 / t0.elapsed().as_secs_f64();
+    println!(
+        "across one federation link (hub A -> member on B, 32 submits in flight): {link_rate:.0} msgs/s ({got} msgs)"
+    );
+
+    // Catch-up: B's nats-server is down while A accepts n messages.
+    running.nats[1].stop();
+    let bodies = send(&mut alice, n)?;
+    submit_all(bodies, alice.http().clone()).await?;
+    running.nats[1].restart()?;
+    let t1 = Instant::now();
+    let mut caught = 0;
+    while caught < n && t1.elapsed() < Duration::from_secs(180) {
+        match count_after(bob_http.clone(), cursor).await {
+            Ok((c, next)) => {
+                caught += c;
+                cursor = next;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let catch_up = caught as f64 / t1.elapsed().as_secs_f64();
+    println!(
+        "catch-up after B's nats-server was down: {caught} queued msgs delivered in {:?} ({catch_up:.0} msgs/s, including B's reconnect)",
+        t1.elapsed()
+    );
+    running.stop().await;
+    Ok(())
 }

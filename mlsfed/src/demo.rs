@@ -22,29 +22,47 @@ fn seed(domain: &str) -> [u8; 32] {
     s
 }
 
-struct Running {
-    _nats: Vec<NatsProcess>,
-    urls: Vec<String>,
-    configs: Vec<config::Config>,
-    shutdown: CancellationToken,
-    servers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+pub(crate) struct Running {
+    pub(crate) nats: Vec<NatsProcess>,
+    pub(crate) urls: Vec<String>,
+    pub(crate) configs: Vec<config::Config>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) servers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    pub(crate) async fn stop(self) {
+        self.shutdown.cancel();
+        for s in self.servers {
+            let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
+        }
+    }
 }
 
 async fn start(base: config::Config, dir: &std::path::Path) -> anyhow::Result<Running> {
+    start_domains(base, &DOMAINS, dir).await
+}
+
+/// Starts one federated operator per domain, each with its own nats-server.
+pub(crate) async fn start_domains(
+    base: config::Config,
+    domains: &[&str],
+    dir: &std::path::Path,
+) -> anyhow::Result<Running> {
     let bin = mlsfed::nats::find_binary(&base.nats_server_bin);
     let mut nats = Vec::new();
-    for d in DOMAINS {
+    for d in domains {
         nats.push(NatsProcess::start(&bin, &dir.join(d).join("nats"), 0).context("cannot start nats-server")?);
     }
     let shutdown = CancellationToken::new();
     let (mut urls, mut configs, mut servers) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, d) in DOMAINS.iter().enumerate() {
+    for (i, d) in domains.iter().enumerate() {
         let mut cfg = base.clone();
         cfg.domain = (*d).to_owned();
         cfg.data_dir = dir.join(d);
         cfg.nats_url = nats[i].url();
         cfg.operator_key_seed = seed(d).iter().map(|b| format!("{b:02x}")).collect();
-        cfg.peers = DOMAINS
+        cfg.peers = domains
             .iter()
             .enumerate()
             .filter(|(j, _)| *j != i)
@@ -72,7 +90,7 @@ async fn start(base: config::Config, dir: &std::path::Path) -> anyhow::Result<Ru
         urls.push(url);
         configs.push(cfg);
     }
-    Ok(Running { _nats: nats, urls, configs, shutdown, servers })
+    Ok(Running { nats, urls, configs, shutdown, servers })
 }
 
 pub async fn run(cfg: config::Config) -> anyhow::Result<()> {
@@ -80,10 +98,7 @@ pub async fn run(cfg: config::Config) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let running = start(cfg, tmp.path()).await?;
     let result = script(&running, tmp.path()).await;
-    running.shutdown.cancel();
-    for s in running.servers {
-        let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
-    }
+    running.stop().await;
     result
 }
 

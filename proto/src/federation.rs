@@ -32,9 +32,11 @@ pub struct Envelope {
     pub origin: String,
     pub destination: String,
     /// Strictly increasing per (origin, destination): the origin's outbox
-    /// sequence. Receivers drop anything at or below their high-water mark.
+    /// sequence of the last record carried. Receivers drop anything at or
+    /// below their high-water mark.
     pub seq: u64,
-    pub payload: Payload,
+    /// A bounded batch of outbox records, in outbox order.
+    pub payloads: Vec<Payload>,
 }
 
 /// Requests a peer answers directly (request/reply): key claims and identity
@@ -218,10 +220,10 @@ mod tests {
             origin: "a.example".into(),
             destination: "b.example".into(),
             seq: 7,
-            payload: Payload::Verdict {
+            payloads: vec![Payload::Verdict {
                 submission_id: "x".into(),
                 verdict: Verdict::Accepted { position: 1, epoch: 0 },
-            },
+            }],
         };
         let sealed = seal(&a, &env);
         assert_eq!(open::<Envelope, _>(&sealed, &keys, "b.example"), Ok(env.clone()));

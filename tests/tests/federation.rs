@@ -100,10 +100,10 @@ async fn forged_envelopes_are_refused_and_counted() -> anyhow::Result<()> {
         origin: origin.into(),
         destination: A.into(),
         seq,
-        payload: Payload::Verdict {
+        payloads: vec![Payload::Verdict {
             submission_id: "forged".into(),
             verdict: Verdict::Accepted { position: 99, epoch: 9 },
-        },
+        }],
     };
     let inbox = |origin: &str| tests::proto::names::fed_in_subject(origin);
     // 1. Bad signature: claims to be B, signed by someone else.
@@ -117,8 +117,13 @@ async fn forged_envelopes_are_refused_and_counted() -> anyhow::Result<()> {
         kind: tests::proto::wire::SubmissionKind::Message { message: bob_msg, welcome: None, group_info: None },
         origin: None,
     };
-    let spoof =
-        Envelope { version: 1, origin: B.into(), destination: A.into(), seq: 1_000_001, payload: Payload::Submit(sub) };
+    let spoof = Envelope {
+        version: 1,
+        origin: B.into(),
+        destination: A.into(),
+        seq: 1_000_001,
+        payloads: vec![Payload::Submit(sub)],
+    };
     js.publish(inbox(B), seal(&b_key, &spoof).into()).await?.await?;
     // 3. An origin that is not a peer.
     js.publish(inbox("z.example"), seal(&wrong_key, &verdict(5, "z.example")).into()).await?.await?;
