@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, message::PublishMessage, AckKind};
 use bytes::Bytes;
-use futures::StreamExt;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 use proto::federation::Payload;
 use proto::streams::Topology;
@@ -111,18 +110,11 @@ impl Fanout {
     ) -> Result<(), RunFanoutError> {
         let mut messages = consumer.messages().await.map_err(|e| RunFanoutError::Consume(e.to_string()))?;
         loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                m = messages.next() => m,
-            };
-            let msg = match next {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "log stream error");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-                None => return Err(RunFanoutError::Consume("consumer closed".into())),
+            let Some(msg) = proto::streams::next_message(&mut messages, &shutdown, "fanout")
+                .await
+                .map_err(|e| RunFanoutError::Consume(e.to_string()))?
+            else {
+                return Ok(());
             };
             let entry: LogEntry = match proto::wire::decode(&msg.payload) {
                 Ok(e) => e,

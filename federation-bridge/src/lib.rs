@@ -165,8 +165,18 @@ impl Bridge {
             tasks.spawn(me.clone().outbox(peer.clone(), shutdown.clone()));
         }
         tasks.spawn(me.clone().inbox(shutdown.clone()));
-        tasks.spawn(me.clone().serve_peer_requests(shutdown.clone()));
-        tasks.spawn(me.clone().serve_our_requests(shutdown.clone()));
+        // Peers' signed requests, answered from our key directory.
+        tasks.spawn(me.clone().serve_requests(
+            names::PEER_RPC_WILDCARD,
+            shutdown.clone(),
+            |me, subject, payload| async move { me.answer_peer(&subject, &payload).await },
+        ));
+        // Our ingest's requests, carried to peers.
+        tasks.spawn(me.clone().serve_requests(
+            names::BRIDGE_RPC_WILDCARD,
+            shutdown.clone(),
+            |me, subject, payload| async move { me.ask_peer(&subject, &payload).await },
+        ));
         let first = tasks.join_next().await;
         shutdown.cancel();
         while tasks.join_next().await.is_some() {}
@@ -208,18 +218,11 @@ impl Bridge {
             .map_err(|e| RunBridgeError::Setup(e.to_string()))?;
         let mut messages = consumer.messages().await.map_err(|e| RunBridgeError::Setup(e.to_string()))?;
         loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                m = messages.next() => m,
-            };
-            let first = match next {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    tracing::warn!(peer = %domain, error = %e, "outbox stream error");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-                None => return Err(RunBridgeError::Setup("outbox consumer closed".into())),
+            let Some(first) = proto::streams::next_message(&mut messages, &shutdown, "bridge outbox")
+                .await
+                .map_err(|e| RunBridgeError::Setup(e.to_string()))?
+            else {
+                return Ok(());
             };
             // A bounded batch: whatever else is ready now, in stream order.
             let mut batch = vec![first];
@@ -321,18 +324,11 @@ impl Bridge {
             .map_err(|e| RunBridgeError::Setup(e.to_string()))?;
         let mut messages = consumer.messages().await.map_err(|e| RunBridgeError::Setup(e.to_string()))?;
         loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                m = messages.next() => m,
-            };
-            let msg = match next {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "inbox stream error");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-                None => return Err(RunBridgeError::Setup("inbox consumer closed".into())),
+            let Some(msg) = proto::streams::next_message(&mut messages, &shutdown, "bridge inbox")
+                .await
+                .map_err(|e| RunBridgeError::Setup(e.to_string()))?
+            else {
+                return Ok(());
             };
             match self.receive(&msg.subject, &msg.payload).await {
                 Ok(()) => {
@@ -468,21 +464,30 @@ impl Bridge {
         }
     }
 
-    /// Answers peers' signed requests (claims, identity lookups) by asking
-    /// our key directory.
-    async fn serve_peer_requests(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RunBridgeError> {
+    /// Answers requests on `subject` (on our NATS) with `handle`, each in
+    /// its own task.
+    async fn serve_requests<F, Fut>(
+        self: Arc<Self>,
+        subject: &'static str,
+        shutdown: CancellationToken,
+        handle: F,
+    ) -> Result<(), RunBridgeError>
+    where
+        F: Fn(Arc<Self>, String, Bytes) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Bytes> + Send + 'static,
+    {
         let client = self.topo.js.client();
-        let mut sub =
-            client.subscribe(names::PEER_RPC_WILDCARD).await.map_err(|e| RunBridgeError::Setup(e.to_string()))?;
+        let mut sub = client.subscribe(subject).await.map_err(|e| RunBridgeError::Setup(e.to_string()))?;
+        let handle = Arc::new(handle);
         loop {
             let msg = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 m = sub.next() => match m { Some(m) => m, None => return Ok(()) },
             };
-            let me = self.clone();
+            let (me, handle) = (self.clone(), handle.clone());
             tokio::spawn(async move {
                 let Some(reply) = msg.reply.clone() else { return };
-                let answer = me.answer_peer(&msg.subject, &msg.payload).await;
+                let answer = handle(me.clone(), msg.subject.to_string(), msg.payload).await;
                 let _ = me.topo.js.client().publish(reply, answer).await;
             });
         }
@@ -542,25 +547,6 @@ impl Bridge {
             body: response,
         };
         Bytes::from(fed::seal(&self.signer, &out))
-    }
-
-    /// Carries our ingest's requests to peers.
-    async fn serve_our_requests(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RunBridgeError> {
-        let client = self.topo.js.client();
-        let mut sub =
-            client.subscribe(names::BRIDGE_RPC_WILDCARD).await.map_err(|e| RunBridgeError::Setup(e.to_string()))?;
-        loop {
-            let msg = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                m = sub.next() => match m { Some(m) => m, None => return Ok(()) },
-            };
-            let me = self.clone();
-            tokio::spawn(async move {
-                let Some(reply) = msg.reply.clone() else { return };
-                let answer = me.ask_peer(&msg.subject, &msg.payload).await;
-                let _ = me.topo.js.client().publish(reply, answer).await;
-            });
-        }
     }
 
     async fn ask_peer(&self, subject: &str, bytes: &[u8]) -> Bytes {

@@ -198,3 +198,34 @@ pub async fn worker_consumer(
         .await
         .map_err(|source| EnsureStreamsError::Consumer { name, source })
 }
+
+/// The consumer was closed under a worker (the stream or consumer was
+/// deleted): the worker stops and its process restarts it.
+#[derive(Debug, thiserror::Error)]
+#[error("consumer {0} closed")]
+pub struct ConsumerClosed(pub &'static str);
+
+/// The next message of a worker's consumer, or `Ok(None)` once `shutdown`
+/// fires. Transient errors (missed heartbeats while NATS restarts) are
+/// logged and waited out, so every worker loop reads the same way.
+pub async fn next_message(
+    messages: &mut jetstream::consumer::pull::Stream,
+    shutdown: &tokio_util::sync::CancellationToken,
+    what: &'static str,
+) -> Result<Option<jetstream::Message>, ConsumerClosed> {
+    use futures::StreamExt;
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            m = messages.next() => m,
+        };
+        match next {
+            Some(Ok(m)) => return Ok(Some(m)),
+            Some(Err(e)) => {
+                tracing::warn!(consumer = what, error = %e, "consumer error; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            None => return Err(ConsumerClosed(what)),
+        }
+    }
+}

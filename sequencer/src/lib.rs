@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, AckKind};
 use bytes::Bytes;
-use futures::StreamExt;
 use openmls_rust_crypto::RustCrypto;
 use proto::federation::Payload;
 use proto::streams::Topology;
@@ -68,18 +67,11 @@ impl Sequencer {
     ) -> Result<(), RunSequencerError> {
         let mut messages = consumer.messages().await.map_err(|e| RunSequencerError::Consume(e.to_string()))?;
         loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                m = messages.next() => m,
-            };
-            let msg = match next {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "submission stream error");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-                None => return Err(RunSequencerError::Consume("consumer closed".into())),
+            let Some(msg) = proto::streams::next_message(&mut messages, &shutdown, "sequencer")
+                .await
+                .map_err(|e| RunSequencerError::Consume(e.to_string()))?
+            else {
+                return Ok(());
             };
             let sub: Submission = match proto::wire::decode(&msg.payload) {
                 Ok(s) => s,
