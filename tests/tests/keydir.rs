@@ -398,3 +398,19 @@ async fn unused_reservations_return_to_the_pool() -> anyhow::Result<()> {
     assert_eq!(stock(op.device_id("bob", "phone")).await, 1, "a used KeyPackage must not return");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_are_rate_limited_per_requester() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let op = Operator::start_with(&nats, "a.example", "run", |c| c.keydir.claims_per_minute_per_requester = 2)?;
+    let _bob = op.client("bob", "phone", 5).await?;
+    let asker = op.token(&op.device_id("eve", "e"));
+    let other = op.token(&op.device_id("frank", "f"));
+    for _ in 0..2 {
+        assert_eq!(claim(&op.url, &asker, "mimi://a.example/u/bob", serde_json::json!({})).await.0, 200);
+    }
+    let (got, body) = claim(&op.url, &asker, "mimi://a.example/u/bob", serde_json::json!({})).await;
+    assert_eq!((got, body["code"].as_str()), (429, Some("rate_limited")), "{body}");
+    assert_eq!(claim(&op.url, &other, "mimi://a.example/u/bob", serde_json::json!({})).await.0, 200, "per requester");
+    Ok(())
+}
