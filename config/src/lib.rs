@@ -280,6 +280,12 @@ impl Config {
         if self.token_secret.len() < 8 {
             return Err(LoadConfigError::Invalid("token_secret must be at least 8 bytes".into()));
         }
+        let dup = self.streams.duplicate_window_secs;
+        if dup > self.streams.log_max_age_secs || dup > self.streams.mailbox_max_age_secs {
+            return Err(LoadConfigError::Invalid(
+                "streams.duplicate_window_secs must not exceed the log and mailbox max ages".into(),
+            ));
+        }
         if self.limits.max_body_bytes < 1024 {
             return Err(LoadConfigError::Invalid("limits.max_body_bytes must be at least 1024".into()));
         }

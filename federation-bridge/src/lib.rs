@@ -287,6 +287,7 @@ impl Bridge {
                     }
                     Err(e) => {
                         self.metrics.send_failures.with_label_values(&[&domain]).inc();
+                        self.check_retention(&domain, &held[0]);
                         let wait = self.backoff(attempt);
                         attempt = attempt.saturating_add(1);
                         tracing::debug!(peer = %domain, error = %e, ?wait, "peer unreachable; backing off");
@@ -302,6 +303,21 @@ impl Bridge {
                     }
                 }
             }
+        }
+    }
+
+    /// Marks `peer` for resync when the oldest record we still hold for it
+    /// is about to leave the outbox's retention: what follows it may expire
+    /// unsent, and MLS has no way to skip a missed Commit (the peer's
+    /// members must rejoin). The mark stays until the bridge restarts.
+    fn check_retention(&self, peer: &str, oldest: &jetstream::Message) {
+        let Ok(info) = oldest.info() else { return };
+        let age = (time_now() - info.published).as_seconds_f64();
+        let limit = self.fed.outbox_max_age_secs as f64 * 0.9;
+        let gauge = self.metrics.needs_resync.with_label_values(&[peer]);
+        if age >= limit && gauge.get() == 0 {
+            gauge.set(1);
+            tracing::error!(peer, age_secs = age as u64, "peer is beyond the outbox retention; marked for resync");
         }
     }
 

@@ -17,6 +17,7 @@ pub struct Metrics {
     pub remote_rejections: IntCounterVec,
     pub peer_version: IntGaugeVec,
     pub peer_compatible: IntGaugeVec,
+    pub needs_resync: IntGaugeVec,
 }
 
 impl Metrics {
@@ -65,6 +66,13 @@ impl Metrics {
                 Opts::new("mlsfed_federation_remote_rejections_total", "Forwarded submissions the hub refused."),
                 peer,
             )?,
+            needs_resync: IntGaugeVec::new(
+                Opts::new(
+                    "mlsfed_federation_peer_needs_resync",
+                    "1 when a peer stayed away longer than the outbox retention: its members must rejoin.",
+                ),
+                peer,
+            )?,
             peer_version: IntGaugeVec::new(
                 Opts::new("mlsfed_federation_peer_version", "Federation version agreed with a peer (0: none)."),
                 peer,
@@ -77,6 +85,7 @@ impl Metrics {
                 peer,
             )?,
         };
+        registry.register(Box::new(m.needs_resync.clone()))?;
         registry.register(Box::new(m.peer_version.clone()))?;
         registry.register(Box::new(m.peer_compatible.clone()))?;
         registry.register(Box::new(m.sent.clone()))?;

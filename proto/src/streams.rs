@@ -141,7 +141,8 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_age: Duration::from_secs(all.federation.outbox_max_age_secs),
-            duplicate_window: cfg.duplicate_window(),
+            // JetStream refuses a duplicate window longer than the max age.
+            duplicate_window: cfg.duplicate_window().min(Duration::from_secs(all.federation.outbox_max_age_secs)),
             num_replicas: replicas,
             ..Default::default()
         },
