@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::{self, consumer::pull, kv, message::PublishMessage, AckKind};
+use async_nats::jetstream::{self, kv, message::PublishMessage, AckKind};
 use bytes::Bytes;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use futures::StreamExt;
@@ -198,25 +198,13 @@ impl Bridge {
     async fn outbox(self: Arc<Self>, peer: Arc<Peer>, shutdown: CancellationToken) -> Result<(), RunBridgeError> {
         let domain = peer.cfg.domain.clone();
         let name = names::bridge_out_consumer(&domain);
-        let consumer: jetstream::consumer::PullConsumer = self
-            .topo
-            .fed_out
-            .get_or_create_consumer(
-                &name,
-                pull::Config {
-                    durable_name: Some(name.clone()),
-                    filter_subject: names::fed_out_subject(&domain),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    // One batch in flight keeps envelopes in order for the
-                    // peer's high-water mark.
-                    max_ack_pending: BATCH as i64,
-                    ack_wait: Duration::from_secs(30),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| RunBridgeError::Setup(e.to_string()))?;
-        let mut messages = consumer.messages().await.map_err(|e| RunBridgeError::Setup(e.to_string()))?;
+        // One batch in flight keeps envelopes in order for the peer's
+        // high-water mark.
+        let filter = names::fed_out_subject(&domain);
+        let mut messages =
+            proto::streams::durable_messages(&self.topo.fed_out, &name, &filter, BATCH as i64, Duration::from_secs(30))
+                .await
+                .map_err(RunBridgeError::Setup)?;
         loop {
             let Some(first) = proto::streams::next_message(&mut messages, &shutdown, "bridge outbox")
                 .await
@@ -323,22 +311,16 @@ impl Bridge {
 
     /// Applies envelopes that peers put into our FED_IN.
     async fn inbox(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RunBridgeError> {
-        let consumer: jetstream::consumer::PullConsumer = self
-            .topo
-            .fed_in
-            .get_or_create_consumer(
-                names::BRIDGE_IN_CONSUMER,
-                pull::Config {
-                    durable_name: Some(names::BRIDGE_IN_CONSUMER.into()),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    max_ack_pending: 1,
-                    ack_wait: Duration::from_secs(30),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| RunBridgeError::Setup(e.to_string()))?;
-        let mut messages = consumer.messages().await.map_err(|e| RunBridgeError::Setup(e.to_string()))?;
+        // One envelope at a time: the high-water mark moves in order.
+        let mut messages = proto::streams::durable_messages(
+            &self.topo.fed_in,
+            names::BRIDGE_IN_CONSUMER,
+            "",
+            1,
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(RunBridgeError::Setup)?;
         loop {
             let Some(msg) = proto::streams::next_message(&mut messages, &shutdown, "bridge inbox")
                 .await

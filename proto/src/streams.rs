@@ -186,18 +186,38 @@ pub async fn worker_consumer(
     cfg: &config::Streams,
 ) -> Result<jetstream::consumer::PullConsumer, EnsureStreamsError> {
     stream
-        .get_or_create_consumer(
-            name,
-            pull::Config {
-                durable_name: Some(name.into()),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: cfg.ack_wait(),
-                max_ack_pending: 1024,
-                ..Default::default()
-            },
-        )
+        .get_or_create_consumer(name, durable_config(name, "", 1024, cfg.ack_wait()))
         .await
         .map_err(|source| EnsureStreamsError::Consumer { name, source })
+}
+
+/// A durable pull consumer with explicit acks; `filter` empty: the whole
+/// stream. `max_ack_pending` bounds what is in flight (1 or a batch keeps
+/// order where order matters).
+pub fn durable_config(name: &str, filter: &str, max_ack_pending: i64, ack_wait: Duration) -> pull::Config {
+    pull::Config {
+        durable_name: Some(name.into()),
+        filter_subject: filter.into(),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait,
+        max_ack_pending,
+        ..Default::default()
+    }
+}
+
+/// The message stream of a durable consumer (created if missing).
+pub async fn durable_messages(
+    stream: &stream::Stream,
+    name: &str,
+    filter: &str,
+    max_ack_pending: i64,
+    ack_wait: Duration,
+) -> Result<jetstream::consumer::pull::Stream, String> {
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(name, durable_config(name, filter, max_ack_pending, ack_wait))
+        .await
+        .map_err(|e| e.to_string())?;
+    consumer.messages().await.map_err(|e| e.to_string())
 }
 
 /// The consumer was closed under a worker (the stream or consumer was
