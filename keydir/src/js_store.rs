@@ -164,6 +164,7 @@ impl KeyStore for JsStore {
         suite: u16,
         now: u64,
         accept: &(dyn Fn(&Stored) -> bool + Sync),
+        claimer: &DeviceId,
     ) -> Result<Take> {
         let subject = names::key_packages_of(d, suite);
         let mut from = 1;
@@ -176,11 +177,36 @@ impl KeyStore for JsStore {
                 continue;
             }
             saw_any = true;
-            if accept(&s) && self.delete(seq).await? {
+            if !accept(&s) {
+                continue;
+            }
+            // Reserve first, then take: a crash in between leaves it both in
+            // the pool and reserved, and the release finds it still pooled
+            // (never lost, never pooled twice).
+            let r = Reservation { device: d.clone(), claimer: claimer.clone(), at: now, stored: s.clone() };
+            self.put_reservation(&r).await?;
+            if self.delete(seq).await? {
                 return Ok(Take::Taken(s));
             }
+            // Another claimer won it; one reservation for it remains.
+            self.take_reservation(&s.kp_ref).await?;
         }
         Ok(if saw_any { Take::NoneCompatible } else { Take::Empty })
+    }
+
+    async fn put_back(&self, d: &DeviceId, s: &Stored) -> Result<()> {
+        // The upload's Nats-Msg-Id would make JetStream drop this as a
+        // duplicate within its window: returns carry no id (the caller
+        // checked that it is not pooled).
+        self.publish(names::key_package_subject(d, s.suite, &s.kp_ref), enc(s), None).await
+    }
+
+    async fn has_one_time(&self, d: &DeviceId, s: &Stored) -> Result<bool> {
+        match self.stream.direct_get_last_for_subject(names::key_package_subject(d, s.suite, &s.kp_ref)).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(false),
+            Err(e) => Err(jse(e)),
+        }
     }
 
     async fn count_one_time(&self, d: &DeviceId, suite: u16) -> Result<usize> {
@@ -188,6 +214,22 @@ impl KeyStore for JsStore {
         let mut n = 0;
         while let Some(item) = info.next().await {
             n += item.map_err(jse)?.1;
+        }
+        Ok(n)
+    }
+
+    async fn count_up_to(&self, d: &DeviceId, suite: u16, limit: usize) -> Result<usize> {
+        // At most `limit` direct gets, instead of listing every subject.
+        let subject = names::key_packages_of(d, suite);
+        let (mut from, mut n) = (1, 0);
+        while n < limit {
+            match self.next(&subject, from).await? {
+                Some((seq, _)) => {
+                    n += 1;
+                    from = seq + 1;
+                }
+                None => break,
+            }
         }
         Ok(n)
     }

@@ -173,11 +173,21 @@ impl KeyStore for Backend {
         suite: u16,
         now: u64,
         accept: &(dyn Fn(&Stored) -> bool + Sync),
+        claimer: &DeviceId,
     ) -> store::Result<Take> {
-        dispatch!(self, b => b.take_one_time(d, suite, now, accept).await)
+        dispatch!(self, b => b.take_one_time(d, suite, now, accept, claimer).await)
+    }
+    async fn put_back(&self, d: &DeviceId, s: &Stored) -> store::Result<()> {
+        dispatch!(self, b => b.put_back(d, s).await)
+    }
+    async fn has_one_time(&self, d: &DeviceId, s: &Stored) -> store::Result<bool> {
+        dispatch!(self, b => b.has_one_time(d, s).await)
     }
     async fn count_one_time(&self, d: &DeviceId, suite: u16) -> store::Result<usize> {
         dispatch!(self, b => b.count_one_time(d, suite).await)
+    }
+    async fn count_up_to(&self, d: &DeviceId, suite: u16, limit: usize) -> store::Result<usize> {
+        dispatch!(self, b => b.count_up_to(d, suite, limit).await)
     }
     async fn sweep(&self, d: &DeviceId, suite: u16, now: u64) -> store::Result<usize> {
         dispatch!(self, b => b.sweep(d, suite, now).await)
@@ -447,17 +457,9 @@ impl KeyDirectory {
         for d in &devices {
             let mut got = None;
             for suite in &suites {
-                match self.store.take_one_time(d, *suite, now, &accept).await? {
+                match self.store.take_one_time(d, *suite, now, &accept, requester).await? {
                     Take::Taken(s) => {
-                        self.store
-                            .put_reservation(&Reservation {
-                                device: d.clone(),
-                                claimer: requester.clone(),
-                                at: now,
-                                stored: s.clone(),
-                            })
-                            .await?;
-                        let remaining = self.store.count_one_time(d, *suite).await?;
+                        let remaining = self.store.count_up_to(d, *suite, self.cfg.low_water).await?;
                         if remaining < self.cfg.low_water {
                             out.low_stock.push(LowStock { device: d.clone(), cipher_suite: *suite, remaining });
                         }
@@ -531,13 +533,16 @@ impl KeyDirectory {
     pub async fn release_expired(&self, now: u64) -> Result<usize, KeydirError> {
         let mut n = 0;
         for r in self.store.reservations_before(now.saturating_sub(self.cfg.reservation_secs)).await? {
-            // take_reservation settles a race with `consumed` or another
-            // keydir process: only one of them gets the record.
-            if let Some(r) = self.store.take_reservation(&r.stored.kp_ref).await? {
-                if r.stored.not_after > now {
-                    self.store.put_one_time(&r.device, &r.stored).await?;
-                    n += 1;
-                }
+            // Put it back first, then drop the reservation: a crash in
+            // between leaves it pooled and reserved, which the next pass
+            // settles, rather than in neither place. (A claim interrupted
+            // between reserving and taking also left it pooled.)
+            let back = r.stored.not_after > now && !self.store.has_one_time(&r.device, &r.stored).await?;
+            if back {
+                self.store.put_back(&r.device, &r.stored).await?;
+            }
+            if self.store.take_reservation(&r.stored.kp_ref).await?.is_some() && back {
+                n += 1;
             }
         }
         Ok(n)

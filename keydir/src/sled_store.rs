@@ -71,7 +71,9 @@ impl KeyStore for SledStore {
         suite: u16,
         now: u64,
         accept: &(dyn Fn(&Stored) -> bool + Sync),
+        claimer: &DeviceId,
     ) -> Result<Take> {
+        use sled::Transactional;
         let mut saw_any = false;
         for item in self.one_time.scan_prefix(key(&[d.as_bytes(), &suite.to_be_bytes()])) {
             let (k, v) = item?;
@@ -84,13 +86,32 @@ impl KeyStore for SledStore {
             if !accept(&s) {
                 continue;
             }
-            // remove() is atomic: of concurrent claimers only one gets Some.
-            if self.one_time.remove(&k)?.is_some() {
+            // One transaction moves it from the pool to the reservations:
+            // of concurrent claimers only one finds it, and a crash leaves it
+            // in exactly one of the two.
+            let r = enc(&Reservation { device: d.clone(), claimer: claimer.clone(), at: now, stored: s.clone() });
+            let moved = (&self.one_time, &self.reservations)
+                .transaction(|(ot, rs)| {
+                    if ot.remove(k.as_ref())?.is_none() {
+                        return Ok(false);
+                    }
+                    rs.insert(s.kp_ref.as_slice(), r.as_slice())?;
+                    Ok(true)
+                })
+                .map_err(|e: sled::transaction::TransactionError<()>| match e {
+                    sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+                    sled::transaction::TransactionError::Abort(()) => StoreError::Corrupt("aborted".into()),
+                })?;
+            if moved {
                 self.durable().await?;
                 return Ok(Take::Taken(s));
             }
         }
         Ok(if saw_any { Take::NoneCompatible } else { Take::Empty })
+    }
+
+    async fn has_one_time(&self, d: &DeviceId, s: &Stored) -> Result<bool> {
+        Ok(self.one_time.contains_key(key(&[d.as_bytes(), &s.suite.to_be_bytes(), &s.kp_ref]))?)
     }
 
     async fn count_one_time(&self, d: &DeviceId, suite: u16) -> Result<usize> {

@@ -76,16 +76,32 @@ pub trait KeyStore: Send + Sync {
     /// Replaces the device's last-resort KeyPackage for `s.suite`.
     fn put_last_resort(&self, d: &DeviceId, s: &Stored) -> impl Future<Output = Result<()>> + Send;
     fn last_resort(&self, d: &DeviceId, suite: u16) -> impl Future<Output = Result<Option<Stored>>> + Send;
-    /// Takes one non-expired one-time KeyPackage that `accept` allows;
-    /// expired ones met on the way are deleted.
+    /// Takes one non-expired one-time KeyPackage that `accept` allows and
+    /// records it as reserved for `claimer`, so that a crash in between can
+    /// neither lose it nor leave it claimable twice; expired ones met on the
+    /// way are deleted.
     fn take_one_time(
         &self,
         d: &DeviceId,
         suite: u16,
         now: u64,
         accept: &(dyn Fn(&Stored) -> bool + Sync),
+        claimer: &DeviceId,
     ) -> impl Future<Output = Result<Take>> + Send;
+    /// Returns a released KeyPackage to its pool (an upload's dedup must not
+    /// swallow it).
+    fn put_back(&self, d: &DeviceId, s: &Stored) -> impl Future<Output = Result<()>> + Send {
+        self.put_one_time(d, s)
+    }
+    /// Whether this one-time KeyPackage is in its pool.
+    fn has_one_time(&self, d: &DeviceId, s: &Stored) -> impl Future<Output = Result<bool>> + Send;
     fn count_one_time(&self, d: &DeviceId, suite: u16) -> impl Future<Output = Result<usize>> + Send;
+    /// Like `count_one_time`, but may stop counting at `limit` (the claim
+    /// path only needs to know whether the stock is below the low-water
+    /// mark, and a full count can be costly).
+    fn count_up_to(&self, d: &DeviceId, suite: u16, limit: usize) -> impl Future<Output = Result<usize>> + Send {
+        async move { Ok(self.count_one_time(d, suite).await?.min(limit)) }
+    }
     /// Deletes expired one-time KeyPackages of `d`; returns how many.
     fn sweep(&self, d: &DeviceId, suite: u16, now: u64) -> impl Future<Output = Result<usize>> + Send;
 
