@@ -415,18 +415,17 @@ pub async fn sync_until(
 
 /// Raw HTTP to an operator, for tests that send bytes no SDK would.
 pub async fn post(url: &str, path: &str, token: Option<&str>, body: Vec<u8>) -> (u16, serde_json::Value) {
-    let mut req = reqwest::Client::new().post(format!("{url}{path}")).header("content-type", "message/mls").body(body);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    let resp = req.send().await.expect("request");
-    let status = resp.status().as_u16();
-    let json = resp.json().await.unwrap_or(serde_json::Value::Null);
-    (status, json)
+    send(reqwest::Client::new().post(format!("{url}{path}")).header("content-type", "message/mls").body(body), token)
+        .await
 }
 
 pub async fn get(url: &str, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
-    let mut req = reqwest::Client::new().get(format!("{url}{path}"));
+    send(reqwest::Client::new().get(format!("{url}{path}")), token).await
+}
+
+/// Sends `req` (with the bearer token, if any) and returns the status and
+/// the JSON body (`Null` when there is none).
+pub async fn send(mut req: reqwest::RequestBuilder, token: Option<&str>) -> (u16, serde_json::Value) {
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }

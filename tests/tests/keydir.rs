@@ -139,17 +139,8 @@ async fn claim(url: &str, token: &str, user: &str, extra: serde_json::Value) -> 
     if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
         b.extend(e.clone());
     }
-    let resp = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client")
-        .post(format!("{url}/v1/keypackages/claim"))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .expect("claim");
-    (resp.status().as_u16(), resp.json().await.unwrap_or_default())
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
+    tests::send(client.post(format!("{url}/v1/keypackages/claim")).json(&body), Some(token)).await
 }
 
 /// 50 parallel claims through two keydir processes on the JetStream backend
