@@ -49,13 +49,27 @@ struct Fetched {
     items: Vec<Item>,
 }
 
-/// A thin, typed HTTP client for one device.
+/// A thin, typed HTTP client for one device. `https://` operators are
+/// reached over rustls, trusting the bundled web PKI roots plus any root
+/// added with [`Http::trust_roots_pem`] (an operator's private CA).
 #[derive(Clone)]
 pub struct Http {
     base: String,
     token: String,
     device: DeviceId,
     client: reqwest::Client,
+    /// Extra trusted roots (DER), also used by the WebSocket.
+    roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+}
+
+fn build_client(roots: &[rustls_pki_types::CertificateDer<'static>]) -> Result<reqwest::Client, ClientError> {
+    let mut b = reqwest::Client::builder().use_rustls_tls().timeout(std::time::Duration::from_secs(60));
+    for r in roots {
+        let cert = reqwest::Certificate::from_der(r.as_ref())
+            .map_err(|e| ClientError::Protocol(format!("bad root certificate: {e}")))?;
+        b = b.add_root_certificate(cert);
+    }
+    b.build().map_err(|e| ClientError::Protocol(format!("cannot build the HTTP client: {e}")))
 }
 
 /// Percent-encodes a path segment (RFC 3986 unreserved characters pass).
@@ -77,8 +91,40 @@ impl Http {
             base: base.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
             device,
-            client: reqwest::Client::builder().timeout(std::time::Duration::from_secs(60)).build().unwrap_or_default(),
+            client: build_client(&[]).unwrap_or_default(),
+            roots: Vec::new(),
         }
+    }
+
+    /// Also trusts the certificates of `pem` (one or more PEM blocks) as
+    /// roots, for an operator whose certificate comes from a private CA.
+    pub fn trust_roots_pem(&mut self, pem: &[u8]) -> Result<(), ClientError> {
+        use rustls_pki_types::pem::PemObject as _;
+        let mut roots = self.roots.clone();
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+            roots.push(cert.map_err(|e| ClientError::Protocol(format!("bad PEM certificate: {e:?}")))?);
+        }
+        if roots.len() == self.roots.len() {
+            return Err(ClientError::Protocol("no certificate in the PEM".into()));
+        }
+        self.client = build_client(&roots)?;
+        self.roots = roots;
+        Ok(())
+    }
+
+    /// The rustls configuration of the WebSocket: web PKI roots plus ours.
+    fn tls_config(&self) -> Result<std::sync::Arc<rustls::ClientConfig>, ClientError> {
+        let mut store = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        for r in &self.roots {
+            store.add(r.clone()).map_err(|e| ClientError::Protocol(format!("bad root certificate: {e}")))?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .with_root_certificates(store)
+            .with_no_client_auth();
+        Ok(std::sync::Arc::new(cfg))
     }
 
     pub fn base(&self) -> &str {
@@ -217,7 +263,10 @@ impl Http {
             .parse()
             .map_err(|_| ClientError::Protocol("token is not a valid header".into()))?;
         req.headers_mut().insert("authorization", auth);
-        let (ws, _) = tokio_tungstenite::connect_async(req).await.map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let connector = tokio_tungstenite::Connector::Rustls(self.tls_config()?);
+        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok(ws)
     }
 }

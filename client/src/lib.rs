@@ -219,6 +219,13 @@ impl Device {
         Ok(d)
     }
 
+    /// Trusts the PEM certificates in `pem` as roots for the operator's
+    /// `https://` and `wss://` endpoints (a private CA); the bundled web
+    /// PKI roots stay trusted.
+    pub fn trust_roots_pem(&mut self, pem: &[u8]) -> Result<(), ClientError> {
+        self.http.trust_roots_pem(pem)
+    }
+
     pub fn id(&self) -> &DeviceId {
         &self.id
     }

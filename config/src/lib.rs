@@ -40,12 +40,17 @@ pub struct Config {
     pub nats_url: String,
     /// The nats-server binary for the embedded mode (default: from PATH).
     pub nats_server_bin: String,
-    /// Secret that signs client bearer tokens (see `proto::auth`).
-    pub token_secret: String,
+    /// CA certificate (PEM file) that the NATS server's certificate must
+    /// chain to, for a `tls://` `nats_url`. Empty: the system's roots.
+    pub nats_ca_file: String,
+    /// Secret that signs client bearer tokens (see `proto::auth`). Required
+    /// (at least 16 bytes), except on the embedded quick start, which
+    /// generates one into `data_dir` on first run.
+    pub token_secret: Secret,
     /// Hex seed (32 bytes) of the operator's Ed25519 key, which signs
-    /// identity bindings. Empty: derived from `token_secret` (development
-    /// only; set it in production).
-    pub operator_key_seed: String,
+    /// identity bindings and federation envelopes. Required, except on the
+    /// embedded quick start (generated like `token_secret`).
+    pub operator_key_seed: Secret,
     pub limits: Limits,
     pub streams: Streams,
     pub keydir: Keydir,
@@ -54,22 +59,79 @@ pub struct Config {
     pub peers: Vec<Peer>,
 }
 
+/// A configured secret: serialized as the plain string, never shown by
+/// `Debug` or `Display`, so a config printed or logged leaks nothing.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "Secret(empty)" } else { "Secret(redacted)" })
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
 /// One peer operator.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Peer {
     pub domain: String,
     /// The peer's NATS, where we publish into its inbound stream. Credentials
-    /// there allow only our own inbound subject (docs/federation.md).
+    /// there allow only our own inbound subject (docs/federation.md). Use
+    /// `tls://` across the Internet.
     pub nats_url: String,
     /// Optional NATS user credentials for the peer's server.
     #[serde(default)]
     pub nats_user: String,
     #[serde(default)]
-    pub nats_password: String,
+    pub nats_password: Secret,
+    /// CA certificate (PEM file) the peer's NATS certificate must chain to.
+    /// Empty: the system's roots.
+    #[serde(default)]
+    pub nats_ca_file: String,
     /// The peer's Ed25519 operator key (base64), which signs its envelopes
     /// and its identity bindings.
     pub public_key: String,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A URL may carry a password (`nats://user:pass@host`).
+        let (url, creds) = split_credentials(&self.nats_url);
+        f.debug_struct("Peer")
+            .field("domain", &self.domain)
+            .field("nats_url", &url)
+            .field("url_credentials", &creds.is_some())
+            .field("nats_user", &self.nats_user)
+            .field("nats_password", &self.nats_password)
+            .field("nats_ca_file", &self.nats_ca_file)
+            .field("public_key", &self.public_key)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,6 +144,15 @@ pub struct Federation {
     pub backoff_max_ms: u64,
     /// Timeout of a request to a peer (claims, identity lookups).
     pub request_timeout_ms: u64,
+    /// How far a peer's signed request time may be from ours, either way,
+    /// and still be answered. Replays inside the window are caught by the
+    /// request's nonce, so this only has to cover clock skew.
+    pub request_window_secs: u64,
+    /// Largest step a peer's high-water mark may take at once. An envelope
+    /// further ahead of the mark is refused (`seq_jump`) until an operator
+    /// accepts it with `mlsfed peer reset-mark`. It must exceed the records
+    /// our FED_OUT holds for all peers between two envelopes to one peer.
+    pub max_seq_jump: u64,
     /// Federation protocol versions we offer (the highest common one is
     /// used; none in common makes a peer incompatible).
     pub versions: Vec<u16>,
@@ -94,6 +165,8 @@ impl Default for Federation {
             backoff_initial_ms: 200,
             backoff_max_ms: 60_000,
             request_timeout_ms: 5_000,
+            request_window_secs: 300,
+            max_seq_jump: 1 << 32,
             versions: vec![1],
         }
     }
@@ -163,8 +236,9 @@ impl Default for Config {
             metrics_listen: String::new(),
             nats_url: String::new(),
             nats_server_bin: "nats-server".into(),
-            token_secret: "dev-secret-change-me".into(),
-            operator_key_seed: String::new(),
+            nats_ca_file: String::new(),
+            token_secret: Secret::default(),
+            operator_key_seed: Secret::default(),
             limits: Limits::default(),
             streams: Streams::default(),
             keydir: Keydir::default(),
@@ -231,8 +305,48 @@ impl Config {
             None => Self::default(),
         };
         cfg.apply_env(|k| std::env::var(k).ok())?;
+        if cfg.nats_url.is_empty() {
+            cfg.embedded_secrets()?;
+        }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The embedded quick start's exception to "no secret, no start": an
+    /// empty token secret or operator seed is read from
+    /// `data_dir/secrets.toml`, which the first run creates with random
+    /// values (mode 0600) and later runs keep using, so tokens and the
+    /// operator key survive restarts.
+    pub fn embedded_secrets(&mut self) -> Result<(), LoadConfigError> {
+        if !self.token_secret.is_empty() && !self.operator_key_seed.is_empty() {
+            return Ok(());
+        }
+        #[derive(Serialize, Deserialize)]
+        struct Stored {
+            token_secret: Secret,
+            operator_key_seed: Secret,
+        }
+        let path = self.data_dir.join("secrets.toml");
+        let read = |source| LoadConfigError::Read { path: path.clone(), source };
+        let stored = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                toml::from_str(&text).map_err(|source| LoadConfigError::Parse { path: path.clone(), source })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let stored = Stored { token_secret: random_hex().into(), operator_key_seed: random_hex().into() };
+                std::fs::create_dir_all(&self.data_dir).map_err(read)?;
+                write_private(&path, toml::to_string(&stored).unwrap_or_default().as_bytes()).map_err(read)?;
+                stored
+            }
+            Err(e) => return Err(read(e)),
+        };
+        if self.token_secret.is_empty() {
+            self.token_secret = stored.token_secret;
+        }
+        if self.operator_key_seed.is_empty() {
+            self.operator_key_seed = stored.operator_key_seed;
+        }
+        Ok(())
     }
 
     pub fn from_file(path: &Path) -> Result<Self, LoadConfigError> {
@@ -261,7 +375,10 @@ impl Config {
             self.nats_server_bin = v;
         }
         if let Some(v) = get("MLSFED_TOKEN_SECRET") {
-            self.token_secret = v;
+            self.token_secret = v.into();
+        }
+        if let Some(v) = get("MLSFED_OPERATOR_KEY_SEED") {
+            self.operator_key_seed = v.into();
         }
         if let Some(v) = get("MLSFED_MAX_BODY_BYTES") {
             self.limits.max_body_bytes = v
@@ -277,9 +394,14 @@ impl Config {
         } else {
             Err(LoadConfigError::Invalid(format!("domain {:?} is not a lowercase DNS name", self.domain)))
         }?;
-        if self.token_secret.len() < 8 {
-            return Err(LoadConfigError::Invalid("token_secret must be at least 8 bytes".into()));
+        // No default secret exists: an operator that forgot to set one must
+        // not run with a value anyone can read in our source.
+        if self.token_secret.expose().len() < 16 || KNOWN_PLACEHOLDERS.contains(&self.token_secret.expose()) {
+            return Err(LoadConfigError::Invalid(
+                "token_secret must be set to a random value of at least 16 bytes (MLSFED_TOKEN_SECRET)".into(),
+            ));
         }
+        self.operator_seed()?;
         let dup = self.streams.duplicate_window_secs;
         if dup > self.streams.log_max_age_secs || dup > self.streams.mailbox_max_age_secs {
             return Err(LoadConfigError::Invalid(
@@ -296,19 +418,18 @@ impl Config {
         self.peers.iter().find(|p| p.domain == domain)
     }
 
-    /// The operator's Ed25519 seed for identity bindings.
+    /// The operator's Ed25519 seed (identity bindings, envelopes).
     pub fn operator_seed(&self) -> Result<[u8; 32], LoadConfigError> {
-        if self.operator_key_seed.is_empty() {
-            use sha2::Digest;
-            let mut h = sha2::Sha256::new();
-            h.update(b"mlsfed operator key v1\0");
-            h.update(self.token_secret.as_bytes());
-            return Ok(h.finalize().into());
+        let seed: [u8; 32] =
+            hex::decode(self.operator_key_seed.expose()).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| {
+                LoadConfigError::Invalid(
+                    "operator_key_seed must be set to 64 random hex characters (MLSFED_OPERATOR_KEY_SEED)".into(),
+                )
+            })?;
+        if seed.iter().all(|b| *b == seed[0]) {
+            return Err(LoadConfigError::Invalid("operator_key_seed is not random".into()));
         }
-        hex::decode(&self.operator_key_seed)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| LoadConfigError::Invalid("operator_key_seed must be 64 hex characters".into()))
+        Ok(seed)
     }
 
     /// The embedded nats-server's directory.
@@ -335,6 +456,31 @@ pub fn split_credentials(url: &str) -> (String, Option<(String, String)>) {
     }
 }
 
+/// Secrets that once appeared in our docs or defaults.
+const KNOWN_PLACEHOLDERS: &[&str] = &["dev-secret-change-me", "change-me-change-me"];
+
+fn random_hex() -> String {
+    use rand::RngCore as _;
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// Creates `path` readable by its owner only, then writes `bytes`.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 fn proto_like_domain(d: &str) -> bool {
     !d.is_empty()
         && d.split('.')
@@ -354,9 +500,65 @@ mod tests {
         );
     }
 
+    fn configured() -> Config {
+        Config {
+            token_secret: "0123456789abcdef0123".into(),
+            operator_key_seed: "11".repeat(31).chars().chain("22".chars()).collect::<String>().into(),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn secrets_are_required_and_never_shown() {
+        let c = Config::default();
+        assert!(c.validate().is_err(), "the defaults carry no secret");
+        let mut c = configured();
+        assert!(c.validate().is_ok());
+        c.token_secret = "dev-secret-change-me".into();
+        assert!(c.validate().is_err());
+        let mut c = configured();
+        c.operator_key_seed = "00".repeat(32).into();
+        assert!(c.validate().is_err(), "a constant seed is not a secret");
+        let mut c = configured();
+        c.peers.push(Peer {
+            domain: "b.example".into(),
+            nats_url: "nats://peer:hunter2@b.example:4222".into(),
+            nats_user: String::new(),
+            nats_password: "hunter3".into(),
+            nats_ca_file: String::new(),
+            public_key: String::new(),
+        });
+        let shown = format!("{c:?}");
+        for secret in ["0123456789abcdef0123", "1111", "hunter2", "hunter3"] {
+            assert!(!shown.contains(secret), "Debug shows {secret}: {shown}");
+        }
+    }
+
+    #[test]
+    fn embedded_quick_start_generates_and_keeps_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config { data_dir: dir.path().join("data"), ..Config::default() };
+        c.embedded_secrets().unwrap();
+        assert!(c.validate().is_ok());
+        let path = dir.path().join("data/secrets.toml");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        let mut again = Config { data_dir: dir.path().join("data"), ..Config::default() };
+        again.embedded_secrets().unwrap();
+        assert_eq!(again.token_secret, c.token_secret);
+        assert_eq!(again.operator_key_seed, c.operator_key_seed);
+        let other = tempfile::tempdir().unwrap();
+        let mut fresh = Config { data_dir: other.path().to_path_buf(), ..Config::default() };
+        fresh.embedded_secrets().unwrap();
+        assert_ne!(fresh.token_secret, c.token_secret, "each quick start gets its own secret");
+    }
+
     #[test]
     fn env_overrides_and_validation() {
-        let mut c = Config::default();
+        let mut c = configured();
         c.apply_env(|k| (k == "MLSFED_DOMAIN").then(|| "b.example".to_string())).unwrap();
         assert_eq!(c.domain, "b.example");
         assert!(c.validate().is_ok());

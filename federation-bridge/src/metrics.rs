@@ -18,6 +18,9 @@ pub struct Metrics {
     pub peer_version: IntGaugeVec,
     pub peer_compatible: IntGaugeVec,
     pub needs_resync: IntGaugeVec,
+    pub mark: IntGaugeVec,
+    pub mark_resets: IntCounterVec,
+    pub outbox_restarts: IntCounterVec,
 }
 
 impl Metrics {
@@ -84,7 +87,31 @@ impl Metrics {
                 ),
                 peer,
             )?,
+            mark: IntGaugeVec::new(
+                Opts::new(
+                    "mlsfed_federation_mark",
+                    "A peer's high-water mark: the outbox sequence of the last envelope from it that we applied.",
+                ),
+                peer,
+            )?,
+            mark_resets: IntCounterVec::new(
+                Opts::new(
+                    "mlsfed_federation_mark_resets_total",
+                    "Operator resets of a peer's high-water mark (`mlsfed peer reset-mark`) that took effect.",
+                ),
+                peer,
+            )?,
+            outbox_restarts: IntCounterVec::new(
+                Opts::new(
+                    "mlsfed_federation_peer_outbox_restarts_total",
+                    "Times a peer's outbox began anew (a recreated stream), so its sequence restarted lower.",
+                ),
+                peer,
+            )?,
         };
+        registry.register(Box::new(m.mark.clone()))?;
+        registry.register(Box::new(m.mark_resets.clone()))?;
+        registry.register(Box::new(m.outbox_restarts.clone()))?;
         registry.register(Box::new(m.needs_resync.clone()))?;
         registry.register(Box::new(m.peer_version.clone()))?;
         registry.register(Box::new(m.peer_compatible.clone()))?;

@@ -87,10 +87,15 @@ impl FromRequestParts<Shared> for AuthDevice {
         let token = header
             .strip_prefix("Bearer ")
             .ok_or_else(|| Reject::new(ErrorCode::Unauthenticated, "expected a bearer token"))?;
-        let device = proto::auth::verify(api.cfg.token_secret.as_bytes(), token.trim(), now_unix())
+        let device = proto::auth::verify(api.cfg.token_secret.expose().as_bytes(), token.trim(), now_unix())
             .map_err(|e| Reject::new(ErrorCode::Unauthenticated, e.to_string()))?;
         if device.domain() != api.cfg.domain {
             return Err(Reject::new(ErrorCode::Unauthenticated, "token is for a device of another operator"));
+        }
+        // Revocation outlives the token: a removed device is refused
+        // whatever it asks, however long its token still runs.
+        if api.keydir.is_revoked(&device).await.map_err(|e| Reject(e.to_api()))? {
+            return Err(Reject::new(ErrorCode::DeviceRevoked, "this device was removed"));
         }
         Ok(AuthDevice(device))
     }

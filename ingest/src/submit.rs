@@ -110,6 +110,12 @@ async fn await_verdict(api: &Shared, sub: Submission) -> Result<(u64, u64), Reje
     let (subject, payload, msg_id) = if sub.group.hub() == api.cfg.domain {
         (names::submit_subject(&sub.group), proto::wire::encode(&sub), sub.id.clone())
     } else {
+        // Recorded before the submission can reach the hub, so its verdict
+        // always finds the record: only that hub may answer it.
+        let hub = Bytes::from(sub.group.hub().to_owned());
+        if let Err(e) = api.topo.forwarded.put(&sub.id, hub).await {
+            return Err(unavailable(e.to_string()));
+        }
         let id = names::fed_msg_id("submit", &[sub.id.as_bytes()]);
         let record = proto::federation::Payload::Submit(sub.clone());
         (names::fed_out_subject(sub.group.hub()), proto::wire::encode(&record), id)

@@ -21,7 +21,9 @@ use std::collections::HashMap;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use openmls::prelude::tls_codec::Deserialize as _;
-use openmls::prelude::{KeyPackage, KeyPackageVerifyError, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion};
+use openmls::prelude::{
+    CredentialType, KeyPackage, KeyPackageVerifyError, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion,
+};
 use openmls::treesync::errors::LifetimeError;
 use openmls_rust_crypto::RustCrypto;
 use prometheus::{IntCounterVec, Opts, Registry};
@@ -60,6 +62,22 @@ impl KeydirError {
             }
         }
     }
+}
+
+/// The MLSMessage header, then `KeyPackage.version`, which follows it
+/// (RFC 9420 §10): a KeyPackage for another MLS version is unsupported,
+/// not malformed.
+fn precheck_key_package(bytes: &[u8]) -> Result<(), ApiError> {
+    proto::mls::precheck(bytes, &[wire_format::KEY_PACKAGE])?;
+    if let Some(v) = bytes.get(4..6).map(|v| u16::from_be_bytes([v[0], v[1]])) {
+        if v != 1 {
+            return Err(api(
+                ErrorCode::UnsupportedVersion,
+                format!("KeyPackage version {v} is not supported; only mls10 (1)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn refused(code: ErrorCode, msg: impl Into<String>) -> KeydirError {
@@ -226,7 +244,14 @@ pub struct KeyDirectory {
     signer: ed25519_dalek::SigningKey,
     limits: limits::RateLimits,
     metrics: Metrics,
+    /// Devices known to be revoked. Revocation is permanent, so a hit never
+    /// goes stale; a miss asks the store. Bounded: when full, it stops
+    /// growing and misses keep asking the store.
+    revoked: std::sync::Mutex<std::collections::HashSet<DeviceId>>,
 }
+
+/// Most revoked devices remembered in memory by one process.
+const REVOKED_CACHE: usize = 65_536;
 
 struct Parsed {
     kp: KeyPackage,
@@ -244,6 +269,7 @@ impl KeyDirectory {
             domain,
             signer: proto::identity::operator_key(&seed),
             limits,
+            revoked: Default::default(),
             metrics,
         }
     }
@@ -259,7 +285,7 @@ impl KeyDirectory {
 
     /// Validates one KeyPackage for `device` (RFC 9420 §10.1).
     fn validate(&self, device: &DeviceId, bytes: &[u8], now: u64) -> Result<Parsed, ApiError> {
-        proto::mls::precheck(bytes, &[wire_format::KEY_PACKAGE])?;
+        precheck_key_package(bytes)?;
         let msg = MlsMessageIn::tls_deserialize_exact(bytes)
             .map_err(|x| api(ErrorCode::MalformedMessage, format!("cannot decode KeyPackage: {x}")))?;
         let kp_in = match msg.extract() {
@@ -291,6 +317,11 @@ impl KeyDirectory {
                 ErrorCode::UnsupportedCipherSuite,
                 format!("cipher suite {suite:#06x} is not accepted here"),
             ));
+        }
+        // Only basic credentials (RFC 9420 §5.3): the operator vouches for
+        // identities by its own signed bindings, not by X.509 chains.
+        if kp.leaf_node().credential().credential_type() != CredentialType::Basic {
+            return Err(api(ErrorCode::UnsupportedCredential, "only basic credentials are supported"));
         }
         if kp.leaf_node().credential().serialized_content() != device.as_bytes() {
             return Err(api(ErrorCode::IdentityMismatch, "credential identity is not the uploading device"));
@@ -335,7 +366,7 @@ impl KeyDirectory {
                 self.metrics.uploads.with_label_values(&[source.code.as_str()]).inc();
                 KeydirError::Invalid { index, source }
             };
-            proto::mls::precheck(input, &[wire_format::KEY_PACKAGE]).map_err(fail)?;
+            precheck_key_package(input).map_err(fail)?;
             if MlsMessageIn::tls_deserialize(&mut input).is_err() {
                 return Err(fail(api(ErrorCode::MalformedMessage, "cannot decode KeyPackage")));
             }
@@ -374,12 +405,39 @@ impl KeyDirectory {
         Ok(report)
     }
 
+    /// Whether `device` was removed. A removed device id is dead for good:
+    /// its token, even one still within its lifetime, opens nothing, and it
+    /// can never be bound to a key again (the user adds a new device).
+    pub async fn is_revoked(&self, device: &DeviceId) -> Result<bool, KeydirError> {
+        if self.revoked.lock().map(|r| r.contains(device)).unwrap_or(false) {
+            return Ok(true);
+        }
+        let Some(bytes) = self.store.binding(device).await? else { return Ok(false) };
+        // Our own store: the signature was checked when it was written.
+        let revoked = serde_json::from_slice::<SignedBinding>(&bytes)
+            .ok()
+            .and_then(|s| B64.decode(&s.binding).ok())
+            .and_then(|b| serde_json::from_slice::<Binding>(&b).ok())
+            .is_some_and(|b| b.revoked);
+        if revoked {
+            if let Ok(mut r) = self.revoked.lock() {
+                if r.len() < REVOKED_CACHE {
+                    r.insert(device.clone());
+                }
+            }
+        }
+        Ok(revoked)
+    }
+
     /// Signs a binding of `device` to `key` unless a live one exists.
     async fn bind(&self, device: &DeviceId, key: &[u8], now: u64) -> Result<(), KeydirError> {
         let key_b64 = B64.encode(key);
         if let Some(existing) = self.store.binding(device).await? {
             if let Ok(s) = serde_json::from_slice::<SignedBinding>(&existing) {
                 if let Ok(b) = s.open(&self.operator_key()) {
+                    if b.revoked {
+                        return Err(refused(ErrorCode::DeviceRevoked, "this device was removed"));
+                    }
                     let fresh = b.not_after > now + self.cfg.binding_lifetime_secs / 2;
                     if !b.revoked && b.signature_key == key_b64 && fresh {
                         return Ok(());
@@ -422,6 +480,11 @@ impl KeyDirectory {
         let bytes = serde_json::to_vec(&proto::identity::sign(&self.signer, &b))
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.store.put_binding(device, &bytes).await?;
+        if let Ok(mut r) = self.revoked.lock() {
+            if r.len() < REVOKED_CACHE {
+                r.insert(device.clone());
+            }
+        }
         self.store.remove_device(device, &self.cfg.cipher_suites).await?;
         Ok(())
     }

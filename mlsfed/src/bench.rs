@@ -33,7 +33,7 @@ pub async fn run(mut cfg: config::Config, messages: usize, members: usize) -> an
     cfg.data_dir = tmp.path().join("operator");
     let embedded = embedded_nats(&cfg)?.context("bench runs its own nats-server; unset MLSFED_NATS_URL")?;
     cfg.nats_url = embedded.url();
-    let nats = mlsfed::connect(&cfg.nats_url).await?;
+    let nats = mlsfed::connect(&cfg.nats_url, &cfg.nats_ca_file).await?;
 
     // 1. Raw JetStream publish, pipelined, 256-byte payloads, file storage.
     let js = mlsfed::jetstream(nats.clone());
@@ -72,7 +72,7 @@ pub async fn run(mut cfg: config::Config, messages: usize, members: usize) -> an
     let mut devices = Vec::new();
     for i in 0..members {
         let id = proto::DeviceId::new(&cfg.domain, &format!("user{i}"), "d")?;
-        let token = proto::auth::issue(cfg.token_secret.as_bytes(), &id, unix_now() + 3600);
+        let token = proto::auth::issue(cfg.token_secret.expose().as_bytes(), &id, unix_now() + 3600);
         let mut d = Device::open(&tmp.path().join(format!("dev{i}")), &url, &token, Some(&id))?;
         d.publish_key_packages(1, false).await?;
         devices.push(d);
@@ -176,7 +176,7 @@ async fn claims(cfg: config::Config, dir: &std::path::Path, users: usize, per_de
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let shutdown = CancellationToken::new();
-    let nats = mlsfed::connect(&cfg.nats_url).await?;
+    let nats = mlsfed::connect(&cfg.nats_url, &cfg.nats_ca_file).await?;
     let roles = mlsfed::Roles { ingest: true, ..mlsfed::Roles::NONE };
     let server = tokio::spawn(mlsfed::run(
         cfg.clone(),
@@ -189,12 +189,12 @@ async fn claims(cfg: config::Config, dir: &std::path::Path, users: usize, per_de
     let tag = format!("{:?}", cfg.keydir.backend).to_lowercase();
     for i in 0..users {
         let id = proto::DeviceId::new(&cfg.domain, &format!("k{tag}{i}"), "d")?;
-        let token = proto::auth::issue(cfg.token_secret.as_bytes(), &id, unix_now() + 3600);
+        let token = proto::auth::issue(cfg.token_secret.expose().as_bytes(), &id, unix_now() + 3600);
         let mut d = Device::open(&dir.join(format!("k{tag}{i}")), &url, &token, Some(&id))?;
         d.publish_key_packages(per_device, false).await?;
     }
     let claimer = proto::DeviceId::new(&cfg.domain, "claimer", "d")?;
-    let token = proto::auth::issue(cfg.token_secret.as_bytes(), &claimer, unix_now() + 3600);
+    let token = proto::auth::issue(cfg.token_secret.expose().as_bytes(), &claimer, unix_now() + 3600);
     let http = reqwest::Client::new();
     let total = users * per_device;
     let t0 = Instant::now();
@@ -233,7 +233,7 @@ async fn federation(mut cfg: config::Config, dir: &std::path::Path, n: usize) ->
     let device = |i: usize, user: &str| -> anyhow::Result<Device> {
         let c = &running.configs[i];
         let id = proto::DeviceId::new(&c.domain, user, "d")?;
-        let token = proto::auth::issue(c.token_secret.as_bytes(), &id, unix_now() + 3600);
+        let token = proto::auth::issue(c.token_secret.expose().as_bytes(), &id, unix_now() + 3600);
         Ok(Device::open(&fdir.join(user), &running.urls[i], &token, Some(&id))?)
     };
     let mut alice = device(0, "alice")?;

@@ -14,12 +14,8 @@ use crate::unix_now;
 
 const DOMAINS: [&str; 3] = ["a.example", "b.example", "c.example"];
 
-fn seed(domain: &str) -> [u8; 32] {
-    let mut s = [42u8; 32];
-    for (i, b) in domain.bytes().take(32).enumerate() {
-        s[i] = b;
-    }
-    s
+fn random_hex() -> String {
+    (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
 }
 
 pub(crate) struct Running {
@@ -50,9 +46,28 @@ pub(crate) async fn start_domains(
     dir: &std::path::Path,
 ) -> anyhow::Result<Running> {
     let bin = mlsfed::nats::find_binary(&base.nats_server_bin);
+    // Fresh secrets for every run: tokens, operator keys and NATS passwords.
+    let seeds: Vec<String> = domains.iter().map(|_| random_hex()).collect();
+    let local_passwords: Vec<String> = domains.iter().map(|_| random_hex()).collect();
+    // peer_passwords[i][j]: the password of j's user on i's server.
+    let peer_passwords: Vec<Vec<String>> =
+        domains.iter().map(|_| domains.iter().map(|_| random_hex()).collect()).collect();
+    let user_of = |d: &str| format!("peer-{d}");
     let mut nats = Vec::new();
-    for d in domains {
-        nats.push(NatsProcess::start(&bin, &dir.join(d).join("nats"), 0).context("cannot start nats-server")?);
+    for (i, d) in domains.iter().enumerate() {
+        // Each peer in its own NATS account (docs/federation.md).
+        let users: Vec<String> = domains.iter().map(|p| user_of(p)).collect();
+        let peers: Vec<mlsfed::nats::PeerUser<'_>> = domains
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(j, p)| mlsfed::nats::PeerUser { domain: p, user: &users[j], password: &peer_passwords[i][j] })
+            .collect();
+        let conf = mlsfed::nats::federation_accounts("local", &local_passwords[i], &peers);
+        nats.push(
+            NatsProcess::start_with_config(&bin, &dir.join(d).join("nats"), 0, Some(&conf))
+                .context("cannot start nats-server")?,
+        );
     }
     let shutdown = CancellationToken::new();
     let (mut urls, mut configs, mut servers) = (Vec::new(), Vec::new(), Vec::new());
@@ -60,24 +75,29 @@ pub(crate) async fn start_domains(
         let mut cfg = base.clone();
         cfg.domain = (*d).to_owned();
         cfg.data_dir = dir.join(d);
-        cfg.nats_url = nats[i].url();
-        cfg.operator_key_seed = seed(d).iter().map(|b| format!("{b:02x}")).collect();
+        cfg.nats_url = format!("nats://local:{}@127.0.0.1:{}", local_passwords[i], nats[i].port());
+        cfg.token_secret = random_hex().into();
+        cfg.operator_key_seed = seeds[i].clone().into();
         cfg.peers = domains
             .iter()
             .enumerate()
             .filter(|(j, _)| *j != i)
-            .map(|(j, p)| config::Peer {
-                domain: (*p).to_owned(),
-                nats_url: nats[j].url(),
-                nats_user: String::new(),
-                nats_password: String::new(),
-                public_key: proto::identity::public_key_b64(&proto::identity::operator_key(&seed(p))),
+            .map(|(j, p)| {
+                let seed: [u8; 32] = hex_seed(&seeds[j]);
+                config::Peer {
+                    domain: (*p).to_owned(),
+                    nats_url: format!("nats://127.0.0.1:{}", nats[j].port()),
+                    nats_user: user_of(d),
+                    nats_password: peer_passwords[j][i].clone().into(),
+                    nats_ca_file: String::new(),
+                    public_key: proto::identity::public_key_b64(&proto::identity::operator_key(&seed)),
+                }
             })
             .collect();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        println!("operator {d} listening on {url} (nats {})", cfg.nats_url);
-        let client = mlsfed::connect(&cfg.nats_url).await?;
+        println!("operator {d} listening on {url} (nats {})", nats[i].url());
+        let client = mlsfed::connect(&cfg.nats_url, &cfg.nats_ca_file).await?;
         let registry = prometheus::Registry::new();
         servers.push(tokio::spawn(mlsfed::run(
             cfg.clone(),
@@ -91,6 +111,14 @@ pub(crate) async fn start_domains(
         configs.push(cfg);
     }
     Ok(Running { nats, urls, configs, shutdown, servers })
+}
+
+fn hex_seed(hex: &str) -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    for (i, b) in seed.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or_default();
+    }
+    seed
 }
 
 pub async fn run(cfg: config::Config) -> anyhow::Result<()> {
@@ -138,7 +166,7 @@ async fn script(r: &Running, dir: &std::path::Path) -> anyhow::Result<()> {
     for (i, name) in ["alice", "bob", "carol"].into_iter().enumerate() {
         let cfg = &r.configs[i];
         let id = proto::DeviceId::new(&cfg.domain, name, "phone")?;
-        let token = proto::auth::issue(cfg.token_secret.as_bytes(), &id, unix_now() + 3600);
+        let token = proto::auth::issue(cfg.token_secret.expose().as_bytes(), &id, unix_now() + 3600);
         let mut d = Device::open(&dir.join(name), &r.urls[i], &token, Some(&id))?;
         d.publish_key_packages(3, true).await?;
         devices.push(d);

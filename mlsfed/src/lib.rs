@@ -28,13 +28,18 @@ impl Roles {
     pub const NONE: Roles = Roles { ingest: false, sequencer: false, fanout: false, bridge: false };
 }
 
-/// Connects to NATS with reconnects forever: a worker rides out a NATS restart.
-pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
+/// Connects to NATS with reconnects forever: a worker rides out a NATS
+/// restart. `ca_file` (PEM), when set, is the CA the server's certificate
+/// must chain to, and TLS is required.
+pub async fn connect(url: &str, ca_file: &str) -> anyhow::Result<async_nats::Client> {
     let (url, creds) = config::split_credentials(url);
-    let opts = match creds {
+    let mut opts = match creds {
         Some((user, pass)) => async_nats::ConnectOptions::with_user_and_password(user, pass),
         None => async_nats::ConnectOptions::new(),
     };
+    if !ca_file.is_empty() {
+        opts = opts.add_root_certificates(ca_file.into()).require_tls(true);
+    }
     opts.retry_on_initial_connect()
         .max_reconnects(None)
         .name("mlsfed")

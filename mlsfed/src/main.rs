@@ -2,6 +2,7 @@
 //! in one process, and `demo`, `bench` and `token` for people.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod bench;
 mod demo;
 
@@ -38,6 +39,11 @@ enum Cmd {
     Bridge,
     /// Print this operator's Ed25519 public key (peers put it in their config).
     OperatorKey,
+    /// Federation state with peers (needs the operator's NATS).
+    Peer {
+        #[command(subcommand)]
+        cmd: admin::PeerCmd,
+    },
     /// Issue a bearer token for a device of this operator.
     Token {
         #[arg(long)]
@@ -79,10 +85,11 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", proto::identity::public_key_b64(&key));
             Ok(())
         }
+        Cmd::Peer { cmd } => admin::peer(&cfg, cmd).await,
         Cmd::Token { device, ttl_secs } => {
             let d = proto::DeviceId::parse(&device)?;
             anyhow::ensure!(d.domain() == cfg.domain, "device {d} is not on this operator ({})", cfg.domain);
-            println!("{}", proto::auth::issue(cfg.token_secret.as_bytes(), &d, unix_now() + ttl_secs));
+            println!("{}", proto::auth::issue(cfg.token_secret.expose().as_bytes(), &d, unix_now() + ttl_secs));
             Ok(())
         }
         Cmd::Demo => demo::run(cfg).await,
@@ -110,7 +117,7 @@ async fn serve(mut cfg: config::Config, roles: Roles) -> anyhow::Result<()> {
     if let Some(p) = &embedded {
         cfg.nats_url = p.url();
     }
-    let client = mlsfed::connect(&cfg.nats_url).await?;
+    let client = mlsfed::connect(&cfg.nats_url, &cfg.nats_ca_file).await?;
     // The streams exist before we announce ourselves, so whoever waits for
     // the announcement can use them at once.
     proto::streams::ensure(&mlsfed::jetstream(client.clone()), &cfg).await?;

@@ -148,3 +148,66 @@ impl Drop for NatsProcess {
         self.stop();
     }
 }
+
+/// A peer operator's user on our nats-server.
+pub struct PeerUser<'a> {
+    pub domain: &'a str,
+    pub user: &'a str,
+    pub password: &'a str,
+}
+
+/// The NATS account layout that isolates peers (design decision 5,
+/// docs/federation.md): our own processes' users in account `LOCAL`, where
+/// JetStream and every stream live; each peer's user alone in an account of
+/// its own, without JetStream. `LOCAL` exports to each peer's account, as
+/// services, exactly two subjects: that peer's inbound subject and its
+/// request subject. Subjects, `_INBOX` replies and JetStream are per
+/// account, so a peer cannot see the batches and direct-get replies our
+/// consumers receive on `_INBOX.*`, whatever it subscribes to. A peer's
+/// publish into a service import is a request, so its JetStream publish
+/// still gets the PubAck.
+pub fn federation_accounts(local_user: &str, local_password: &str, peers: &[PeerUser<'_>]) -> String {
+    let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let mut exports = Vec::new();
+    let mut peer_accounts = Vec::new();
+    for p in peers {
+        let account = peer_account(p.domain);
+        let inbox = proto::names::fed_in_subject(p.domain);
+        let rpc = proto::names::peer_rpc_subject(p.domain);
+        for subject in [&inbox, &rpc] {
+            exports.push(format!("      {{ service: {}, accounts: [{account}] }}", quote(subject)));
+        }
+        peer_accounts.push(format!(
+            "  {account}: {{\n    users: [\n      {{ user: {}, password: {},\n        permissions: {{ publish: {{ allow: [{}, {}] }}, subscribe: {{ allow: [\"_INBOX.>\"] }} }} }}\n    ]\n    imports: [\n      {{ service: {{ account: LOCAL, subject: {} }} }}\n      {{ service: {{ account: LOCAL, subject: {} }} }}\n    ]\n  }}",
+            quote(p.user),
+            quote(p.password),
+            quote(&inbox),
+            quote(&rpc),
+            quote(&inbox),
+            quote(&rpc),
+        ));
+    }
+    let mut out = String::from("accounts {\n  LOCAL: {\n    jetstream: enabled\n");
+    out.push_str(&format!(
+        "    users: [\n      {{ user: {}, password: {} }}\n    ]\n",
+        quote(local_user),
+        quote(local_password)
+    ));
+    if !exports.is_empty() {
+        out.push_str(&format!("    exports: [\n{}\n    ]\n", exports.join("\n")));
+    }
+    out.push_str("  }\n");
+    for a in peer_accounts {
+        out.push_str(&a);
+        out.push('\n');
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// The NATS account of a peer: `PEER_` and the hex of its domain, so any
+/// domain maps to a distinct, valid account name.
+pub fn peer_account(domain: &str) -> String {
+    let hex: String = domain.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("PEER_{hex}")
+}

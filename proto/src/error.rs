@@ -70,6 +70,7 @@ codes! {
     InvalidKeyPackage => ("invalid_key_package", 422, false),
     InvalidSignature => ("invalid_signature", 422, false),
     UnsupportedCipherSuite => ("unsupported_cipher_suite", 422, false),
+    UnsupportedCredential => ("unsupported_credential", 422, false),
     KeyPackageExpired => ("key_package_expired", 422, false),
     LifetimeTooLong => ("lifetime_too_long", 422, false),
     IdentityMismatch => ("identity_mismatch", 403, false),

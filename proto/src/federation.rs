@@ -31,12 +31,84 @@ pub struct Envelope {
     pub version: u16,
     pub origin: String,
     pub destination: String,
-    /// Strictly increasing per (origin, destination): the origin's outbox
-    /// sequence of the last record carried. Receivers drop anything at or
-    /// below their high-water mark.
+    /// Which incarnation of the origin's outbox stream `seq` counts in (its
+    /// creation time, unix nanoseconds). A recreated outbox starts its
+    /// sequence again from 1 under a larger `outbox`.
+    pub outbox: u64,
+    /// Strictly increasing per (origin, destination, outbox): the origin's
+    /// outbox sequence of the last record carried. Receivers drop anything
+    /// at or below their high-water mark.
     pub seq: u64,
     /// A bounded batch of outbox records, in outbox order.
     pub payloads: Vec<Payload>,
+}
+
+/// A peer's high-water mark as the receiver stores it (KV
+/// `mlsfed_federation`, JSON so an operator can read it). It moves only when
+/// an envelope's records were applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    /// Format version of this record.
+    pub v: u8,
+    /// The `Envelope::outbox` incarnation `seq` counts in.
+    pub outbox: u64,
+    pub seq: u64,
+    /// Set by an operator (`mlsfed peer reset-mark`): the next envelope
+    /// from the peer is taken whatever its sequence.
+    #[serde(default)]
+    pub reset: bool,
+}
+
+/// What the receiver does with an envelope, given the peer's mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkCheck {
+    /// Newer than the mark: apply it.
+    Apply,
+    /// The first envelope of a newer incarnation of the peer's outbox.
+    ApplyRestarted,
+    /// The first envelope after an operator's reset.
+    ApplyAfterReset,
+    /// At or below the mark, or from an older outbox: already applied.
+    Replay,
+    /// Further ahead of the mark than `max_jump`.
+    TooFarAhead,
+}
+
+impl Mark {
+    pub const VERSION: u8 = 1;
+
+    /// Reads a stored mark; the bare decimal sequence of earlier versions
+    /// counts as the first incarnation.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if let Ok(m) = serde_json::from_slice::<Mark>(bytes) {
+            return Some(m);
+        }
+        let seq = std::str::from_utf8(bytes).ok()?.trim().parse().ok()?;
+        Some(Mark { v: Self::VERSION, outbox: 0, seq, reset: false })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// `None`: no mark yet (the first envelope from this peer).
+    pub fn check(mark: Option<&Mark>, outbox: u64, seq: u64, max_jump: u64) -> MarkCheck {
+        let Some(m) = mark else { return MarkCheck::Apply };
+        if m.reset {
+            return MarkCheck::ApplyAfterReset;
+        }
+        if m.outbox != 0 && outbox != m.outbox {
+            // Only a newer outbox may start over; an older one is a replay.
+            return if outbox > m.outbox { MarkCheck::ApplyRestarted } else { MarkCheck::Replay };
+        }
+        if seq <= m.seq {
+            MarkCheck::Replay
+        } else if seq - m.seq > max_jump {
+            MarkCheck::TooFarAhead
+        } else {
+            MarkCheck::Apply
+        }
+    }
 }
 
 /// Requests a peer answers directly (request/reply): key claims and identity
@@ -91,8 +163,13 @@ pub struct RpcEnvelope<T> {
     pub version: u16,
     pub origin: String,
     pub destination: String,
-    /// Unix seconds; receivers refuse requests older than a minute.
+    /// Unix seconds on the sender's clock. Receivers answer only requests
+    /// within `federation.request_window_secs` of their own clock, either
+    /// way, so realistic skew between operators is harmless.
     pub sent_at: u64,
+    /// Random per request: a receiver answers each nonce once within the
+    /// window, which is what makes a replayed request useless.
+    pub nonce: [u8; 16],
     pub body: T,
 }
 
@@ -139,6 +216,12 @@ pub fn seal<T: Serialize>(key: &SigningKey, envelope: &T) -> Vec<u8> {
 /// Which peer an envelope claims to come from, and its public key.
 pub trait PeerKeys {
     fn key_of(&self, domain: &str) -> Option<VerifyingKey>;
+}
+
+impl PeerKeys for std::collections::HashMap<String, VerifyingKey> {
+    fn key_of(&self, domain: &str) -> Option<VerifyingKey> {
+        self.get(domain).copied()
+    }
 }
 
 /// Verifies a sealed envelope: a configured origin, its signature, our
@@ -204,6 +287,24 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    #[test]
+    fn marks() {
+        let m = Mark { v: 1, outbox: 10, seq: 100, reset: false };
+        assert_eq!(Mark::check(None, 10, 5, 1000), MarkCheck::Apply);
+        assert_eq!(Mark::check(Some(&m), 10, 100, 1000), MarkCheck::Replay);
+        assert_eq!(Mark::check(Some(&m), 10, 101, 1000), MarkCheck::Apply);
+        assert_eq!(Mark::check(Some(&m), 10, 1101, 1000), MarkCheck::TooFarAhead);
+        assert_eq!(Mark::check(Some(&m), 11, 1, 1000), MarkCheck::ApplyRestarted);
+        assert_eq!(Mark::check(Some(&m), 9, 5000, 1000), MarkCheck::Replay);
+        let reset = Mark { reset: true, ..m };
+        assert_eq!(Mark::check(Some(&reset), 10, 1 << 40, 1000), MarkCheck::ApplyAfterReset);
+        assert_eq!(Mark::decode(b"42"), Some(Mark { v: 1, outbox: 0, seq: 42, reset: false }));
+        assert_eq!(Mark::decode(&m.encode()), Some(m));
+        // A mark from before incarnations existed takes the first one it sees.
+        let legacy = Mark::decode(b"42").unwrap();
+        assert_eq!(Mark::check(Some(&legacy), 77, 43, 1000), MarkCheck::Apply);
+    }
+
     struct Keys(HashMap<String, VerifyingKey>);
     impl PeerKeys for Keys {
         fn key_of(&self, d: &str) -> Option<VerifyingKey> {
@@ -219,6 +320,7 @@ mod tests {
             version: 1,
             origin: "a.example".into(),
             destination: "b.example".into(),
+            outbox: 1,
             seq: 7,
             payloads: vec![Payload::Verdict {
                 submission_id: "x".into(),

@@ -131,6 +131,16 @@ pub const FED_IN_STREAM: &str = "MLSFED_FED_IN";
 pub const FED_IN_WILDCARD: &str = "mlsfed.fedin.*";
 /// Per-peer high-water marks of accepted envelopes.
 pub const FEDERATION_BUCKET: &str = "mlsfed_federation";
+/// Submissions we forwarded to a hub: submission id → the hub's domain. A
+/// verdict is accepted only from that hub, for that submission, once.
+pub const FORWARDED_BUCKET: &str = "mlsfed_forwarded";
+/// Nonces of peers' requests seen within the replay window.
+pub const NONCES_BUCKET: &str = "mlsfed_fed_nonces";
+
+/// Key of a peer's request nonce in [`NONCES_BUCKET`].
+pub fn nonce_key(origin: &str, nonce: &[u8]) -> String {
+    format!("{}.{}", domain_token(origin), hex::encode(nonce))
+}
 pub const BRIDGE_IN_CONSUMER: &str = "bridge-in";
 
 fn domain_token(domain: &str) -> String {
@@ -176,6 +186,11 @@ pub const BRIDGE_RPC_WILDCARD: &str = "mlsfed.bridgerpc.*";
 /// On our NATS: the bridge asks our key directory (served by ingest).
 pub const KEYDIR_RPC_SUBJECT: &str = "mlsfed.keydir.rpc";
 pub const KEYDIR_RPC_QUEUE: &str = "keydir";
+
+/// `Nats-Msg-Id` of an envelope in a peer's FED_IN.
+pub fn envelope_msg_id(origin: &str, outbox: u64, seq: u64) -> String {
+    format!("{origin}-{outbox}-{seq}")
+}
 
 /// `Nats-Msg-Id` of an outbox record.
 pub fn fed_msg_id(kind: &str, parts: &[&[u8]]) -> String {

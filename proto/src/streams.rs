@@ -33,6 +33,8 @@ pub struct Topology {
     pub fed_out: stream::Stream,
     pub fed_in: stream::Stream,
     pub federation: kv::Store,
+    pub forwarded: kv::Store,
+    pub nonces: kv::Store,
 }
 
 async fn ensure_stream(
@@ -174,7 +176,48 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
         names::FEDERATION_BUCKET,
     )
     .await?;
-    Ok(Topology { js: js.clone(), submit, log, mailbox, groups, fanout, verdicts, fed_out, fed_in, federation })
+    // A forwarded submission may wait in our outbox as long as the outbox
+    // keeps it, and its verdict arrives after that.
+    let forwarded = ensure_bucket(
+        js,
+        kv::Config {
+            bucket: names::FORWARDED_BUCKET.into(),
+            history: 1,
+            max_age: Duration::from_secs(all.federation.outbox_max_age_secs) + cfg.duplicate_window(),
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        names::FORWARDED_BUCKET,
+    )
+    .await?;
+    // A request is answered only within the window either side of our
+    // clock; its nonce must be remembered at least that long.
+    let nonces = ensure_bucket(
+        js,
+        kv::Config {
+            bucket: names::NONCES_BUCKET.into(),
+            history: 1,
+            max_age: Duration::from_secs(2 * all.federation.request_window_secs.max(1) + 60),
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        names::NONCES_BUCKET,
+    )
+    .await?;
+    Ok(Topology {
+        js: js.clone(),
+        nonces,
+        submit,
+        log,
+        mailbox,
+        groups,
+        fanout,
+        verdicts,
+        fed_out,
+        fed_in,
+        federation,
+        forwarded,
+    })
 }
 
 /// The shared durable pull consumer of a worker role. All processes of a role

@@ -4,8 +4,8 @@
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, ProtocolMessage, PublicGroup, PublicProcessMessageError,
-    QueuedProposal, Sender, StagedCommit, ValidationError,
+    CredentialType, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, ProtocolMessage, PublicGroup,
+    PublicProcessMessageError, QueuedProposal, Sender, StagedCommit, ValidationError,
 };
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
@@ -75,6 +75,9 @@ pub fn bootstrap(
     let (public, _) = PublicGroup::from_external(crypto, &storage, tree, vgi, proposal_store())
         .map_err(|e| err(ErrorCode::InvalidGroupInfo, format!("GroupInfo does not verify: {e}")))?;
     let members: Vec<_> = public.members().collect();
+    if members.iter().any(|m| m.credential.credential_type() != CredentialType::Basic) {
+        return Err(err(ErrorCode::UnsupportedCredential, "only basic credentials are supported"));
+    }
     let only_creator = members.len() == 1 && members[0].credential.serialized_content() == creator.as_bytes();
     if !only_creator {
         return Err(err(ErrorCode::InvalidGroupInfo, "a new group must have exactly one member: the creating device"));
@@ -164,6 +167,9 @@ pub fn plan(state: &GroupState, crypto: &RustCrypto, device: &DeviceId, bundle: 
             let mut kp_refs = Vec::new();
             for add in sc.add_proposals() {
                 let kp = add.add_proposal().key_package();
+                if kp.leaf_node().credential().credential_type() != CredentialType::Basic {
+                    return Err(err(ErrorCode::UnsupportedCredential, "only basic credentials are supported"));
+                }
                 let d = DeviceId::from_credential_identity(kp.leaf_node().credential().serialized_content())
                     .map_err(|e| err(ErrorCode::InvalidCommit, format!("added member has an invalid identity: {e}")))?;
                 let r =

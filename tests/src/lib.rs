@@ -20,6 +20,7 @@ use proto::{DeviceId, UserId};
 use tempfile::TempDir;
 
 pub use client;
+pub use config;
 pub use proto;
 
 pub const SECRET: &str = "test-secret-0123456789";
@@ -46,6 +47,56 @@ pub struct NatsServer {
     process: mlsfed::nats::NatsProcess,
     _dir: TempDir,
     secured: bool,
+    /// Whether clients must speak TLS (`tls://`), verified against [`test_ca`].
+    tls: bool,
+}
+
+/// A certificate authority made for this test process, and a server
+/// certificate it signed for `localhost` and `127.0.0.1`.
+pub struct TestCa {
+    _dir: TempDir,
+    /// The CA certificate (PEM file): what clients trust.
+    pub ca_file: PathBuf,
+    pub ca_pem: String,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub cert_der: Vec<u8>,
+    pub key_der: Vec<u8>,
+}
+
+impl TestCa {
+    pub fn generate() -> anyhow::Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "mlsfed test CA");
+        let ca_key = KeyPair::generate()?;
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let server = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+        let key = KeyPair::generate()?;
+        let cert = server.signed_by(&key, &ca_cert, &ca_key)?;
+        let dir = tempfile::tempdir()?;
+        let (ca_file, cert_file, key_file) =
+            (dir.path().join("ca.pem"), dir.path().join("server.pem"), dir.path().join("server-key.pem"));
+        std::fs::write(&ca_file, ca_cert.pem())?;
+        std::fs::write(&cert_file, cert.pem())?;
+        std::fs::write(&key_file, key.serialize_pem())?;
+        Ok(Self {
+            _dir: dir,
+            ca_file,
+            ca_pem: ca_cert.pem(),
+            cert_file,
+            key_file,
+            cert_der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
+        })
+    }
+}
+
+/// The CA of this test process (made once).
+pub fn test_ca() -> &'static TestCa {
+    static CA: std::sync::OnceLock<TestCa> = std::sync::OnceLock::new();
+    CA.get_or_init(|| TestCa::generate().expect("test CA"))
 }
 
 const LOCAL_PASSWORD: &str = "local-secret";
@@ -58,19 +109,16 @@ fn peer_password(peer: &str) -> String {
     format!("secret-{peer}")
 }
 
-/// The nats-server `authorization` block of docs/federation.md.
+/// The nats-server accounts of docs/federation.md: the operator's own
+/// processes in `LOCAL`, each peer alone in its own account.
 pub fn federation_nats_config(peers: &[&str]) -> String {
-    let mut users = vec![format!("    {{ user: \"local\", password: \"{LOCAL_PASSWORD}\" }}")];
-    for p in peers {
-        users.push(format!(
-            "    {{ user: \"{}\", password: \"{}\", permissions: {{ publish: {{ allow: [\"{}\", \"{}\"] }}, subscribe: {{ allow: [\"_INBOX.>\"] }} }} }}",
-            peer_user(p),
-            peer_password(p),
-            proto::names::fed_in_subject(p),
-            proto::names::peer_rpc_subject(p),
-        ));
-    }
-    format!("authorization {{\n  users = [\n{}\n  ]\n}}\n", users.join("\n"))
+    let users: Vec<(String, String)> = peers.iter().map(|p| (peer_user(p), peer_password(p))).collect();
+    let peers: Vec<mlsfed::nats::PeerUser<'_>> = peers
+        .iter()
+        .zip(&users)
+        .map(|(p, (user, password))| mlsfed::nats::PeerUser { domain: p, user, password })
+        .collect();
+    mlsfed::nats::federation_accounts("local", LOCAL_PASSWORD, &peers)
 }
 
 impl NatsServer {
@@ -78,7 +126,7 @@ impl NatsServer {
         let dir = tempfile::tempdir()?;
         let bin = mlsfed::nats::find_binary("nats-server");
         let process = mlsfed::nats::NatsProcess::start(&bin, dir.path(), 0)?;
-        Ok(Self { process, _dir: dir, secured: false })
+        Ok(Self { process, _dir: dir, secured: false, tls: false })
     }
 
     /// A server with the permission layout of docs/federation.md: a `local`
@@ -90,13 +138,48 @@ impl NatsServer {
         let bin = mlsfed::nats::find_binary("nats-server");
         let conf = federation_nats_config(peers);
         let process = mlsfed::nats::NatsProcess::start_with_config(&bin, dir.path(), 0, Some(&conf))?;
-        Ok(Self { process, _dir: dir, secured: true })
+        Ok(Self { process, _dir: dir, secured: true, tls: false })
+    }
+
+    /// [`NatsServer::start_secured`], and clients must speak TLS: the
+    /// server presents a certificate of [`test_ca`], which every client
+    /// verifies.
+    pub fn start_secured_tls(peers: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let bin = mlsfed::nats::find_binary("nats-server");
+        let ca = test_ca();
+        let quote = |p: &Path| serde_json::to_string(&p.display().to_string()).unwrap_or_default();
+        let conf = format!(
+            "{}tls {{\n  cert_file: {}\n  key_file: {}\n  timeout: 5\n}}\n",
+            federation_nats_config(peers),
+            quote(&ca.cert_file),
+            quote(&ca.key_file)
+        );
+        let process = mlsfed::nats::NatsProcess::start_with_config(&bin, dir.path(), 0, Some(&conf))?;
+        Ok(Self { process, _dir: dir, secured: true, tls: true })
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "tls"
+        } else {
+            "nats"
+        }
+    }
+
+    /// The CA file clients of this server need (empty: plain NATS).
+    pub fn ca_file(&self) -> String {
+        if self.tls {
+            test_ca().ca_file.display().to_string()
+        } else {
+            String::new()
+        }
     }
 
     /// The URL the operator's own processes use.
     pub fn url(&self) -> String {
         if self.secured {
-            format!("nats://local:{LOCAL_PASSWORD}@127.0.0.1:{}", self.process.port())
+            format!("{}://local:{LOCAL_PASSWORD}@127.0.0.1:{}", self.scheme(), self.process.port())
         } else {
             self.process.url()
         }
@@ -104,7 +187,7 @@ impl NatsServer {
 
     /// The URL a peer uses, with its restricted credentials.
     pub fn peer_url(&self, peer: &str) -> String {
-        format!("nats://{}:{}@127.0.0.1:{}", peer_user(peer), peer_password(peer), self.process.port())
+        format!("{}://{}:{}@127.0.0.1:{}", self.scheme(), peer_user(peer), peer_password(peer), self.process.port())
     }
 
     pub fn stop(&mut self) {
@@ -160,7 +243,9 @@ impl Operator {
             data_dir: dir.path().join("data"),
             listen: "127.0.0.1:0".into(),
             nats_url: nats.url(),
+            nats_ca_file: nats.ca_file(),
             token_secret: SECRET.into(),
+            operator_key_seed: hex_seed(domain).into(),
             ..Default::default()
         };
         cfg.streams.ack_wait_secs = 5;
@@ -229,6 +314,24 @@ impl Operator {
             bail!("unexpected first line from mlsfed: {first}");
         }
         Ok(())
+    }
+
+    /// Runs `mlsfed <args>` with this operator's config (an admin command)
+    /// and returns what it printed.
+    pub fn admin(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(binary("mlsfed"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .env("MLSFED_LOG", "warn")
+            .env_remove("MLSFED_NATS_URL")
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run mlsfed")?;
+        if !out.status.success() {
+            bail!("mlsfed {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// SIGKILL: no shutdown path runs.
@@ -556,6 +659,22 @@ pub mod bad_kp {
         wrap(kpb.key_package())
     }
 
+    /// A correctly signed KeyPackage whose leaf carries an X.509-type
+    /// credential (declared in its capabilities), with the device's id as
+    /// its content.
+    pub fn x509_credential(l: &Local) -> Vec<u8> {
+        let cwk = CredentialWithKey {
+            credential: Credential::new(CredentialType::X509, l.identity.clone()),
+            signature_key: l.signer.public().into(),
+        };
+        let caps = Capabilities::new(None, None, None, None, Some(&[CredentialType::Basic, CredentialType::X509]));
+        let kpb = KeyPackage::builder()
+            .leaf_node_capabilities(caps)
+            .build(crate::raw::CS, &l.provider, &l.signer, cwk)
+            .expect("kp");
+        wrap(kpb.key_package())
+    }
+
     /// A last-resort KeyPackage whose leaf does not list the extension.
     pub fn last_resort_undeclared(l: &Local) -> Vec<u8> {
         let kpb = KeyPackage::builder()
@@ -647,6 +766,11 @@ pub fn operator_seed(domain: &str) -> [u8; 32] {
     seed
 }
 
+/// [`operator_seed`] as the config writes it.
+pub fn hex_seed(domain: &str) -> String {
+    operator_seed(domain).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub fn operator_public_key(domain: &str) -> String {
     proto::identity::public_key_b64(&proto::identity::operator_key(&operator_seed(domain)))
 }
@@ -658,7 +782,8 @@ impl Federation {
             .iter()
             .map(|d| {
                 let others: Vec<&str> = domains.iter().copied().filter(|p| p != d).collect();
-                NatsServer::start_secured(&others)
+                // Federation runs over TLS, as across the Internet.
+                NatsServer::start_secured_tls(&others)
             })
             .collect::<Result<_, _>>()?;
         let mut ops = Vec::new();
@@ -673,12 +798,12 @@ impl Federation {
                     // inbound subject there.
                     nats_url: nats[j].peer_url(d),
                     nats_user: String::new(),
-                    nats_password: String::new(),
+                    nats_password: Default::default(),
+                    nats_ca_file: nats[j].ca_file(),
                     public_key: operator_public_key(p),
                 })
                 .collect::<Vec<_>>();
             ops.push(Operator::start_with(&nats[i], d, "run", |c| {
-                c.operator_key_seed = operator_seed(d).iter().map(|b| format!("{b:02x}")).collect();
                 c.peers = peers.clone();
                 c.federation.backoff_initial_ms = 100;
                 c.federation.backoff_max_ms = 1000;
@@ -715,12 +840,59 @@ pub async fn metric(op: &Operator, name_and_labels: &str) -> f64 {
 }
 
 /// A NATS connection that is established when this returns (credentials may
-/// be in the URL).
+/// be in the URL; a `tls://` URL is verified against [`test_ca`]).
 pub async fn nats_connect(url: &str) -> anyhow::Result<async_nats::Client> {
     let (url, creds) = config::split_credentials(url);
-    let opts = match creds {
+    let mut opts = match creds {
         Some((u, p)) => async_nats::ConnectOptions::with_user_and_password(u, p),
         None => async_nats::ConnectOptions::new(),
     };
+    if url.starts_with("tls://") {
+        opts = opts.add_root_certificates(test_ca().ca_file.clone()).require_tls(true);
+    }
     Ok(opts.connect(url.as_str()).await?)
+}
+
+/// A TLS-terminating proxy in front of an operator's API, with a
+/// certificate of [`test_ca`]: `https://` and `wss://` for tests, as a
+/// load balancer gives them in production. Stops on drop.
+pub struct TlsProxy {
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsProxy {
+    pub async fn start(upstream: &str) -> anyhow::Result<Self> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let ca = test_ca();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(ca.cert_der.clone())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ca.key_der.clone())),
+            )?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                    let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                });
+            }
+        });
+        Ok(Self { url, task })
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

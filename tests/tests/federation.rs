@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use tests::proto::federation::{seal, Envelope, Payload};
+use futures::StreamExt as _;
+use tests::proto::federation::{seal, Envelope, Payload, Response, RpcEnvelope};
 use tests::proto::wire::Verdict;
 use tests::{metric, operator_seed, sync_until, Client, Federation};
 
@@ -22,7 +23,10 @@ struct World {
 }
 
 async fn world() -> anyhow::Result<World> {
-    let fed = Federation::start(&[A, B, C], |_, c| c.limits.submit_timeout_ms = 5000)?;
+    world_in(Federation::start(&[A, B, C], |_, c| c.limits.submit_timeout_ms = 5000)?).await
+}
+
+async fn world_in(fed: Federation) -> anyhow::Result<World> {
     let mut alice = fed.op(A).client("alice", "phone", 2).await?;
     let bob_phone = fed.op(B).client("bob", "phone", 2).await?;
     let bob_laptop = fed.op(B).client("bob", "laptop", 2).await?;
@@ -95,10 +99,14 @@ async fn forged_envelopes_are_refused_and_counted() -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(a_nats);
     let b_key = tests::proto::identity::operator_key(&operator_seed(B));
     let wrong_key = tests::proto::identity::operator_key(&[9; 32]);
+    let b_js = async_nats::jetstream::new(tests::nats_connect(&w.fed.nats[1].url()).await?);
+    let created = b_js.get_stream(tests::proto::names::FED_OUT_STREAM).await?.info().await?.created;
+    let b_outbox = u64::try_from(created.unix_timestamp_nanos())?;
     let verdict = |seq: u64, origin: &str| Envelope {
         version: 1,
         origin: origin.into(),
         destination: A.into(),
+        outbox: b_outbox,
         seq,
         payloads: vec![Payload::Verdict {
             submission_id: "forged".into(),
@@ -121,16 +129,38 @@ async fn forged_envelopes_are_refused_and_counted() -> anyhow::Result<()> {
         version: 1,
         origin: B.into(),
         destination: A.into(),
+        outbox: b_outbox,
         seq: 1_000_001,
         payloads: vec![Payload::Submit(sub)],
     };
     js.publish(inbox(B), seal(&b_key, &spoof).into()).await?.await?;
     // 3. An origin that is not a peer.
     js.publish(inbox("z.example"), seal(&wrong_key, &verdict(5, "z.example")).into()).await?.await?;
-    // 4. A valid envelope, then its replay after the dedup window would have
-    //    passed (a new Nats-Msg-Id, same envelope sequence).
-    js.publish(inbox(B), seal(&b_key, &verdict(1_000_002, B)).into()).await?.await?;
-    js.publish(inbox(B), seal(&b_key, &verdict(1_000_002, B)).into()).await?.await?;
+    // 4. A valid envelope whose record A applies (a submission of bob's
+    //    into A's SUBMIT, which the sequencer then refuses as malformed),
+    //    then its replay after the dedup window would have passed (a new
+    //    Nats-Msg-Id, same envelope sequence).
+    let junk = tests::proto::wire::Submission {
+        id: "junk-sub".into(),
+        device: w.fed.op(B).device_id("bob", "phone"),
+        group: tests::proto::GroupId::parse(&g)?,
+        kind: tests::proto::wire::SubmissionKind::Message {
+            message: b"junk".to_vec(),
+            welcome: None,
+            group_info: None,
+        },
+        origin: None,
+    };
+    let applied = Envelope {
+        version: 1,
+        origin: B.into(),
+        destination: A.into(),
+        outbox: b_outbox,
+        seq: 1_000_002,
+        payloads: vec![Payload::Submit(junk)],
+    };
+    js.publish(inbox(B), seal(&b_key, &applied).into()).await?.await?;
+    js.publish(inbox(B), seal(&b_key, &applied).into()).await?.await?;
     let a = w.fed.op(A);
     for _ in 0..100 {
         if metric(a, "mlsfed_federation_replays_total{peer=\"b.example\"}").await >= 1.0
@@ -303,6 +333,68 @@ async fn submit_while_the_hub_is_down_is_queued_not_lost() -> anyhow::Result<()>
     for c in [&w.alice, &w.carol] {
         assert_eq!(texts(c, &g), ["while the hub is down"], "{}", c.id());
     }
+    Ok(())
+}
+
+/// A peer's NATS user sees nothing of ours (design decision 5): subscribed
+/// to everything it may subscribe to, through a whole three-operator
+/// conversation with claims, identity lookups, forwarded submissions and a
+/// Commit, it receives only the replies to its own requests: PubAcks of its
+/// publishes into its inbound stream and our signed answers addressed to it.
+/// With the peer in our own account, it would also receive the batches and
+/// direct-get replies our consumers get on `_INBOX.*`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sees_only_the_replies_to_its_own_requests() -> anyhow::Result<()> {
+    let fed = Federation::start(&[A, B, C], |_, c| c.limits.submit_timeout_ms = 5000)?;
+    // B's own credentials on A's server, as B's bridge uses them.
+    let spy = tests::nats_connect(&fed.nats[0].peer_url(B)).await?;
+    let mut replies = spy.subscribe("_INBOX.>").await?;
+    // Refused by the user's permissions; anything it did receive is checked too.
+    let mut everything = spy.subscribe(">").await?;
+    spy.flush().await?;
+    let mut w = world_in(fed).await?;
+    let g = w.group.clone();
+    sync_until(&mut all(&mut w), Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
+    w.alice.send(&g, "from the hub").await?;
+    w.bob_phone.send(&g, "forwarded by B").await?;
+    w.carol.update(&g).await?;
+    // B's bridge asks A: a claim of alice's KeyPackages and identity lookups.
+    w.bob_laptop.claim(&[w.fed.op(A).user_id("alice")]).await?;
+    let last = w.bob_laptop.send(&g, "after the claim").await?;
+    sync_until(&mut all(&mut w), Duration::from_secs(30), |c| c.positions(&g).last().is_some_and(|p| *p >= last))
+        .await?;
+    let keys: std::collections::HashMap<String, _> =
+        [(A.to_owned(), tests::proto::identity::operator_key(&operator_seed(A)).verifying_key())].into();
+    let (mut acks, mut answers) = (0, 0);
+    loop {
+        let next = tokio::select! {
+            m = replies.next() => m,
+            m = everything.next() => m,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => None,
+        };
+        let Some(m) = next else { break };
+        if m.payload.is_empty() && m.status.is_some() {
+            // A bare status (no responders, timeout) carries nothing of ours.
+            continue;
+        }
+        if let Ok(ack) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
+            assert_eq!(ack["stream"], "MLSFED_FED_IN", "B received JSON that is not its PubAck: {ack}");
+            acks += 1;
+            continue;
+        }
+        type Answer = RpcEnvelope<Response>;
+        match tests::proto::federation::open::<Answer, _>(&m.payload, &keys, B) {
+            Ok(env) => {
+                assert_eq!(env.origin, A);
+                answers += 1;
+            }
+            Err(e) => {
+                let head = &m.payload[..m.payload.len().min(64)];
+                panic!("B received something that is not a reply to it on {}: {e}: {head:?}", m.subject);
+            }
+        }
+    }
+    assert!(acks > 0 && answers > 0, "the spy saw no replies at all ({acks} acks, {answers} answers)");
     Ok(())
 }
 

@@ -197,9 +197,14 @@ async fn invalid_uploads_are_refused_with_their_codes() -> anyhow::Result<()> {
     let now = unix_now();
     let mut wrong_version = l.key_package();
     wrong_version[1] = 2;
+    // The MLSMessage says mls10, the KeyPackage inside says version 2.
+    let mut kp_version_2 = l.key_package();
+    kp_version_2[5] = 2;
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
         ("bad signature", bad_kp::bad_signature(&l), 422, "invalid_signature"),
         ("wrong version", wrong_version, 400, "unsupported_version"),
+        ("KeyPackage of MLS version 2", kp_version_2, 400, "unsupported_version"),
+        ("X.509 credential", bad_kp::x509_credential(&l), 422, "unsupported_credential"),
         (
             "cipher suite not accepted",
             bad_kp::with_suite(&l, Ciphersuite::MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519),
@@ -320,11 +325,12 @@ async fn restart_mid_claims_loses_and_duplicates_nothing() -> anyhow::Result<()>
 }
 
 /// A Welcome naming a member whose key is not the one its operator bound
-/// is refused by the client, which then does not join.
+/// is refused by the client, which then does not join. Then the device is
+/// removed, and its revocation outlives its token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_refuses_welcome_with_unbound_member_key() -> anyhow::Result<()> {
     let nats = NatsServer::start()?;
-    let op = Operator::start(&nats, "a.example")?;
+    let mut op = Operator::start(&nats, "a.example")?;
     let alice = op.client("alice", "phone", 1).await?;
     let mut bob = op.client("bob", "phone", 2).await?;
     // An impostor with alice's identity but a key the operator never bound.
@@ -363,6 +369,34 @@ async fn client_refuses_welcome_with_unbound_member_key() -> anyhow::Result<()> 
     assert_eq!(got, 410, "{body}");
     let (got, body) = claim(&op.url, &op.token(bob.id()), "mimi://a.example/u/alice", serde_json::json!({})).await;
     assert_eq!((got, body["code"].as_str()), (404, Some("unknown_user")), "{body}");
+
+    // Revocation outlives the token: the removed device's still-valid token
+    // opens nothing, and above all cannot bind a key to the device again.
+    let identity_path = format!("/v1/identity/{}", tests::client::http::encode_segment(alice.id().as_str()));
+    let (got, body) =
+        post(&op.url, "/v1/keypackages", Some(&token), Local::new(alice.id().as_str()).key_package()).await;
+    assert_eq!((got, body["code"].as_str()), (410, Some("device_revoked")), "{body}");
+    let mailbox = format!("/v1/devices/{}/mailbox", tests::client::http::encode_segment(alice.id().as_str()));
+    for path in [identity_path.as_str(), "/v1/keypackages/stock", mailbox.as_str()] {
+        let (got, body) = get(&op.url, path, Some(&token)).await;
+        assert_eq!((got, body["code"].as_str()), (410, Some("device_revoked")), "{path}: {body}");
+    }
+    let (got, body) =
+        post(&op.url, "/v1/messages", Some(&token), impostor.app_message(&mut group, "still here?")).await;
+    assert_eq!((got, body["code"].as_str()), (410, Some("device_revoked")), "{body}");
+    // Others still see the binding as revoked, after the attempts above.
+    let (got, body) = get(&op.url, &identity_path, Some(&op.token(bob.id()))).await;
+    assert_eq!(got, 410, "{body}");
+    let binding = tests::proto::identity::SignedBinding {
+        binding: body["binding"].as_str().unwrap_or_default().into(),
+        signature: body["signature"].as_str().unwrap_or_default().into(),
+    };
+    let opened = binding.open(body["operator_key"].as_str().unwrap_or_default())?;
+    assert!(opened.revoked, "{opened:?}");
+    // A process that never saw the removal (nothing cached) refuses it too.
+    op.restart()?;
+    let (got, body) = get(&op.url, "/v1/keypackages/stock", Some(&token)).await;
+    assert_eq!((got, body["code"].as_str()), (410, Some("device_revoked")), "{body}");
     Ok(())
 }
 

@@ -21,6 +21,10 @@ struct Cli {
     /// Bearer token issued by the operator (`mlsfed token`).
     #[arg(long, env = "MLSFED_TOKEN")]
     token: String,
+    /// Extra trusted root certificates (PEM), for an operator whose
+    /// `https://` certificate comes from a private CA.
+    #[arg(long, env = "MLSFED_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// The device id, needed the first time: mimi://<domain>/d/<user>/<device>
     #[arg(long)]
     device: Option<String>,
@@ -64,6 +68,10 @@ async fn main() -> anyhow::Result<()> {
     let id = cli.device.as_deref().map(proto::DeviceId::parse).transpose().context("bad --device")?;
     std::fs::create_dir_all(&cli.home)?;
     let mut d = Device::open(&cli.home, &cli.server, &cli.token, id.as_ref())?;
+    if let Some(ca) = &cli.ca_file {
+        let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+        d.trust_roots_pem(&pem)?;
+    }
     let users = |us: &[String]| -> anyhow::Result<Vec<proto::UserId>> {
         us.iter().map(|u| proto::UserId::parse(u).with_context(|| format!("bad user {u}"))).collect()
     };

@@ -1,0 +1,224 @@
+//! The inbox: envelopes that peers put into our FED_IN are opened (origin,
+//! signature, destination, version), checked against the peer's high-water
+//! mark, and applied: a forwarded submission goes into SUBMIT, a verdict to
+//! the waiting ingest, a delivery into our LOG for local fan-out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{kv, message::PublishMessage, AckKind};
+use bytes::Bytes;
+use proto::federation::{self as fed, Envelope, Mark, MarkCheck, Payload};
+use proto::names;
+use proto::wire::Verdict;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Bridge, Refusal, RunBridgeError};
+
+impl Bridge {
+    /// Applies envelopes that peers put into our FED_IN.
+    pub(crate) async fn inbox(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RunBridgeError> {
+        // One envelope at a time: the high-water mark moves in order.
+        let mut messages = proto::streams::durable_messages(
+            &self.topo.fed_in,
+            names::BRIDGE_IN_CONSUMER,
+            "",
+            1,
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(RunBridgeError::Setup)?;
+        loop {
+            let Some(msg) = proto::streams::next_message(&mut messages, &shutdown, "bridge inbox")
+                .await
+                .map_err(|e| RunBridgeError::Setup(e.to_string()))?
+            else {
+                return Ok(());
+            };
+            match self.receive(&msg.subject, &msg.payload).await {
+                Ok(()) => {
+                    let _ = msg.double_ack().await;
+                }
+                Err(Ok(refusal)) => {
+                    // Forged, misaddressed or misattributed: never applied,
+                    // never retried.
+                    self.metrics.refused.with_label_values(&[refusal.label()]).inc();
+                    tracing::warn!(reason = refusal.label(), "inbound envelope refused");
+                    let _ = msg.ack_with(AckKind::Term).await;
+                }
+                Err(Err(e)) => {
+                    tracing::warn!(error = %e, "inbound envelope deferred");
+                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                }
+            }
+        }
+    }
+
+    /// `Err(Ok(_))`: refused; `Err(Err(_))`: transient, retry.
+    async fn receive(&self, subject: &str, bytes: &[u8]) -> Result<(), Result<Refusal, String>> {
+        let env: Envelope = fed::open(bytes, &self.keys, &self.us).map_err(|e| Ok(Refusal::Open(e)))?;
+        if names::origin_of_fed_in(subject).as_deref() != Some(env.origin.as_str()) {
+            return Err(Ok(Refusal::SubjectMismatch));
+        }
+        let origin = env.origin.clone();
+        if let Some(p) = self.peers.get(&origin) {
+            p.contact.notify_waiters();
+        }
+        // The per-peer high-water mark makes a replay harmless even after
+        // JetStream's duplicate window has passed. It moves only when records
+        // were applied, by a bounded step, so a signed envelope whose records
+        // are all refused, or one far ahead, cannot silence the peer.
+        let key = names::hwm_key(&origin);
+        let entry = self.topo.federation.entry(key.as_str()).await.map_err(|e| Err(e.to_string()))?;
+        let (mark, rev) = match &entry {
+            // A deleted or purged key reads as no mark.
+            Some(e) if e.operation == kv::Operation::Put => (Mark::decode(&e.value), e.revision),
+            Some(e) => (None, e.revision),
+            None => (None, 0),
+        };
+        let check = Mark::check(mark.as_ref(), env.outbox, env.seq, self.fed.max_seq_jump);
+        match check {
+            MarkCheck::Replay => {
+                self.metrics.replays.with_label_values(&[&origin]).inc();
+                return Ok(());
+            }
+            MarkCheck::TooFarAhead => {
+                tracing::error!(
+                    peer = %origin,
+                    seq = env.seq,
+                    mark = mark.map(|m| m.seq).unwrap_or_default(),
+                    "envelope is too far ahead of the peer's high-water mark; refused (see `mlsfed peer reset-mark`)"
+                );
+                return Err(Ok(Refusal::SeqJump));
+            }
+            MarkCheck::Apply | MarkCheck::ApplyRestarted | MarkCheck::ApplyAfterReset => {}
+        }
+        let mut applied = 0usize;
+        for payload in env.payloads {
+            match self.apply(&origin, payload).await {
+                Ok(()) => applied += 1,
+                // One bad record does not spoil the others in the envelope.
+                Err(Ok(refusal)) => {
+                    self.metrics.refused.with_label_values(&[refusal.label()]).inc();
+                    tracing::warn!(reason = refusal.label(), "inbound record refused");
+                }
+                // Re-applying the records before it is harmless (they are
+                // idempotent), so the whole envelope is retried.
+                Err(Err(e)) => return Err(Err(e)),
+            }
+        }
+        if applied == 0 {
+            // Nothing of it was used: the mark stays where it was.
+            return Ok(());
+        }
+        match check {
+            MarkCheck::ApplyRestarted => {
+                self.metrics.outbox_restarts.with_label_values(&[&origin]).inc();
+                tracing::warn!(peer = %origin, seq = env.seq, "peer's outbox began anew; following its new sequence");
+            }
+            MarkCheck::ApplyAfterReset => {
+                self.metrics.mark_resets.with_label_values(&[&origin]).inc();
+                tracing::warn!(peer = %origin, seq = env.seq, "peer's high-water mark was reset by an operator");
+            }
+            _ => {}
+        }
+        let value = Mark { v: Mark::VERSION, outbox: env.outbox, seq: env.seq, reset: false }.encode();
+        let stored = if rev == 0 {
+            self.topo.federation.create(key.as_str(), value.into()).await.map(|_| ()).map_err(|e| e.to_string())
+        } else {
+            self.topo.federation.update(key.as_str(), value.into(), rev).await.map(|_| ()).map_err(|e| {
+                if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                    String::new()
+                } else {
+                    e.to_string()
+                }
+            })
+        };
+        if let Err(e) = stored {
+            if !e.is_empty() {
+                tracing::warn!(error = %e, "cannot store high-water mark");
+            }
+        }
+        self.metrics.mark.with_label_values(&[&origin]).set(i64::try_from(env.seq).unwrap_or(i64::MAX));
+        self.metrics.received.with_label_values(&[&origin]).inc();
+        Ok(())
+    }
+
+    async fn publish_local(
+        &self,
+        subject: String,
+        payload: Vec<u8>,
+        id: String,
+    ) -> Result<(), Result<Refusal, String>> {
+        let publish = PublishMessage::build().payload(Bytes::from(payload)).message_id(id);
+        self.topo
+            .js
+            .send_publish(subject, publish)
+            .await
+            .map_err(|e| Err(e.to_string()))?
+            .await
+            .map_err(|e| Err(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn apply(&self, origin: &str, payload: Payload) -> Result<(), Result<Refusal, String>> {
+        match payload {
+            Payload::Submit(mut sub) => {
+                // A peer speaks only for its own devices, to groups we host.
+                if sub.device.domain() != origin {
+                    return Err(Ok(Refusal::SenderNotOrigin));
+                }
+                if sub.group.hub() != self.us {
+                    return Err(Ok(Refusal::NotHub));
+                }
+                sub.origin = Some(origin.to_owned());
+                let id = sub.id.clone();
+                self.publish_local(names::submit_subject(&sub.group), proto::wire::encode(&sub), id).await
+            }
+            Payload::Verdict { submission_id, verdict } => {
+                // Only the hub we forwarded this submission to may answer
+                // it, and only once: a peer cannot decide our devices'
+                // local submissions, nor rewrite an answer already given.
+                let hub = self.topo.forwarded.get(&submission_id).await.map_err(|e| Err(e.to_string()))?;
+                match hub {
+                    None => return Err(Ok(Refusal::UnsolicitedVerdict)),
+                    Some(hub) if hub.as_ref() != origin.as_bytes() => return Err(Ok(Refusal::NotHub)),
+                    Some(_) => {}
+                }
+                let bytes = Bytes::from(verdict.to_bytes());
+                match self.topo.verdicts.create(&submission_id, bytes.clone()).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                        let known = self.topo.verdicts.get(&submission_id).await.map_err(|e| Err(e.to_string()))?;
+                        if known.as_deref() != Some(bytes.as_ref()) {
+                            return Err(Ok(Refusal::VerdictConflict));
+                        }
+                        // The same answer again (a resend): harmless.
+                    }
+                    Err(e) => return Err(Err(e.to_string())),
+                }
+                self.topo
+                    .js
+                    .client()
+                    .publish(names::verdict_subject(&submission_id), bytes)
+                    .await
+                    .map_err(|e| Err(e.to_string()))?;
+                if let Verdict::Rejected(_) = verdict {
+                    self.metrics.remote_rejections.with_label_values(&[origin]).inc();
+                }
+                Ok(())
+            }
+            Payload::Deliver(entry) => {
+                if entry.group.hub() != origin {
+                    return Err(Ok(Refusal::NotHub));
+                }
+                let ours = |ds: &[proto::DeviceId]| ds.iter().all(|d| d.domain() == self.us);
+                if !ours(&entry.recipients) || !ours(&entry.welcome_recipients) {
+                    return Err(Ok(Refusal::NotOurDevices));
+                }
+                let id = names::fed_msg_id("rlog", &[entry.group.as_bytes(), &entry.position.to_be_bytes()]);
+                self.publish_local(names::log_subject(&entry.group), proto::wire::encode(&entry), id).await
+            }
+        }
+    }
+}
