@@ -482,3 +482,12 @@ async fn a_peer_beyond_retention_is_marked_for_resync() -> anyhow::Result<()> {
     assert!(marked, "C was not marked for resync");
     Ok(())
 }
+
+/// docs/federation.md shows the NATS accounts exactly as the tests run them
+/// (for the server of `a.example` peering with `b.example`).
+#[test]
+fn the_docs_show_the_nats_accounts_the_tests_use() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/federation.md")).expect("docs");
+    let want = tests::federation_nats_config(&[B]);
+    assert!(doc.contains(&want), "docs/federation.md lacks the accounts block the tests use:\n{want}");
+}
