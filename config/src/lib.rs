@@ -197,6 +197,20 @@ pub struct Streams {
     /// How long a sequencer or fanout worker may hold a message before
     /// JetStream redelivers it to another worker.
     pub ack_wait_secs: u64,
+    /// Groups are spread over this many partitions; each is ordered by one
+    /// sequencer process at a time, so it bounds how many sequencers help.
+    /// Fixed when SUBMIT is created: changing it re-maps groups, which is a
+    /// migration (drain SUBMIT first).
+    pub partitions: u32,
+    /// Submissions one sequencer holds unacknowledged per partition: the
+    /// bound on its in-flight work (and on its cached groups, with
+    /// `group_idle_secs`).
+    pub max_in_flight_per_partition: u32,
+    /// A sequencer forgets a group's cached state after this long idle.
+    pub group_idle_secs: u64,
+    /// How long a partition stays with a process that stopped pulling it
+    /// (crashed) before another takes it.
+    pub partition_failover_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -262,6 +276,10 @@ impl Default for Streams {
             log_max_age_secs: 30 * 86_400,
             mailbox_max_age_secs: 30 * 86_400,
             ack_wait_secs: 30,
+            partitions: 16,
+            max_in_flight_per_partition: 256,
+            group_idle_secs: 60,
+            partition_failover_secs: 5,
         }
     }
 }
@@ -407,6 +425,12 @@ impl Config {
             return Err(LoadConfigError::Invalid(
                 "streams.duplicate_window_secs must not exceed the log and mailbox max ages".into(),
             ));
+        }
+        if !(1..=1024).contains(&self.streams.partitions) {
+            return Err(LoadConfigError::Invalid("streams.partitions must be within 1..=1024".into()));
+        }
+        if self.streams.partition_failover_secs < 3 {
+            return Err(LoadConfigError::Invalid("streams.partition_failover_secs must be at least 3".into()));
         }
         if self.limits.max_body_bytes < 1024 {
             return Err(LoadConfigError::Invalid("limits.max_body_bytes must be at least 1024".into()));

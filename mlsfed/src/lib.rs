@@ -69,11 +69,14 @@ pub async fn run(
     let topo = proto::streams::ensure(&js, &cfg).await.context("cannot create streams")?;
     let mut tasks = JoinSet::new();
     if roles.sequencer {
-        let consumer =
-            proto::streams::worker_consumer(&topo.submit, proto::names::SEQUENCER_CONSUMER, &cfg.streams).await?;
-        let seq = sequencer::Sequencer::new(topo.clone(), cfg.domain.clone(), sequencer::Metrics::new(&registry)?);
+        let seq = sequencer::Sequencer::new(
+            topo.clone(),
+            cfg.domain.clone(),
+            cfg.streams.clone(),
+            sequencer::Metrics::new(&registry)?,
+        );
         let sd = shutdown.clone();
-        tasks.spawn(async move { seq.run(consumer, sd).await.map_err(anyhow::Error::from) });
+        tasks.spawn(async move { seq.run(sd).await.map_err(anyhow::Error::from) });
     }
     if roles.fanout {
         let consumer = proto::streams::worker_consumer(&topo.log, proto::names::FANOUT_CONSUMER, &cfg.streams).await?;

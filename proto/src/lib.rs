@@ -11,6 +11,7 @@ pub mod identity;
 pub mod ids;
 pub mod mls;
 pub mod names;
+pub mod partitions;
 pub mod streams;
 pub mod wire;
 

@@ -24,8 +24,50 @@ pub const FANOUT_BUCKET: &str = "mlsfed_fanout";
 /// Verdicts of recent submissions, for clients that retry after a timeout.
 pub const VERDICTS_BUCKET: &str = "mlsfed_verdicts";
 
-pub const SEQUENCER_CONSUMER: &str = "sequencer";
 pub const FANOUT_CONSUMER: &str = "fanout";
+
+/// SUBMIT stores `mlsfed.submit.<group>` as `mlsfed.submitp.<k>.<group>`,
+/// `k` = `partition(P)` of the group token (a stream subject transform, so
+/// the server is the one place that maps groups to partitions).
+pub fn submit_transform(partitions: u32) -> (String, String) {
+    (SUBMIT_WILDCARD.to_owned(), format!("{PREFIX}.submitp.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"))
+}
+
+/// What the consumer of SUBMIT partition `k` reads.
+pub fn submit_partition_filter(k: u32) -> String {
+    format!("{PREFIX}.submitp.{k}.*")
+}
+
+/// The durable consumer of SUBMIT partition `k`.
+pub fn sequencer_consumer(k: u32) -> String {
+    format!("sequencer-p{k}")
+}
+
+/// The priority group sequencers pull partitions in (pinned: one owner).
+pub const SEQUENCER_PRIORITY_GROUP: &str = "sequencers";
+
+/// The partition the server puts `g` in: FNV-1a (32 bit) of the subject
+/// token, modulo P, as nats-server's `partition()` transform computes it.
+/// For metrics, tests and the admin tools; routing is the server's.
+pub fn partition_of(g: &GroupId, partitions: u32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in g.token().bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % partitions.max(1)
+}
+
+/// Live worker processes, per role (`mlsfed_members`, keys expire).
+pub const MEMBERS_BUCKET: &str = "mlsfed_members";
+
+pub fn member_prefix(role: &str) -> String {
+    format!("{role}.")
+}
+
+pub fn member_key(role: &str, instance: &str) -> String {
+    format!("{role}.{instance}")
+}
 
 pub fn submit_subject(g: &GroupId) -> String {
     format!("{PREFIX}.submit.{}", g.token())

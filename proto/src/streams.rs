@@ -35,6 +35,7 @@ pub struct Topology {
     pub federation: kv::Store,
     pub forwarded: kv::Store,
     pub nonces: kv::Store,
+    pub members: kv::Store,
 }
 
 async fn ensure_stream(
@@ -65,11 +66,13 @@ async fn ensure_bucket(
 pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Topology, EnsureStreamsError> {
     let cfg = &all.streams;
     let replicas = cfg.replicas.max(1);
+    let (src, dest) = names::submit_transform(cfg.partitions.max(1));
     let submit = ensure_stream(
         js,
         stream::Config {
             name: names::SUBMIT_STREAM.into(),
             subjects: vec![names::SUBMIT_WILDCARD.into()],
+            subject_transform: Some(stream::SubjectTransform { source: src, destination: dest }),
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             duplicate_window: cfg.duplicate_window(),
@@ -204,8 +207,23 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
         names::NONCES_BUCKET,
     )
     .await?;
+    // Live worker processes: a key each, refreshed every heartbeat; the
+    // max age is how long a crashed process keeps its partitions.
+    let members = ensure_bucket(
+        js,
+        kv::Config {
+            bucket: names::MEMBERS_BUCKET.into(),
+            history: 1,
+            max_age: Duration::from_secs(cfg.partition_failover_secs.max(3)),
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        names::MEMBERS_BUCKET,
+    )
+    .await?;
     Ok(Topology {
         js: js.clone(),
+        members,
         nonces,
         submit,
         log,
@@ -232,6 +250,25 @@ pub async fn worker_consumer(
         .get_or_create_consumer(name, durable_config(name, "", 1024, cfg.ack_wait()))
         .await
         .map_err(|source| EnsureStreamsError::Consumer { name, source })
+}
+
+/// The durable consumer of one partition of a worker role: pinned, so the
+/// server hands the partition to one pulling process at a time, and moves
+/// it to a standby `failover` after the owner stopped pulling.
+pub async fn partition_consumer(
+    stream: &stream::Stream,
+    name: &str,
+    filter: &str,
+    group: &str,
+    cfg: &config::Streams,
+) -> Result<jetstream::consumer::PullConsumer, String> {
+    let config = pull::Config {
+        priority_policy: jetstream::consumer::PriorityPolicy::PinnedClient,
+        priority_groups: vec![group.to_owned()],
+        priority_timeout: Duration::from_secs(cfg.partition_failover_secs.max(3)),
+        ..durable_config(name, filter, i64::from(cfg.max_in_flight_per_partition.max(1)), cfg.ack_wait())
+    };
+    stream.get_or_create_consumer(name, config).await.map_err(|e| e.to_string())
 }
 
 /// A durable pull consumer with explicit acks; `filter` empty: the whole

@@ -1,41 +1,55 @@
 //! The sequencer: takes submissions from SUBMIT, validates them against the
 //! hub's public group state, and appends the accepted ones to the group's LOG.
 //!
-//! Ordering is enforced by the server that stores it: every append carries
-//! `Nats-Expected-Last-Subject-Sequence`, so two sequencer processes can never
-//! both append to the same position; the loser reloads and re-validates
-//! (design decision 2). The in-memory group state is only a cache of LOG.
+//! Groups are spread over partitions (a SUBMIT subject transform); each
+//! partition is owned by one sequencer process at a time
+//! (`proto::partitions`), which pulls it through a pinned consumer. Inside a
+//! partition, groups are decided concurrently, each by its own task and
+//! strictly in turn. Ordering is still enforced by the server that stores
+//! it: every append carries `Nats-Expected-Last-Subject-Sequence`, so two
+//! processes can never both append to the same position, whatever the
+//! partition ownership says; the loser reloads and re-validates (design
+//! decision 2). The in-memory group state is only a cache of LOG.
 #![forbid(unsafe_code)]
 
+mod decide;
 mod metrics;
 mod state;
 mod validate;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, AckKind};
+use async_nats::jetstream::{self, message::PublishMessage, AckKind};
 use bytes::Bytes;
+use futures::StreamExt as _;
 use openmls_rust_crypto::RustCrypto;
 use proto::federation::Payload;
+use proto::partitions::{Membership, Owned};
 use proto::streams::Topology;
-use proto::wire::{EntryKind, LogEntry, Submission, SubmissionKind, Verdict};
-use proto::{names, ApiError, ErrorCode, GroupId};
+use proto::wire::{Submission, Verdict};
+use proto::{names, GroupId};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use decide::GroupDecider;
 pub use metrics::Metrics;
-use state::GroupState;
 
 /// How many times one submission is retried after losing a CAS race before
 /// it is handed back to JetStream for redelivery.
 const CAS_RETRIES: usize = 8;
 /// Accepted entries between two snapshots of a group's state.
 const SNAPSHOT_EVERY: u64 = 32;
+/// Role name in the membership bucket.
+const ROLE: &str = "sequencer";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunSequencerError {
     #[error("cannot read submissions: {0}")]
     Consume(String),
+    #[error(transparent)]
+    Membership(#[from] proto::partitions::MembershipError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,62 +60,225 @@ enum StepError {
     Transient(String),
 }
 
-pub struct Sequencer {
+/// What every group task of this process shares.
+pub(crate) struct Ctx {
     topo: Topology,
     domain: String,
     crypto: RustCrypto,
-    cache: HashMap<GroupId, GroupState>,
     metrics: Metrics,
 }
 
+pub struct Sequencer {
+    ctx: Arc<Ctx>,
+    cfg: config::Streams,
+}
+
+/// One submission handed to its group's task.
+struct Job {
+    sub: Submission,
+    msg: jetstream::Message,
+}
+
 impl Sequencer {
-    pub fn new(topo: Topology, domain: String, metrics: Metrics) -> Self {
-        Self { topo, domain, crypto: RustCrypto::default(), cache: HashMap::new(), metrics }
+    pub fn new(topo: Topology, domain: String, cfg: config::Streams, metrics: Metrics) -> Self {
+        Self { ctx: Arc::new(Ctx { topo, domain, crypto: RustCrypto::default(), metrics }), cfg }
     }
 
-    /// Consumes SUBMIT until `shutdown` fires.
-    pub async fn run(
-        mut self,
-        consumer: jetstream::consumer::PullConsumer,
-        shutdown: CancellationToken,
-    ) -> Result<(), RunSequencerError> {
-        let mut messages = consumer.messages().await.map_err(|e| RunSequencerError::Consume(e.to_string()))?;
+    /// Joins the sequencers of this operator and orders the partitions it
+    /// is given until `shutdown` fires; then hands them over.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RunSequencerError> {
+        let membership = Membership::join(self.ctx.topo.members.clone(), ROLE, self.cfg.partitions).await?;
+        tracing::info!(instance = membership.instance(), "sequencer joined");
+        let (owned_tx, mut owned_rx) = watch::channel(Owned::new());
+        let members = tokio::spawn(membership.run(owned_tx, shutdown.clone()));
+        // One task per owned partition, cancelled when it is reassigned.
+        let mut running: HashMap<u32, (CancellationToken, tokio::task::JoinHandle<()>)> = HashMap::new();
         loop {
-            let Some(msg) = proto::streams::next_message(&mut messages, &shutdown, "sequencer")
-                .await
-                .map_err(|e| RunSequencerError::Consume(e.to_string()))?
-            else {
-                return Ok(());
+            let owned = owned_rx.borrow_and_update().clone();
+            let metrics = &self.ctx.metrics;
+            running.retain(|p, (stop, task)| {
+                if owned.contains(p) && !task.is_finished() {
+                    return true;
+                }
+                stop.cancel();
+                metrics.partition_owned.with_label_values(&[&p.to_string()]).set(0);
+                false
+            });
+            for p in owned {
+                if running.contains_key(&p) {
+                    continue;
+                }
+                let stop = shutdown.child_token();
+                let task =
+                    tokio::spawn(Partition { ctx: self.ctx.clone(), cfg: self.cfg.clone(), k: p }.run(stop.clone()));
+                running.insert(p, (stop, task));
+                self.ctx.metrics.partition_owned.with_label_values(&[&p.to_string()]).set(1);
+            }
+            self.ctx.metrics.partitions_owned.set(running.len() as i64);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = owned_rx.changed() => if changed.is_err() { break },
+                // A partition task that ended on its own (consumer error) is
+                // restarted on the next turn.
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+        for (p, (stop, task)) in running.drain() {
+            stop.cancel();
+            let _ = task.await;
+            self.ctx.metrics.partition_owned.with_label_values(&[&p.to_string()]).set(0);
+        }
+        self.ctx.metrics.partitions_owned.set(0);
+        let _ = members.await;
+        Ok(())
+    }
+}
+
+/// The work of one owned partition: pull it, and hand each submission to
+/// its group's task.
+struct Partition {
+    ctx: Arc<Ctx>,
+    cfg: config::Streams,
+    k: u32,
+}
+
+impl Partition {
+    async fn run(self, stop: CancellationToken) {
+        let name = names::sequencer_consumer(self.k);
+        let consumer = match proto::streams::partition_consumer(
+            &self.ctx.topo.submit,
+            &name,
+            &names::submit_partition_filter(self.k),
+            names::SEQUENCER_PRIORITY_GROUP,
+            &self.cfg,
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(partition = self.k, error = %e, "cannot open partition consumer");
+                return;
+            }
+        };
+        // Pull expiry well below the failover time, so we keep the pin
+        // while alive and lose it soon after dying.
+        let expires = Duration::from_secs(self.cfg.partition_failover_secs.max(3)) / 3;
+        let messages = consumer
+            .stream()
+            .group(names::SEQUENCER_PRIORITY_GROUP)
+            .expires(expires)
+            .heartbeat(expires / 2)
+            .max_messages_per_batch(self.cfg.max_in_flight_per_partition.clamp(1, 256) as usize)
+            .messages()
+            .await;
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(partition = self.k, error = %e, "cannot pull partition");
+                return;
+            }
+        };
+        let idle = Duration::from_secs(self.cfg.group_idle_secs.max(1));
+        let mut groups: HashMap<GroupId, mpsc::UnboundedSender<Job>> = HashMap::new();
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => break,
+                m = messages.next() => m,
+            };
+            let msg = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::debug!(partition = self.k, error = %e, "pull error; retrying");
+                    continue;
+                }
+                None => break,
             };
             let sub: Submission = match proto::wire::decode(&msg.payload) {
                 Ok(s) => s,
                 Err(e) => {
-                    // Only our ingest writes SUBMIT; an undecodable record is a
-                    // bug or version skew and must not block the queue.
+                    // Only our ingest and bridge write SUBMIT; an undecodable
+                    // record is a bug or version skew and must not block
+                    // the partition.
                     tracing::error!(error = %e, "undecodable submission; terminating it");
-                    self.metrics.dead_letters.inc();
+                    self.ctx.metrics.dead_letters.inc();
                     let _ = msg.ack_with(AckKind::Term).await;
                     continue;
                 }
             };
-            match self.handle(&sub).await {
-                Ok(verdict) => {
-                    self.publish_verdict(&sub, &verdict).await;
-                    // A lost ack only means a redelivery, which `recent`
-                    // answers with the same verdict.
-                    if let Err(e) = msg.ack().await {
-                        tracing::warn!(error = %e, "ack of submission failed; it will be redelivered");
+            // The queue of a group task is bounded by the partition's
+            // max_ack_pending: JetStream hands out no more than that.
+            let mut job = Job { sub, msg };
+            loop {
+                let tx = groups.entry(job.sub.group.clone()).or_insert_with(|| {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    tokio::spawn(group_task(self.ctx.clone(), rx, idle));
+                    tx
+                });
+                match tx.send(job) {
+                    Ok(()) => break,
+                    // The group's task went idle and closed: start another.
+                    Err(mpsc::error::SendError(back)) => {
+                        groups.remove(&back.sub.group);
+                        job = back;
                     }
                 }
-                Err(StepError::Transient(e)) => {
-                    tracing::warn!(error = %e, "submission deferred");
-                    self.cache.remove(&sub.group);
-                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+            }
+            if groups.len() > 1024 {
+                groups.retain(|_, tx| !tx.is_closed());
+            }
+        }
+        // Dropping the senders lets each group task finish what it holds.
+        drop(groups);
+        drop(messages);
+        // Hand the partition over at once instead of after the failover time.
+        if let Err(e) = self.ctx.topo.submit.unpin_consumer(&name, names::SEQUENCER_PRIORITY_GROUP).await {
+            tracing::debug!(partition = self.k, error = %e, "unpin failed; the pin expires instead");
+        }
+    }
+}
+
+/// Decides one group's submissions in turn until it has been idle for
+/// `idle` (then its state is dropped) or its partition was released.
+async fn group_task(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Job>, idle: Duration) {
+    let mut decider = GroupDecider { ctx, state: None };
+    loop {
+        let job = match tokio::time::timeout(idle, rx.recv()).await {
+            Ok(Some(job)) => job,
+            Ok(None) => return,
+            Err(_) => {
+                // Refuse new jobs, then finish the ones already queued.
+                rx.close();
+                while let Ok(job) = rx.try_recv() {
+                    decider.run(job).await;
                 }
+                return;
+            }
+        };
+        decider.run(job).await;
+    }
+}
+
+impl GroupDecider {
+    async fn run(&mut self, job: Job) {
+        match self.handle(&job.sub).await {
+            Ok(verdict) => {
+                self.ctx.publish_verdict(&job.sub, &verdict).await;
+                // A lost ack only means a redelivery, which the cached
+                // recent verdicts or the LOG answer the same way.
+                if let Err(e) = job.msg.ack().await {
+                    tracing::warn!(error = %e, "ack of submission failed; it will be redelivered");
+                }
+            }
+            Err(StepError::Transient(e)) => {
+                tracing::warn!(error = %e, "submission deferred");
+                self.state = None;
+                let _ = job.msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
             }
         }
     }
+}
 
+impl Ctx {
     /// Records the verdict (for clients that retry) and announces it (for
     /// the waiting ingest), concurrently.
     async fn publish_verdict(&self, sub: &Submission, verdict: &Verdict) {
@@ -132,241 +309,5 @@ impl Sequencer {
                 Err(e) => tracing::warn!(error = %e, "verdict for a peer not queued"),
             }
         }
-    }
-
-    async fn handle(&mut self, sub: &Submission) -> Result<Verdict, StepError> {
-        let timer = self.metrics.step_seconds.start_timer();
-        let verdict = self.decide(sub).await;
-        timer.observe_duration();
-        if let Ok(v) = &verdict {
-            match v {
-                Verdict::Accepted { .. } => self.metrics.accepted.inc(),
-                Verdict::Rejected(e) => self.metrics.rejected.with_label_values(&[e.code.as_str()]).inc(),
-            }
-        }
-        verdict
-    }
-
-    async fn decide(&mut self, sub: &Submission) -> Result<Verdict, StepError> {
-        if sub.group.hub() != self.domain {
-            return Ok(Verdict::Rejected(ApiError::new(
-                ErrorCode::NotHub,
-                format!("this operator is not the hub of groups on {}", sub.group.hub()),
-            )));
-        }
-        let mut refresh = false;
-        for _ in 0..CAS_RETRIES {
-            match self.try_once(sub, refresh).await? {
-                // A refusal may come from a cached state that another
-                // sequencer process has moved past: decide again on a fresh
-                // state before refusing. Acceptances need no such check,
-                // since the append's compare-and-set proves freshness.
-                Some(Verdict::Rejected(_)) if !refresh => refresh = true,
-                Some(v) => return Ok(v),
-                None => {
-                    // Lost a CAS race: our cache is behind LOG.
-                    self.metrics.cas_conflicts.inc();
-                    refresh = true;
-                }
-            }
-        }
-        Err(StepError::Transient("too many CAS conflicts".into()))
-    }
-
-    /// One attempt; `Ok(None)` means the append lost a CAS race.
-    async fn try_once(&mut self, sub: &Submission, refresh: bool) -> Result<Option<Verdict>, StepError> {
-        match &sub.kind {
-            SubmissionKind::Create { group_info } => {
-                if self.load(&sub.group, refresh).await?.is_some() {
-                    return Ok(Some(self.already(sub).unwrap_or_else(|| {
-                        Verdict::Rejected(ApiError::new(ErrorCode::GroupExists, "the group already exists"))
-                    })));
-                }
-                let mut state = match validate::bootstrap(&self.crypto, &sub.group, &sub.device, group_info) {
-                    Ok(s) => s,
-                    Err(e) => return Ok(Some(Verdict::Rejected(e))),
-                };
-                let entry = LogEntry {
-                    group: sub.group.clone(),
-                    position: 1,
-                    prev_position: 0,
-                    epoch: 0,
-                    kind: EntryKind::Created,
-                    sender: sub.device.clone(),
-                    submission_id: sub.id.clone(),
-                    message: group_info.clone(),
-                    recipients: vec![],
-                    welcome: None,
-                    welcome_recipients: vec![],
-                };
-                let Some(seq) = self.append(&sub.group, 0, &entry).await? else {
-                    return Ok(None);
-                };
-                state.record(&sub.id, 1, 0, seq, false);
-                self.save(&state).await;
-                self.cache.insert(sub.group.clone(), state);
-                Ok(Some(Verdict::Accepted { position: 1, epoch: 0 }))
-            }
-            SubmissionKind::Message { message, welcome, group_info } => {
-                let mut raw = message.clone();
-                raw.extend_from_slice(welcome.as_deref().unwrap_or_default());
-                raw.extend_from_slice(group_info.as_deref().unwrap_or_default());
-                let bundle = match proto::mls::parse_bundle(&raw) {
-                    Ok(b) => b,
-                    Err(e) => return Ok(Some(Verdict::Rejected(e))),
-                };
-                if self.load(&sub.group, refresh).await?.is_none() {
-                    return Ok(Some(Verdict::Rejected(ApiError::new(ErrorCode::UnknownGroup, "no such group"))));
-                }
-                if let Some(v) = self.already(sub) {
-                    return Ok(Some(v));
-                }
-                let state = self.cache.get(&sub.group).ok_or_else(|| StepError::Transient("cache".into()))?;
-                let plan = match validate::plan(state, &self.crypto, &sub.device, &bundle) {
-                    Ok(p) => p,
-                    Err(e) => return Ok(Some(Verdict::Rejected(e))),
-                };
-                let position = state.position + 1;
-                let expected = state.last_subject_seq;
-                let entry = LogEntry {
-                    group: sub.group.clone(),
-                    position,
-                    prev_position: position - 1,
-                    epoch: plan.epoch,
-                    kind: plan.kind,
-                    sender: sub.device.clone(),
-                    submission_id: sub.id.clone(),
-                    message: message.clone(),
-                    recipients: plan.recipients,
-                    welcome: plan.welcome,
-                    welcome_recipients: plan.welcome_recipients,
-                };
-                let Some(seq) = self.append(&sub.group, expected, &entry).await? else {
-                    return Ok(None);
-                };
-                let state = self.cache.get_mut(&sub.group).ok_or_else(|| StepError::Transient("cache".into()))?;
-                let is_commit = entry.kind == EntryKind::Commit;
-                if let Err(e) = validate::apply(state, plan.effect) {
-                    // The entry is in LOG; a replay will rebuild the state.
-                    tracing::error!(error = %e, "cannot apply accepted entry to cached state");
-                    self.cache.remove(&sub.group);
-                    return Ok(Some(Verdict::Accepted { position, epoch: entry.epoch }));
-                }
-                state.record(&sub.id, position, entry.epoch, seq, is_commit);
-                tracing::debug!(position, seq, kind = entry.kind.as_str(), "appended");
-                let snapshot = is_commit || position % SNAPSHOT_EVERY == 0;
-                if snapshot {
-                    let bytes = state.snapshot();
-                    self.save_bytes(&sub.group, bytes).await;
-                }
-                Ok(Some(Verdict::Accepted { position, epoch: entry.epoch }))
-            }
-        }
-    }
-
-    fn already(&self, sub: &Submission) -> Option<Verdict> {
-        let state = self.cache.get(&sub.group)?;
-        let (position, epoch) = state.recent_verdict(&sub.id)?;
-        Some(Verdict::Accepted { position, epoch })
-    }
-
-    /// Appends `entry` to the group's LOG if its last entry is still at
-    /// `expected`. `Ok(None)`: someone else appended first.
-    async fn append(&self, group: &GroupId, expected: u64, entry: &LogEntry) -> Result<Option<u64>, StepError> {
-        let publish = PublishMessage::build()
-            .payload(Bytes::from(proto::wire::encode(entry)))
-            .message_id(names::log_msg_id(&entry.submission_id))
-            .expected_last_subject_sequence(expected)
-            .header(names::headers::POSITION, entry.position.to_string().as_str())
-            .header(names::headers::EPOCH, entry.epoch.to_string().as_str())
-            .header(names::headers::KIND, entry.kind.as_str());
-        let ack = match self.topo.js.send_publish(names::log_subject(group), publish).await {
-            Ok(f) => f.await,
-            Err(e) => return Err(StepError::Transient(e.to_string())),
-        };
-        match ack {
-            Ok(ack) if ack.duplicate => {
-                // An earlier attempt appended it and then crashed or timed
-                // out; the replay will find it in `recent`.
-                Ok(None)
-            }
-            Ok(ack) => Ok(Some(ack.sequence)),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
-            Err(e) => Err(StepError::Transient(e.to_string())),
-        }
-    }
-
-    async fn save(&self, state: &GroupState) {
-        self.save_bytes(&state.group, state.snapshot()).await;
-    }
-
-    async fn save_bytes(&self, group: &GroupId, bytes: Vec<u8>) {
-        if let Err(e) = self.topo.groups.put(names::group_key(group), bytes.into()).await {
-            // Only a cache: the next load replays LOG further back.
-            tracing::warn!(error = %e, "cannot save group snapshot");
-        }
-    }
-
-    /// Loads a group into the cache: the cached state (caught up with the
-    /// LOG tail when `refresh`), else the snapshot and the LOG after it.
-    /// `Ok(None)`: the group does not exist.
-    async fn load(&mut self, group: &GroupId, refresh: bool) -> Result<Option<()>, StepError> {
-        let mut state = match self.cache.remove(group) {
-            Some(s) if !refresh => {
-                self.cache.insert(group.clone(), s);
-                return Ok(Some(()));
-            }
-            Some(s) => Some(s),
-            None => {
-                let snap = self
-                    .topo
-                    .groups
-                    .get(names::group_key(group))
-                    .await
-                    .map_err(|e| StepError::Transient(e.to_string()))?;
-                snap.and_then(|b| GroupState::restore(group, &b))
-            }
-        };
-        let subject = names::log_subject(group);
-        let mut next = state.as_ref().map(|s| s.last_subject_seq + 1).unwrap_or(1);
-        loop {
-            let msg = match self.topo.log.direct_get_next_for_subject(subject.as_str(), Some(next)).await {
-                Ok(m) => m,
-                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
-                Err(e) => return Err(StepError::Transient(e.to_string())),
-            };
-            next = msg.sequence + 1;
-            let entry: LogEntry = match proto::wire::decode(&msg.payload) {
-                Ok(e) => e,
-                Err(e) => return Err(StepError::Transient(format!("undecodable LOG entry: {e}"))),
-            };
-            self.metrics.replayed.inc();
-            state = Some(self.replay(state, &entry, msg.sequence)?);
-        }
-        Ok(state.map(|s| {
-            self.cache.insert(group.clone(), s);
-        }))
-    }
-
-    fn replay(&self, state: Option<GroupState>, entry: &LogEntry, seq: u64) -> Result<GroupState, StepError> {
-        let bad =
-            |e: ApiError| StepError::Transient(format!("LOG entry {} does not replay: {}", entry.position, e.message));
-        let mut state = match (state, entry.kind) {
-            (None, EntryKind::Created) => {
-                validate::bootstrap(&self.crypto, &entry.group, &entry.sender, &entry.message).map_err(bad)?
-            }
-            (Some(mut s), EntryKind::Commit | EntryKind::Proposal) => {
-                let mut raw = entry.message.clone();
-                raw.extend_from_slice(entry.welcome.as_deref().unwrap_or_default());
-                let bundle = proto::mls::parse_bundle(&raw).map_err(bad)?;
-                let plan = validate::plan(&s, &self.crypto, &entry.sender, &bundle).map_err(bad)?;
-                validate::apply(&mut s, plan.effect).map_err(StepError::Transient)?;
-                s
-            }
-            (Some(s), _) => s,
-            (None, _) => return Err(StepError::Transient("LOG does not start with a creation".into())),
-        };
-        state.record(&entry.submission_id, entry.position, entry.epoch, seq, entry.kind == EntryKind::Commit);
-        Ok(state)
     }
 }

@@ -1,6 +1,6 @@
 //! Sequencer metrics. Labels are closed sets (error codes), never identifiers.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -10,6 +10,8 @@ pub struct Metrics {
     pub replayed: IntCounter,
     pub dead_letters: IntCounter,
     pub step_seconds: Histogram,
+    pub partitions_owned: IntGauge,
+    pub partition_owned: IntGaugeVec,
 }
 
 impl Metrics {
@@ -36,7 +38,20 @@ impl Metrics {
                 HistogramOpts::new("mlsfed_sequencer_step_seconds", "Time to decide one submission.")
                     .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16)?),
             )?,
+            partitions_owned: IntGauge::new(
+                "mlsfed_sequencer_partitions_owned",
+                "SUBMIT partitions this sequencer process orders now.",
+            )?,
+            partition_owned: IntGaugeVec::new(
+                Opts::new(
+                    "mlsfed_sequencer_partition_owned",
+                    "1 for each SUBMIT partition this process orders now (a closed set: 0..streams.partitions).",
+                ),
+                &["partition"],
+            )?,
         };
+        registry.register(Box::new(m.partitions_owned.clone()))?;
+        registry.register(Box::new(m.partition_owned.clone()))?;
         registry.register(Box::new(m.accepted.clone()))?;
         registry.register(Box::new(m.rejected.clone()))?;
         registry.register(Box::new(m.cas_conflicts.clone()))?;

@@ -249,6 +249,9 @@ impl Operator {
             ..Default::default()
         };
         cfg.streams.ack_wait_secs = 5;
+        // A crashed sequencer's partitions move on after 3 s (the least
+        // allowed), so tests that kill one wait little.
+        cfg.streams.partition_failover_secs = 3;
         tweak(&mut cfg);
         let config_path = dir.path().join("mlsfed.toml");
         std::fs::write(&config_path, toml::to_string(&cfg)?)?;
@@ -518,12 +521,17 @@ pub async fn sync_until(
 
 /// Raw HTTP to an operator, for tests that send bytes no SDK would.
 pub async fn post(url: &str, path: &str, token: Option<&str>, body: Vec<u8>) -> (u16, serde_json::Value) {
-    send(reqwest::Client::new().post(format!("{url}{path}")).header("content-type", "message/mls").body(body), token)
-        .await
+    send(http().post(format!("{url}{path}")).header("content-type", "message/mls").body(body), token).await
 }
 
 pub async fn get(url: &str, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
-    send(reqwest::Client::new().get(format!("{url}{path}")), token).await
+    send(http().get(format!("{url}{path}")), token).await
+}
+
+/// An HTTP client for tests: every request is bounded, so a test fails
+/// instead of hanging on a server that never answers.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client")
 }
 
 /// Sends `req` (with the bearer token, if any) and returns the status and
@@ -822,6 +830,43 @@ impl Federation {
         let i = self.ops.iter().position(|o| o.domain == domain).expect("operator in the federation");
         &mut self.nats[i]
     }
+}
+
+/// Waits until `done` holds for the value of `name_and_labels` on `op`
+/// (bounded); returns the last value read.
+pub async fn wait_metric(
+    op: &Operator,
+    name_and_labels: &str,
+    limit: Duration,
+    done: impl Fn(f64) -> bool,
+) -> anyhow::Result<f64> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let v = metric(op, name_and_labels).await;
+        if done(v) {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{name_and_labels} on {} is {v} after {limit:?}", op.domain);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until every one of `sequencers` owns some SUBMIT partitions and
+/// together they own all `partitions` (bounded).
+pub async fn wait_partitions_split(sequencers: &[&Operator], partitions: u32) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        let mut owned = Vec::new();
+        for s in sequencers {
+            owned.push(metric(s, "mlsfed_sequencer_partitions_owned").await);
+        }
+        if owned.iter().all(|n| *n > 0.0) && owned.iter().sum::<f64>() == f64::from(partitions) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("the sequencers did not split the {partitions} partitions")
 }
 
 /// Reads one sample of a Prometheus metric from an operator (0 if absent).

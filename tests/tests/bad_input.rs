@@ -156,7 +156,7 @@ async fn hostile_requests_get_typed_errors() -> anyhow::Result<()> {
         let url = url.clone();
         let tb = tb.clone();
         async move {
-            let resp = reqwest::Client::new()
+            let resp = tests::http()
                 .post(format!("{url}/v1/keypackages/claim"))
                 .bearer_auth(tb)
                 .header("content-type", "application/json")

@@ -42,7 +42,7 @@ async fn wait_metric(op: &tests::Operator, name: &str, want: f64) -> anyhow::Res
 
 /// Submits `body` as `device` with an Idempotency-Key: (status, JSON).
 async fn submit(op: &tests::Operator, c: &Client, key: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
-    let req = reqwest::Client::new()
+    let req = tests::http()
         .post(format!("{}/v1/messages", op.url))
         .header("content-type", "message/mls")
         .header("idempotency-key", key)
@@ -195,6 +195,11 @@ async fn a_peer_whose_outbox_restarts_lower_is_still_heard() -> anyhow::Result<(
     let js = async_nats::jetstream::new(tests::nats_connect(&l.fed.nats[0].url()).await?);
     js.delete_stream(names::FED_OUT_STREAM).await?;
     l.fed.ops[0].restart()?;
+    // The killed process's partitions move to its successor once its
+    // membership expires.
+    let all = f64::from(tests::config::Config::default().streams.partitions);
+    tests::wait_metric(&l.fed.ops[0], "mlsfed_sequencer_partitions_owned", Duration::from_secs(30), |v| v == all)
+        .await?;
     let url = l.fed.ops[0].url.clone();
     l.alice.reconnect(&url)?;
     l.delivered("after the outbox began anew").await?;

@@ -281,7 +281,7 @@ async fn restart_mid_claims_loses_and_duplicates_nothing() -> anyhow::Result<()>
             for _ in 0..10 {
                 let (url, asker) = (op.url.clone(), asker.clone());
                 tasks.push(tokio::spawn(async move {
-                    let r = reqwest::Client::new()
+                    let r = tests::http()
                         .post(format!("{url}/v1/keypackages/claim"))
                         .bearer_auth(asker)
                         .json(&serde_json::json!({ "user": "mimi://a.example/u/erin" }))
@@ -353,7 +353,7 @@ async fn client_refuses_welcome_with_unbound_member_key() -> anyhow::Result<()> 
     assert!(bob.groups().is_empty());
 
     // A removed device's binding is revoked, and lookups say so.
-    let (got, _) = reqwest::Client::new()
+    let (got, _) = tests::http()
         .delete(format!("{}/v1/devices/{}", op.url, tests::client::http::encode_segment(alice.id().as_str())))
         .bearer_auth(&token)
         .send()

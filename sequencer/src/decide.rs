@@ -1,0 +1,259 @@
+//! Deciding one group's submissions: validation against the group's public
+//! state, the compare-and-set append to its LOG subject, and the state
+//! cache that makes both cheap. One `GroupDecider` per group, driven by one
+//! task at a time, so a group's submissions are decided strictly in turn.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use bytes::Bytes;
+use proto::wire::{EntryKind, LogEntry, Submission, SubmissionKind, Verdict};
+use proto::{names, ApiError, ErrorCode, GroupId};
+
+use crate::state::GroupState;
+use crate::{validate, Ctx, StepError, CAS_RETRIES, SNAPSHOT_EVERY};
+
+pub(crate) struct GroupDecider {
+    pub(crate) ctx: Arc<Ctx>,
+    /// The group's public state, when loaded: a cache of its LOG.
+    pub(crate) state: Option<GroupState>,
+}
+
+impl GroupDecider {
+    pub(crate) async fn handle(&mut self, sub: &Submission) -> Result<Verdict, StepError> {
+        let timer = self.ctx.metrics.step_seconds.start_timer();
+        let verdict = self.decide(sub).await;
+        timer.observe_duration();
+        if let Ok(v) = &verdict {
+            match v {
+                Verdict::Accepted { .. } => self.ctx.metrics.accepted.inc(),
+                Verdict::Rejected(e) => self.ctx.metrics.rejected.with_label_values(&[e.code.as_str()]).inc(),
+            }
+        }
+        verdict
+    }
+
+    async fn decide(&mut self, sub: &Submission) -> Result<Verdict, StepError> {
+        if sub.group.hub() != self.ctx.domain {
+            return Ok(Verdict::Rejected(ApiError::new(
+                ErrorCode::NotHub,
+                format!("this operator is not the hub of groups on {}", sub.group.hub()),
+            )));
+        }
+        let mut refresh = false;
+        for _ in 0..CAS_RETRIES {
+            match self.try_once(sub, refresh).await? {
+                // A refusal may come from a cached state that another
+                // sequencer process has moved past: decide again on a fresh
+                // state before refusing. Acceptances need no such check,
+                // since the append's compare-and-set proves freshness.
+                Some(Verdict::Rejected(_)) if !refresh => refresh = true,
+                Some(v) => return Ok(v),
+                None => {
+                    // Lost a CAS race: our cache is behind LOG.
+                    self.ctx.metrics.cas_conflicts.inc();
+                    refresh = true;
+                }
+            }
+        }
+        Err(StepError::Transient("too many CAS conflicts".into()))
+    }
+
+    /// One attempt; `Ok(None)` means the append lost a CAS race.
+    async fn try_once(&mut self, sub: &Submission, refresh: bool) -> Result<Option<Verdict>, StepError> {
+        match &sub.kind {
+            SubmissionKind::Create { group_info } => {
+                if self.load(&sub.group, refresh).await?.is_some() {
+                    return Ok(Some(self.already(sub).unwrap_or_else(|| {
+                        Verdict::Rejected(ApiError::new(ErrorCode::GroupExists, "the group already exists"))
+                    })));
+                }
+                let mut state = match validate::bootstrap(&self.ctx.crypto, &sub.group, &sub.device, group_info) {
+                    Ok(s) => s,
+                    Err(e) => return Ok(Some(Verdict::Rejected(e))),
+                };
+                let entry = LogEntry {
+                    group: sub.group.clone(),
+                    position: 1,
+                    prev_position: 0,
+                    epoch: 0,
+                    kind: EntryKind::Created,
+                    sender: sub.device.clone(),
+                    submission_id: sub.id.clone(),
+                    message: group_info.clone(),
+                    recipients: vec![],
+                    welcome: None,
+                    welcome_recipients: vec![],
+                };
+                let Some(seq) = self.append(&sub.group, 0, &entry).await? else {
+                    return Ok(None);
+                };
+                state.record(&sub.id, 1, 0, seq, false);
+                self.save(&state).await;
+                self.state = Some(state);
+                Ok(Some(Verdict::Accepted { position: 1, epoch: 0 }))
+            }
+            SubmissionKind::Message { message, welcome, group_info } => {
+                let mut raw = message.clone();
+                raw.extend_from_slice(welcome.as_deref().unwrap_or_default());
+                raw.extend_from_slice(group_info.as_deref().unwrap_or_default());
+                let bundle = match proto::mls::parse_bundle(&raw) {
+                    Ok(b) => b,
+                    Err(e) => return Ok(Some(Verdict::Rejected(e))),
+                };
+                if self.load(&sub.group, refresh).await?.is_none() {
+                    return Ok(Some(Verdict::Rejected(ApiError::new(ErrorCode::UnknownGroup, "no such group"))));
+                }
+                if let Some(v) = self.already(sub) {
+                    return Ok(Some(v));
+                }
+                let state = self.state.as_ref().ok_or_else(|| StepError::Transient("cache".into()))?;
+                let plan = match validate::plan(state, &self.ctx.crypto, &sub.device, &bundle) {
+                    Ok(p) => p,
+                    Err(e) => return Ok(Some(Verdict::Rejected(e))),
+                };
+                let position = state.position + 1;
+                let expected = state.last_subject_seq;
+                let entry = LogEntry {
+                    group: sub.group.clone(),
+                    position,
+                    prev_position: position - 1,
+                    epoch: plan.epoch,
+                    kind: plan.kind,
+                    sender: sub.device.clone(),
+                    submission_id: sub.id.clone(),
+                    message: message.clone(),
+                    recipients: plan.recipients,
+                    welcome: plan.welcome,
+                    welcome_recipients: plan.welcome_recipients,
+                };
+                let Some(seq) = self.append(&sub.group, expected, &entry).await? else {
+                    return Ok(None);
+                };
+                let state = self.state.as_mut().ok_or_else(|| StepError::Transient("cache".into()))?;
+                let is_commit = entry.kind == EntryKind::Commit;
+                if let Err(e) = validate::apply(state, plan.effect) {
+                    // The entry is in LOG; a replay will rebuild the state.
+                    tracing::error!(error = %e, "cannot apply accepted entry to cached state");
+                    self.state = None;
+                    return Ok(Some(Verdict::Accepted { position, epoch: entry.epoch }));
+                }
+                state.record(&sub.id, position, entry.epoch, seq, is_commit);
+                tracing::debug!(position, seq, kind = entry.kind.as_str(), "appended");
+                let snapshot = is_commit || position % SNAPSHOT_EVERY == 0;
+                if snapshot {
+                    let bytes = state.snapshot();
+                    self.save_bytes(&sub.group, bytes).await;
+                }
+                Ok(Some(Verdict::Accepted { position, epoch: entry.epoch }))
+            }
+        }
+    }
+
+    fn already(&self, sub: &Submission) -> Option<Verdict> {
+        let state = self.state.as_ref()?;
+        let (position, epoch) = state.recent_verdict(&sub.id)?;
+        Some(Verdict::Accepted { position, epoch })
+    }
+
+    /// Appends `entry` to the group's LOG if its last entry is still at
+    /// `expected`. `Ok(None)`: someone else appended first.
+    async fn append(&self, group: &GroupId, expected: u64, entry: &LogEntry) -> Result<Option<u64>, StepError> {
+        let publish = PublishMessage::build()
+            .payload(Bytes::from(proto::wire::encode(entry)))
+            .message_id(names::log_msg_id(&entry.submission_id))
+            .expected_last_subject_sequence(expected)
+            .header(names::headers::POSITION, entry.position.to_string().as_str())
+            .header(names::headers::EPOCH, entry.epoch.to_string().as_str())
+            .header(names::headers::KIND, entry.kind.as_str());
+        let ack = match self.ctx.topo.js.send_publish(names::log_subject(group), publish).await {
+            Ok(f) => f.await,
+            Err(e) => return Err(StepError::Transient(e.to_string())),
+        };
+        match ack {
+            Ok(ack) if ack.duplicate => {
+                // An earlier attempt appended it and then crashed or timed
+                // out; the replay will find it in `recent`.
+                Ok(None)
+            }
+            Ok(ack) => Ok(Some(ack.sequence)),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
+            Err(e) => Err(StepError::Transient(e.to_string())),
+        }
+    }
+
+    async fn save(&self, state: &GroupState) {
+        self.save_bytes(&state.group, state.snapshot()).await;
+    }
+
+    async fn save_bytes(&self, group: &GroupId, bytes: Vec<u8>) {
+        if let Err(e) = self.ctx.topo.groups.put(names::group_key(group), bytes.into()).await {
+            // Only a cache: the next load replays LOG further back.
+            tracing::warn!(error = %e, "cannot save group snapshot");
+        }
+    }
+
+    /// Loads the group: the cached state (caught up with the LOG tail when
+    /// `refresh`), else the snapshot and the LOG after it. `Ok(None)`: the
+    /// group does not exist.
+    async fn load(&mut self, group: &GroupId, refresh: bool) -> Result<Option<()>, StepError> {
+        let mut state = match self.state.take() {
+            Some(s) if !refresh => {
+                self.state = Some(s);
+                return Ok(Some(()));
+            }
+            Some(s) => Some(s),
+            None => {
+                let snap = self
+                    .ctx
+                    .topo
+                    .groups
+                    .get(names::group_key(group))
+                    .await
+                    .map_err(|e| StepError::Transient(e.to_string()))?;
+                snap.and_then(|b| GroupState::restore(group, &b))
+            }
+        };
+        let subject = names::log_subject(group);
+        let mut next = state.as_ref().map(|s| s.last_subject_seq + 1).unwrap_or(1);
+        loop {
+            let msg = match self.ctx.topo.log.direct_get_next_for_subject(subject.as_str(), Some(next)).await {
+                Ok(m) => m,
+                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
+                Err(e) => return Err(StepError::Transient(e.to_string())),
+            };
+            next = msg.sequence + 1;
+            let entry: LogEntry = match proto::wire::decode(&msg.payload) {
+                Ok(e) => e,
+                Err(e) => return Err(StepError::Transient(format!("undecodable LOG entry: {e}"))),
+            };
+            self.ctx.metrics.replayed.inc();
+            state = Some(self.replay(state, &entry, msg.sequence)?);
+        }
+        let exists = state.is_some();
+        self.state = state;
+        Ok(exists.then_some(()))
+    }
+
+    fn replay(&self, state: Option<GroupState>, entry: &LogEntry, seq: u64) -> Result<GroupState, StepError> {
+        let bad =
+            |e: ApiError| StepError::Transient(format!("LOG entry {} does not replay: {}", entry.position, e.message));
+        let mut state = match (state, entry.kind) {
+            (None, EntryKind::Created) => {
+                validate::bootstrap(&self.ctx.crypto, &entry.group, &entry.sender, &entry.message).map_err(bad)?
+            }
+            (Some(mut s), EntryKind::Commit | EntryKind::Proposal) => {
+                let mut raw = entry.message.clone();
+                raw.extend_from_slice(entry.welcome.as_deref().unwrap_or_default());
+                let bundle = proto::mls::parse_bundle(&raw).map_err(bad)?;
+                let plan = validate::plan(&s, &self.ctx.crypto, &entry.sender, &bundle).map_err(bad)?;
+                validate::apply(&mut s, plan.effect).map_err(StepError::Transient)?;
+                s
+            }
+            (Some(s), _) => s,
+            (None, _) => return Err(StepError::Transient("LOG does not start with a creation".into())),
+        };
+        state.record(&entry.submission_id, entry.position, entry.epoch, seq, entry.kind == EntryKind::Commit);
+        Ok(state)
+    }
+}

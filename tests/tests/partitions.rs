@@ -1,0 +1,145 @@
+//! Partitioned ordering: the server puts each group in the partition we
+//! compute, sequencer processes split the partitions, and a dead sequencer
+//! delays only the groups of the partitions it owned, until they fail over.
+
+use std::time::Duration;
+
+use tests::client::http::Http;
+use tests::proto::{names, GroupId};
+use tests::{metric, sync_until, wait_metric, Client, NatsServer, Operator};
+
+const PARTITIONS: u32 = 16;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_partitions_groups_as_we_compute() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let js = async_nats::jetstream::new(tests::nats_connect(&nats.url()).await?);
+    let cfg = tests::config::Config {
+        streams: tests::config::Streams { partitions: PARTITIONS, ..Default::default() },
+        ..Default::default()
+    };
+    let topo = tests::proto::streams::ensure(&js, &cfg).await?;
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..64 {
+        let g = GroupId::parse(&format!("mimi://a.example/r/room{i}"))?;
+        js.publish(names::submit_subject(&g), "x".into()).await?.await?;
+        let k = names::partition_of(&g, PARTITIONS);
+        let stored = format!("{}.{}", names::submit_partition_filter(k).trim_end_matches(".*"), g.token());
+        let msg = topo.submit.get_last_raw_message_by_subject(stored.as_str()).await;
+        assert!(msg.is_ok(), "{g} is not in partition {k}: {msg:?}");
+        seen.insert(k);
+    }
+    assert!(seen.len() > PARTITIONS as usize / 2, "64 groups fell in only {} partitions", seen.len());
+    Ok(())
+}
+
+/// The partitions a sequencer process owns now.
+async fn owned(op: &Operator) -> Vec<u32> {
+    let mut out = Vec::new();
+    for k in 0..PARTITIONS {
+        if metric(op, &format!("mlsfed_sequencer_partition_owned{{partition=\"{k}\"}}")).await == 1.0 {
+            out.push(k);
+        }
+    }
+    out
+}
+
+/// Submits `body`, resending the same bytes while the answer is retryable
+/// (a `timeout` while a partition fails over): the API's way to learn the
+/// verdict of a queued submission.
+async fn submit(http: &Http, body: Vec<u8>) -> anyhow::Result<u64> {
+    for _ in 0..10 {
+        match http.submit(body.clone(), None).await {
+            Ok(a) => return Ok(a.position),
+            Err(e) if e.code().is_some_and(|c| c.retryable()) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    anyhow::bail!("no verdict after 10 tries")
+}
+
+/// A group of alice and bob whose partition is owned by `owner`.
+async fn group_owned_by(
+    front: &Operator,
+    alice: &mut Client,
+    bob: &mut Client,
+    owner: &[u32],
+    tag: &str,
+) -> anyhow::Result<String> {
+    for i in 0..200 {
+        let id = format!("mimi://a.example/r/{tag}{i}");
+        if owner.contains(&names::partition_of(&GroupId::parse(&id)?, PARTITIONS)) {
+            let g = alice.create_group(&format!("{tag}{i}")).await?;
+            assert_eq!(g, id);
+            alice.add(&g, &[front.user_id("bob")]).await?;
+            sync_until(&mut [bob], Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
+            return Ok(g);
+        }
+    }
+    anyhow::bail!("no room id fell in {owner:?}")
+}
+
+/// Two sequencers split the partitions. The one that owns group 1 is
+/// SIGKILLed with a submission of group 1 waiting; group 2, owned by the
+/// survivor, keeps flowing meanwhile; then group 1's partition fails over
+/// and everything is delivered once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_sequencer_delays_only_its_own_partitions() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let metrics = |c: &mut tests::config::Config| c.metrics_listen = "127.0.0.1:0".into();
+    let front = Operator::start_with(&nats, "a.example", "ingest", metrics)?;
+    let _fanout = front.worker("fanout")?;
+    let mut s1 = front.worker("sequencer")?;
+    let s2 = front.worker("sequencer")?;
+    // Both joined and split the partitions between them.
+    tests::wait_partitions_split(&[&s1, &s2], PARTITIONS).await?;
+    let (own1, own2) = (owned(&s1).await, owned(&s2).await);
+    assert!(!own1.is_empty() && !own2.is_empty(), "{own1:?} / {own2:?}");
+    assert_eq!(own1.len() + own2.len(), PARTITIONS as usize);
+
+    let mut alice = front.client("alice", "phone", 4).await?;
+    let mut bob = front.client("bob", "phone", 4).await?;
+    let g1 = group_owned_by(&front, &mut alice, &mut bob, &own1, "one").await?;
+    let g2 = group_owned_by(&front, &mut alice, &mut bob, &own2, "two").await?;
+    for i in 0..5 {
+        alice.send(&g1, &format!("g1 before {i}")).await?;
+        alice.send(&g2, &format!("g2 before {i}")).await?;
+    }
+
+    // Pre-encrypted, so the submissions below are pure server work.
+    let waiting = alice.encrypt_for_bench(&g1, b"g1 waits for failover")?;
+    let flowing: Vec<Vec<u8>> =
+        (0..5).map(|i| alice.encrypt_for_bench(&g2, format!("g2 flows {i}").as_bytes())).collect::<Result<_, _>>()?;
+    s1.kill();
+    let http = alice.http().clone();
+    let g1_task = tokio::spawn(async move { submit(&http, waiting).await });
+    for body in flowing {
+        submit(alice.http(), body).await?;
+    }
+    assert!(!g1_task.is_finished(), "group 1 was decided before its partition could fail over");
+    let p1 = g1_task.await??;
+    wait_metric(&s2, "mlsfed_sequencer_partitions_owned", Duration::from_secs(30), |v| v == f64::from(PARTITIONS))
+        .await?;
+    let last1 = alice.send(&g1, "g1 after").await?;
+    let last2 = alice.send(&g2, "g2 after").await?;
+    assert!(last1 > p1);
+    sync_until(&mut [&mut alice, &mut bob], Duration::from_secs(60), |c| {
+        c.positions(&g1).last().is_some_and(|p| *p >= last1) && c.positions(&g2).last().is_some_and(|p| *p >= last2)
+    })
+    .await?;
+    for g in [&g1, &g2] {
+        let ps = bob.positions(g);
+        assert!(ps.windows(2).all(|w| w[0] < w[1]), "{g}: {ps:?}");
+        let texts: Vec<String> = bob.messages(g).into_iter().map(|m| m.2).collect();
+        let mut unique = texts.clone();
+        unique.dedup();
+        assert_eq!(unique, texts, "{g}: a message arrived twice");
+    }
+    let t1: Vec<String> = bob.messages(&g1).into_iter().map(|m| m.2).collect();
+    assert_eq!(t1.len(), 7, "{t1:?}");
+    assert_eq!(t1[5], "g1 waits for failover");
+    let t2: Vec<String> = bob.messages(&g2).into_iter().map(|m| m.2).collect();
+    assert_eq!(t2.len(), 11, "{t2:?}");
+    assert!(bob.failures().is_empty(), "{:?}", bob.failures());
+    Ok(())
+}
