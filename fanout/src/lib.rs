@@ -1,21 +1,26 @@
 //! Fanout: reads the LOG and delivers each accepted entry to the mailbox of
 //! every local recipient device, in hub order, exactly once.
 //!
-//! Many fanout processes share one durable consumer. Per-group order across
-//! them comes from a cursor per group in KV (`mlsfed_fanout`): an entry is
-//! delivered only when the cursor says its predecessor was fully delivered,
-//! and the cursor moves by compare-and-set. Redelivered entries are dropped by
-//! the cursor (already delivered) or by the mailbox's `Nats-Msg-Id` (delivered
-//! in part before a crash).
+//! LOG is split into the same partitions as SUBMIT; fanout processes share
+//! them out (`proto::partitions`) and work each group of an owned partition
+//! in its own task, in order, so a dead or slow worker delays only the
+//! groups of its partitions, and only until they fail over. Per-group order
+//! across processes (during a handover) still comes from a cursor per group
+//! in KV (`mlsfed_fanout`): an entry is delivered only when the cursor says
+//! its predecessor was fully delivered, and the cursor moves by
+//! compare-and-set. Redelivered entries are dropped by the cursor (already
+//! delivered) or by the mailbox's `Nats-Msg-Id` (delivered in part before a
+//! crash).
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, message::PublishMessage, AckKind};
 use bytes::Bytes;
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use proto::federation::Payload;
+use proto::partitions::{GroupHandler, OnOwned, Role};
 use proto::streams::Topology;
 use proto::wire::{EntryKind, LogEntry, MailboxItem};
 use proto::{names, DeviceId, GroupId};
@@ -29,6 +34,8 @@ const GAP_RETRY: Duration = Duration::from_millis(20);
 pub enum RunFanoutError {
     #[error("cannot read the log: {0}")]
     Consume(String),
+    #[error(transparent)]
+    Membership(#[from] proto::partitions::MembershipError),
 }
 
 #[derive(Clone)]
@@ -38,6 +45,8 @@ pub struct Metrics {
     pub out_of_order_waits: IntCounter,
     pub forwarded: IntCounter,
     pub lag_seconds: Histogram,
+    pub partitions_owned: IntGauge,
+    pub partition_owned: IntGaugeVec,
 }
 
 impl Metrics {
@@ -60,7 +69,20 @@ impl Metrics {
                 HistogramOpts::new("mlsfed_fanout_lag_seconds", "Time from LOG append to mailbox delivery.")
                     .buckets(prometheus::exponential_buckets(0.0005, 2.0, 18)?),
             )?,
+            partitions_owned: IntGauge::new(
+                "mlsfed_fanout_partitions_owned",
+                "LOG partitions this fanout process delivers now.",
+            )?,
+            partition_owned: IntGaugeVec::new(
+                Opts::new(
+                    "mlsfed_fanout_partition_owned",
+                    "1 for each LOG partition this process delivers now (a closed set: 0..streams.partitions).",
+                ),
+                &["partition"],
+            )?,
         };
+        registry.register(Box::new(m.partitions_owned.clone()))?;
+        registry.register(Box::new(m.partition_owned.clone()))?;
         registry.register(Box::new(m.delivered.clone()))?;
         registry.register(Box::new(m.entries.clone()))?;
         registry.register(Box::new(m.out_of_order_waits.clone()))?;
@@ -71,13 +93,23 @@ impl Metrics {
 }
 
 pub struct Fanout {
+    ctx: Arc<Ctx>,
+    cfg: config::Streams,
+}
+
+struct Ctx {
     topo: Topology,
     domain: String,
     metrics: Metrics,
-    /// This worker's last known cursor per group (position, KV revision):
-    /// saves the KV read while one worker streams a group. A stale entry
-    /// only costs a failed compare-and-set or a wait, never a wrong delivery.
-    cursors: HashMap<GroupId, (Cursor, u64)>,
+}
+
+/// One group's fan-out, worked by one task at a time.
+struct GroupFanout {
+    ctx: Arc<Ctx>,
+    /// The group's last known cursor (and its KV revision): saves the KV
+    /// read while this task streams the group. A stale one only costs a
+    /// failed compare-and-set or a wait, never a wrong delivery.
+    cursor: Option<(Cursor, u64)>,
 }
 
 /// A group's fan-out progress (KV `mlsfed_fanout`).
@@ -90,68 +122,83 @@ struct Cursor {
     peers: std::collections::BTreeMap<String, u64>,
 }
 
-/// Cursors kept before the cache is cleared.
-const MAX_CURSORS: usize = 100_000;
-
 enum Step {
     Done,
     NotYet,
 }
 
 impl Fanout {
-    pub fn new(topo: Topology, domain: String, metrics: Metrics) -> Self {
-        Self { topo, domain, metrics, cursors: HashMap::new() }
+    pub fn new(topo: Topology, domain: String, cfg: config::Streams, metrics: Metrics) -> Self {
+        Self { ctx: Arc::new(Ctx { topo, domain, metrics }), cfg }
     }
 
-    pub async fn run(
-        mut self,
-        consumer: jetstream::consumer::PullConsumer,
-        shutdown: CancellationToken,
-    ) -> Result<(), RunFanoutError> {
-        let mut messages = consumer.messages().await.map_err(|e| RunFanoutError::Consume(e.to_string()))?;
-        loop {
-            let Some(msg) = proto::streams::next_message(&mut messages, &shutdown, "fanout")
-                .await
-                .map_err(|e| RunFanoutError::Consume(e.to_string()))?
-            else {
-                return Ok(());
-            };
-            let entry: LogEntry = match proto::wire::decode(&msg.payload) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::error!(error = %e, "undecodable LOG entry; terminating it");
-                    let _ = msg.ack_with(AckKind::Term).await;
-                    continue;
+    /// Joins the fanout processes of this operator and delivers the LOG
+    /// partitions it is given until `shutdown` fires; then hands them over.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RunFanoutError> {
+        let role = Role {
+            name: "fanout",
+            stream: self.ctx.topo.log.clone(),
+            consumer: names::fanout_consumer,
+            filter: names::log_partition_filter,
+            priority_group: names::FANOUT_PRIORITY_GROUP,
+        };
+        let metrics = self.ctx.metrics.clone();
+        let on_owned: OnOwned = Arc::new(move |k, owned| {
+            metrics.partition_owned.with_label_values(&[&k.to_string()]).set(i64::from(owned));
+            if owned {
+                metrics.partitions_owned.inc();
+            } else {
+                metrics.partitions_owned.dec();
+            }
+        });
+        let ctx = self.ctx.clone();
+        let new_group = move || GroupFanout { ctx: ctx.clone(), cursor: None };
+        let members = self.ctx.topo.members.clone();
+        proto::partitions::serve(role, members, self.cfg, new_group, on_owned, shutdown).await?;
+        Ok(())
+    }
+}
+
+impl GroupHandler for GroupFanout {
+    async fn handle(&mut self, msg: jetstream::Message) {
+        let entry: LogEntry = match proto::wire::decode(&msg.payload) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "undecodable LOG entry; terminating it");
+                let _ = msg.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        match self.deliver(&entry.group, &entry).await {
+            Ok(Step::Done) => {
+                if let Ok(info) = msg.info() {
+                    let age = time::OffsetDateTime::now_utc() - info.published;
+                    self.ctx.metrics.lag_seconds.observe(age.as_seconds_f64().max(0.0));
                 }
-            };
-            match self.deliver(&entry.group, &entry).await {
-                Ok(Step::Done) => {
-                    if let Ok(info) = msg.info() {
-                        let age = time::OffsetDateTime::now_utc() - info.published;
-                        self.metrics.lag_seconds.observe(age.as_seconds_f64().max(0.0));
-                    }
-                    if let Err(e) = msg.double_ack().await {
-                        tracing::warn!(error = %e, "ack failed; entry will be redelivered and deduplicated");
-                    }
+                if let Err(e) = msg.double_ack().await {
+                    tracing::warn!(error = %e, "ack failed; entry will be redelivered and deduplicated");
                 }
-                Ok(Step::NotYet) => {
-                    self.metrics.out_of_order_waits.inc();
-                    let _ = msg.ack_with(AckKind::Nak(Some(GAP_RETRY))).await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "fanout failed; retrying later");
-                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
-                }
+            }
+            Ok(Step::NotYet) => {
+                self.ctx.metrics.out_of_order_waits.inc();
+                let _ = msg.ack_with(AckKind::Nak(Some(GAP_RETRY))).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "fanout failed; retrying later");
+                self.cursor = None;
+                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
             }
         }
     }
+}
 
+impl GroupFanout {
     async fn deliver(&mut self, group: &GroupId, entry: &LogEntry) -> Result<Step, String> {
         let key = names::group_key(group);
-        let (mut cursor, revision) = match self.cursors.get(group) {
+        let (mut cursor, revision) = match &self.cursor {
             Some((c, rev)) if c.done == entry.prev_position => (c.clone(), *rev),
             _ => {
-                let stored = self.topo.fanout.entry(key.as_str()).await.map_err(|e| e.to_string())?;
+                let stored = self.ctx.topo.fanout.entry(key.as_str()).await.map_err(|e| e.to_string())?;
                 match &stored {
                     Some(e) => (serde_json::from_slice(&e.value).unwrap_or_default(), e.revision),
                     None => (Cursor::default(), 0),
@@ -163,10 +210,10 @@ impl Fanout {
             return Ok(Step::Done);
         }
         if entry.prev_position != cursor.done {
-            self.cursors.remove(group);
+            self.cursor = None;
             return Ok(Step::NotYet);
         }
-        let local = |d: &DeviceId| d.domain() == self.domain;
+        let local = |d: &DeviceId| d.domain() == self.ctx.domain;
         let mut items: Vec<(&DeviceId, MailboxItem)> = entry
             .recipients
             .iter()
@@ -204,6 +251,7 @@ impl Fanout {
                 // one only returns to its pool after the reservation time).
                 if let Ok(refs) = proto::mls::welcome_recipients(w) {
                     let _ = self
+                        .ctx
                         .topo
                         .js
                         .client()
@@ -214,39 +262,34 @@ impl Fanout {
         }
         // At the hub: hand the entry to each peer operator with members in
         // it, once per peer however many of its devices are members.
-        if group.hub() == self.domain {
+        if group.hub() == self.ctx.domain {
             self.forward(entry, &mut cursor).await?;
         }
         cursor.done = entry.position;
         let value = Bytes::from(serde_json::to_vec(&cursor).map_err(|e| e.to_string())?);
         let moved = if revision == 0 {
-            self.topo
+            self.ctx
+                .topo
                 .fanout
                 .create(key.as_str(), value)
                 .await
                 .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string()))
         } else {
-            self.topo
+            self.ctx
+                .topo
                 .fanout
                 .update(key.as_str(), value, revision)
                 .await
                 .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string()))
         };
         match moved {
-            Ok(rev) => {
-                if self.cursors.len() > MAX_CURSORS {
-                    self.cursors.clear();
-                }
-                self.cursors.insert(group.clone(), (cursor, rev));
-            }
+            Ok(rev) => self.cursor = Some((cursor, rev)),
             // Another worker delivered the same entry concurrently (a
             // redelivery race); the mailbox dedup made that harmless.
-            Err((true, _)) => {
-                self.cursors.remove(group);
-            }
+            Err((true, _)) => self.cursor = None,
             Err((false, e)) => return Err(e),
         }
-        self.metrics.entries.inc();
+        self.ctx.metrics.entries.inc();
         tracing::debug!(position = entry.position, "delivered");
         Ok(Step::Done)
     }
@@ -259,7 +302,7 @@ impl Fanout {
             .iter()
             .chain(entry.welcome_recipients.iter())
             .map(|d| d.domain())
-            .filter(|d| *d != self.domain)
+            .filter(|d| *d != self.ctx.domain)
             .collect();
         peers.sort_unstable();
         peers.dedup();
@@ -279,14 +322,19 @@ impl Fanout {
             let publish = PublishMessage::build()
                 .payload(Bytes::from(proto::wire::encode(&Payload::Deliver(part))))
                 .message_id(id);
-            let ack =
-                self.topo.js.send_publish(names::fed_out_subject(peer), publish).await.map_err(|e| e.to_string())?;
+            let ack = self
+                .ctx
+                .topo
+                .js
+                .send_publish(names::fed_out_subject(peer), publish)
+                .await
+                .map_err(|e| e.to_string())?;
             acks.push(ack);
             cursor.peers.insert(peer.to_owned(), entry.position);
         }
         for ack in acks {
             ack.await.map_err(|e| e.to_string())?;
-            self.metrics.forwarded.inc();
+            self.ctx.metrics.forwarded.inc();
         }
         Ok(())
     }
@@ -299,13 +347,14 @@ impl Fanout {
             let publish = PublishMessage::build()
                 .payload(Bytes::from(proto::wire::encode(item)))
                 .message_id(names::mailbox_msg_id(group, position, d));
-            let ack = self.topo.js.send_publish(names::mailbox_subject(d), publish).await.map_err(|e| e.to_string())?;
+            let ack =
+                self.ctx.topo.js.send_publish(names::mailbox_subject(d), publish).await.map_err(|e| e.to_string())?;
             acks.push((item.kind, ack));
         }
         for (kind, ack) in acks {
             let ack = ack.await.map_err(|e| e.to_string())?;
             if !ack.duplicate {
-                self.metrics.delivered.with_label_values(&[kind.as_str()]).inc();
+                self.ctx.metrics.delivered.with_label_values(&[kind.as_str()]).inc();
             }
         }
         Ok(())

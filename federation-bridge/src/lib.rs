@@ -75,6 +75,8 @@ pub struct Bridge {
     /// The incarnation of our FED_OUT stream (its creation time), which our
     /// envelopes carry so a peer can tell a recreated outbox from a replay.
     outbox_id: u64,
+    /// `streams.partitions`: LOG subjects name the group's partition.
+    partitions: u32,
     peers: HashMap<String, Arc<Peer>>,
     metrics: Metrics,
 }
@@ -169,6 +171,7 @@ impl Bridge {
             signer,
             keys,
             outbox_id,
+            partitions: cfg.streams.partitions,
             peers,
             metrics,
         })

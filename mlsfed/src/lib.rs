@@ -79,10 +79,14 @@ pub async fn run(
         tasks.spawn(async move { seq.run(sd).await.map_err(anyhow::Error::from) });
     }
     if roles.fanout {
-        let consumer = proto::streams::worker_consumer(&topo.log, proto::names::FANOUT_CONSUMER, &cfg.streams).await?;
-        let fo = fanout::Fanout::new(topo.clone(), cfg.domain.clone(), fanout::Metrics::new(&registry)?);
+        let fo = fanout::Fanout::new(
+            topo.clone(),
+            cfg.domain.clone(),
+            cfg.streams.clone(),
+            fanout::Metrics::new(&registry)?,
+        );
         let sd = shutdown.clone();
-        tasks.spawn(async move { fo.run(consumer, sd).await.map_err(anyhow::Error::from) });
+        tasks.spawn(async move { fo.run(sd).await.map_err(anyhow::Error::from) });
     }
     if roles.bridge && !cfg.peers.is_empty() {
         let bridge =

@@ -10,9 +10,11 @@ pub const PREFIX: &str = "mlsfed";
 /// Submissions waiting for the sequencer: `mlsfed.submit.<group>` (WorkQueue).
 pub const SUBMIT_STREAM: &str = "MLSFED_SUBMIT";
 pub const SUBMIT_WILDCARD: &str = "mlsfed.submit.*";
-/// The per-group total order: `mlsfed.log.<group>` (Limits, direct get).
+/// The per-group total order: `mlsfed.log.<partition>.<group>` (Limits,
+/// direct get), the partition as `partition_of` computes it, so fanout can
+/// split LOG the way the sequencers split SUBMIT.
 pub const LOG_STREAM: &str = "MLSFED_LOG";
-pub const LOG_WILDCARD: &str = "mlsfed.log.*";
+pub const LOG_WILDCARD: &str = "mlsfed.log.*.*";
 /// Per-device mailboxes: `mlsfed.mbox.<device>` (Limits, direct get).
 pub const MAILBOX_STREAM: &str = "MLSFED_MAILBOX";
 pub const MAILBOX_WILDCARD: &str = "mlsfed.mbox.*";
@@ -24,7 +26,18 @@ pub const FANOUT_BUCKET: &str = "mlsfed_fanout";
 /// Verdicts of recent submissions, for clients that retry after a timeout.
 pub const VERDICTS_BUCKET: &str = "mlsfed_verdicts";
 
-pub const FANOUT_CONSUMER: &str = "fanout";
+/// What the consumer of LOG partition `k` reads.
+pub fn log_partition_filter(k: u32) -> String {
+    format!("{PREFIX}.log.{k}.*")
+}
+
+/// The durable consumer of LOG partition `k`.
+pub fn fanout_consumer(k: u32) -> String {
+    format!("fanout-p{k}")
+}
+
+/// The priority group fanout workers pull partitions in.
+pub const FANOUT_PRIORITY_GROUP: &str = "fanouts";
 
 /// SUBMIT stores `mlsfed.submit.<group>` as `mlsfed.submitp.<k>.<group>`,
 /// `k` = `partition(P)` of the group token (a stream subject transform, so
@@ -73,8 +86,8 @@ pub fn submit_subject(g: &GroupId) -> String {
     format!("{PREFIX}.submit.{}", g.token())
 }
 
-pub fn log_subject(g: &GroupId) -> String {
-    format!("{PREFIX}.log.{}", g.token())
+pub fn log_subject(g: &GroupId, partitions: u32) -> String {
+    format!("{PREFIX}.log.{}.{}", partition_of(g, partitions), g.token())
 }
 
 pub fn mailbox_subject(d: &DeviceId) -> String {

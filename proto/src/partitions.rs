@@ -15,12 +15,14 @@
 //! messages to one of them; and correctness never rests on either: the LOG
 //! compare-and-set does (design decision 2).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::kv;
+use async_nats::jetstream::{self, kv, stream};
 use futures::StreamExt as _;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::names;
@@ -144,6 +146,192 @@ impl Membership {
         }
         owned.send_replace(Owned::new());
         let _ = self.kv.delete(names::member_key(self.role, &self.instance)).await;
+    }
+}
+
+/// A worker role whose work is one stream split into partitions, with one
+/// pinned durable consumer per partition.
+pub struct Role {
+    /// The role's name among the members (`sequencer`, `fanout`).
+    pub name: &'static str,
+    pub stream: stream::Stream,
+    /// The durable consumer of partition `k`.
+    pub consumer: fn(u32) -> String,
+    /// The subjects of partition `k`; the last token of each names a group.
+    pub filter: fn(u32) -> String,
+    pub priority_group: &'static str,
+}
+
+/// One group's work: its messages, in stream order, one at a time. The
+/// handler acks, naks or terminates each message itself.
+pub trait GroupHandler: Send + 'static {
+    fn handle(&mut self, msg: jetstream::Message) -> impl Future<Output = ()> + Send;
+}
+
+/// Told when this process takes (`true`) or hands over (`false`) a
+/// partition: for metrics.
+pub type OnOwned = Arc<dyn Fn(u32, bool) + Send + Sync>;
+
+/// Joins `role`'s members and works the partitions this process is given
+/// until `shutdown`; then hands them over. Within a partition each group
+/// gets its own task, made by `new_group`, so groups proceed concurrently
+/// and each strictly in order; a task is dropped after the group has been
+/// idle for `streams.group_idle_secs`.
+pub async fn serve<H, F>(
+    role: Role,
+    members: kv::Store,
+    cfg: config::Streams,
+    new_group: F,
+    on_owned: OnOwned,
+    shutdown: CancellationToken,
+) -> Result<(), MembershipError>
+where
+    H: GroupHandler,
+    F: Fn() -> H + Send + Sync + 'static,
+{
+    let membership = Membership::join(members, role.name, cfg.partitions).await?;
+    tracing::info!(role = role.name, instance = membership.instance(), "joined");
+    let (owned_tx, mut owned_rx) = watch::channel(Owned::new());
+    let heartbeat = tokio::spawn(membership.run(owned_tx, shutdown.clone()));
+    let role = Arc::new(role);
+    let new_group = Arc::new(new_group);
+    let mut running: HashMap<u32, (CancellationToken, tokio::task::JoinHandle<()>)> = HashMap::new();
+    loop {
+        let owned = owned_rx.borrow_and_update().clone();
+        running.retain(|k, (stop, task)| {
+            if owned.contains(k) && !task.is_finished() {
+                return true;
+            }
+            stop.cancel();
+            on_owned(*k, false);
+            false
+        });
+        for k in owned {
+            if running.contains_key(&k) {
+                continue;
+            }
+            let stop = shutdown.child_token();
+            let task = tokio::spawn(partition(role.clone(), cfg.clone(), k, new_group.clone(), stop.clone()));
+            running.insert(k, (stop, task));
+            on_owned(k, true);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = owned_rx.changed() => if changed.is_err() { break },
+            // A partition task that ended on its own (its consumer failed)
+            // is started again on the next turn.
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+    for (k, (stop, task)) in running.drain() {
+        stop.cancel();
+        let _ = task.await;
+        on_owned(k, false);
+    }
+    let _ = heartbeat.await;
+    Ok(())
+}
+
+/// Pulls partition `k` and hands each message to its group's task.
+async fn partition<H, F>(role: Arc<Role>, cfg: config::Streams, k: u32, new_group: Arc<F>, stop: CancellationToken)
+where
+    H: GroupHandler,
+    F: Fn() -> H + Send + Sync + 'static,
+{
+    let name = (role.consumer)(k);
+    let consumer =
+        match crate::streams::partition_consumer(&role.stream, &name, &(role.filter)(k), role.priority_group, &cfg)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(role = role.name, partition = k, error = %e, "cannot open partition consumer");
+                return;
+            }
+        };
+    // Pull expiry well below the failover time, so we keep the pin while
+    // alive and lose it soon after dying.
+    let expires = Duration::from_secs(cfg.partition_failover_secs.max(3)) / 3;
+    let messages = consumer
+        .stream()
+        .group(role.priority_group)
+        .expires(expires)
+        .heartbeat(expires / 2)
+        .max_messages_per_batch(cfg.max_in_flight_per_partition.clamp(1, 256) as usize)
+        .messages()
+        .await;
+    let mut messages = match messages {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(role = role.name, partition = k, error = %e, "cannot pull partition");
+            return;
+        }
+    };
+    let idle = Duration::from_secs(cfg.group_idle_secs.max(1));
+    // The queues are bounded by the consumer's max_ack_pending: JetStream
+    // hands out no more than that unacknowledged.
+    let mut groups: HashMap<String, mpsc::UnboundedSender<jetstream::Message>> = HashMap::new();
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => break,
+            m = messages.next() => m,
+        };
+        let mut msg = match next {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                tracing::debug!(role = role.name, partition = k, error = %e, "pull error; retrying");
+                continue;
+            }
+            None => break,
+        };
+        let group = msg.subject.rsplit('.').next().unwrap_or_default().to_owned();
+        loop {
+            let tx = groups.entry(group.clone()).or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(group_task(new_group(), rx, idle));
+                tx
+            });
+            match tx.send(msg) {
+                Ok(()) => break,
+                // The group's task went idle and closed: start another.
+                Err(mpsc::error::SendError(back)) => {
+                    groups.remove(&group);
+                    msg = back;
+                }
+            }
+        }
+        if groups.len() > 4096 {
+            groups.retain(|_, tx| !tx.is_closed());
+        }
+    }
+    // Dropping the senders lets each group task finish what it holds.
+    drop(groups);
+    drop(messages);
+    // Hand the partition over at once instead of after the failover time.
+    if let Err(e) = role.stream.unpin_consumer(&name, role.priority_group).await {
+        tracing::debug!(role = role.name, partition = k, error = %e, "unpin failed; the pin expires instead");
+    }
+}
+
+async fn group_task<H: GroupHandler>(
+    mut handler: H,
+    mut rx: mpsc::UnboundedReceiver<jetstream::Message>,
+    idle: Duration,
+) {
+    loop {
+        let msg = match tokio::time::timeout(idle, rx.recv()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(_) => {
+                // Refuse new messages, then finish the ones already queued.
+                rx.close();
+                while let Ok(m) = rx.try_recv() {
+                    handler.handle(m).await;
+                }
+                return;
+            }
+        };
+        handler.handle(msg).await;
     }
 }
 

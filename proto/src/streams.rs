@@ -238,20 +238,6 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
     })
 }
 
-/// The shared durable pull consumer of a worker role. All processes of a role
-/// bind the same consumer, so JetStream spreads messages across them and
-/// redelivers what a crashed worker held.
-pub async fn worker_consumer(
-    stream: &stream::Stream,
-    name: &'static str,
-    cfg: &config::Streams,
-) -> Result<jetstream::consumer::PullConsumer, EnsureStreamsError> {
-    stream
-        .get_or_create_consumer(name, durable_config(name, "", 1024, cfg.ack_wait()))
-        .await
-        .map_err(|source| EnsureStreamsError::Consumer { name, source })
-}
-
 /// The durable consumer of one partition of a worker role: pinned, so the
 /// server hands the partition to one pulling process at a time, and moves
 /// it to a standby `failover` after the owner stopped pulling.

@@ -20,7 +20,7 @@ pub(crate) struct GroupDecider {
 }
 
 impl GroupDecider {
-    pub(crate) async fn handle(&mut self, sub: &Submission) -> Result<Verdict, StepError> {
+    pub(crate) async fn decide_one(&mut self, sub: &Submission) -> Result<Verdict, StepError> {
         let timer = self.ctx.metrics.step_seconds.start_timer();
         let verdict = self.decide(sub).await;
         timer.observe_duration();
@@ -166,7 +166,7 @@ impl GroupDecider {
             .header(names::headers::POSITION, entry.position.to_string().as_str())
             .header(names::headers::EPOCH, entry.epoch.to_string().as_str())
             .header(names::headers::KIND, entry.kind.as_str());
-        let ack = match self.ctx.topo.js.send_publish(names::log_subject(group), publish).await {
+        let ack = match self.ctx.topo.js.send_publish(names::log_subject(group, self.ctx.partitions), publish).await {
             Ok(f) => f.await,
             Err(e) => return Err(StepError::Transient(e.to_string())),
         };
@@ -214,7 +214,7 @@ impl GroupDecider {
                 snap.and_then(|b| GroupState::restore(group, &b))
             }
         };
-        let subject = names::log_subject(group);
+        let subject = names::log_subject(group, self.ctx.partitions);
         let mut next = state.as_ref().map(|s| s.last_subject_seq + 1).unwrap_or(1);
         loop {
             let msg = match self.ctx.topo.log.direct_get_next_for_subject(subject.as_str(), Some(next)).await {

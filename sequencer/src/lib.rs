@@ -17,20 +17,17 @@ mod metrics;
 mod state;
 mod validate;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage, AckKind};
 use bytes::Bytes;
-use futures::StreamExt as _;
 use openmls_rust_crypto::RustCrypto;
 use proto::federation::Payload;
-use proto::partitions::{Membership, Owned};
+use proto::names;
+use proto::partitions::{GroupHandler, OnOwned, Role};
 use proto::streams::Topology;
 use proto::wire::{Submission, Verdict};
-use proto::{names, GroupId};
-use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use decide::GroupDecider;
@@ -66,6 +63,8 @@ pub(crate) struct Ctx {
     domain: String,
     crypto: RustCrypto,
     metrics: Metrics,
+    /// `streams.partitions`: LOG subjects name the group's partition.
+    partitions: u32,
 }
 
 pub struct Sequencer {
@@ -73,206 +72,66 @@ pub struct Sequencer {
     cfg: config::Streams,
 }
 
-/// One submission handed to its group's task.
-struct Job {
-    sub: Submission,
-    msg: jetstream::Message,
-}
-
 impl Sequencer {
     pub fn new(topo: Topology, domain: String, cfg: config::Streams, metrics: Metrics) -> Self {
-        Self { ctx: Arc::new(Ctx { topo, domain, crypto: RustCrypto::default(), metrics }), cfg }
+        let partitions = cfg.partitions;
+        Self { ctx: Arc::new(Ctx { topo, domain, crypto: RustCrypto::default(), metrics, partitions }), cfg }
     }
 
     /// Joins the sequencers of this operator and orders the partitions it
     /// is given until `shutdown` fires; then hands them over.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), RunSequencerError> {
-        let membership = Membership::join(self.ctx.topo.members.clone(), ROLE, self.cfg.partitions).await?;
-        tracing::info!(instance = membership.instance(), "sequencer joined");
-        let (owned_tx, mut owned_rx) = watch::channel(Owned::new());
-        let members = tokio::spawn(membership.run(owned_tx, shutdown.clone()));
-        // One task per owned partition, cancelled when it is reassigned.
-        let mut running: HashMap<u32, (CancellationToken, tokio::task::JoinHandle<()>)> = HashMap::new();
-        loop {
-            let owned = owned_rx.borrow_and_update().clone();
-            let metrics = &self.ctx.metrics;
-            running.retain(|p, (stop, task)| {
-                if owned.contains(p) && !task.is_finished() {
-                    return true;
-                }
-                stop.cancel();
-                metrics.partition_owned.with_label_values(&[&p.to_string()]).set(0);
-                false
-            });
-            for p in owned {
-                if running.contains_key(&p) {
-                    continue;
-                }
-                let stop = shutdown.child_token();
-                let task =
-                    tokio::spawn(Partition { ctx: self.ctx.clone(), cfg: self.cfg.clone(), k: p }.run(stop.clone()));
-                running.insert(p, (stop, task));
-                self.ctx.metrics.partition_owned.with_label_values(&[&p.to_string()]).set(1);
+        let role = Role {
+            name: ROLE,
+            stream: self.ctx.topo.submit.clone(),
+            consumer: names::sequencer_consumer,
+            filter: names::submit_partition_filter,
+            priority_group: names::SEQUENCER_PRIORITY_GROUP,
+        };
+        let metrics = self.ctx.metrics.clone();
+        let on_owned: OnOwned = Arc::new(move |k, owned| {
+            metrics.partition_owned.with_label_values(&[&k.to_string()]).set(i64::from(owned));
+            if owned {
+                metrics.partitions_owned.inc();
+            } else {
+                metrics.partitions_owned.dec();
             }
-            self.ctx.metrics.partitions_owned.set(running.len() as i64);
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                changed = owned_rx.changed() => if changed.is_err() { break },
-                // A partition task that ended on its own (consumer error) is
-                // restarted on the next turn.
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            }
-        }
-        for (p, (stop, task)) in running.drain() {
-            stop.cancel();
-            let _ = task.await;
-            self.ctx.metrics.partition_owned.with_label_values(&[&p.to_string()]).set(0);
-        }
-        self.ctx.metrics.partitions_owned.set(0);
-        let _ = members.await;
+        });
+        let ctx = self.ctx.clone();
+        let new_group = move || GroupDecider { ctx: ctx.clone(), state: None };
+        let members = self.ctx.topo.members.clone();
+        proto::partitions::serve(role, members, self.cfg, new_group, on_owned, shutdown).await?;
         Ok(())
     }
 }
 
-/// The work of one owned partition: pull it, and hand each submission to
-/// its group's task.
-struct Partition {
-    ctx: Arc<Ctx>,
-    cfg: config::Streams,
-    k: u32,
-}
-
-impl Partition {
-    async fn run(self, stop: CancellationToken) {
-        let name = names::sequencer_consumer(self.k);
-        let consumer = match proto::streams::partition_consumer(
-            &self.ctx.topo.submit,
-            &name,
-            &names::submit_partition_filter(self.k),
-            names::SEQUENCER_PRIORITY_GROUP,
-            &self.cfg,
-        )
-        .await
-        {
-            Ok(c) => c,
+impl GroupHandler for GroupDecider {
+    async fn handle(&mut self, msg: jetstream::Message) {
+        let sub: Submission = match proto::wire::decode(&msg.payload) {
+            Ok(s) => s,
             Err(e) => {
-                tracing::warn!(partition = self.k, error = %e, "cannot open partition consumer");
+                // Only our ingest and bridge write SUBMIT; an undecodable
+                // record is a bug or version skew and must not block the
+                // group.
+                tracing::error!(error = %e, "undecodable submission; terminating it");
+                self.ctx.metrics.dead_letters.inc();
+                let _ = msg.ack_with(AckKind::Term).await;
                 return;
             }
         };
-        // Pull expiry well below the failover time, so we keep the pin
-        // while alive and lose it soon after dying.
-        let expires = Duration::from_secs(self.cfg.partition_failover_secs.max(3)) / 3;
-        let messages = consumer
-            .stream()
-            .group(names::SEQUENCER_PRIORITY_GROUP)
-            .expires(expires)
-            .heartbeat(expires / 2)
-            .max_messages_per_batch(self.cfg.max_in_flight_per_partition.clamp(1, 256) as usize)
-            .messages()
-            .await;
-        let mut messages = match messages {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(partition = self.k, error = %e, "cannot pull partition");
-                return;
-            }
-        };
-        let idle = Duration::from_secs(self.cfg.group_idle_secs.max(1));
-        let mut groups: HashMap<GroupId, mpsc::UnboundedSender<Job>> = HashMap::new();
-        loop {
-            let next = tokio::select! {
-                _ = stop.cancelled() => break,
-                m = messages.next() => m,
-            };
-            let msg = match next {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    tracing::debug!(partition = self.k, error = %e, "pull error; retrying");
-                    continue;
-                }
-                None => break,
-            };
-            let sub: Submission = match proto::wire::decode(&msg.payload) {
-                Ok(s) => s,
-                Err(e) => {
-                    // Only our ingest and bridge write SUBMIT; an undecodable
-                    // record is a bug or version skew and must not block
-                    // the partition.
-                    tracing::error!(error = %e, "undecodable submission; terminating it");
-                    self.ctx.metrics.dead_letters.inc();
-                    let _ = msg.ack_with(AckKind::Term).await;
-                    continue;
-                }
-            };
-            // The queue of a group task is bounded by the partition's
-            // max_ack_pending: JetStream hands out no more than that.
-            let mut job = Job { sub, msg };
-            loop {
-                let tx = groups.entry(job.sub.group.clone()).or_insert_with(|| {
-                    let (tx, rx) = mpsc::unbounded_channel();
-                    tokio::spawn(group_task(self.ctx.clone(), rx, idle));
-                    tx
-                });
-                match tx.send(job) {
-                    Ok(()) => break,
-                    // The group's task went idle and closed: start another.
-                    Err(mpsc::error::SendError(back)) => {
-                        groups.remove(&back.sub.group);
-                        job = back;
-                    }
-                }
-            }
-            if groups.len() > 1024 {
-                groups.retain(|_, tx| !tx.is_closed());
-            }
-        }
-        // Dropping the senders lets each group task finish what it holds.
-        drop(groups);
-        drop(messages);
-        // Hand the partition over at once instead of after the failover time.
-        if let Err(e) = self.ctx.topo.submit.unpin_consumer(&name, names::SEQUENCER_PRIORITY_GROUP).await {
-            tracing::debug!(partition = self.k, error = %e, "unpin failed; the pin expires instead");
-        }
-    }
-}
-
-/// Decides one group's submissions in turn until it has been idle for
-/// `idle` (then its state is dropped) or its partition was released.
-async fn group_task(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Job>, idle: Duration) {
-    let mut decider = GroupDecider { ctx, state: None };
-    loop {
-        let job = match tokio::time::timeout(idle, rx.recv()).await {
-            Ok(Some(job)) => job,
-            Ok(None) => return,
-            Err(_) => {
-                // Refuse new jobs, then finish the ones already queued.
-                rx.close();
-                while let Ok(job) = rx.try_recv() {
-                    decider.run(job).await;
-                }
-                return;
-            }
-        };
-        decider.run(job).await;
-    }
-}
-
-impl GroupDecider {
-    async fn run(&mut self, job: Job) {
-        match self.handle(&job.sub).await {
+        match self.decide_one(&sub).await {
             Ok(verdict) => {
-                self.ctx.publish_verdict(&job.sub, &verdict).await;
+                self.ctx.publish_verdict(&sub, &verdict).await;
                 // A lost ack only means a redelivery, which the cached
                 // recent verdicts or the LOG answer the same way.
-                if let Err(e) = job.msg.ack().await {
+                if let Err(e) = msg.ack().await {
                     tracing::warn!(error = %e, "ack of submission failed; it will be redelivered");
                 }
             }
             Err(StepError::Transient(e)) => {
                 tracing::warn!(error = %e, "submission deferred");
                 self.state = None;
-                let _ = job.msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
             }
         }
     }

@@ -35,9 +35,14 @@ async fn the_server_partitions_groups_as_we_compute() -> anyhow::Result<()> {
 
 /// The partitions a sequencer process owns now.
 async fn owned(op: &Operator) -> Vec<u32> {
+    owned_by(op, "sequencer").await
+}
+
+/// The partitions a process of `role` (sequencer, fanout) owns now.
+async fn owned_by(op: &Operator, role: &str) -> Vec<u32> {
     let mut out = Vec::new();
     for k in 0..PARTITIONS {
-        if metric(op, &format!("mlsfed_sequencer_partition_owned{{partition=\"{k}\"}}")).await == 1.0 {
+        if metric(op, &format!("mlsfed_{role}_partition_owned{{partition=\"{k}\"}}")).await == 1.0 {
             out.push(k);
         }
     }
@@ -140,6 +145,53 @@ async fn a_dead_sequencer_delays_only_its_own_partitions() -> anyhow::Result<()>
     assert_eq!(t1[5], "g1 waits for failover");
     let t2: Vec<String> = bob.messages(&g2).into_iter().map(|m| m.2).collect();
     assert_eq!(t2.len(), 11, "{t2:?}");
+    assert!(bob.failures().is_empty(), "{:?}", bob.failures());
+    Ok(())
+}
+
+/// Two fanout workers split the LOG partitions. The one that delivers
+/// group 1 is SIGKILLed; a message to group 1 is accepted but waits for
+/// the failover, while group 2's messages, delivered by the survivor, keep
+/// arriving; then group 1's partition fails over and nothing is lost or
+/// duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_fanout_delays_only_its_own_partitions() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let metrics = |c: &mut tests::config::Config| c.metrics_listen = "127.0.0.1:0".into();
+    let front = Operator::start_with(&nats, "a.example", "ingest", metrics)?;
+    let _sequencer = front.worker("sequencer")?;
+    let mut f1 = front.worker("fanout")?;
+    let f2 = front.worker("fanout")?;
+    for _ in 0..200 {
+        let (a, b) =
+            (metric(&f1, "mlsfed_fanout_partitions_owned").await, metric(&f2, "mlsfed_fanout_partitions_owned").await);
+        if a > 0.0 && b > 0.0 && a + b == f64::from(PARTITIONS) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (own1, own2) = (owned_by(&f1, "fanout").await, owned_by(&f2, "fanout").await);
+    assert!(!own1.is_empty() && !own2.is_empty(), "{own1:?} / {own2:?}");
+    assert_eq!(own1.len() + own2.len(), PARTITIONS as usize);
+
+    let mut alice = front.client("alice", "phone", 4).await?;
+    let mut bob = front.client("bob", "phone", 4).await?;
+    let g1 = group_owned_by(&front, &mut alice, &mut bob, &own1, "one").await?;
+    let g2 = group_owned_by(&front, &mut alice, &mut bob, &own2, "two").await?;
+    f1.kill();
+    let p1 = alice.send(&g1, "g1 waits for failover").await?;
+    let p2 = alice.send(&g2, "g2 flows").await?;
+    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.positions(&g2).last().is_some_and(|p| *p >= p2)).await?;
+    assert!(
+        bob.positions(&g1).last().is_none_or(|p| *p < p1),
+        "group 1 was delivered before its partition could fail over"
+    );
+    wait_metric(&f2, "mlsfed_fanout_partitions_owned", Duration::from_secs(30), |v| v == f64::from(PARTITIONS)).await?;
+    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.positions(&g1).last().is_some_and(|p| *p >= p1)).await?;
+    for g in [&g1, &g2] {
+        let texts: Vec<String> = bob.messages(g).into_iter().map(|m| m.2).collect();
+        assert_eq!(texts.len(), 1, "{g}: {texts:?}");
+    }
     assert!(bob.failures().is_empty(), "{:?}", bob.failures());
     Ok(())
 }
