@@ -13,6 +13,16 @@ use proto::{names, ApiError, ErrorCode, GroupId};
 use crate::state::GroupState;
 use crate::{validate, Ctx, StepError, CAS_RETRIES, SNAPSHOT_EVERY};
 
+/// What an append did.
+enum Appended {
+    /// Stored at this stream sequence.
+    At(u64),
+    /// Another entry took the position first (a lost race).
+    Lost,
+    /// This submission was already in LOG: its verdict.
+    Already(Verdict),
+}
+
 pub(crate) struct GroupDecider {
     pub(crate) ctx: Arc<Ctx>,
     /// The group's public state, when loaded: a cache of its LOG.
@@ -85,8 +95,10 @@ impl GroupDecider {
                     welcome: None,
                     welcome_recipients: vec![],
                 };
-                let Some(seq) = self.append(&sub.group, 0, &entry).await? else {
-                    return Ok(None);
+                let seq = match self.append(&sub.group, 0, &entry).await? {
+                    Appended::At(seq) => seq,
+                    Appended::Lost => return Ok(None),
+                    Appended::Already(v) => return Ok(Some(v)),
                 };
                 state.record(&sub.id, 1, 0, seq, false);
                 self.save(&state).await;
@@ -127,8 +139,15 @@ impl GroupDecider {
                     welcome: plan.welcome,
                     welcome_recipients: plan.welcome_recipients,
                 };
-                let Some(seq) = self.append(&sub.group, expected, &entry).await? else {
-                    return Ok(None);
+                let seq = match self.append(&sub.group, expected, &entry).await? {
+                    Appended::At(seq) => seq,
+                    Appended::Lost => return Ok(None),
+                    Appended::Already(v) => {
+                        // Our cached state may or may not include that
+                        // entry: the next submission reloads it.
+                        self.state = None;
+                        return Ok(Some(v));
+                    }
                 };
                 let state = self.state.as_mut().ok_or_else(|| StepError::Transient("cache".into()))?;
                 let is_commit = entry.kind == EntryKind::Commit;
@@ -157,8 +176,8 @@ impl GroupDecider {
     }
 
     /// Appends `entry` to the group's LOG if its last entry is still at
-    /// `expected`. `Ok(None)`: someone else appended first.
-    async fn append(&self, group: &GroupId, expected: u64, entry: &LogEntry) -> Result<Option<u64>, StepError> {
+    /// `expected`.
+    async fn append(&self, group: &GroupId, expected: u64, entry: &LogEntry) -> Result<Appended, StepError> {
         let publish = PublishMessage::build()
             .payload(Bytes::from(proto::wire::encode(entry)))
             .message_id(names::log_msg_id(&entry.submission_id))
@@ -172,12 +191,27 @@ impl GroupDecider {
         };
         match ack {
             Ok(ack) if ack.duplicate => {
-                // An earlier attempt appended it and then crashed or timed
-                // out; the replay will find it in `recent`.
-                Ok(None)
+                // An earlier attempt appended this submission (then crashed
+                // or timed out before its ack). The PubAck names the stored
+                // entry: its position and epoch are the verdict, however
+                // long ago it was appended.
+                let stored = self
+                    .ctx
+                    .topo
+                    .log
+                    .direct_get(ack.sequence)
+                    .await
+                    .map_err(|e| StepError::Transient(format!("cannot read the duplicate's entry: {e}")))?;
+                let first: LogEntry = proto::wire::decode(&stored.payload)
+                    .map_err(|e| StepError::Transient(format!("undecodable LOG entry: {e}")))?;
+                if first.submission_id != entry.submission_id {
+                    return Err(StepError::Transient("a duplicate ack named another submission's entry".into()));
+                }
+                self.ctx.metrics.duplicates.inc();
+                Ok(Appended::Already(Verdict::Accepted { position: first.position, epoch: first.epoch }))
             }
-            Ok(ack) => Ok(Some(ack.sequence)),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
+            Ok(ack) => Ok(Appended::At(ack.sequence)),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Appended::Lost),
             Err(e) => Err(StepError::Transient(e.to_string())),
         }
     }

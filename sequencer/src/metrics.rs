@@ -9,6 +9,7 @@ pub struct Metrics {
     pub cas_conflicts: IntCounter,
     pub replayed: IntCounter,
     pub dead_letters: IntCounter,
+    pub duplicates: IntCounter,
     pub step_seconds: Histogram,
     pub partitions_owned: IntGauge,
     pub partition_owned: IntGaugeVec,
@@ -34,6 +35,10 @@ impl Metrics {
                 "mlsfed_sequencer_dead_letters_total",
                 "Undecodable submissions terminated.",
             )?,
+            duplicates: IntCounter::new(
+                "mlsfed_sequencer_duplicate_appends_total",
+                "Submissions found already in LOG by the append's duplicate ack (answered from the stored entry).",
+            )?,
             step_seconds: Histogram::with_opts(
                 HistogramOpts::new("mlsfed_sequencer_step_seconds", "Time to decide one submission.")
                     .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16)?),
@@ -57,6 +62,7 @@ impl Metrics {
         registry.register(Box::new(m.cas_conflicts.clone()))?;
         registry.register(Box::new(m.replayed.clone()))?;
         registry.register(Box::new(m.dead_letters.clone()))?;
+        registry.register(Box::new(m.duplicates.clone()))?;
         registry.register(Box::new(m.step_seconds.clone()))?;
         Ok(m)
     }

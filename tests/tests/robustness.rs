@@ -1,0 +1,75 @@
+//! Faults that must not duplicate anything: a submission that reaches the
+//! sequencer again long after it was appended is answered from the LOG, not
+//! appended twice.
+
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use tests::proto::wire::{Submission, SubmissionKind, Verdict};
+use tests::proto::{names, GroupId};
+use tests::{sync_until, NatsServer, Operator};
+
+/// The sequencer's memory of recent verdicts holds 512 submissions per
+/// group. A copy of an appended submission that arrives after 600 others
+/// (as after a crash between append and ack, with the group busy) gets the
+/// original position from the append's duplicate ack, and the LOG keeps
+/// one entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_copy_of_an_appended_submission_is_not_appended_twice() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let op = Operator::start(&nats, "a.example")?;
+    let mut alice = op.client("alice", "phone", 2).await?;
+    let mut bob = op.client("bob", "phone", 2).await?;
+    let g = alice.create_group("dup").await?;
+    alice.add(&g, &[op.user_id("bob")]).await?;
+    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
+
+    let first = alice.encrypt_for_bench(&g, b"first")?;
+    let original = alice.http().submit(first.clone(), None).await?;
+    let bodies: Vec<Vec<u8>> =
+        (0..600).map(|i| alice.encrypt_for_bench(&g, format!("m{i}").as_bytes())).collect::<Result<_, _>>()?;
+    let http = alice.http().clone();
+    let results: Vec<_> = futures::stream::iter(bodies.into_iter().map(|b| {
+        let http = http.clone();
+        async move { http.submit(b, None).await }
+    }))
+    .buffer_unordered(16)
+    .collect()
+    .await;
+    let last = results.into_iter().map(|r| r.map(|a| a.position)).collect::<Result<Vec<_>, _>>()?;
+    let last = last.into_iter().max().unwrap_or_default();
+
+    // The same submission again, past SUBMIT's dedup (a new Nats-Msg-Id).
+    let client = tests::nats_connect(&nats.url()).await?;
+    let sub = Submission {
+        id: tests::proto::wire::submission_id(alice.id(), &[b"msg", &first]),
+        device: alice.id().clone(),
+        group: GroupId::parse(&g)?,
+        kind: SubmissionKind::Message { message: first, welcome: None, group_info: None },
+        origin: None,
+    };
+    let mut verdicts = client.subscribe(names::verdict_subject(&sub.id)).await?;
+    let js = async_nats::jetstream::new(client);
+    let publish = async_nats::jetstream::message::PublishMessage::build()
+        .payload(tests::proto::wire::encode(&sub).into())
+        .message_id("a-late-copy");
+    js.send_publish(names::submit_subject(&sub.group), publish).await?.await?;
+    let verdict = tokio::time::timeout(Duration::from_secs(30), verdicts.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no verdict"))?;
+    assert_eq!(
+        Verdict::from_bytes(&verdict.payload)?,
+        Verdict::Accepted { position: original.position, epoch: original.epoch },
+        "the late copy was not answered with the original position"
+    );
+    assert_eq!(tests::metric(&op, "mlsfed_sequencer_duplicate_appends_total").await, 1.0);
+
+    // Bob gets "first" once, and every message once, in order.
+    sync_until(&mut [&mut bob], Duration::from_secs(60), |c| c.positions(&g).last().is_some_and(|p| *p >= last))
+        .await?;
+    let got = bob.messages(&g);
+    assert_eq!(got.iter().filter(|m| m.2 == "first").count(), 1);
+    assert_eq!(got.len(), 601, "bob got {} messages", got.len());
+    assert!(got.windows(2).all(|w| w[0].0 < w[1].0));
+    Ok(())
+}
