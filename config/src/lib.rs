@@ -156,6 +156,9 @@ pub struct Federation {
     /// Federation protocol versions we offer (the highest common one is
     /// used; none in common makes a peer incompatible).
     pub versions: Vec<u16>,
+    /// Requests (ours to peers, and peers' to us) one bridge process works
+    /// on at once; beyond, a request is answered `unavailable` at once.
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for Federation {
@@ -168,6 +171,7 @@ impl Default for Federation {
             request_window_secs: 300,
             max_seq_jump: 1 << 32,
             versions: vec![1],
+            max_concurrent_requests: 256,
         }
     }
 }
@@ -182,6 +186,9 @@ pub struct Limits {
     pub submit_timeout_ms: u64,
     /// Most items returned by one mailbox fetch.
     pub max_fetch: usize,
+    /// Most WebSocket push connections one ingest process holds; beyond,
+    /// an upgrade answers 503 `unavailable` with `Retry-After`.
+    pub max_websockets: usize,
 }
 
 /// JetStream settings. Retention is what sets the outage a device or a peer
@@ -264,7 +271,7 @@ impl Default for Config {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_body_bytes: 1 << 20, submit_timeout_ms: 10_000, max_fetch: 256 }
+        Self { max_body_bytes: 1 << 20, submit_timeout_ms: 10_000, max_fetch: 256, max_websockets: 10_000 }
     }
 }
 

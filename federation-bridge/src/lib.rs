@@ -77,6 +77,8 @@ pub struct Bridge {
     outbox_id: u64,
     /// `streams.partitions`: LOG subjects name the group's partition.
     partitions: u32,
+    /// Permits for requests in progress (`federation.max_concurrent_requests`).
+    requests: Arc<tokio::sync::Semaphore>,
     peers: HashMap<String, Arc<Peer>>,
     metrics: Metrics,
 }
@@ -154,6 +156,27 @@ impl Bridge {
             let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(client.clone());
             peers.insert(p.domain.clone(), Arc::new(Peer { cfg: p.clone(), client, js, contact: Notify::new() }));
         }
+        // Every per-peer series exists from the start, at 0: a dashboard or
+        // alert tells "nothing happened" from "not reported".
+        for p in &cfg.peers {
+            let l = [p.domain.as_str()];
+            for c in [
+                &metrics.sent,
+                &metrics.send_failures,
+                &metrics.received,
+                &metrics.replays,
+                &metrics.request_failures,
+                &metrics.remote_rejections,
+                &metrics.mark_resets,
+                &metrics.outbox_restarts,
+            ] {
+                c.with_label_values(&l);
+            }
+            for g in [&metrics.outbox_pending, &metrics.needs_resync] {
+                g.with_label_values(&l);
+            }
+            metrics.outbox_age.with_label_values(&l);
+        }
         let created = topo.fed_out.cached_info().created;
         let outbox_id = u64::try_from(created.unix_timestamp_nanos()).unwrap_or_default();
         let ours = fed::Capabilities {
@@ -172,6 +195,7 @@ impl Bridge {
             keys,
             outbox_id,
             partitions: cfg.streams.partitions,
+            requests: Arc::new(tokio::sync::Semaphore::new(cfg.federation.max_concurrent_requests.max(1))),
             peers,
             metrics,
         })

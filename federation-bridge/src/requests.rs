@@ -33,11 +33,19 @@ impl Bridge {
                 _ = shutdown.cancelled() => return Ok(()),
                 m = sub.next() => match m { Some(m) => m, None => return Ok(()) },
             };
+            let Some(reply) = msg.reply.clone() else { continue };
+            // Bounded: beyond `max_concurrent_requests` a request is
+            // answered at once instead of queueing a task.
+            let Ok(permit) = self.requests.clone().try_acquire_owned() else {
+                let busy = reply_error(ErrorCode::Unavailable, "the bridge is busy; retry later");
+                let _ = self.topo.js.client().publish(reply, busy).await;
+                continue;
+            };
             let (me, handle) = (self.clone(), handle.clone());
             tokio::spawn(async move {
-                let Some(reply) = msg.reply.clone() else { return };
                 let answer = handle(me.clone(), msg.subject.to_string(), msg.payload).await;
                 let _ = me.topo.js.client().publish(reply, answer).await;
+                drop(permit);
             });
         }
     }

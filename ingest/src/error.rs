@@ -31,6 +31,10 @@ impl IntoResponse for Reject {
             map.retain(|_, v| !v.is_null());
         }
         let mut resp = (status, Json(body)).into_response();
+        // Overload and rate limits say when to come back.
+        if code.retryable() && matches!(status.as_u16(), 429 | 503) {
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
         // Read back by the metrics middleware.
         resp.extensions_mut().insert(code);
         resp

@@ -64,6 +64,8 @@ pub struct Api {
     pub registry: Registry,
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
+    /// Permits for WebSocket push connections (`limits.max_websockets`).
+    pub websockets: Arc<tokio::sync::Semaphore>,
 }
 
 pub type Shared = Arc<Api>;

@@ -135,7 +135,16 @@ pub async fn websocket(
     ws: WebSocketUpgrade,
 ) -> Result<Response, Reject> {
     own_mailbox(&device, &path)?;
-    Ok(ws.on_upgrade(move |socket| push(api, device, q.after, socket)))
+    // Bounded: each socket holds a subscription and a task.
+    let permit = api
+        .websockets
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Reject::new(ErrorCode::Unavailable, "too many push connections; retry later or fetch"))?;
+    Ok(ws.on_upgrade(move |socket| async move {
+        push(api, device, q.after, socket).await;
+        drop(permit);
+    }))
 }
 
 #[derive(Deserialize)]

@@ -125,6 +125,7 @@ pub async fn run(
             registry: registry.clone(),
             metrics: ingest::Metrics::new(&registry)?,
             shutdown: shutdown.clone(),
+            websockets: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_websockets)),
         });
         tasks.spawn(async move { ingest::serve(listener, api).await.map_err(anyhow::Error::from) });
     }

@@ -141,32 +141,69 @@ async fn serve(mut cfg: config::Config, roles: Roles) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let sd = shutdown.clone();
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        terminated().await;
+        tracing::info!("stopping: draining in-flight work");
         sd.cancel();
     });
     let sd = shutdown.clone();
-    if embedded.is_some() {
-        // Supervise the embedded server: restart it on the same port if it dies.
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                tokio::select! {
-                    _ = sd.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                if let Some(p) = embedded.as_mut() {
-                    if p.exited() {
-                        tracing::warn!("embedded nats-server exited; restarting");
-                        if let Err(e) = p.restart() {
-                            tracing::error!(error = %e, "cannot restart nats-server");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(30));
-                        }
-                    }
-                }
+    let supervisor = embedded.take().map(|p| tokio::spawn(supervise(p, sd)));
+    let mut run =
+        tokio::spawn(mlsfed::run(cfg, roles, client, listener, prometheus::Registry::new(), shutdown.clone()));
+    let result = tokio::select! {
+        r = &mut run => r,
+        _ = shutdown.cancelled() => match tokio::time::timeout(DRAIN, &mut run).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(limit = ?DRAIN, "drain did not finish in time; stopping anyway");
+                run.abort();
+                Ok(Ok(()))
             }
-            drop(embedded);
-        });
+        },
+    };
+    // The roles are done with NATS: now stop the embedded server, if ours.
+    shutdown.cancel();
+    if let Some(s) = supervisor {
+        let _ = s.await;
     }
-    mlsfed::run(cfg, roles, client, listener, prometheus::Registry::new(), shutdown).await
+    result.map_err(|e| anyhow::anyhow!("roles panicked: {e}"))?
+}
+
+/// How long a stopping process may take to finish what it holds.
+const DRAIN: Duration = Duration::from_secs(30);
+
+/// Resolves on SIGTERM or SIGINT: the signals a process manager or a person
+/// sends to stop a process.
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Keeps the embedded nats-server running (restarting it on the same port
+/// if it dies) until `shutdown`; then stops it, so no server outlives us.
+async fn supervise(mut p: NatsProcess, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if p.exited() {
+            tracing::warn!("embedded nats-server exited; restarting");
+            if let Err(e) = p.restart() {
+                tracing::error!(error = %e, "cannot restart nats-server");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || p.terminate(Duration::from_secs(10))).await;
 }

@@ -127,6 +127,29 @@ impl NatsProcess {
         }
     }
 
+    /// Stops the server the way an operator would: SIGTERM, so it flushes
+    /// and closes its stores, then SIGKILL if it is still running after
+    /// `grace`. Blocks the calling thread (it runs once, at shutdown).
+    pub fn terminate(&mut self, grace: Duration) {
+        let Some(mut c) = self.child.take() else { return };
+        // std has no portable SIGTERM; `kill` is everywhere nats-server is.
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Restarts on the same port and data directory.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();

@@ -271,7 +271,9 @@ where
     // The queues are bounded by the consumer's max_ack_pending: JetStream
     // hands out no more than that unacknowledged.
     let mut groups: HashMap<String, mpsc::UnboundedSender<jetstream::Message>> = HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
+        while tasks.try_join_next().is_some() {}
         let next = tokio::select! {
             _ = stop.cancelled() => break,
             m = messages.next() => m,
@@ -288,7 +290,7 @@ where
         loop {
             let tx = groups.entry(group.clone()).or_insert_with(|| {
                 let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(group_task(new_group(), rx, idle));
+                tasks.spawn(group_task(new_group(), rx, idle));
                 tx
             });
             match tx.send(msg) {
@@ -304,9 +306,15 @@ where
             groups.retain(|_, tx| !tx.is_closed());
         }
     }
-    // Dropping the senders lets each group task finish what it holds.
+    // Dropping the senders lets each group task finish what it holds; wait
+    // for them (bounded), so a stopping process drains its work.
     drop(groups);
     drop(messages);
+    let drained =
+        tokio::time::timeout(Duration::from_secs(20), async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(role = role.name, partition = k, "group tasks still busy; their messages will be redelivered");
+    }
     // Hand the partition over at once instead of after the failover time.
     if let Err(e) = role.stream.unpin_consumer(&name, role.priority_group).await {
         tracing::debug!(role = role.name, partition = k, error = %e, "unpin failed; the pin expires instead");

@@ -267,6 +267,58 @@ impl Operator {
         Ok(op)
     }
 
+    /// `mlsfed run` on the embedded defaults: no NATS URL, so the process
+    /// starts and supervises its own nats-server under its data dir.
+    pub fn start_embedded(domain: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut cfg = config::Config {
+            domain: domain.into(),
+            data_dir: dir.path().join("data"),
+            listen: "127.0.0.1:0".into(),
+            token_secret: SECRET.into(),
+            operator_key_seed: hex_seed(domain).into(),
+            ..Default::default()
+        };
+        cfg.streams.ack_wait_secs = 5;
+        cfg.streams.partition_failover_secs = 3;
+        let config_path = dir.path().join("mlsfed.toml");
+        std::fs::write(&config_path, toml::to_string(&cfg)?)?;
+        let mut op = Self {
+            child: None,
+            domain: domain.into(),
+            url: String::new(),
+            config_path,
+            role: "run".into(),
+            dir: TempDirOrShared::Own(dir),
+        };
+        op.spawn()?;
+        Ok(op)
+    }
+
+    /// The operator's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// SIGTERM, as a process manager stops a process; waits (bounded) for
+    /// it to exit and returns its exit status.
+    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut c = self.child.take().context("not running")?;
+        let status = Command::new("kill").args(["-TERM", &c.id().to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                bail!("mlsfed did not exit within 60 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Another process of the same operator (same config and data), running `role`.
     pub fn worker(&self, role: &str) -> anyhow::Result<Self> {
         let mut op = Self {
@@ -842,46 +894,53 @@ pub async fn wait_metric(
 ) -> anyhow::Result<f64> {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        let v = metric(op, name_and_labels).await;
-        if done(v) {
+        let v = try_metric(op, name_and_labels).await;
+        if let Some(v) = v.filter(|v| done(*v)) {
             return Ok(v);
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("{name_and_labels} on {} is {v} after {limit:?}", op.domain);
+            bail!("{name_and_labels} on {} is {v:?} after {limit:?}", op.domain);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-/// Waits until every one of `sequencers` owns some SUBMIT partitions and
-/// together they own all `partitions` (bounded).
-pub async fn wait_partitions_split(sequencers: &[&Operator], partitions: u32) -> anyhow::Result<()> {
+/// Waits until every one of `workers` (processes of `role`: sequencer or
+/// fanout) owns some partitions and together they own all `partitions`
+/// (bounded).
+pub async fn wait_partitions_split(workers: &[&Operator], role: &str, partitions: u32) -> anyhow::Result<()> {
+    let name = format!("mlsfed_{role}_partitions_owned");
     for _ in 0..200 {
         let mut owned = Vec::new();
-        for s in sequencers {
-            owned.push(metric(s, "mlsfed_sequencer_partitions_owned").await);
+        for s in workers {
+            owned.push(try_metric(s, &name).await.unwrap_or(0.0));
         }
         if owned.iter().all(|n| *n > 0.0) && owned.iter().sum::<f64>() == f64::from(partitions) {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    bail!("the sequencers did not split the {partitions} partitions")
+    bail!("the {role} processes did not split the {partitions} partitions")
 }
 
-/// Reads one sample of a Prometheus metric from an operator (0 if absent).
+/// Reads one sample of a Prometheus metric from an operator. A series that
+/// is absent is a test failure, never a 0: a renamed or unregistered metric
+/// must not pass an `== 0.0` check.
 pub async fn metric(op: &Operator, name_and_labels: &str) -> f64 {
-    let text = match reqwest::get(format!("{}/metrics", op.url)).await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => return -1.0,
-    };
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            (k == name_and_labels).then(|| v.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
+    match try_metric(op, name_and_labels).await {
+        Some(v) => v,
+        None => panic!("metric {name_and_labels} is missing on {} ({})", op.domain, op.url),
+    }
+}
+
+/// One sample of a Prometheus metric, or `None` while the series does not
+/// exist (or the operator does not answer): for polling.
+pub async fn try_metric(op: &Operator, name_and_labels: &str) -> Option<f64> {
+    let text = http().get(format!("{}/metrics", op.url)).send().await.ok()?.text().await.ok()?;
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == name_and_labels).then(|| v.parse().ok()).flatten()
+    })
 }
 
 /// A NATS connection that is established when this returns (credentials may

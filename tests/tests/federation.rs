@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use tests::proto::federation::{seal, Envelope, Payload, Response, RpcEnvelope};
 use tests::proto::wire::Verdict;
-use tests::{metric, operator_seed, sync_until, Client, Federation};
+use tests::{metric, operator_seed, sync_until, try_metric, Client, Federation};
 
 const A: &str = "a.example";
 const B: &str = "b.example";
@@ -163,8 +163,8 @@ async fn forged_envelopes_are_refused_and_counted() -> anyhow::Result<()> {
     js.publish(inbox(B), seal(&b_key, &applied).into()).await?.await?;
     let a = w.fed.op(A);
     for _ in 0..100 {
-        if metric(a, "mlsfed_federation_replays_total{peer=\"b.example\"}").await >= 1.0
-            && metric(a, "mlsfed_federation_refused_total{reason=\"unknown_peer\"}").await >= 1.0
+        if try_metric(a, "mlsfed_federation_replays_total{peer=\"b.example\"}").await >= Some(1.0)
+            && try_metric(a, "mlsfed_federation_refused_total{reason=\"unknown_peer\"}").await >= Some(1.0)
         {
             break;
         }
@@ -417,7 +417,7 @@ async fn a_peer_may_write_only_its_own_inbox() -> anyhow::Result<()> {
     assert!(js.get_stream("MLSFED_LOG").await.is_err(), "B could read A's streams");
     let a = fed.op(A);
     for _ in 0..40 {
-        if metric(a, "mlsfed_federation_refused_total{reason=\"malformed\"}").await >= 1.0 {
+        if try_metric(a, "mlsfed_federation_refused_total{reason=\"malformed\"}").await >= Some(1.0) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -31,13 +31,7 @@ async fn inject(to: &NatsServer, origin: &str, env: &Envelope) -> anyhow::Result
 
 /// Waits until `name` reads `want` on `op` (bounded).
 async fn wait_metric(op: &tests::Operator, name: &str, want: f64) -> anyhow::Result<()> {
-    for _ in 0..100 {
-        if metric(op, name).await == want {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("{name} is {} on {}, not {want}", metric(op, name).await, op.domain)
+    tests::wait_metric(op, name, Duration::from_secs(10), |v| v == want).await.map(|_| ())
 }
 
 /// Submits `body` as `device` with an Idempotency-Key: (status, JSON).

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tests::client::http::Http;
 use tests::proto::{names, GroupId};
-use tests::{metric, sync_until, wait_metric, Client, NatsServer, Operator};
+use tests::{sync_until, wait_metric, Client, NatsServer, Operator};
 
 const PARTITIONS: u32 = 16;
 
@@ -42,7 +42,7 @@ async fn owned(op: &Operator) -> Vec<u32> {
 async fn owned_by(op: &Operator, role: &str) -> Vec<u32> {
     let mut out = Vec::new();
     for k in 0..PARTITIONS {
-        if metric(op, &format!("mlsfed_{role}_partition_owned{{partition=\"{k}\"}}")).await == 1.0 {
+        if tests::try_metric(op, &format!("mlsfed_{role}_partition_owned{{partition=\"{k}\"}}")).await == Some(1.0) {
             out.push(k);
         }
     }
@@ -97,7 +97,7 @@ async fn a_dead_sequencer_delays_only_its_own_partitions() -> anyhow::Result<()>
     let mut s1 = front.worker("sequencer")?;
     let s2 = front.worker("sequencer")?;
     // Both joined and split the partitions between them.
-    tests::wait_partitions_split(&[&s1, &s2], PARTITIONS).await?;
+    tests::wait_partitions_split(&[&s1, &s2], "sequencer", PARTITIONS).await?;
     let (own1, own2) = (owned(&s1).await, owned(&s2).await);
     assert!(!own1.is_empty() && !own2.is_empty(), "{own1:?} / {own2:?}");
     assert_eq!(own1.len() + own2.len(), PARTITIONS as usize);
@@ -162,14 +162,7 @@ async fn a_dead_fanout_delays_only_its_own_partitions() -> anyhow::Result<()> {
     let _sequencer = front.worker("sequencer")?;
     let mut f1 = front.worker("fanout")?;
     let f2 = front.worker("fanout")?;
-    for _ in 0..200 {
-        let (a, b) =
-            (metric(&f1, "mlsfed_fanout_partitions_owned").await, metric(&f2, "mlsfed_fanout_partitions_owned").await);
-        if a > 0.0 && b > 0.0 && a + b == f64::from(PARTITIONS) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tests::wait_partitions_split(&[&f1, &f2], "fanout", PARTITIONS).await?;
     let (own1, own2) = (owned_by(&f1, "fanout").await, owned_by(&f2, "fanout").await);
     assert!(!own1.is_empty() && !own2.is_empty(), "{own1:?} / {own2:?}");
     assert_eq!(own1.len() + own2.len(), PARTITIONS as usize);

@@ -13,7 +13,8 @@ async fn two_sequencers_two_fanouts_keep_order() -> anyhow::Result<()> {
     let front = Operator::start_with(&nats, "a.example", "ingest", |c| c.metrics_listen = "127.0.0.1:0".into())?;
     let mut workers =
         [front.worker("sequencer")?, front.worker("sequencer")?, front.worker("fanout")?, front.worker("fanout")?];
-    tests::wait_partitions_split(&[&workers[0], &workers[1]], 16).await?;
+    tests::wait_partitions_split(&[&workers[0], &workers[1]], "sequencer", 16).await?;
+    tests::wait_partitions_split(&[&workers[2], &workers[3]], "fanout", 16).await?;
     let mut alice = front.client("alice", "phone", 2).await?;
     let mut bob = front.client("bob", "phone", 2).await?;
     let mut carol = front.client("carol", "phone", 2).await?;
@@ -57,7 +58,7 @@ async fn two_sequencers_two_fanouts_keep_order() -> anyhow::Result<()> {
     // Kill the sequencer that owns the group's partition while the load runs.
     let k = tests::proto::names::partition_of(&tests::proto::GroupId::parse(&g)?, 16);
     let label = format!("mlsfed_sequencer_partition_owned{{partition=\"{k}\"}}");
-    let owner = if tests::metric(&workers[0], &label).await == 1.0 { 0 } else { 1 };
+    let owner = if tests::try_metric(&workers[0], &label).await == Some(1.0) { 0 } else { 1 };
     assert_eq!(tests::metric(&workers[owner], &label).await, 1.0, "no sequencer owns partition {k}");
     let before_kill =
         tests::wait_metric(&workers[owner], "mlsfed_sequencer_accepted_total", Duration::from_secs(60), |v| v >= 20.0)
@@ -101,11 +102,33 @@ async fn two_sequencers_two_fanouts_keep_order() -> anyhow::Result<()> {
     // both fanout workers delivered.
     let survivor = tests::metric(&workers[1 - owner], "mlsfed_sequencer_accepted_total").await;
     assert!(before_kill >= 20.0 && survivor >= 1.0, "sequencers accepted {before_kill} and {survivor}");
+    // One group lives in one LOG partition, so one fanout worker carried
+    // it; a second group in a partition of the other shows that one works
+    // too.
+    let k = tests::proto::names::partition_of(&tests::proto::GroupId::parse(&g)?, 16);
+    let label = format!("mlsfed_fanout_partition_owned{{partition=\"{k}\"}}");
+    let busy = if tests::try_metric(&workers[2], &label).await == Some(1.0) { 2 } else { 3 };
+    let other = 5 - busy;
+    let mut second = None;
+    for i in 0..200 {
+        let id = tests::proto::GroupId::parse(&format!("mimi://a.example/r/second{i}"))?;
+        let k = tests::proto::names::partition_of(&id, 16);
+        let label = format!("mlsfed_fanout_partition_owned{{partition=\"{k}\"}}");
+        if tests::try_metric(&workers[other], &label).await == Some(1.0) {
+            second = Some(format!("second{i}"));
+            break;
+        }
+    }
+    let room = second.ok_or_else(|| anyhow::anyhow!("no room in the other fanout's partitions"))?;
+    let g2 = alice.create_group(&room).await?;
+    alice.add(&g2, &[front.user_id("bob")]).await?;
+    let p = alice.send(&g2, "through the other fanout").await?;
+    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.positions(&g2).last().is_some_and(|x| *x >= p)).await?;
     let fanned = [
-        tests::metric(&workers[2], "mlsfed_fanout_entries_total").await,
-        tests::metric(&workers[3], "mlsfed_fanout_entries_total").await,
+        tests::metric(&workers[busy], "mlsfed_fanout_entries_total").await,
+        tests::metric(&workers[other], "mlsfed_fanout_entries_total").await,
     ];
-    assert!(fanned.iter().all(|n| *n > 0.0), "a fanout worker did nothing: {fanned:?}");
-    assert!(fanned.iter().sum::<f64>() >= 124.0, "fanout workers delivered {fanned:?} entries");
+    assert!(fanned[0] >= 124.0, "the fanout of the busy group delivered {fanned:?} entries");
+    assert!(fanned[1] >= 3.0, "the other fanout delivered {fanned:?} entries");
     Ok(())
 }

@@ -63,14 +63,18 @@ async fn pushed_in_order_and_resumed_from_the_cursor() -> anyhow::Result<()> {
         }
     }
     assert_eq!(rest, positions[5..]);
-    // The items the device applied from the socket decrypt like fetched ones.
-    for item in got.iter() {
-        if let Some(tests::client::Event::Message { text, .. }) = bob.apply(item).await? {
-            assert!(text.starts_with('m'));
+    // The items the device applied from the socket decrypt like fetched
+    // ones: each is a message with its text, none a failure.
+    for (i, item) in got.iter().enumerate() {
+        match bob.apply(item).await? {
+            Some(tests::client::Event::Message { text, .. }) => assert_eq!(text, format!("m{i}")),
+            other => panic!("item {i} did not apply as a message: {other:?}"),
         }
     }
     // Acked items are gone from the mailbox; the others are still there.
     let left = bob.http().fetch(start, 256).await?;
+    assert!(!left.is_empty(), "the unacked items are gone too");
     assert!(left.iter().all(|i| i.seq > got[2].seq), "acked items remain");
+    assert!(left.iter().any(|i| i.seq == got[3].seq), "an unacked item is gone");
     Ok(())
 }
