@@ -27,6 +27,19 @@ pub use http::{Accepted, Http, Item};
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 /// How often an operation retries after `wrong_epoch` (it syncs in between).
 const EPOCH_RETRIES: usize = 5;
+/// How often a Commit's bytes are sent while the answer is retryable.
+const COMMIT_RESENDS: u32 = 3;
+
+/// An answer that leaves a submission's fate open: retryable refusals
+/// (`timeout`, `unavailable`, ...) and transport failures. `wrong_epoch`,
+/// though retryable, is a decision.
+fn undecided(e: &ClientError) -> bool {
+    match e.code() {
+        Some(ErrorCode::WrongEpoch) => false,
+        Some(c) => c.retryable(),
+        None => matches!(e, ClientError::Http(_)),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -115,6 +128,10 @@ struct Meta {
     groups: BTreeMap<String, u64>,
     /// Plaintexts of own messages by (group, position), for the echo.
     sent: BTreeMap<String, String>,
+    /// Group id → the bytes of a Commit submitted without a verdict yet
+    /// (a `timeout`): resent as they are to learn it, never rebuilt.
+    #[serde(default)]
+    pending_commits: BTreeMap<String, Vec<u8>>,
 }
 
 /// One device with persistent state.
@@ -298,7 +315,13 @@ impl Device {
     pub fn discard_pending(&mut self, g: &str) -> Result<(), ClientError> {
         let group = self.groups.get_mut(g).ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
         group.clear_pending_commit(self.provider.storage()).map_err(mls)?;
+        self.meta.pending_commits.remove(g);
         self.persist()
+    }
+
+    /// Whether a Commit of ours waits for its verdict in `g`.
+    pub fn has_pending_commit(&self, g: &str) -> bool {
+        self.groups.get(g).is_some_and(|x| x.pending_commit().is_some())
     }
 
     pub fn epoch(&self, g: &str) -> Option<u64> {
@@ -379,29 +402,84 @@ impl Device {
 
     /// Builds a Commit with `build` and submits it. The pending Commit is
     /// merged when the hub's echo arrives; on `wrong_epoch` it is discarded,
-    /// the device syncs, and the Commit is rebuilt on the new epoch.
+    /// the device syncs, and the Commit is rebuilt on the new epoch. On a
+    /// retryable answer (`timeout`: the hub may still apply it) the pending
+    /// Commit is kept and its bytes are resent to learn the verdict, as the
+    /// API says: discarding it would strand this device if the hub applied
+    /// it after all.
     async fn commit_with_retry(
         &mut self,
         g: &str,
         build: impl Fn(&mut Self, &str) -> Result<Vec<u8>, ClientError>,
     ) -> Result<(), ClientError> {
+        self.resolve_pending(g).await?;
         for _ in 0..EPOCH_RETRIES {
             let body = build(self, g)?;
+            self.meta.pending_commits.insert(g.to_owned(), body.clone());
             self.persist()?;
-            match self.http.submit(body, None).await {
+            match self.submit_commit(body).await {
                 Ok(a) => {
-                    return self.sync_until(g, a.position).await;
+                    self.sync_until(g, a.position).await?;
+                    self.meta.pending_commits.remove(g);
+                    return self.persist();
                 }
+                Err(e) if e.code() == Some(ErrorCode::WrongEpoch) => {
+                    self.discard_pending(g)?;
+                    self.catch_up().await?;
+                }
+                // Still undecided: keep it, and resend it next time.
+                Err(e) if undecided(&e) => return Err(e),
                 Err(e) => {
                     self.discard_pending(g)?;
-                    if e.code() != Some(ErrorCode::WrongEpoch) {
-                        return Err(e);
-                    }
-                    self.catch_up().await?;
+                    return Err(e);
                 }
             }
         }
         Err(ClientError::Protocol("gave up after repeated wrong_epoch".into()))
+    }
+
+    /// Settles a Commit of ours whose verdict never came: its echo may be
+    /// in the mailbox already; otherwise the same bytes are resent.
+    async fn resolve_pending(&mut self, g: &str) -> Result<(), ClientError> {
+        if !self.has_pending_commit(g) {
+            self.meta.pending_commits.remove(g);
+            return Ok(());
+        }
+        self.catch_up().await?;
+        if !self.has_pending_commit(g) {
+            self.meta.pending_commits.remove(g);
+            return self.persist();
+        }
+        let Some(body) = self.meta.pending_commits.get(g).cloned() else {
+            // Nothing to resend (state from an older SDK): start afresh.
+            return self.discard_pending(g);
+        };
+        match self.submit_commit(body).await {
+            Ok(a) => {
+                self.sync_until(g, a.position).await?;
+                self.meta.pending_commits.remove(g);
+                self.persist()
+            }
+            Err(e) if undecided(&e) => Err(e),
+            // Refused, or another Commit won its epoch.
+            Err(_) => self.discard_pending(g),
+        }
+    }
+
+    /// Submits a Commit, resending the same bytes (so the same submission)
+    /// with backoff while the answer is retryable.
+    async fn submit_commit(&mut self, body: Vec<u8>) -> Result<Accepted, ClientError> {
+        let mut wait = std::time::Duration::from_millis(200);
+        for attempt in 1..=COMMIT_RESENDS {
+            match self.http.submit(body.clone(), None).await {
+                Err(e) if undecided(&e) && attempt < COMMIT_RESENDS => {
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                other => return other,
+            }
+        }
+        Err(ClientError::Protocol("no verdict".into()))
     }
 
     /// Submits a Commit built elsewhere (tests use this to race two Commits)

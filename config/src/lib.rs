@@ -189,6 +189,16 @@ pub struct Limits {
     /// Most WebSocket push connections one ingest process holds; beyond,
     /// an upgrade answers 503 `unavailable` with `Retry-After`.
     pub max_websockets: usize,
+    /// Most open client connections per ingest process (keep it under the
+    /// process's file-descriptor limit); one more gets a 503 and is closed.
+    pub max_connections: usize,
+    /// A connection whose request head has not arrived within this is
+    /// closed (slowloris, idle keep-alive connections).
+    pub header_read_timeout_ms: u64,
+    /// Longest a request may take, body upload included (408 beyond).
+    pub request_timeout_ms: u64,
+    /// Requests worked on at once per ingest process; beyond, 503 at once.
+    pub max_in_flight_requests: usize,
 }
 
 /// JetStream settings. Retention is what sets the outage a device or a peer
@@ -271,7 +281,16 @@ impl Default for Config {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_body_bytes: 1 << 20, submit_timeout_ms: 10_000, max_fetch: 256, max_websockets: 10_000 }
+        Self {
+            max_body_bytes: 1 << 20,
+            submit_timeout_ms: 10_000,
+            max_fetch: 256,
+            max_websockets: 10_000,
+            max_connections: 512,
+            header_read_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
+            max_in_flight_requests: 1024,
+        }
     }
 }
 
@@ -438,6 +457,11 @@ impl Config {
         }
         if self.streams.partition_failover_secs < 3 {
             return Err(LoadConfigError::Invalid("streams.partition_failover_secs must be at least 3".into()));
+        }
+        if self.limits.request_timeout_ms <= self.limits.submit_timeout_ms {
+            return Err(LoadConfigError::Invalid(
+                "limits.request_timeout_ms must exceed limits.submit_timeout_ms".into(),
+            ));
         }
         if self.limits.max_body_bytes < 1024 {
             return Err(LoadConfigError::Invalid("limits.max_body_bytes must be at least 1024".into()));

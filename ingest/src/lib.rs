@@ -7,6 +7,7 @@
 //! docs/client-api.md is the contract this module implements.
 #![forbid(unsafe_code)]
 
+mod edge;
 mod error;
 mod keys;
 mod mailbox;
@@ -128,6 +129,20 @@ pub fn router(api: Shared) -> Router {
         .route("/v1/devices/{device}/mailbox/ack", post(mailbox::ack))
         .route("/v1/devices/{device}/mailbox/ws", get(mailbox::websocket))
         .fallback(|| async { Reject::new(ErrorCode::InvalidRequest, "no such endpoint") })
+        .layer(middleware::from_fn_with_state(api.clone(), edge::declared_length))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            std::time::Duration::from_millis(api.cfg.limits.request_timeout_ms),
+        ))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(|_: tower::BoxError| async {
+                    Reject::new(ErrorCode::Unavailable, "too many requests in progress; retry later")
+                }))
+                .load_shed()
+                .concurrency_limit(api.cfg.limits.max_in_flight_requests.max(1)),
+        )
+        .layer(middleware::from_fn(edge::typed_errors))
         .layer(middleware::from_fn_with_state(api.clone(), observe))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(api)
@@ -186,8 +201,7 @@ pub async fn serve(listener: TcpListener, api: Shared) -> std::io::Result<()> {
     tokio::spawn(release_reservations(api.clone()));
     tokio::spawn(keys::serve_keydir_requests(api.clone()));
     tokio::spawn(keys::settle_consumed(api.clone()));
-    let shutdown = api.shutdown.clone();
-    axum::serve(listener, router(api)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    edge::serve(listener, router(api.clone()), api).await
 }
 
 pub(crate) fn json<T: serde::Serialize>(v: T) -> Json<T> {

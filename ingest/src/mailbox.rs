@@ -53,11 +53,21 @@ fn own_mailbox(auth: &DeviceId, path: &str) -> Result<(), Reject> {
     Ok(())
 }
 
+/// The sequence after cursor `after`. JetStream sequences are far below
+/// 2^63; a larger cursor is a client bug (or a probe), refused rather than
+/// wrapped around to the start of the mailbox.
+fn next_seq(after: u64) -> Result<u64, Reject> {
+    if after >= 1 << 63 {
+        return Err(Reject::new(ErrorCode::InvalidCursor, format!("cursor {after} is out of range")));
+    }
+    Ok(after + 1)
+}
+
 /// Reads up to `limit` items after cursor `after`.
 async fn read(api: &Shared, device: &DeviceId, after: u64, limit: usize) -> Result<Vec<ItemJson>, Reject> {
     let subject = names::mailbox_subject(device);
     let mut out = Vec::new();
-    let mut next = after + 1;
+    let mut next = next_seq(after)?;
     while out.len() < limit {
         let msg = match api.topo.mailbox.direct_get_next_for_subject(subject.as_str(), Some(next)).await {
             Ok(m) => m,
@@ -135,6 +145,7 @@ pub async fn websocket(
     ws: WebSocketUpgrade,
 ) -> Result<Response, Reject> {
     own_mailbox(&device, &path)?;
+    next_seq(q.after)?;
     // Bounded: each socket holds a subscription and a task.
     let permit = api
         .websockets

@@ -250,6 +250,9 @@ pub struct KeyDirectory {
     revoked: std::sync::Mutex<std::collections::HashSet<DeviceId>>,
 }
 
+/// Most entries in each list of a claim (suites, required capabilities).
+pub const MAX_CLAIM_LIST: usize = 32;
+
 /// Most revoked devices remembered in memory by one process.
 const REVOKED_CACHE: usize = 65_536;
 
@@ -499,6 +502,20 @@ impl KeyDirectory {
     ) -> Result<ClaimOutcome, KeydirError> {
         if user.domain() != self.domain {
             return Err(refused(ErrorCode::NotHub, "that user belongs to another operator"));
+        }
+        // Bounded input, bounded work: a claim's cost must not grow with
+        // what the claimer lists (each suite and capability is checked
+        // against a whole pool).
+        let caps = &req.required_capabilities;
+        if req.cipher_suites.len() > MAX_CLAIM_LIST
+            || caps.extensions.len() > MAX_CLAIM_LIST
+            || caps.proposals.len() > MAX_CLAIM_LIST
+            || caps.credentials.len() > MAX_CLAIM_LIST
+        {
+            return Err(refused(
+                ErrorCode::InvalidRequest,
+                format!("a claim lists at most {MAX_CLAIM_LIST} cipher suites and {MAX_CLAIM_LIST} of each capability"),
+            ));
         }
         if let Err(e) = self.limits.check(requester.as_str(), user.as_str()) {
             self.metrics.claims.with_label_values(&["rate_limited"]).inc();

@@ -55,6 +55,11 @@ codes! {
     BodyTooLarge => ("body_too_large", 413, false),
     InvalidIdentifier => ("invalid_identifier", 400, false),
     InvalidRequest => ("invalid_request", 400, false),
+    InvalidCursor => ("invalid_cursor", 400, false),
+    MethodNotAllowed => ("method_not_allowed", 405, false),
+    RequestTimeout => ("request_timeout", 408, true),
+    UriTooLong => ("uri_too_long", 414, false),
+    HeadersTooLarge => ("headers_too_large", 431, false),
     // Group state.
     UnknownGroup => ("unknown_group", 404, false),
     GroupExists => ("group_exists", 409, false),

@@ -73,3 +73,35 @@ async fn a_late_copy_of_an_appended_submission_is_not_appended_twice() -> anyhow
     assert!(got.windows(2).all(|w| w[0].0 < w[1].0));
     Ok(())
 }
+
+/// A Commit whose submit timed out (no sequencer running) is kept by its
+/// sender; the hub applies it once a sequencer is back, and the sender
+/// merges it from its echo instead of being stranded an epoch behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_timed_out_does_not_strand_its_sender() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let front = Operator::start_with(&nats, "a.example", "ingest", |c| c.limits.submit_timeout_ms = 500)?;
+    let _fanout = front.worker("fanout")?;
+    let mut sequencer = front.worker("sequencer")?;
+    let mut alice = front.client("alice", "phone", 2).await?;
+    let mut bob = front.client("bob", "phone", 2).await?;
+    let g = alice.create_group("timeout").await?;
+    alice.add(&g, &[front.user_id("bob")]).await?;
+    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
+    assert_eq!(alice.epoch(&g), Some(1));
+
+    sequencer.kill();
+    let err = alice.update(&g).await.expect_err("no sequencer, no verdict");
+    assert_eq!(err.code(), Some(tests::proto::ErrorCode::Timeout), "{err}");
+    assert!(alice.has_pending_commit(&g), "the undecided Commit was thrown away");
+
+    let _back = front.worker("sequencer")?;
+    sync_until(&mut [&mut alice, &mut bob], Duration::from_secs(60), |c| c.epoch(&g) == Some(2)).await?;
+    assert!(!alice.has_pending_commit(&g));
+    let p = alice.send(&g, "after the timeout").await?;
+    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.positions(&g).last().is_some_and(|x| *x >= p)).await?;
+    assert_eq!(bob.messages(&g).last().map(|m| m.2.as_str()), Some("after the timeout"));
+    assert_eq!(alice.epoch_authenticator(&g), bob.epoch_authenticator(&g));
+    assert!(alice.failures().is_empty() && bob.failures().is_empty(), "{:?} {:?}", alice.failures(), bob.failures());
+    Ok(())
+}
