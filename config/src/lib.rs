@@ -228,6 +228,13 @@ pub struct Streams {
     /// How long a partition stays with a process that stopped pulling it
     /// (crashed) before another takes it.
     pub partition_failover_secs: u64,
+    /// Deliveries of one message before a worker gives up on it and moves
+    /// it to `MLSFED_DEAD` with the reason (retries back off exponentially
+    /// from `retry_base_ms`, capped at 30 s).
+    pub max_deliver: i64,
+    pub retry_base_ms: u64,
+    /// How long dead letters are kept for an operator to look at.
+    pub dead_letter_max_age_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -306,6 +313,9 @@ impl Default for Streams {
             max_in_flight_per_partition: 256,
             group_idle_secs: 60,
             partition_failover_secs: 5,
+            max_deliver: 16,
+            retry_base_ms: 250,
+            dead_letter_max_age_secs: 30 * 86_400,
         }
     }
 }
@@ -454,6 +464,9 @@ impl Config {
         }
         if !(1..=1024).contains(&self.streams.partitions) {
             return Err(LoadConfigError::Invalid("streams.partitions must be within 1..=1024".into()));
+        }
+        if self.streams.max_deliver < 2 {
+            return Err(LoadConfigError::Invalid("streams.max_deliver must be at least 2".into()));
         }
         if self.streams.partition_failover_secs < 3 {
             return Err(LoadConfigError::Invalid("streams.partition_failover_secs must be at least 3".into()));

@@ -14,21 +14,16 @@
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, message::PublishMessage, AckKind};
 use bytes::Bytes;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use proto::federation::Payload;
-use proto::partitions::{GroupHandler, OnOwned, Role};
+use proto::partitions::{GroupHandler, Role};
 use proto::streams::Topology;
 use proto::wire::{EntryKind, LogEntry, MailboxItem};
 use proto::{names, DeviceId, GroupId};
 use tokio_util::sync::CancellationToken;
-
-/// How long an entry waits before it is retried when its predecessor is
-/// still being delivered by another worker.
-const GAP_RETRY: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunFanoutError {
@@ -47,6 +42,7 @@ pub struct Metrics {
     pub lag_seconds: Histogram,
     pub partitions_owned: IntGauge,
     pub partition_owned: IntGaugeVec,
+    pub dead_letters: IntCounterVec,
 }
 
 impl Metrics {
@@ -80,7 +76,18 @@ impl Metrics {
                 ),
                 &["partition"],
             )?,
+            dead_letters: IntCounterVec::new(
+                Opts::new(
+                    "mlsfed_fanout_dead_letters_total",
+                    "LOG entries moved to MLSFED_DEAD after bounded deliveries, by reason.",
+                ),
+                &["reason"],
+            )?,
         };
+        for reason in ["predecessor_missing", "transient"] {
+            m.dead_letters.with_label_values(&[reason]);
+        }
+        registry.register(Box::new(m.dead_letters.clone()))?;
         registry.register(Box::new(m.partitions_owned.clone()))?;
         registry.register(Box::new(m.partition_owned.clone()))?;
         registry.register(Box::new(m.delivered.clone()))?;
@@ -101,6 +108,8 @@ struct Ctx {
     topo: Topology,
     domain: String,
     metrics: Metrics,
+    /// Delivery bounds (`streams.max_deliver`, backoff).
+    streams: config::Streams,
 }
 
 /// One group's fan-out, worked by one task at a time.
@@ -129,7 +138,7 @@ enum Step {
 
 impl Fanout {
     pub fn new(topo: Topology, domain: String, cfg: config::Streams, metrics: Metrics) -> Self {
-        Self { ctx: Arc::new(Ctx { topo, domain, metrics }), cfg }
+        Self { ctx: Arc::new(Ctx { topo, domain, metrics, streams: cfg.clone() }), cfg }
     }
 
     /// Joins the fanout processes of this operator and delivers the LOG
@@ -142,15 +151,9 @@ impl Fanout {
             filter: names::log_partition_filter,
             priority_group: names::FANOUT_PRIORITY_GROUP,
         };
-        let metrics = self.ctx.metrics.clone();
-        let on_owned: OnOwned = Arc::new(move |k, owned| {
-            metrics.partition_owned.with_label_values(&[&k.to_string()]).set(i64::from(owned));
-            if owned {
-                metrics.partitions_owned.inc();
-            } else {
-                metrics.partitions_owned.dec();
-            }
-        });
+        let metrics = &self.ctx.metrics;
+        let on_owned =
+            proto::partitions::ownership_gauges(metrics.partitions_owned.clone(), metrics.partition_owned.clone());
         let ctx = self.ctx.clone();
         let new_group = move || GroupFanout { ctx: ctx.clone(), cursor: None };
         let members = self.ctx.topo.members.clone();
@@ -180,14 +183,29 @@ impl GroupHandler for GroupFanout {
                 }
             }
             Ok(Step::NotYet) => {
+                // Its predecessor is not delivered yet (being retried, or at
+                // a follower not received yet): wait with backoff, and give
+                // up after bounded deliveries rather than loop forever.
                 self.ctx.metrics.out_of_order_waits.inc();
-                let _ = msg.ack_with(AckKind::Nak(Some(GAP_RETRY))).await;
+                let detail = format!("position {} waits for position {}", entry.position, entry.prev_position);
+                self.retry(&msg, "predecessor_missing", &detail).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "fanout failed; retrying later");
                 self.cursor = None;
-                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                self.retry(&msg, "transient", &e).await;
             }
+        }
+    }
+}
+
+impl GroupFanout {
+    async fn retry(&self, msg: &jetstream::Message, reason: &'static str, detail: &str) {
+        let ctx = &self.ctx;
+        let outcome =
+            proto::streams::retry_or_dead_letter(&ctx.topo, &ctx.streams, "fanout", reason, detail, msg).await;
+        if outcome == proto::streams::Retry::DeadLettered {
+            ctx.metrics.dead_letters.with_label_values(&[reason]).inc();
         }
     }
 }

@@ -17,14 +17,22 @@ use crate::{Bridge, Refusal, RunBridgeError};
 
 impl Bridge {
     /// Applies envelopes that peers put into our FED_IN.
-    pub(crate) async fn inbox(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RunBridgeError> {
-        // One envelope at a time: the high-water mark moves in order.
+    /// Applies the envelopes `peer` puts into our FED_IN: one consumer per
+    /// peer, one envelope at a time (its high-water mark moves in order), so
+    /// one peer's poison delays only that peer, and only until its bounded
+    /// deliveries run out.
+    pub(crate) async fn inbox(
+        self: Arc<Self>,
+        peer: String,
+        shutdown: CancellationToken,
+    ) -> Result<(), RunBridgeError> {
         let mut messages = proto::streams::durable_messages(
             &self.topo.fed_in,
-            names::BRIDGE_IN_CONSUMER,
-            "",
+            &names::bridge_in_consumer(&peer),
+            &names::fed_in_subject(&peer),
             1,
             Duration::from_secs(30),
+            self.streams.max_deliver.saturating_add(2),
         )
         .await
         .map_err(RunBridgeError::Setup)?;
@@ -47,8 +55,19 @@ impl Bridge {
                     let _ = msg.ack_with(AckKind::Term).await;
                 }
                 Err(Err(e)) => {
-                    tracing::warn!(error = %e, "inbound envelope deferred");
-                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                    tracing::warn!(peer = %peer, error = %e, "inbound envelope deferred");
+                    let outcome = proto::streams::retry_or_dead_letter(
+                        &self.topo,
+                        &self.streams,
+                        "bridge",
+                        "transient",
+                        &e,
+                        &msg,
+                    )
+                    .await;
+                    if outcome == proto::streams::Retry::DeadLettered {
+                        self.metrics.dead_letters.with_label_values(&[&peer]).inc();
+                    }
                 }
             }
         }

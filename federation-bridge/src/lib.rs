@@ -79,6 +79,8 @@ pub struct Bridge {
     partitions: u32,
     /// Permits for requests in progress (`federation.max_concurrent_requests`).
     requests: Arc<tokio::sync::Semaphore>,
+    /// Delivery bounds of the inbox consumers.
+    streams: config::Streams,
     peers: HashMap<String, Arc<Peer>>,
     metrics: Metrics,
 }
@@ -169,6 +171,7 @@ impl Bridge {
                 &metrics.remote_rejections,
                 &metrics.mark_resets,
                 &metrics.outbox_restarts,
+                &metrics.dead_letters,
             ] {
                 c.with_label_values(&l);
             }
@@ -196,6 +199,7 @@ impl Bridge {
             outbox_id,
             partitions: cfg.streams.partitions,
             requests: Arc::new(tokio::sync::Semaphore::new(cfg.federation.max_concurrent_requests.max(1))),
+            streams: cfg.streams.clone(),
             peers,
             metrics,
         })
@@ -208,7 +212,9 @@ impl Bridge {
             tasks.spawn(me.clone().negotiate(peer.clone(), shutdown.clone()));
             tasks.spawn(me.clone().outbox(peer.clone(), shutdown.clone()));
         }
-        tasks.spawn(me.clone().inbox(shutdown.clone()));
+        for domain in me.peers.keys() {
+            tasks.spawn(me.clone().inbox(domain.clone(), shutdown.clone()));
+        }
         // Peers' signed requests, answered from our key directory.
         tasks.spawn(me.clone().serve_requests(
             names::PEER_RPC_WILDCARD,

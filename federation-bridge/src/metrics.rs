@@ -21,6 +21,7 @@ pub struct Metrics {
     pub mark: IntGaugeVec,
     pub mark_resets: IntCounterVec,
     pub outbox_restarts: IntCounterVec,
+    pub dead_letters: IntCounterVec,
 }
 
 impl Metrics {
@@ -108,7 +109,15 @@ impl Metrics {
                 ),
                 peer,
             )?,
+            dead_letters: IntCounterVec::new(
+                Opts::new(
+                    "mlsfed_federation_dead_letters_total",
+                    "Envelopes from a peer moved to MLSFED_DEAD after bounded deliveries.",
+                ),
+                peer,
+            )?,
         };
+        registry.register(Box::new(m.dead_letters.clone()))?;
         registry.register(Box::new(m.mark.clone()))?;
         registry.register(Box::new(m.mark_resets.clone()))?;
         registry.register(Box::new(m.outbox_restarts.clone()))?;

@@ -26,10 +26,16 @@ impl Bridge {
         // One batch in flight keeps envelopes in order for the peer's
         // high-water mark.
         let filter = names::fed_out_subject(&domain);
-        let mut messages =
-            proto::streams::durable_messages(&self.topo.fed_out, &name, &filter, BATCH as i64, Duration::from_secs(30))
-                .await
-                .map_err(RunBridgeError::Setup)?;
+        let mut messages = proto::streams::durable_messages(
+            &self.topo.fed_out,
+            &name,
+            &filter,
+            BATCH as i64,
+            Duration::from_secs(30),
+            0,
+        )
+        .await
+        .map_err(RunBridgeError::Setup)?;
         loop {
             let Some(first) = proto::streams::next_message(&mut messages, &shutdown, "bridge outbox")
                 .await

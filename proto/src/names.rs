@@ -71,6 +71,21 @@ pub fn partition_of(g: &GroupId, partitions: u32) -> u32 {
     h % partitions.max(1)
 }
 
+/// Messages a worker gave up on after bounded deliveries, with the reason:
+/// `mlsfed.dead.<role>` (Limits; read and requeued by operators).
+pub const DEAD_STREAM: &str = "MLSFED_DEAD";
+pub const DEAD_WILDCARD: &str = "mlsfed.dead.*";
+
+pub fn dead_subject(role: &str) -> String {
+    format!("{PREFIX}.dead.{role}")
+}
+
+/// The inbox consumer of one peer's envelopes: one per peer, so a peer's
+/// poison only ever delays that peer.
+pub fn bridge_in_consumer(peer: &str) -> String {
+    format!("bridge-in-{}", domain_token(peer))
+}
+
 /// Live worker processes, per role (`mlsfed_members`, keys expire).
 pub const MEMBERS_BUCKET: &str = "mlsfed_members";
 
@@ -196,7 +211,6 @@ pub const NONCES_BUCKET: &str = "mlsfed_fed_nonces";
 pub fn nonce_key(origin: &str, nonce: &[u8]) -> String {
     format!("{}.{}", domain_token(origin), hex::encode(nonce))
 }
-pub const BRIDGE_IN_CONSUMER: &str = "bridge-in";
 
 fn domain_token(domain: &str) -> String {
     hex::encode(domain.as_bytes())

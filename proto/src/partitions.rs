@@ -172,6 +172,19 @@ pub trait GroupHandler: Send + 'static {
 /// partition: for metrics.
 pub type OnOwned = Arc<dyn Fn(u32, bool) + Send + Sync>;
 
+/// The usual `OnOwned`: a gauge of how many partitions this process owns,
+/// and one per partition (a closed set of labels: 0..P).
+pub fn ownership_gauges(total: prometheus::IntGauge, each: prometheus::IntGaugeVec) -> OnOwned {
+    Arc::new(move |k, owned| {
+        each.with_label_values(&[&k.to_string()]).set(i64::from(owned));
+        if owned {
+            total.inc();
+        } else {
+            total.dec();
+        }
+    })
+}
+
 /// Joins `role`'s members and works the partitions this process is given
 /// until `shutdown`; then hands them over. Within a partition each group
 /// gets its own task, made by `new_group`, so groups proceed concurrently

@@ -36,6 +36,7 @@ pub struct Topology {
     pub forwarded: kv::Store,
     pub nonces: kv::Store,
     pub members: kv::Store,
+    pub dead: stream::Stream,
 }
 
 async fn ensure_stream(
@@ -161,7 +162,10 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
             subjects: vec![names::FED_IN_WILDCARD.into()],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
-            duplicate_window: cfg.duplicate_window(),
+            // Bounded: what no inbox consumer takes (a subject of a domain
+            // that is no longer a peer) goes after the outage we tolerate.
+            max_age: Duration::from_secs(all.federation.outbox_max_age_secs),
+            duplicate_window: cfg.duplicate_window().min(Duration::from_secs(all.federation.outbox_max_age_secs)),
             num_replicas: replicas,
             ..Default::default()
         },
@@ -221,8 +225,23 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
         names::MEMBERS_BUCKET,
     )
     .await?;
+    let dead = ensure_stream(
+        js,
+        stream::Config {
+            name: names::DEAD_STREAM.into(),
+            subjects: vec![names::DEAD_WILDCARD.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(cfg.dead_letter_max_age_secs.max(60)),
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        names::DEAD_STREAM,
+    )
+    .await?;
     Ok(Topology {
         js: js.clone(),
+        dead,
         members,
         nonces,
         submit,
@@ -249,6 +268,9 @@ pub async fn partition_consumer(
     cfg: &config::Streams,
 ) -> Result<jetstream::consumer::PullConsumer, String> {
     let config = pull::Config {
+        // The server's own bound, past ours: a worker that dies on a
+        // message every time still cannot loop forever.
+        max_deliver: cfg.max_deliver.saturating_add(2),
         priority_policy: jetstream::consumer::PriorityPolicy::PinnedClient,
         priority_groups: vec![group.to_owned()],
         priority_timeout: Duration::from_secs(cfg.partition_failover_secs.max(3)),
@@ -272,17 +294,19 @@ pub fn durable_config(name: &str, filter: &str, max_ack_pending: i64, ack_wait: 
 }
 
 /// The message stream of a durable consumer (created if missing).
+/// `max_deliver`: the server's bound on deliveries of one message (0: none,
+/// for consumers that hold messages on purpose, like a peer's outbox).
 pub async fn durable_messages(
     stream: &stream::Stream,
     name: &str,
     filter: &str,
     max_ack_pending: i64,
     ack_wait: Duration,
+    max_deliver: i64,
 ) -> Result<jetstream::consumer::pull::Stream, String> {
-    let consumer: jetstream::consumer::PullConsumer = stream
-        .get_or_create_consumer(name, durable_config(name, filter, max_ack_pending, ack_wait))
-        .await
-        .map_err(|e| e.to_string())?;
+    let config = pull::Config { max_deliver, ..durable_config(name, filter, max_ack_pending, ack_wait) };
+    let consumer: jetstream::consumer::PullConsumer =
+        stream.get_or_create_consumer(name, config).await.map_err(|e| e.to_string())?;
     consumer.messages().await.map_err(|e| e.to_string())
 }
 
@@ -315,4 +339,60 @@ pub async fn next_message(
             None => return Err(ConsumerClosed(what)),
         }
     }
+}
+
+/// What became of a message whose handling failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Handed back for redelivery after a backoff.
+    Later,
+    /// Moved to `MLSFED_DEAD` after `max_deliver` deliveries.
+    DeadLettered,
+}
+
+/// Bounded deliveries (design decision 12): a failed message is redelivered
+/// with exponential backoff (`retry_base_ms` doubling, capped at 30 s) until
+/// it has been delivered `max_deliver` times; then it is copied to
+/// `MLSFED_DEAD` with `reason` and terminated, so it never blocks the
+/// messages behind it forever. If the dead-letter stream cannot take it, it
+/// stays and is retried.
+pub async fn retry_or_dead_letter(
+    topo: &Topology,
+    cfg: &config::Streams,
+    role: &str,
+    reason: &str,
+    detail: &str,
+    msg: &jetstream::Message,
+) -> Retry {
+    use base64::Engine as _;
+    use jetstream::AckKind;
+    let info = msg.info().ok();
+    let delivered = info.as_ref().map(|i| i.delivered).unwrap_or(1).max(1) as u64;
+    if delivered as i64 >= cfg.max_deliver {
+        let letter = crate::wire::DeadLetter {
+            v: 1,
+            role: role.to_owned(),
+            reason: reason.to_owned(),
+            detail: detail.chars().take(512).collect(),
+            stream: info.as_ref().map(|i| i.stream.to_owned()).unwrap_or_default(),
+            stream_seq: info.as_ref().map(|i| i.stream_sequence).unwrap_or_default(),
+            subject: msg.subject.to_string(),
+            delivered,
+            payload: base64::engine::general_purpose::STANDARD.encode(&msg.payload),
+        };
+        let body = serde_json::to_vec(&letter).unwrap_or_default();
+        let stored = match topo.js.publish(names::dead_subject(role), body.into()).await {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        if stored {
+            tracing::error!(role, reason, detail, "message dead-lettered after bounded deliveries");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return Retry::DeadLettered;
+        }
+    }
+    let exp = (delivered - 1).min(16) as u32;
+    let wait = Duration::from_millis(cfg.retry_base_ms.max(1).saturating_mul(1u64 << exp)).min(Duration::from_secs(30));
+    let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
+    Retry::Later
 }

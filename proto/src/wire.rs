@@ -181,3 +181,21 @@ mod tests {
         assert_ne!(submission_id(&d, &[b"ab", b"c"]), submission_id(&d, &[b"a", b"bc"]));
     }
 }
+
+/// A message a worker gave up on (`MLSFED_DEAD`), JSON so an operator can
+/// read it; `payload` is the original record, base64.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Format version of this record.
+    pub v: u8,
+    pub role: String,
+    /// Why (a closed set per role, e.g. `predecessor_missing`).
+    pub reason: String,
+    /// What the last attempt said.
+    pub detail: String,
+    pub stream: String,
+    pub stream_seq: u64,
+    pub subject: String,
+    pub delivered: u64,
+    pub payload: String,
+}

@@ -18,14 +18,13 @@ mod state;
 mod validate;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage, AckKind};
 use bytes::Bytes;
 use openmls_rust_crypto::RustCrypto;
 use proto::federation::Payload;
 use proto::names;
-use proto::partitions::{GroupHandler, OnOwned, Role};
+use proto::partitions::{GroupHandler, Role};
 use proto::streams::Topology;
 use proto::wire::{Submission, Verdict};
 use tokio_util::sync::CancellationToken;
@@ -65,6 +64,8 @@ pub(crate) struct Ctx {
     metrics: Metrics,
     /// `streams.partitions`: LOG subjects name the group's partition.
     partitions: u32,
+    /// Delivery bounds (`streams.max_deliver`, backoff).
+    streams: config::Streams,
 }
 
 pub struct Sequencer {
@@ -75,7 +76,8 @@ pub struct Sequencer {
 impl Sequencer {
     pub fn new(topo: Topology, domain: String, cfg: config::Streams, metrics: Metrics) -> Self {
         let partitions = cfg.partitions;
-        Self { ctx: Arc::new(Ctx { topo, domain, crypto: RustCrypto::default(), metrics, partitions }), cfg }
+        let ctx = Ctx { topo, domain, crypto: RustCrypto::default(), metrics, partitions, streams: cfg.clone() };
+        Self { ctx: Arc::new(ctx), cfg }
     }
 
     /// Joins the sequencers of this operator and orders the partitions it
@@ -88,15 +90,9 @@ impl Sequencer {
             filter: names::submit_partition_filter,
             priority_group: names::SEQUENCER_PRIORITY_GROUP,
         };
-        let metrics = self.ctx.metrics.clone();
-        let on_owned: OnOwned = Arc::new(move |k, owned| {
-            metrics.partition_owned.with_label_values(&[&k.to_string()]).set(i64::from(owned));
-            if owned {
-                metrics.partitions_owned.inc();
-            } else {
-                metrics.partitions_owned.dec();
-            }
-        });
+        let metrics = &self.ctx.metrics;
+        let on_owned =
+            proto::partitions::ownership_gauges(metrics.partitions_owned.clone(), metrics.partition_owned.clone());
         let ctx = self.ctx.clone();
         let new_group = move || GroupDecider { ctx: ctx.clone(), state: None };
         let members = self.ctx.topo.members.clone();
@@ -131,7 +127,19 @@ impl GroupHandler for GroupDecider {
             Err(StepError::Transient(e)) => {
                 tracing::warn!(error = %e, "submission deferred");
                 self.state = None;
-                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                let ctx = &self.ctx;
+                let outcome =
+                    proto::streams::retry_or_dead_letter(&ctx.topo, &ctx.streams, ROLE, "transient", &e, &msg).await;
+                if outcome == proto::streams::Retry::DeadLettered {
+                    ctx.metrics.dead_letters.inc();
+                    // Whoever waits (or retries: SUBMIT's dedup drops the
+                    // resend) learns that it was not decided.
+                    let refusal = proto::ApiError::new(
+                        proto::ErrorCode::Unavailable,
+                        "the submission could not be decided; it is in the operator's dead letters",
+                    );
+                    ctx.publish_verdict(&sub, &Verdict::Rejected(refusal)).await;
+                }
             }
         }
     }

@@ -33,7 +33,7 @@ impl Metrics {
             )?,
             dead_letters: IntCounter::new(
                 "mlsfed_sequencer_dead_letters_total",
-                "Undecodable submissions terminated.",
+                "Submissions given up on: undecodable, or moved to MLSFED_DEAD after bounded deliveries.",
             )?,
             duplicates: IntCounter::new(
                 "mlsfed_sequencer_duplicate_appends_total",

@@ -237,13 +237,21 @@ impl Operator {
         role: &str,
         tweak: impl FnOnce(&mut config::Config),
     ) -> anyhow::Result<Self> {
+        Self::with_config(domain, role, |cfg| {
+            cfg.nats_url = nats.url();
+            cfg.nats_ca_file = nats.ca_file();
+            tweak(cfg);
+        })
+    }
+
+    /// Writes a test config (`tweak`ed) into a new temp dir and starts
+    /// `role` with it.
+    fn with_config(domain: &str, role: &str, tweak: impl FnOnce(&mut config::Config)) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut cfg = config::Config {
             domain: domain.into(),
             data_dir: dir.path().join("data"),
             listen: "127.0.0.1:0".into(),
-            nats_url: nats.url(),
-            nats_ca_file: nats.ca_file(),
             token_secret: SECRET.into(),
             operator_key_seed: hex_seed(domain).into(),
             ..Default::default()
@@ -270,29 +278,7 @@ impl Operator {
     /// `mlsfed run` on the embedded defaults: no NATS URL, so the process
     /// starts and supervises its own nats-server under its data dir.
     pub fn start_embedded(domain: &str) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let mut cfg = config::Config {
-            domain: domain.into(),
-            data_dir: dir.path().join("data"),
-            listen: "127.0.0.1:0".into(),
-            token_secret: SECRET.into(),
-            operator_key_seed: hex_seed(domain).into(),
-            ..Default::default()
-        };
-        cfg.streams.ack_wait_secs = 5;
-        cfg.streams.partition_failover_secs = 3;
-        let config_path = dir.path().join("mlsfed.toml");
-        std::fs::write(&config_path, toml::to_string(&cfg)?)?;
-        let mut op = Self {
-            child: None,
-            domain: domain.into(),
-            url: String::new(),
-            config_path,
-            role: "run".into(),
-            dir: TempDirOrShared::Own(dir),
-        };
-        op.spawn()?;
-        Ok(op)
+        Self::with_config(domain, "run", |_| {})
     }
 
     /// The operator's data directory.
@@ -446,6 +432,10 @@ impl Drop for Operator {
         // A failing test shows what the operator said; the temp dir goes.
         if std::thread::panicking() || std::env::var_os("MLSFED_TEST_LOG").is_some() {
             let log = self.log();
+            // A panic's message first: its backtrace would push it out of the tail.
+            for l in log.lines().filter(|l| l.contains("panicked at")) {
+                eprintln!("--- {} ({}) PANIC: {l}", self.role, self.domain);
+            }
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
             eprintln!("--- {} ({}) log tail ---", self.role, self.domain);
             for l in tail.iter().rev() {

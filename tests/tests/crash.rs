@@ -36,6 +36,12 @@ async fn accepted_before_fanout_survives_sigkill() -> anyhow::Result<()> {
     for c in [&mut alice, &mut bob, &mut carol] {
         c.reconnect(&op.url)?;
     }
+    // The restarted fanout takes the killed one's partitions once its
+    // membership expires; wait for the message, not for a quiet moment.
+    sync_until(&mut [&mut bob, &mut carol], Duration::from_secs(60), |c| {
+        c.positions(&g).last().is_some_and(|p| *p >= pos)
+    })
+    .await?;
     settle(&mut [&mut alice, &mut bob, &mut carol]).await?;
     for c in [&bob, &carol] {
         assert_eq!(

@@ -134,8 +134,10 @@ async fn forged_envelopes_are_refused_and_counted() -> anyhow::Result<()> {
         payloads: vec![Payload::Submit(sub)],
     };
     js.publish(inbox(B), seal(&b_key, &spoof).into()).await?.await?;
-    // 3. An origin that is not a peer.
-    js.publish(inbox("z.example"), seal(&wrong_key, &verdict(5, "z.example")).into()).await?.await?;
+    // 3. An origin that is not a peer (on B's subject: only our own account
+    //    could publish on a subject of a domain we do not peer with, and no
+    //    inbox consumer reads those).
+    js.publish(inbox(B), seal(&wrong_key, &verdict(5, "z.example")).into()).await?.await?;
     // 4. A valid envelope whose record A applies (a submission of bob's
     //    into A's SUBMIT, which the sequencer then refuses as malformed),
     //    then its replay after the dedup window would have passed (a new

@@ -105,3 +105,49 @@ async fn a_commit_that_timed_out_does_not_strand_its_sender() -> anyhow::Result<
     assert!(alice.failures().is_empty() && bob.failures().is_empty(), "{:?} {:?}", alice.failures(), bob.failures());
     Ok(())
 }
+
+/// A LOG entry whose predecessor never comes is retried with backoff a
+/// bounded number of times, then moved to MLSFED_DEAD with its reason and
+/// counted, instead of looping fanout forever; other groups keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_without_its_predecessor_is_dead_lettered_not_looped() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let op = Operator::start_with(&nats, "a.example", "run", |c| {
+        c.streams.max_deliver = 3;
+        c.streams.retry_base_ms = 50;
+    })?;
+    let mut alice = op.client("alice", "phone", 2).await?;
+    let mut bob = op.client("bob", "phone", 2).await?;
+    let g = alice.create_group("alive").await?;
+    alice.add(&g, &[op.user_id("bob")]).await?;
+    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
+
+    // Position 5 of a group whose positions 1 to 4 never reach this fanout.
+    let orphan = tests::proto::wire::LogEntry {
+        group: GroupId::parse("mimi://a.example/r/orphan")?,
+        position: 5,
+        prev_position: 4,
+        epoch: 1,
+        kind: tests::proto::wire::EntryKind::Application,
+        sender: alice.id().clone(),
+        submission_id: "orphan".into(),
+        message: b"orphan".to_vec(),
+        recipients: vec![bob.id().clone()],
+        welcome: None,
+        welcome_recipients: vec![],
+    };
+    let js = async_nats::jetstream::new(tests::nats_connect(&nats.url()).await?);
+    let subject = names::log_subject(&orphan.group, tests::config::Config::default().streams.partitions);
+    js.publish(subject, tests::proto::wire::encode(&orphan).into()).await?.await?;
+    let dead = "mlsfed_fanout_dead_letters_total{reason=\"predecessor_missing\"}";
+    tests::wait_metric(&op, dead, Duration::from_secs(30), |v| v == 1.0).await?;
+    let stream = js.get_stream(names::DEAD_STREAM).await?;
+    let letter = stream.get_last_raw_message_by_subject(&names::dead_subject("fanout")).await?;
+    let letter: tests::proto::wire::DeadLetter = serde_json::from_slice(&letter.payload)?;
+    assert_eq!((letter.reason.as_str(), letter.delivered), ("predecessor_missing", 3), "{letter:?}");
+    assert!(tests::metric(&op, "mlsfed_fanout_order_waits_total").await <= 3.0, "the orphan was retried unbounded");
+
+    let p = alice.send(&g, "still flowing").await?;
+    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.positions(&g).last().is_some_and(|x| *x >= p)).await?;
+    Ok(())
+}
