@@ -84,7 +84,7 @@ impl Metrics {
                 &["reason"],
             )?,
         };
-        for reason in ["predecessor_missing", "transient"] {
+        for reason in ["predecessor_missing", "transient", "unsupported_version", "malformed"] {
             m.dead_letters.with_label_values(&[reason]);
         }
         registry.register(Box::new(m.dead_letters.clone()))?;
@@ -167,8 +167,14 @@ impl GroupHandler for GroupFanout {
         let entry: LogEntry = match proto::wire::decode(&msg.payload) {
             Ok(e) => e,
             Err(e) => {
-                tracing::error!(error = %e, "undecodable LOG entry; terminating it");
-                let _ = msg.ack_with(AckKind::Term).await;
+                // A bug or a newer format: set aside with its reason, never
+                // silently, so the group's later entries are not blocked.
+                let ctx = &self.ctx;
+                if proto::streams::dead_letter(&ctx.topo, "fanout", e.label(), &e.to_string(), &msg).await {
+                    ctx.metrics.dead_letters.with_label_values(&[e.label()]).inc();
+                } else {
+                    let _ = msg.ack_with(AckKind::Nak(Some(std::time::Duration::from_secs(5)))).await;
+                }
                 return;
             }
         };

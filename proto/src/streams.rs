@@ -364,35 +364,41 @@ pub async fn retry_or_dead_letter(
     detail: &str,
     msg: &jetstream::Message,
 ) -> Retry {
-    use base64::Engine as _;
-    use jetstream::AckKind;
-    let info = msg.info().ok();
-    let delivered = info.as_ref().map(|i| i.delivered).unwrap_or(1).max(1) as u64;
-    if delivered as i64 >= cfg.max_deliver {
-        let letter = crate::wire::DeadLetter {
-            v: 1,
-            role: role.to_owned(),
-            reason: reason.to_owned(),
-            detail: detail.chars().take(512).collect(),
-            stream: info.as_ref().map(|i| i.stream.to_owned()).unwrap_or_default(),
-            stream_seq: info.as_ref().map(|i| i.stream_sequence).unwrap_or_default(),
-            subject: msg.subject.to_string(),
-            delivered,
-            payload: base64::engine::general_purpose::STANDARD.encode(&msg.payload),
-        };
-        let body = serde_json::to_vec(&letter).unwrap_or_default();
-        let stored = match topo.js.publish(names::dead_subject(role), body.into()).await {
-            Ok(ack) => ack.await.is_ok(),
-            Err(_) => false,
-        };
-        if stored {
-            tracing::error!(role, reason, detail, "message dead-lettered after bounded deliveries");
-            let _ = msg.ack_with(AckKind::Term).await;
-            return Retry::DeadLettered;
-        }
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u64;
+    if delivered as i64 >= cfg.max_deliver && dead_letter(topo, role, reason, detail, msg).await {
+        return Retry::DeadLettered;
     }
     let exp = (delivered - 1).min(16) as u32;
     let wait = Duration::from_millis(cfg.retry_base_ms.max(1).saturating_mul(1u64 << exp)).min(Duration::from_secs(30));
-    let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
+    let _ = msg.ack_with(jetstream::AckKind::Nak(Some(wait))).await;
     Retry::Later
+}
+
+/// Moves `msg` to `MLSFED_DEAD` with `reason` now (a record no retry can
+/// help: undecodable, or of a newer format) and terminates it. `false`:
+/// the dead-letter stream did not take it; the message stays.
+pub async fn dead_letter(topo: &Topology, role: &str, reason: &str, detail: &str, msg: &jetstream::Message) -> bool {
+    use base64::Engine as _;
+    let info = msg.info().ok();
+    let letter = crate::wire::DeadLetter {
+        v: 1,
+        role: role.to_owned(),
+        reason: reason.to_owned(),
+        detail: detail.chars().take(512).collect(),
+        stream: info.as_ref().map(|i| i.stream.to_owned()).unwrap_or_default(),
+        stream_seq: info.as_ref().map(|i| i.stream_sequence).unwrap_or_default(),
+        subject: msg.subject.to_string(),
+        delivered: info.as_ref().map(|i| i.delivered.max(1) as u64).unwrap_or(1),
+        payload: base64::engine::general_purpose::STANDARD.encode(&msg.payload),
+    };
+    let body = serde_json::to_vec(&letter).unwrap_or_default();
+    let stored = match topo.js.publish(names::dead_subject(role), body.into()).await {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    };
+    if stored {
+        tracing::error!(role, reason, detail, "message dead-lettered");
+        let _ = msg.ack_with(jetstream::AckKind::Term).await;
+    }
+    stored
 }

@@ -116,13 +116,51 @@ impl Verdict {
     }
 }
 
-pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    // postcard only fails on types it cannot represent; ours are all plain.
-    postcard::to_allocvec(v).unwrap_or_default()
+/// Every record we store or send (JetStream, KV, federation) starts with
+/// this marker and a format version, so a process can tell an older record
+/// (convert it) or a newer one (refuse it, explicitly) from a broken one.
+/// The marker cannot begin a record of format 0 (before versions): no
+/// record of ours starts with a postcard length of that size.
+pub const RECORD_MARKER: [u8; 2] = [0xF5, 0x4D];
+/// The format version this build writes.
+pub const RECORD_VERSION: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record format version {0} is newer than this build reads ({RECORD_VERSION})")]
+    Version(u8),
+    #[error("record is malformed: {0}")]
+    Malformed(#[from] postcard::Error),
 }
 
-pub fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, postcard::Error> {
-    postcard::from_bytes(b)
+impl DecodeError {
+    /// A closed set for metric labels and dead-letter reasons.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DecodeError::Version(_) => "unsupported_version",
+            DecodeError::Malformed(_) => "malformed",
+        }
+    }
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&RECORD_MARKER);
+    out.push(RECORD_VERSION);
+    // postcard only fails on types it cannot represent; ours are all plain.
+    postcard::to_extend(v, out).unwrap_or_default()
+}
+
+/// Reads a record of this version, or of format 0 (written before records
+/// carried versions, with the same layout); refuses a newer one.
+pub fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, DecodeError> {
+    match b {
+        [m0, m1, version, rest @ ..] if [*m0, *m1] == RECORD_MARKER => match *version {
+            RECORD_VERSION => Ok(postcard::from_bytes(rest)?),
+            v => Err(DecodeError::Version(v)),
+        },
+        legacy => Ok(postcard::from_bytes(legacy)?),
+    }
 }
 
 /// An operator notice to one device (JSON in a mailbox item).
@@ -144,6 +182,26 @@ pub fn submission_id(device: &DeviceId, parts: &[&[u8]]) -> String {
         h.update(p);
     }
     hex::encode(&h.finalize()[..16])
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    #[test]
+    fn records_carry_their_version() {
+        let v = Verdict::Accepted { position: 3, epoch: 1 };
+        let bytes = encode(&v);
+        assert_eq!(&bytes[..3], &[0xF5, 0x4D, RECORD_VERSION]);
+        assert_eq!(decode::<Verdict>(&bytes).unwrap(), v);
+        // Format 0: the bare postcard of the same layout is converted.
+        let legacy = postcard::to_allocvec(&v).unwrap();
+        assert_eq!(decode::<Verdict>(&legacy).unwrap(), v);
+        // A newer format is refused by name, never mistaken for garbage.
+        let mut newer = bytes.clone();
+        newer[2] = RECORD_VERSION + 1;
+        assert!(matches!(decode::<Verdict>(&newer), Err(DecodeError::Version(_))));
+    }
 }
 
 #[cfg(test)]

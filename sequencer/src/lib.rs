@@ -107,11 +107,16 @@ impl GroupHandler for GroupDecider {
             Ok(s) => s,
             Err(e) => {
                 // Only our ingest and bridge write SUBMIT; an undecodable
-                // record is a bug or version skew and must not block the
-                // group.
-                tracing::error!(error = %e, "undecodable submission; terminating it");
-                self.ctx.metrics.dead_letters.inc();
-                let _ = msg.ack_with(AckKind::Term).await;
+                // record (a bug, or a newer format: version skew) is set
+                // aside with its reason, never silently, and never blocks
+                // the group. A dead-letter stream that cannot take it
+                // leaves it for a redelivery.
+                let ctx = &self.ctx;
+                if proto::streams::dead_letter(&ctx.topo, ROLE, e.label(), &e.to_string(), &msg).await {
+                    ctx.metrics.dead_letters.inc();
+                } else {
+                    let _ = msg.ack_with(AckKind::Nak(Some(std::time::Duration::from_secs(5)))).await;
+                }
                 return;
             }
         };
