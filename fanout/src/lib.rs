@@ -271,16 +271,21 @@ impl GroupFanout {
         if let Some(w) = &entry.welcome {
             if entry.welcome_recipients.iter().any(local) {
                 // The key directory settles the reservations of the
-                // KeyPackages this Welcome used (best effort: an unsettled
-                // one only returns to its pool after the reservation time).
+                // KeyPackages this Welcome used.
                 if let Ok(refs) = proto::mls::welcome_recipients(w) {
-                    let _ = self
+                    // Durable: an unsettled reservation would return a used
+                    // KeyPackage to its pool when it expires.
+                    let id = names::fed_msg_id("kpused", &[group.as_bytes(), &entry.position.to_be_bytes()]);
+                    let publish =
+                        PublishMessage::build().payload(Bytes::from(proto::wire::encode(&refs))).message_id(id);
+                    let ack = self
                         .ctx
                         .topo
                         .js
-                        .client()
-                        .publish(names::KEYDIR_CONSUMED_SUBJECT, Bytes::from(proto::wire::encode(&refs)))
-                        .await;
+                        .send_publish(names::KP_USED_SUBJECT, publish)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    ack.await.map_err(|e| e.to_string())?;
                 }
             }
         }

@@ -268,20 +268,59 @@ async fn answer(api: &Shared, req: Request) -> FedResponse {
 
 /// Settles the reservations of KeyPackages that a delivered Welcome used
 /// (fanout announces them on a core subject).
+/// Settles the reservations of KeyPackages that delivered Welcomes used,
+/// from the durable `MLSFED_KP_USED` queue shared by every ingest process:
+/// a notice waits while no ingest runs, and one that fails is retried with
+/// backoff and, in the end, dead-lettered, never dropped. Restarted (with a
+/// pause) if its consumer fails, instead of ending silently.
 pub async fn settle_consumed(api: Shared) {
-    let client = api.topo.js.client();
-    let Ok(mut sub) = client.queue_subscribe(names::KEYDIR_CONSUMED_SUBJECT, names::KEYDIR_RPC_QUEUE.into()).await
-    else {
-        return;
-    };
     loop {
-        let msg = tokio::select! {
-            _ = api.shutdown.cancelled() => return,
-            m = futures::StreamExt::next(&mut sub) => match m { Some(m) => m, None => return },
+        match settle_loop(&api).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "KeyPackage settlement stopped; restarting it");
+                tokio::select! {
+                    _ = api.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn settle_loop(api: &Shared) -> Result<(), String> {
+    let cfg = &api.cfg.streams;
+    let mut messages = proto::streams::durable_messages(
+        &api.topo.kp_used,
+        names::KP_SETTLE_CONSUMER,
+        "",
+        64,
+        cfg.ack_wait(),
+        cfg.max_deliver.saturating_add(2),
+    )
+    .await?;
+    loop {
+        let Some(msg) = proto::streams::next_message(&mut messages, &api.shutdown, "keydir settle")
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
         };
-        if let Ok(refs) = proto::wire::decode::<Vec<Vec<u8>>>(&msg.payload) {
-            if let Err(e) = api.keydir.consumed(&refs).await {
-                tracing::warn!(error = %e, "cannot settle KeyPackage reservations");
+        let refs = match proto::wire::decode::<Vec<Vec<u8>>>(&msg.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                proto::streams::dead_letter(&api.topo, "keydir", e.label(), &e.to_string(), &msg).await;
+                continue;
+            }
+        };
+        match api.keydir.consumed(&refs).await {
+            Ok(()) => {
+                let _ = msg.ack().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot settle KeyPackage reservations; retrying");
+                let detail = e.to_string();
+                proto::streams::retry_or_dead_letter(&api.topo, cfg, "keydir", "transient", &detail, &msg).await;
             }
         }
     }

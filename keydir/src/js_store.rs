@@ -194,11 +194,11 @@ impl KeyStore for JsStore {
         Ok(if saw_any { Take::NoneCompatible } else { Take::Empty })
     }
 
-    async fn put_back(&self, d: &DeviceId, s: &Stored) -> Result<()> {
-        // The upload's Nats-Msg-Id would make JetStream drop this as a
-        // duplicate within its window: returns carry no id (the caller
-        // checked that it is not pooled).
-        self.publish(names::key_package_subject(d, s.suite, &s.kp_ref), enc(s), None).await
+    async fn put_back(&self, d: &DeviceId, s: &Stored, return_id: &str) -> Result<()> {
+        // An id of its own: not the upload's (whose dedup would drop the
+        // return), but one per reservation, so two processes releasing the
+        // same reservation at once put it back once.
+        self.publish(names::key_package_subject(d, s.suite, &s.kp_ref), enc(s), Some(return_id.to_owned())).await
     }
 
     async fn has_one_time(&self, d: &DeviceId, s: &Stored) -> Result<bool> {

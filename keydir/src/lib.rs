@@ -29,7 +29,7 @@ use openmls_rust_crypto::RustCrypto;
 use prometheus::{IntCounterVec, Opts, Registry};
 use proto::identity::{Binding, SignedBinding};
 use proto::mls::wire_format;
-use proto::{ApiError, DeviceId, ErrorCode, UserId};
+use proto::{names, ApiError, DeviceId, ErrorCode, UserId};
 use serde::{Deserialize, Serialize};
 
 pub use js_store::JsStore;
@@ -195,8 +195,8 @@ impl KeyStore for Backend {
     ) -> store::Result<Take> {
         dispatch!(self, b => b.take_one_time(d, suite, now, accept, claimer).await)
     }
-    async fn put_back(&self, d: &DeviceId, s: &Stored) -> store::Result<()> {
-        dispatch!(self, b => b.put_back(d, s).await)
+    async fn put_back(&self, d: &DeviceId, s: &Stored, return_id: &str) -> store::Result<()> {
+        dispatch!(self, b => b.put_back(d, s, return_id).await)
     }
     async fn has_one_time(&self, d: &DeviceId, s: &Stored) -> store::Result<bool> {
         dispatch!(self, b => b.has_one_time(d, s).await)
@@ -619,7 +619,8 @@ impl KeyDirectory {
             // between reserving and taking also left it pooled.)
             let back = r.stored.not_after > now && !self.store.has_one_time(&r.device, &r.stored).await?;
             if back {
-                self.store.put_back(&r.device, &r.stored).await?;
+                let id = names::key_package_return_msg_id(&r.stored.kp_ref, r.at);
+                self.store.put_back(&r.device, &r.stored, &id).await?;
             }
             if self.store.take_reservation(&r.stored.kp_ref).await?.is_some() && back {
                 n += 1;

@@ -88,9 +88,12 @@ pub trait KeyStore: Send + Sync {
         accept: &(dyn Fn(&Stored) -> bool + Sync),
         claimer: &DeviceId,
     ) -> impl Future<Output = Result<Take>> + Send;
-    /// Returns a released KeyPackage to its pool (an upload's dedup must not
-    /// swallow it).
-    fn put_back(&self, d: &DeviceId, s: &Stored) -> impl Future<Output = Result<()>> + Send {
+    /// Returns a released KeyPackage to its pool. `return_id` names this
+    /// return (the KeyPackage and the reservation it ends), so processes
+    /// that release the same reservation at once return it once; it differs
+    /// from the upload's id, whose dedup must not swallow the return.
+    fn put_back(&self, d: &DeviceId, s: &Stored, return_id: &str) -> impl Future<Output = Result<()>> + Send {
+        let _ = return_id;
         self.put_one_time(d, s)
     }
     /// Whether this one-time KeyPackage is in its pool.

@@ -272,6 +272,15 @@ pub fn fed_msg_id(kind: &str, parts: &[&[u8]]) -> String {
     format!("{kind}-{}", hex::encode(&h.finalize()[..16]))
 }
 
-/// Core NATS: the KeyPackageRefs a delivered Welcome used, so the key
-/// directory settles their reservations.
-pub const KEYDIR_CONSUMED_SUBJECT: &str = "mlsfed.keydir.consumed";
+/// The KeyPackageRefs a delivered Welcome used, so the key directory
+/// settles their reservations: a WorkQueue stream, so a notice outlives an
+/// ingest process that is down or dies while settling.
+pub const KP_USED_STREAM: &str = "MLSFED_KP_USED";
+pub const KP_USED_SUBJECT: &str = "mlsfed.kpused";
+pub const KP_SETTLE_CONSUMER: &str = "keydir-settle";
+
+/// `Nats-Msg-Id` of a released KeyPackage's return to its pool: one per
+/// reservation (the KeyPackage and when it was claimed).
+pub fn key_package_return_msg_id(kp_ref: &[u8], reserved_at: u64) -> String {
+    format!("kpret-{}-{reserved_at}", hex::encode(kp_ref))
+}

@@ -37,6 +37,7 @@ pub struct Topology {
     pub nonces: kv::Store,
     pub members: kv::Store,
     pub dead: stream::Stream,
+    pub kp_used: stream::Stream,
 }
 
 async fn ensure_stream(
@@ -239,9 +240,24 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
         names::DEAD_STREAM,
     )
     .await?;
+    let kp_used = ensure_stream(
+        js,
+        stream::Config {
+            name: names::KP_USED_STREAM.into(),
+            subjects: vec![names::KP_USED_SUBJECT.into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: cfg.duplicate_window(),
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        names::KP_USED_STREAM,
+    )
+    .await?;
     Ok(Topology {
         js: js.clone(),
         dead,
+        kp_used,
         members,
         nonces,
         submit,

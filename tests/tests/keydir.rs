@@ -10,7 +10,7 @@ use base64::Engine as _;
 use keydir::store::{Caps, KeyStore, Reservation, Stored, Take};
 use openmls::prelude::Ciphersuite;
 use tests::client::Event;
-use tests::proto::{DeviceId, UserId};
+use tests::proto::{names, DeviceId, UserId};
 use tests::raw::Local;
 use tests::{bad_kp, get, post, unix_now, NatsServer, Operator};
 
@@ -450,5 +450,95 @@ async fn claims_are_rate_limited_per_requester() -> anyhow::Result<()> {
     let (got, body) = claim(&op.url, &asker, "mimi://a.example/u/bob", serde_json::json!({})).await;
     assert_eq!((got, body["code"].as_str()), (429, Some("rate_limited")), "{body}");
     assert_eq!(claim(&op.url, &other, "mimi://a.example/u/bob", serde_json::json!({})).await.0, 200, "per requester");
+    Ok(())
+}
+
+/// Two ingest processes release the same expired reservations at once:
+/// each KeyPackage goes back to its pool once, not twice (a twice-pooled
+/// KeyPackage would be handed to two claimers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_releases_return_each_key_package_once() -> anyhow::Result<()> {
+    use keydir::{Backend, ClaimRequest, KeyDirectory};
+    let nats = NatsServer::start()?;
+    let js = async_nats::jetstream::new(tests::nats_connect(&nats.url()).await?);
+    let cfg = config::Keydir { reservation_secs: 1, ..Default::default() };
+    let directory = |js: async_nats::jetstream::Context| {
+        let cfg = cfg.clone();
+        async move {
+            let store = Backend::JetStream(Box::new(keydir::JsStore::open(&js, 1).await?));
+            let metrics = keydir::Metrics::new(&prometheus::Registry::new())?;
+            anyhow::Ok(KeyDirectory::new(store, cfg, "a.example".into(), tests::operator_seed("a.example"), metrics))
+        }
+    };
+    let (one, two) = (directory(js.clone()).await?, directory(js.clone()).await?);
+    let erin = DeviceId::new("a.example", "erin", "e")?;
+    let local = Local::new(erin.as_str());
+    let mut batch = Vec::new();
+    for _ in 0..20 {
+        batch.extend(local.key_package());
+    }
+    let now = unix_now();
+    one.upload(&erin, &batch, now).await?;
+    let frank = DeviceId::new("a.example", "frank", "f")?;
+    for _ in 0..20 {
+        let got = one.claim(&frank, &erin.user(), &ClaimRequest::default(), now).await?;
+        assert_eq!(got.claimed.len(), 1);
+    }
+    assert_eq!(one.store().count_one_time(&erin, 1).await?, 0);
+    let later = now + 10;
+    let (a, b) = tokio::join!(one.release_expired(later), two.release_expired(later));
+    a?;
+    b?;
+    assert_eq!(one.store().count_one_time(&erin, 1).await?, 20, "a KeyPackage was pooled twice or lost");
+    Ok(())
+}
+
+/// The settlement of a used KeyPackage is durable: its notice waits while
+/// no ingest runs, and once one is back the reservation is settled, so the
+/// used KeyPackage never returns to the pool when the reservation expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_key_package_stays_used_across_an_ingest_outage() -> anyhow::Result<()> {
+    use openmls::prelude::tls_codec::Deserialize as _;
+    use openmls::prelude::{MlsMessageBodyIn, MlsMessageIn, ProtocolVersion};
+    use openmls_traits::OpenMlsProvider as _;
+    let nats = NatsServer::start()?;
+    let mut op = Operator::start_with(&nats, "a.example", "run", |c| {
+        c.keydir.backend = config::KeydirBackend::Jetstream;
+        c.keydir.reservation_secs = 2;
+    })?;
+    let bob = op.client("bob", "phone", 2).await?;
+    let alice = op.device_id("alice", "phone");
+    let (_, claimed) = claim(&op.url, &op.token(&alice), "mimi://a.example/u/bob", serde_json::json!({})).await;
+    let kp = base64::engine::general_purpose::STANDARD
+        .decode(claimed["key_packages"][0]["key_package"].as_str().unwrap_or_default())?;
+    let local = Local::new("x");
+    let kp_ref = match MlsMessageIn::tls_deserialize_exact(kp.as_slice())?.extract() {
+        MlsMessageBodyIn::KeyPackage(k) => {
+            k.validate(local.provider.crypto(), ProtocolVersion::Mls10)?.hash_ref(local.provider.crypto())?
+        }
+        _ => anyhow::bail!("not a KeyPackage"),
+    };
+    let stock = |op: &Operator| {
+        let (url, token) = (op.url.clone(), op.token(bob.id()));
+        async move {
+            let (_, s) = get(&url, "/v1/keypackages/stock", Some(&token)).await;
+            s["stock"][0]["one_time"].as_u64()
+        }
+    };
+    assert_eq!(stock(&op).await, Some(1));
+    // The Welcome that used it is delivered while no ingest runs: its
+    // notice must wait in JetStream.
+    op.kill();
+    let js = async_nats::jetstream::new(tests::nats_connect(&nats.url()).await?);
+    let refs = vec![kp_ref.as_slice().to_vec()];
+    js.publish(names::KP_USED_SUBJECT, tests::proto::wire::encode(&refs).into()).await?.await?;
+    op.restart()?;
+    // Well past the reservation time: the used KeyPackage is not back.
+    for _ in 0..40 {
+        assert_eq!(stock(&op).await, Some(1), "a used KeyPackage went back to the pool");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stream = js.get_stream(names::KP_USED_STREAM).await?;
+    assert_eq!(stream.cached_info().state.messages, 0, "the notice was not consumed");
     Ok(())
 }
