@@ -235,6 +235,12 @@ pub struct Streams {
     pub retry_base_ms: u64,
     /// How long dead letters are kept for an operator to look at.
     pub dead_letter_max_age_secs: u64,
+    /// The embedded nats-server's JetStream `sync_interval`: `always`
+    /// (fsync every write: an acknowledged Commit survives a host crash),
+    /// a duration such as `1s` (a host crash loses at most that much), or
+    /// empty for nats-server's default (2 min). Clustered deployments set
+    /// this on their own servers and rely on replication (docs/operations.md).
+    pub sync_interval: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -316,6 +322,7 @@ impl Default for Streams {
             max_deliver: 16,
             retry_base_ms: 250,
             dead_letter_max_age_secs: 30 * 86_400,
+            sync_interval: "always".into(),
         }
     }
 }
@@ -465,6 +472,11 @@ impl Config {
         if !(1..=1024).contains(&self.streams.partitions) {
             return Err(LoadConfigError::Invalid("streams.partitions must be within 1..=1024".into()));
         }
+        if !valid_sync_interval(&self.streams.sync_interval) {
+            return Err(LoadConfigError::Invalid(
+                "streams.sync_interval must be empty, \"always\", or a duration like \"500ms\", \"1s\", \"2m\"".into(),
+            ));
+        }
         if self.streams.max_deliver < 2 {
             return Err(LoadConfigError::Invalid("streams.max_deliver must be at least 2".into()));
         }
@@ -522,6 +534,14 @@ pub fn split_credentials(url: &str) -> (String, Option<(String, String)>) {
         }
         None => (url.to_owned(), None),
     }
+}
+
+fn valid_sync_interval(v: &str) -> bool {
+    if v.is_empty() || v == "always" {
+        return true;
+    }
+    let digits = v.bytes().take_while(u8::is_ascii_digit).count();
+    digits > 0 && matches!(&v[digits..], "ms" | "s" | "m" | "h")
 }
 
 /// Secrets that once appeared in our docs or defaults.
@@ -599,6 +619,20 @@ mod tests {
         let shown = format!("{c:?}");
         for secret in ["0123456789abcdef0123", "1111", "hunter2", "hunter3"] {
             assert!(!shown.contains(secret), "Debug shows {secret}: {shown}");
+        }
+    }
+
+    #[test]
+    fn sync_interval_is_validated() {
+        for ok in ["", "always", "500ms", "1s", "2m"] {
+            let mut c = configured();
+            c.streams.sync_interval = ok.into();
+            assert!(c.validate().is_ok(), "{ok:?}");
+        }
+        for bad in ["sometimes", "1", "s", "1d", "-1s"] {
+            let mut c = configured();
+            c.streams.sync_interval = bad.into();
+            assert!(c.validate().is_err(), "{bad:?}");
         }
     }
 

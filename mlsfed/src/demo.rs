@@ -63,7 +63,8 @@ pub(crate) async fn start_domains(
             .filter(|(j, _)| *j != i)
             .map(|(j, p)| mlsfed::nats::PeerUser { domain: p, user: &users[j], password: &peer_passwords[i][j] })
             .collect();
-        let conf = mlsfed::nats::federation_accounts("local", &local_passwords[i], &peers);
+        let mut conf = mlsfed::nats::federation_accounts("local", &local_passwords[i], &peers);
+        conf.push_str(&mlsfed::nats::jetstream_block(&base.streams.sync_interval));
         nats.push(
             NatsProcess::start_with_config(&bin, &dir.join(d).join("nats"), 0, Some(&conf))
                 .context("cannot start nats-server")?,

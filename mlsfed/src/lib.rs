@@ -68,6 +68,24 @@ pub async fn run(
     let js = jetstream(nats);
     let topo = proto::streams::ensure(&js, &cfg).await.context("cannot create streams")?;
     let mut tasks = JoinSet::new();
+    // Stopping drains front to back: the API stops accepting and finishes
+    // its requests first, while the workers still decide and deliver what
+    // those requests wait for; then the workers stop.
+    let workers_stop = CancellationToken::new();
+    let api_done = Arc::new(tokio::sync::Notify::new());
+    {
+        let (shutdown, workers_stop, api_done) = (shutdown.clone(), workers_stop.clone(), api_done.clone());
+        let has_api = roles.ingest;
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            if has_api {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(25), api_done.notified()).await;
+            }
+            workers_stop.cancel();
+        });
+    }
+    let shutdown_api = shutdown.clone();
+    let shutdown = workers_stop;
     if roles.sequencer {
         let seq = sequencer::Sequencer::new(
             topo.clone(),
@@ -124,13 +142,19 @@ pub async fn run(
             cfg: cfg.clone(),
             registry: registry.clone(),
             metrics: ingest::Metrics::new(&registry)?,
-            shutdown: shutdown.clone(),
+            shutdown: shutdown_api.clone(),
             websockets: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_websockets)),
         });
-        tasks.spawn(async move { ingest::serve(listener, api).await.map_err(anyhow::Error::from) });
+        let done = api_done.clone();
+        tasks.spawn(async move {
+            let served = ingest::serve(listener, api).await.map_err(anyhow::Error::from);
+            done.notify_one();
+            served
+        });
     }
     // The first role to stop (shutdown, or a failure) stops the process.
     let first = tasks.join_next().await;
+    shutdown_api.cancel();
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
     match first {

@@ -43,6 +43,13 @@ impl NatsProcess {
         Self::start_with_config(bin, dir, port, None)
     }
 
+    /// Starts the embedded server of an operator: like [`NatsProcess::start`],
+    /// with JetStream's `sync_interval` set (empty: the server's default).
+    pub fn start_embedded(bin: &str, dir: &Path, port: u16, sync_interval: &str) -> anyhow::Result<Self> {
+        let config = jetstream_block(sync_interval);
+        Self::start_with_config(bin, dir, port, (!config.is_empty()).then_some(config.as_str()))
+    }
+
     /// Starts with a nats-server config file holding `config` (for example
     /// an `authorization` block); the command line still sets the address,
     /// port and JetStream directory.
@@ -170,6 +177,15 @@ impl Drop for NatsProcess {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The `jetstream { ... }` block for a `sync_interval` (empty: none).
+pub fn jetstream_block(sync_interval: &str) -> String {
+    if sync_interval.is_empty() {
+        return String::new();
+    }
+    let quoted = serde_json::to_string(sync_interval).unwrap_or_default();
+    format!("jetstream {{\n  sync_interval: {quoted}\n}}\n")
 }
 
 /// A peer operator's user on our nats-server.

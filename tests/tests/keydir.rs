@@ -293,7 +293,14 @@ async fn restart_mid_claims_loses_and_duplicates_nothing() -> anyhow::Result<()>
                     }
                 }));
             }
-            tokio::time::sleep(Duration::from_millis(5 * round)).await;
+            // Kill under load: once the first claim of the round has been
+            // answered, the others are in flight.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !tasks.iter().any(|t| t.is_finished()) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert!(tasks.iter().any(|t| t.is_finished()), "{backend:?}: no claim was answered before the kill");
+            tokio::time::sleep(Duration::from_millis(2 * round)).await;
             op.kill();
             for t in tasks {
                 if let Some(body) = t.await? {
