@@ -525,14 +525,27 @@ impl Client {
     }
 }
 
-/// Syncs every client until none receives anything new (bounded).
+/// Syncs every client until they agree: every group is at the same
+/// position on every client that is in it, and nothing new arrived for
+/// three passes in a row (bounded). Agreement, not one quiet pass, is the
+/// condition: a quiet pass can come before a slow fanout delivers.
 pub async fn settle(clients: &mut [&mut Client]) -> anyhow::Result<()> {
-    for _ in 0..50 {
+    let mut quiet = 0;
+    for _ in 0..200 {
         let mut any = false;
         for c in clients.iter_mut() {
             any |= !c.sync().await?.is_empty();
         }
-        if !any {
+        let mut at: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+        let mut agree = true;
+        for c in clients.iter() {
+            for g in c.groups() {
+                let p = c.applied(&g);
+                agree &= *at.entry(g).or_insert(p) == p;
+            }
+        }
+        quiet = if !any && agree { quiet + 1 } else { 0 };
+        if quiet >= 3 {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
