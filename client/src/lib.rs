@@ -506,6 +506,8 @@ impl Device {
 
     /// Encrypts and sends an application message; returns its hub position.
     pub async fn send(&mut self, g: &str, text: &str) -> Result<u64, ClientError> {
+        // A Commit of ours still undecided decides the epoch to send in.
+        self.resolve_pending(g).await?;
         for _ in 0..EPOCH_RETRIES {
             let (provider, signer) = (&self.provider, &self.signer);
             let group = self.groups.get_mut(g).ok_or_else(|| ClientError::UnknownGroup(g.into()))?;

@@ -159,6 +159,9 @@ pub struct Federation {
     /// Requests (ours to peers, and peers' to us) one bridge process works
     /// on at once; beyond, a request is answered `unavailable` at once.
     pub max_concurrent_requests: usize,
+    /// Bytes each peer's inbound stream may hold; beyond, its publishes are
+    /// refused (its outbox keeps them and retries).
+    pub inbox_max_bytes: i64,
 }
 
 impl Default for Federation {
@@ -172,6 +175,7 @@ impl Default for Federation {
             max_seq_jump: 1 << 32,
             versions: vec![1],
             max_concurrent_requests: 256,
+            inbox_max_bytes: 1 << 30,
         }
     }
 }

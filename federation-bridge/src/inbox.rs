@@ -26,8 +26,13 @@ impl Bridge {
         peer: String,
         shutdown: CancellationToken,
     ) -> Result<(), RunBridgeError> {
+        let stream = self
+            .topo
+            .fed_in
+            .get(&peer)
+            .ok_or_else(|| RunBridgeError::Setup(format!("no inbound stream for {peer}")))?;
         let mut messages = proto::streams::durable_messages(
-            &self.topo.fed_in,
+            stream,
             &names::bridge_in_consumer(&peer),
             &names::fed_in_subject(&peer),
             1,

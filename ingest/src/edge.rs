@@ -108,13 +108,14 @@ fn overloaded() -> Vec<u8> {
 pub(crate) async fn serve(listener: TcpListener, router: Router, api: Shared) -> std::io::Result<()> {
     let limits = &api.cfg.limits;
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only (WebSockets upgrade from it): HTTP/2's preface sniffing
+    // and idle streams have no read timeout to bound them.
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms.max(1)))
         .max_buf_size(64 * 1024);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(64);
     let builder = Arc::new(builder);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {

@@ -145,8 +145,10 @@ async fn serve(mut cfg: config::Config, roles: Roles) -> anyhow::Result<()> {
         tracing::info!("stopping: draining in-flight work");
         sd.cancel();
     });
-    let sd = shutdown.clone();
-    let supervisor = embedded.take().map(|p| tokio::spawn(supervise(p, sd)));
+    // The embedded server outlives the drain: it stops only once every role
+    // is done with NATS.
+    let nats_stop = CancellationToken::new();
+    let supervisor = embedded.take().map(|p| tokio::spawn(supervise(p, nats_stop.clone())));
     let mut run =
         tokio::spawn(mlsfed::run(cfg, roles, client, listener, prometheus::Registry::new(), shutdown.clone()));
     let result = tokio::select! {
@@ -162,6 +164,7 @@ async fn serve(mut cfg: config::Config, roles: Roles) -> anyhow::Result<()> {
     };
     // The roles are done with NATS: now stop the embedded server, if ours.
     shutdown.cancel();
+    nats_stop.cancel();
     if let Some(s) = supervisor {
         let _ = s.await;
     }

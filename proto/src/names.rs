@@ -197,8 +197,13 @@ pub const FED_OUT_STREAM: &str = "MLSFED_FED_OUT";
 pub const FED_OUT_WILDCARD: &str = "mlsfed.fedout.*";
 /// Our inbox from peers: `mlsfed.fedin.<hex origin domain>`; each peer's
 /// NATS user may publish only to its own subject (docs/federation.md).
-pub const FED_IN_STREAM: &str = "MLSFED_FED_IN";
-pub const FED_IN_WILDCARD: &str = "mlsfed.fedin.*";
+/// One stream per peer (`MLSFED_FED_IN_<hex domain>`): dedup and limits
+/// are per stream, so one peer can neither drop nor crowd out another's.
+pub const FED_IN_STREAM_PREFIX: &str = "MLSFED_FED_IN";
+
+pub fn fed_in_stream(peer: &str) -> String {
+    format!("{FED_IN_STREAM_PREFIX}_{}", domain_token(peer))
+}
 /// Per-peer high-water marks of accepted envelopes.
 pub const FEDERATION_BUCKET: &str = "mlsfed_federation";
 /// Submissions we forwarded to a hub: submission id → the hub's domain. A

@@ -16,6 +16,8 @@ pub enum EnsureStreamsError {
     Bucket { name: &'static str, source: jetstream::context::CreateKeyValueError },
     #[error("cannot open bucket {name}: {source}")]
     OpenBucket { name: &'static str, source: jetstream::context::KeyValueError },
+    #[error("streams.partitions does not match MLSFED_SUBMIT (its transform is {have:?}, this config needs {want:?}); changing P is a migration")]
+    Partitions { have: String, want: String },
     #[error("cannot create consumer {name}: {source}")]
     Consumer { name: &'static str, source: jetstream::stream::ConsumerError },
 }
@@ -31,7 +33,8 @@ pub struct Topology {
     pub fanout: kv::Store,
     pub verdicts: kv::Store,
     pub fed_out: stream::Stream,
-    pub fed_in: stream::Stream,
+    /// Our inbound stream from each configured peer, by domain.
+    pub fed_in: std::collections::HashMap<String, stream::Stream>,
     pub federation: kv::Store,
     pub forwarded: kv::Store,
     pub nonces: kv::Store,
@@ -84,6 +87,13 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
         names::SUBMIT_STREAM,
     )
     .await?;
+    // LOG subjects and SUBMIT's transform must agree on P, or two processes
+    // would order one group on two subjects (a fork): refuse to start.
+    let (_, want) = names::submit_transform(cfg.partitions.max(1));
+    let have = submit.cached_info().config.subject_transform.as_ref().map(|t| t.destination.clone());
+    if have.as_deref() != Some(want.as_str()) {
+        return Err(EnsureStreamsError::Partitions { have: have.unwrap_or_default(), want });
+    }
     let log = ensure_stream(
         js,
         stream::Config {
@@ -156,23 +166,31 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
         names::FED_OUT_STREAM,
     )
     .await?;
-    let fed_in = ensure_stream(
-        js,
-        stream::Config {
-            name: names::FED_IN_STREAM.into(),
-            subjects: vec![names::FED_IN_WILDCARD.into()],
-            retention: stream::RetentionPolicy::WorkQueue,
-            storage: stream::StorageType::File,
-            // Bounded: what no inbox consumer takes (a subject of a domain
-            // that is no longer a peer) goes after the outage we tolerate.
-            max_age: Duration::from_secs(all.federation.outbox_max_age_secs),
-            duplicate_window: cfg.duplicate_window().min(Duration::from_secs(all.federation.outbox_max_age_secs)),
-            num_replicas: replicas,
-            ..Default::default()
-        },
-        names::FED_IN_STREAM,
-    )
-    .await?;
+    // One inbound stream per peer: JetStream's duplicate detection is per
+    // stream and takes the publisher's Nats-Msg-Id, so in a shared stream a
+    // peer could pre-empt another peer's envelope ids and have them dropped
+    // as duplicates. Each is bounded in bytes too, refusing new envelopes
+    // when full (the peer's outbox keeps them), so no peer fills our disk.
+    let mut fed_in = std::collections::HashMap::new();
+    for peer in &all.peers {
+        let name = names::fed_in_stream(&peer.domain);
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: name.clone(),
+                subjects: vec![names::fed_in_subject(&peer.domain)],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                max_age: Duration::from_secs(all.federation.outbox_max_age_secs),
+                max_bytes: all.federation.inbox_max_bytes,
+                discard: stream::DiscardPolicy::New,
+                duplicate_window: cfg.duplicate_window().min(Duration::from_secs(all.federation.outbox_max_age_secs)),
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|source| EnsureStreamsError::Stream { name: names::FED_IN_STREAM_PREFIX, source })?;
+        fed_in.insert(peer.domain.clone(), stream);
+    }
     let federation = ensure_bucket(
         js,
         kv::Config {

@@ -380,7 +380,8 @@ async fn a_peer_sees_only_the_replies_to_its_own_requests() -> anyhow::Result<()
             continue;
         }
         if let Ok(ack) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
-            assert_eq!(ack["stream"], "MLSFED_FED_IN", "B received JSON that is not its PubAck: {ack}");
+            let ours = tests::proto::names::fed_in_stream(B);
+            assert_eq!(ack["stream"], ours.as_str(), "B received JSON that is not its PubAck: {ack}");
             acks += 1;
             continue;
         }
