@@ -23,7 +23,7 @@ pub enum LoadConfigError {
 }
 
 /// Everything one operator needs to run any of its worker roles.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// The operator's domain, e.g. `a.example`; it names the operator in every
@@ -116,6 +116,30 @@ pub struct Peer {
     /// The peer's Ed25519 operator key (base64), which signs its envelopes
     /// and its identity bindings.
     pub public_key: String,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `nats_url` may carry a password (`nats://user:pass@host`).
+        let (nats_url, creds) = split_credentials(&self.nats_url);
+        f.debug_struct("Config")
+            .field("domain", &self.domain)
+            .field("data_dir", &self.data_dir)
+            .field("listen", &self.listen)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("nats_url", &nats_url)
+            .field("nats_url_credentials", &creds.is_some())
+            .field("nats_server_bin", &self.nats_server_bin)
+            .field("nats_ca_file", &self.nats_ca_file)
+            .field("token_secret", &self.token_secret)
+            .field("operator_key_seed", &self.operator_key_seed)
+            .field("limits", &self.limits)
+            .field("streams", &self.streams)
+            .field("keydir", &self.keydir)
+            .field("federation", &self.federation)
+            .field("peers", &self.peers)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for Peer {
@@ -393,7 +417,7 @@ impl Config {
         }
         let path = self.data_dir.join("secrets.toml");
         let read = |source| LoadConfigError::Read { path: path.clone(), source };
-        let stored = match std::fs::read_to_string(&path) {
+        let stored: Stored = match std::fs::read_to_string(&path) {
             Ok(text) => {
                 toml::from_str(&text).map_err(|source| LoadConfigError::Parse { path: path.clone(), source })?
             }
@@ -401,7 +425,9 @@ impl Config {
                 let stored = Stored { token_secret: random_hex().into(), operator_key_seed: random_hex().into() };
                 std::fs::create_dir_all(&self.data_dir).map_err(read)?;
                 write_private(&path, toml::to_string(&stored).unwrap_or_default().as_bytes()).map_err(read)?;
-                stored
+                // Whoever renamed last won: use what is on disk.
+                let text = std::fs::read_to_string(&path).map_err(read)?;
+                toml::from_str(&text).map_err(|source| LoadConfigError::Parse { path: path.clone(), source })?
             }
             Err(e) => return Err(read(e)),
         };
@@ -558,19 +584,26 @@ fn random_hex() -> String {
     hex::encode(b)
 }
 
-/// Creates `path` readable by its owner only, then writes `bytes`.
+/// Writes `bytes` to `path`, readable by its owner only, atomically: a
+/// crash leaves either no file or the whole one (written to a temporary
+/// name, synced, then renamed), never an empty file that would stop every
+/// later start.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
+    opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path)?;
+    let mut f = opts.open(&tmp)?;
     f.write_all(bytes)?;
-    f.sync_all()
+    f.sync_all()?;
+    // Two processes starting at once: the first rename wins, the second
+    // replaces it with its own; both then read the file back below.
+    std::fs::rename(&tmp, path)
 }
 
 fn proto_like_domain(d: &str) -> bool {
@@ -612,6 +645,7 @@ mod tests {
         c.operator_key_seed = "00".repeat(32).into();
         assert!(c.validate().is_err(), "a constant seed is not a secret");
         let mut c = configured();
+        c.nats_url = "nats://local:hunter1@127.0.0.1:4222".into();
         c.peers.push(Peer {
             domain: "b.example".into(),
             nats_url: "nats://peer:hunter2@b.example:4222".into(),
@@ -621,7 +655,7 @@ mod tests {
             public_key: String::new(),
         });
         let shown = format!("{c:?}");
-        for secret in ["0123456789abcdef0123", "1111", "hunter2", "hunter3"] {
+        for secret in ["0123456789abcdef0123", "1111", "hunter1", "hunter2", "hunter3"] {
             assert!(!shown.contains(secret), "Debug shows {secret}: {shown}");
         }
     }

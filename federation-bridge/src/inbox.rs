@@ -52,6 +52,16 @@ impl Bridge {
                 Ok(()) => {
                     let _ = msg.double_ack().await;
                 }
+                Err(Ok(Refusal::SeqJump)) => {
+                    // Signed by the peer, but too far ahead: kept in the dead
+                    // letters (not dropped) for an operator who resets the
+                    // mark and requeues it.
+                    self.metrics.refused.with_label_values(&[Refusal::SeqJump.label()]).inc();
+                    let detail = "envelope too far ahead of the peer's high-water mark";
+                    if !proto::streams::dead_letter(&self.topo, "bridge", "seq_jump", detail, &msg).await {
+                        let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
+                    }
+                }
                 Err(Ok(refusal)) => {
                     // Forged, misaddressed or misattributed: never applied,
                     // never retried.
