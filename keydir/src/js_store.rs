@@ -313,6 +313,15 @@ impl KeyStore for JsStore {
         Ok(())
     }
 
+    async fn put_revoked(&self, d: &DeviceId) -> Result<()> {
+        self.kv.put(names::revoked_key(d), Bytes::from_static(&[1])).await.map_err(jse)?;
+        Ok(())
+    }
+
+    async fn is_revoked(&self, d: &DeviceId) -> Result<bool> {
+        Ok(self.kv.get(names::revoked_key(d)).await.map_err(jse)?.is_some_and(|v| !v.is_empty()))
+    }
+
     async fn binding(&self, d: &DeviceId) -> Result<Option<Vec<u8>>> {
         Ok(self.kv.get(names::binding_key(d)).await.map_err(jse)?.filter(|v| !v.is_empty()).map(|v| v.to_vec()))
     }

@@ -234,6 +234,12 @@ impl KeyStore for Backend {
     async fn binding(&self, d: &DeviceId) -> store::Result<Option<Vec<u8>>> {
         dispatch!(self, b => b.binding(d).await)
     }
+    async fn put_revoked(&self, d: &DeviceId) -> store::Result<()> {
+        dispatch!(self, b => b.put_revoked(d).await)
+    }
+    async fn is_revoked(&self, d: &DeviceId) -> store::Result<bool> {
+        dispatch!(self, b => b.is_revoked(d).await)
+    }
 }
 
 pub struct KeyDirectory {
@@ -415,13 +421,18 @@ impl KeyDirectory {
         if self.revoked.lock().map(|r| r.contains(device)).unwrap_or(false) {
             return Ok(true);
         }
-        let Some(bytes) = self.store.binding(device).await? else { return Ok(false) };
-        // Our own store: the signature was checked when it was written.
-        let revoked = serde_json::from_slice::<SignedBinding>(&bytes)
-            .ok()
-            .and_then(|s| B64.decode(&s.binding).ok())
-            .and_then(|b| serde_json::from_slice::<Binding>(&b).ok())
-            .is_some_and(|b| b.revoked);
+        let revoked = self.store.is_revoked(device).await? || {
+            // Devices removed before the permanent mark existed.
+            match self.store.binding(device).await? {
+                // Our own store: the signature was checked when written.
+                Some(bytes) => serde_json::from_slice::<SignedBinding>(&bytes)
+                    .ok()
+                    .and_then(|s| B64.decode(&s.binding).ok())
+                    .and_then(|b| serde_json::from_slice::<Binding>(&b).ok())
+                    .is_some_and(|b| b.revoked),
+                None => false,
+            }
+        };
         if revoked {
             if let Ok(mut r) = self.revoked.lock() {
                 if r.len() < REVOKED_CACHE {
@@ -434,6 +445,9 @@ impl KeyDirectory {
 
     /// Signs a binding of `device` to `key` unless a live one exists.
     async fn bind(&self, device: &DeviceId, key: &[u8], now: u64) -> Result<(), KeydirError> {
+        if self.store.is_revoked(device).await? {
+            return Err(refused(ErrorCode::DeviceRevoked, "this device was removed"));
+        }
         let key_b64 = B64.encode(key);
         if let Some(existing) = self.store.binding(device).await? {
             if let Ok(s) = serde_json::from_slice::<SignedBinding>(&existing) {
@@ -459,6 +473,12 @@ impl KeyDirectory {
         let signed = proto::identity::sign(&self.signer, &b);
         let bytes = serde_json::to_vec(&signed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.store.put_binding(device, &bytes).await?;
+        // A removal that raced this bind wins: its mark is permanent, and
+        // the binding it may have lost is rewritten revoked.
+        if self.store.is_revoked(device).await? {
+            self.revoke_binding(device, now).await?;
+            return Err(refused(ErrorCode::DeviceRevoked, "this device was removed"));
+        }
         Ok(())
     }
 
@@ -475,20 +495,32 @@ impl KeyDirectory {
     /// Removes a device: its binding is revoked (and stays, so lookups say
     /// so) and its KeyPackages are deleted.
     pub async fn remove_device(&self, device: &DeviceId, now: u64) -> Result<(), KeydirError> {
-        let signed = self.binding(device).await?;
-        let mut b =
-            signed.open(&self.operator_key()).map_err(|e| KeydirError::Store(StoreError::Corrupt(e.to_string())))?;
-        b.revoked = true;
-        b.issued_at = now;
-        let bytes = serde_json::to_vec(&proto::identity::sign(&self.signer, &b))
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.store.put_binding(device, &bytes).await?;
+        // The permanent mark first: from here on no bind can succeed.
+        self.binding(device).await?;
+        self.store.put_revoked(device).await?;
+        self.revoke_binding(device, now).await?;
         if let Ok(mut r) = self.revoked.lock() {
             if r.len() < REVOKED_CACHE {
                 r.insert(device.clone());
             }
         }
         self.store.remove_device(device, &self.cfg.cipher_suites).await?;
+        Ok(())
+    }
+
+    /// Rewrites `device`'s binding as revoked (lookups then say so).
+    async fn revoke_binding(&self, device: &DeviceId, now: u64) -> Result<(), KeydirError> {
+        let signed = self.binding(device).await?;
+        let mut b =
+            signed.open(&self.operator_key()).map_err(|e| KeydirError::Store(StoreError::Corrupt(e.to_string())))?;
+        if b.revoked {
+            return Ok(());
+        }
+        b.revoked = true;
+        b.issued_at = now;
+        let bytes = serde_json::to_vec(&proto::identity::sign(&self.signer, &b))
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.store.put_binding(device, &bytes).await?;
         Ok(())
     }
 

@@ -12,6 +12,7 @@ pub struct SledStore {
     devices: sled::Tree,
     reservations: sled::Tree,
     bindings: sled::Tree,
+    revoked: sled::Tree,
 }
 
 fn key(parts: &[&[u8]]) -> Vec<u8> {
@@ -32,6 +33,7 @@ impl SledStore {
             devices: db.open_tree("kp_devices")?,
             reservations: db.open_tree("kp_reservations")?,
             bindings: db.open_tree("identity_bindings")?,
+            revoked: db.open_tree("revoked_devices")?,
         })
     }
 }
@@ -191,5 +193,14 @@ impl KeyStore for SledStore {
 
     async fn binding(&self, d: &DeviceId) -> Result<Option<Vec<u8>>> {
         Ok(self.bindings.get(d.as_bytes())?.map(|v| v.to_vec()))
+    }
+
+    async fn put_revoked(&self, d: &DeviceId) -> Result<()> {
+        self.revoked.insert(d.as_bytes(), &[1u8][..])?;
+        self.durable().await
+    }
+
+    async fn is_revoked(&self, d: &DeviceId) -> Result<bool> {
+        Ok(self.revoked.contains_key(d.as_bytes())?)
     }
 }

@@ -119,6 +119,10 @@ pub trait KeyStore: Send + Sync {
     fn reservations_before(&self, before: u64) -> impl Future<Output = Result<Vec<Reservation>>> + Send;
 
     fn put_binding(&self, d: &DeviceId, signed: &[u8]) -> impl Future<Output = Result<()>> + Send;
+    /// Marks `d` removed, for good: a record of its own that nothing
+    /// overwrites, so a binding written concurrently cannot undo it.
+    fn put_revoked(&self, d: &DeviceId) -> impl Future<Output = Result<()>> + Send;
+    fn is_revoked(&self, d: &DeviceId) -> impl Future<Output = Result<bool>> + Send;
     fn binding(&self, d: &DeviceId) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;
 }
 

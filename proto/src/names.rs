@@ -187,6 +187,11 @@ pub fn user_devices_key(u: &crate::ids::UserId) -> String {
     format!("user.{}", u.token())
 }
 
+/// A removed device's permanent mark (key directory bucket).
+pub fn revoked_key(d: &DeviceId) -> String {
+    format!("revoked.{}", d.token())
+}
+
 pub fn binding_key(d: &DeviceId) -> String {
     format!("bind.{}", d.token())
 }

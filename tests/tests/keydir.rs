@@ -117,6 +117,14 @@ async fn conformance<S: KeyStore + 'static>(s: Arc<S>) -> anyhow::Result<()> {
     }
     assert_eq!(got.len(), 20);
     assert_eq!(s.count_one_time(&d3, 1).await?, 0);
+
+    // Revocation is a permanent mark of its own: a binding written after
+    // it (a concurrent upload) does not clear it.
+    assert!(!s.is_revoked(&d2).await?);
+    s.put_revoked(&d2).await?;
+    s.put_binding(&d2, b"{}").await?;
+    assert!(s.is_revoked(&d2).await?);
+    assert!(!s.is_revoked(&d).await?);
     Ok(())
 }
 
