@@ -171,7 +171,17 @@ async fn push(api: Shared, device: DeviceId, mut cursor: u64, socket: WebSocket)
     let wake = api.topo.js.client().subscribe(names::mailbox_subject(&device)).await;
     let Ok(mut wake) = wake else { return };
     let limit = api.cfg.limits.max_fetch;
+    let mut checked = tokio::time::Instant::now();
     loop {
+        // A device removed while connected loses its socket within seconds:
+        // revocation outlives every credential, an open socket included.
+        if checked.elapsed() >= Duration::from_secs(5) {
+            checked = tokio::time::Instant::now();
+            if api.keydir.is_revoked(&device).await.unwrap_or(false) {
+                let _ = tx.send(Message::Close(None)).await;
+                return;
+            }
+        }
         match read(&api, &device, cursor, limit).await {
             Ok(items) => {
                 let full = items.len() == limit;
