@@ -91,15 +91,7 @@ impl Bridge {
         }
         if let Request::Capabilities(theirs) = &env.body {
             self.agree(&origin, theirs);
-            let out = RpcEnvelope {
-                version: 1,
-                origin: self.us.clone(),
-                destination: origin,
-                sent_at: unix_now(),
-                nonce: env.nonce,
-                body: Response::Capabilities(self.ours.clone()),
-            };
-            return Bytes::from(fed::seal(&self.signer, &out));
+            return self.answer(origin, env.nonce, Response::Capabilities(self.ours.clone()));
         }
         if let Request::Claim { requester, .. } = &env.body {
             if requester.domain() != origin {
@@ -116,14 +108,13 @@ impl Bridge {
                 }),
                 _ => Response::Error(ApiError::new(ErrorCode::Unavailable, "key directory unavailable")),
             };
-        let out = RpcEnvelope {
-            version: 1,
-            origin: self.us.clone(),
-            destination: origin,
-            sent_at: unix_now(),
-            nonce: env.nonce,
-            body: response,
-        };
+        self.answer(origin, env.nonce, response)
+    }
+
+    /// Our signed answer to `origin`'s request `nonce`.
+    fn answer(&self, origin: String, nonce: [u8; 16], body: Response) -> Bytes {
+        let out =
+            RpcEnvelope { version: 1, origin: self.us.clone(), destination: origin, sent_at: unix_now(), nonce, body };
         Bytes::from(fed::seal(&self.signer, &out))
     }
 
