@@ -101,14 +101,13 @@ impl Metrics {
 
 pub struct Fanout {
     ctx: Arc<Ctx>,
-    cfg: config::Streams,
 }
 
 struct Ctx {
     topo: Topology,
     domain: String,
     metrics: Metrics,
-    /// Delivery bounds (`streams.max_deliver`, backoff).
+    /// Partitions and delivery bounds.
     streams: config::Streams,
 }
 
@@ -138,7 +137,7 @@ enum Step {
 
 impl Fanout {
     pub fn new(topo: Topology, domain: String, cfg: config::Streams, metrics: Metrics) -> Self {
-        Self { ctx: Arc::new(Ctx { topo, domain, metrics, streams: cfg.clone() }), cfg }
+        Self { ctx: Arc::new(Ctx { topo, domain, metrics, streams: cfg }) }
     }
 
     /// Joins the fanout processes of this operator and delivers the LOG
@@ -157,7 +156,7 @@ impl Fanout {
         let ctx = self.ctx.clone();
         let new_group = move || GroupFanout { ctx: ctx.clone(), cursor: None };
         let members = self.ctx.topo.members.clone();
-        proto::partitions::serve(role, members, self.cfg, new_group, on_owned, shutdown).await?;
+        proto::partitions::serve(role, members, self.ctx.streams.clone(), new_group, on_owned, shutdown).await?;
         Ok(())
     }
 }

@@ -251,8 +251,12 @@ impl Bridge {
                     return Err(Ok(Refusal::NotOurDevices));
                 }
                 let id = names::fed_msg_id("rlog", &[entry.group.as_bytes(), &entry.position.to_be_bytes()]);
-                self.publish_local(names::log_subject(&entry.group, self.partitions), proto::wire::encode(&entry), id)
-                    .await
+                self.publish_local(
+                    names::log_subject(&entry.group, self.streams.partitions),
+                    proto::wire::encode(&entry),
+                    id,
+                )
+                .await
             }
         }
     }

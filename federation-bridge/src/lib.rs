@@ -75,11 +75,10 @@ pub struct Bridge {
     /// The incarnation of our FED_OUT stream (its creation time), which our
     /// envelopes carry so a peer can tell a recreated outbox from a replay.
     outbox_id: u64,
-    /// `streams.partitions`: LOG subjects name the group's partition.
-    partitions: u32,
     /// Permits for requests in progress (`federation.max_concurrent_requests`).
     requests: Arc<tokio::sync::Semaphore>,
-    /// Delivery bounds of the inbox consumers.
+    /// Partitions (LOG subjects name the group's) and the inbox consumers'
+    /// delivery bounds.
     streams: config::Streams,
     peers: HashMap<String, Arc<Peer>>,
     metrics: Metrics,
@@ -197,7 +196,6 @@ impl Bridge {
             signer,
             keys,
             outbox_id,
-            partitions: cfg.streams.partitions,
             requests: Arc::new(tokio::sync::Semaphore::new(cfg.federation.max_concurrent_requests.max(1))),
             streams: cfg.streams.clone(),
             peers,

@@ -152,11 +152,6 @@ impl NatsProcess {
         let _ = c.wait();
     }
 
-    /// The server's process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     /// Restarts on the same port and data directory.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();

@@ -185,7 +185,13 @@ impl GroupDecider {
             .header(names::headers::POSITION, entry.position.to_string().as_str())
             .header(names::headers::EPOCH, entry.epoch.to_string().as_str())
             .header(names::headers::KIND, entry.kind.as_str());
-        let ack = match self.ctx.topo.js.send_publish(names::log_subject(group, self.ctx.partitions), publish).await {
+        let ack = match self
+            .ctx
+            .topo
+            .js
+            .send_publish(names::log_subject(group, self.ctx.streams.partitions), publish)
+            .await
+        {
             Ok(f) => f.await,
             Err(e) => return Err(StepError::Transient(e.to_string())),
         };
@@ -248,7 +254,7 @@ impl GroupDecider {
                 snap.and_then(|b| GroupState::restore(group, &b))
             }
         };
-        let subject = names::log_subject(group, self.ctx.partitions);
+        let subject = names::log_subject(group, self.ctx.streams.partitions);
         let mut next = state.as_ref().map(|s| s.last_subject_seq + 1).unwrap_or(1);
         loop {
             let msg = match self.ctx.topo.log.direct_get_next_for_subject(subject.as_str(), Some(next)).await {

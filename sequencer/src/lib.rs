@@ -62,22 +62,17 @@ pub(crate) struct Ctx {
     domain: String,
     crypto: RustCrypto,
     metrics: Metrics,
-    /// `streams.partitions`: LOG subjects name the group's partition.
-    partitions: u32,
-    /// Delivery bounds (`streams.max_deliver`, backoff).
+    /// Partitions (LOG subjects name the group's) and delivery bounds.
     streams: config::Streams,
 }
 
 pub struct Sequencer {
     ctx: Arc<Ctx>,
-    cfg: config::Streams,
 }
 
 impl Sequencer {
     pub fn new(topo: Topology, domain: String, cfg: config::Streams, metrics: Metrics) -> Self {
-        let partitions = cfg.partitions;
-        let ctx = Ctx { topo, domain, crypto: RustCrypto::default(), metrics, partitions, streams: cfg.clone() };
-        Self { ctx: Arc::new(ctx), cfg }
+        Self { ctx: Arc::new(Ctx { topo, domain, crypto: RustCrypto::default(), metrics, streams: cfg }) }
     }
 
     /// Joins the sequencers of this operator and orders the partitions it
@@ -96,7 +91,7 @@ impl Sequencer {
         let ctx = self.ctx.clone();
         let new_group = move || GroupDecider { ctx: ctx.clone(), state: None };
         let members = self.ctx.topo.members.clone();
-        proto::partitions::serve(role, members, self.cfg, new_group, on_owned, shutdown).await?;
+        proto::partitions::serve(role, members, self.ctx.streams.clone(), new_group, on_owned, shutdown).await?;
         Ok(())
     }
 }
