@@ -24,8 +24,10 @@ pub struct ClaimedKeyPackage {
     pub key_package: String,
 }
 
+/// A mailbox item or a group entry (the fields of docs/client-api.md).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct Item {
+    /// Mailbox items: the mailbox cursor. Group entries: the group cursor.
     pub seq: u64,
     #[serde(default)]
     pub group: Option<String>,
@@ -36,6 +38,43 @@ pub struct Item {
     pub message: String,
     #[serde(default)]
     pub notice: Option<serde_json::Value>,
+    /// Group entries: the position of the entry before this one here.
+    #[serde(default)]
+    pub prev_position: u64,
+    /// Welcomes: the group cursor to read the group's entries after.
+    #[serde(default)]
+    pub group_seq: Option<u64>,
+}
+
+/// One WebSocket frame from the operator.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Frame {
+    Mailbox(Item),
+    Entry(Item),
+    Error { group: Option<String>, code: ErrorCode, message: String },
+}
+
+/// One read of a group's entries.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Page {
+    pub entries: Vec<Item>,
+    pub next: u64,
+}
+
+/// The last entry of one of the device's groups (the sync answer).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct GroupHead {
+    pub group: String,
+    pub seq: u64,
+    pub position: u64,
+    #[serde(default)]
+    pub removed_at: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Heads {
+    groups: Vec<GroupHead>,
 }
 
 impl Item {
@@ -250,14 +289,44 @@ impl Http {
         Ok(())
     }
 
-    /// Opens the WebSocket push channel from cursor `after`.
+    /// Reads a group's entries after group cursor `after`; `position` (the
+    /// last position applied) lets the operator say `history_expired`.
+    pub async fn entries(&self, g: &str, after: u64, position: Option<u64>, limit: usize) -> Result<Page, ClientError> {
+        let mut query = vec![("after", after.to_string()), ("limit", limit.to_string())];
+        if let Some(p) = position {
+            query.push(("position", p.to_string()));
+        }
+        let r = self
+            .client
+            .get(format!("{}/v1/groups/{}/entries", self.base, encode_segment(g)))
+            .query(&query)
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        Ok(Self::check(r).await?.json::<Page>().await?)
+    }
+
+    /// The last entry of each of this device's groups.
+    pub async fn groups(&self) -> Result<Vec<GroupHead>, ClientError> {
+        let r = self
+            .client
+            .get(format!("{}/v1/devices/{}/groups", self.base, encode_segment(self.device.as_str())))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        Ok(Self::check(r).await?.json::<Heads>().await?.groups)
+    }
+
+    /// Opens the WebSocket push channel from mailbox cursor `after`; send
+    /// a `follow` frame for the groups to push.
     pub async fn websocket(
         &self,
         after: u64,
     ) -> Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, ClientError>
     {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-        let url = format!("{}/ws?after={after}", self.mailbox_url()).replacen("http", "ws", 1);
+        let url = format!("{}/v1/devices/{}/ws?after={after}", self.base, encode_segment(self.device.as_str()))
+            .replacen("http", "ws", 1);
         let mut req = url.into_client_request().map_err(|e| ClientError::Protocol(e.to_string()))?;
         let auth = format!("Bearer {}", self.token)
             .parse()

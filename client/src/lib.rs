@@ -126,6 +126,10 @@ struct Meta {
     cursor: u64,
     /// Group id → last hub position applied.
     groups: BTreeMap<String, u64>,
+    /// Group id → this operator's cursor in the group (the `seq` of the
+    /// last entry read).
+    #[serde(default)]
+    group_seqs: BTreeMap<String, u64>,
     /// Plaintexts of own messages by (group, position), for the echo.
     sent: BTreeMap<String, String>,
     /// Group id → the bytes of a Commit submitted without a verdict yet
@@ -306,6 +310,7 @@ impl Device {
         let bytes = gi.tls_serialize_detached().map_err(mls)?;
         let accepted = self.http.create_group(bytes).await?;
         self.meta.groups.insert(gid.to_string(), accepted.position);
+        self.meta.group_seqs.insert(gid.to_string(), 0);
         self.groups.insert(gid.to_string(), group);
         self.persist()?;
         Ok(gid.to_string())
@@ -532,7 +537,10 @@ impl Device {
     /// Syncs until the group has applied `position` (bounded).
     async fn sync_until(&mut self, g: &str, position: u64) -> Result<(), ClientError> {
         for i in 0..200u32 {
-            self.catch_up().await?;
+            self.catch_up_mailbox().await?;
+            if self.groups.contains_key(g) {
+                self.catch_up_group(g).await?;
+            }
             if self.meta.groups.get(g).copied().unwrap_or(0) >= position || !self.groups.contains_key(g) {
                 return Ok(());
             }
@@ -541,16 +549,31 @@ impl Device {
         Err(ClientError::Protocol(format!("position {position} of {g} did not arrive")))
     }
 
-    /// Fetches and applies everything in the mailbox, then acks it. Returns
-    /// every event applied since the last call, including those applied
-    /// while another call (a send, a commit) waited for the hub.
+    /// Fetches and applies the mailbox and every group that advanced.
+    /// Returns every event applied since the last call, including those
+    /// applied while another call (a send, a commit) waited for the hub.
     pub async fn sync(&mut self) -> Result<Vec<Event>, ClientError> {
         self.catch_up().await?;
         Ok(std::mem::take(&mut self.backlog))
     }
 
-    /// Applies the mailbox, keeping the events for the next [`Device::sync`].
+    /// Applies the mailbox (new groups first), then reads each group whose
+    /// last entry is past our cursor: one request tells which advanced.
     async fn catch_up(&mut self) -> Result<(), ClientError> {
+        self.catch_up_mailbox().await?;
+        for head in self.http.groups().await? {
+            if !self.groups.contains_key(&head.group) {
+                continue;
+            }
+            if head.seq > self.group_cursor(&head.group) {
+                self.catch_up_group(&head.group).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the mailbox (Welcomes, notices), then acks it.
+    async fn catch_up_mailbox(&mut self) -> Result<(), ClientError> {
         loop {
             let items = self.http.fetch(self.meta.cursor, 256).await?;
             if items.is_empty() {
@@ -567,6 +590,60 @@ impl Device {
             self.persist()?;
             self.http.ack(last).await?;
         }
+    }
+
+    /// Reads and applies one group's entries after our cursor.
+    async fn catch_up_group(&mut self, g: &str) -> Result<(), ClientError> {
+        for _ in 0..10_000 {
+            let after = self.group_cursor(g);
+            let position = self.meta.groups.get(g).copied();
+            let page = match self.http.entries(g, after, position, 256).await {
+                Ok(p) => p,
+                Err(e) if matches!(e.code(), Some(ErrorCode::HistoryExpired | ErrorCode::NotAMember)) => {
+                    let reason = e.to_string();
+                    self.backlog.push(Event::Failed { group: g.to_owned(), position: position.unwrap_or(0), reason });
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            for item in &page.entries {
+                if let Some(e) = self.apply_entry(item).await? {
+                    self.backlog.push(e);
+                }
+            }
+            if !self.groups.contains_key(g) {
+                return self.persist();
+            }
+            let cursor = self.meta.group_seqs.entry(g.to_owned()).or_insert(0);
+            *cursor = (*cursor).max(page.next);
+            self.persist()?;
+            if page.entries.is_empty() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// This operator's cursor in group `g` (0: from its start).
+    pub fn group_cursor(&self, g: &str) -> u64 {
+        self.meta.group_seqs.get(g).copied().unwrap_or(0)
+    }
+
+    /// The WebSocket frame that follows every group of this device from
+    /// where it is: `{"follow": {"<group>": {"after": seq, "position": p}}}`.
+    pub fn follow_frame(&self) -> String {
+        let follow: serde_json::Map<String, serde_json::Value> = self
+            .groups
+            .keys()
+            .map(|g| {
+                let from = serde_json::json!({
+                    "after": self.group_cursor(g),
+                    "position": self.meta.groups.get(g).copied().unwrap_or(0),
+                });
+                (g.clone(), from)
+            })
+            .collect();
+        serde_json::json!({ "follow": follow }).to_string()
     }
 
     /// Checks a member's credential and signature key against the binding
@@ -607,7 +684,7 @@ impl Device {
         Ok(())
     }
 
-    /// Applies one mailbox item (also used for WebSocket-pushed items).
+    /// Applies one mailbox item (a Welcome or a notice), fetched or pushed.
     pub async fn apply(&mut self, item: &Item) -> Result<Option<Event>, ClientError> {
         if item.seq <= self.meta.cursor {
             return Ok(None);
@@ -615,10 +692,12 @@ impl Device {
         self.meta.cursor = item.seq;
         if item.kind == "notice" {
             let n: Option<proto::wire::Notice> = item.notice.clone().and_then(|v| serde_json::from_value(v).ok());
-            return Ok(n.map(|n| match n {
+            return Ok(n.and_then(|n| match n {
                 proto::wire::Notice::KeyPackagesLow { cipher_suite, remaining } => {
-                    Event::KeyPackagesLow { cipher_suite, remaining }
+                    Some(Event::KeyPackagesLow { cipher_suite, remaining })
                 }
+                // The removing Commit, read from the group, says it too.
+                proto::wire::Notice::Removed { .. } => None,
             }));
         }
         let Some(g) = item.group.clone() else {
@@ -655,13 +734,36 @@ impl Device {
             let epoch = group.epoch().as_u64();
             self.groups.insert(g.clone(), group);
             self.meta.groups.insert(g.clone(), item.position);
+            self.meta.group_seqs.insert(g.clone(), item.group_seq.unwrap_or(0));
             return Ok(Some(Event::Joined { group: g, position: item.position, epoch }));
         }
+        Ok(None)
+    }
+
+    /// Applies one entry of a group, read or pushed, in position order:
+    /// one already applied is skipped, so a replay changes nothing.
+    pub async fn apply_entry(&mut self, item: &Item) -> Result<Option<Event>, ClientError> {
+        let Some(g) = item.group.clone() else {
+            return Ok(None);
+        };
+        let bytes = item.bytes()?;
+        let fail = |reason: String| Ok(Some(Event::Failed { group: g.clone(), position: item.position, reason }));
         let applied = self.meta.groups.get(&g).copied();
         match applied {
             None => return Ok(None),
-            Some(p) if item.position <= p => return Ok(None),
-            Some(_) => {}
+            // The entry names its predecessor: never apply past a hole (nor
+            // move the cursor over it).
+            Some(p) if item.position > p && item.prev_position > p => {
+                return fail(format!("entries {p}..{} are missing; read the group again", item.prev_position))
+            }
+            Some(_) => {
+                if let Some(cursor) = self.meta.group_seqs.get_mut(&g) {
+                    *cursor = (*cursor).max(item.seq);
+                }
+            }
+        }
+        if applied.is_some_and(|p| item.position <= p) {
+            return Ok(None);
         }
         self.meta.groups.insert(g.clone(), item.position);
         if item.kind == "application" && item.own {
@@ -700,6 +802,7 @@ impl Device {
                 if removed {
                     self.groups.remove(&g);
                     self.meta.groups.remove(&g);
+                    self.meta.group_seqs.remove(&g);
                     Event::Removed { group: g, position }
                 } else {
                     Event::Commit { group: g, position, epoch: group.epoch().as_u64(), own: false }

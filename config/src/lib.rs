@@ -217,6 +217,8 @@ pub struct Limits {
     /// Most WebSocket push connections one ingest process holds; beyond,
     /// an upgrade answers 503 `unavailable` with `Retry-After`.
     pub max_websockets: usize,
+    /// Most groups one WebSocket follows (and one sync request reports).
+    pub max_followed_groups: usize,
     /// Most open client connections per ingest process (keep it under the
     /// process's file-descriptor limit); one more gets a 503 and is closed.
     pub max_connections: usize,
@@ -327,6 +329,7 @@ impl Default for Limits {
             submit_timeout_ms: 10_000,
             max_fetch: 256,
             max_websockets: 10_000,
+            max_followed_groups: 1024,
             max_connections: 512,
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,

@@ -1,16 +1,21 @@
-//! Fanout: reads the LOG and delivers each accepted entry to the mailbox of
-//! every local recipient device, in hub order, exactly once.
+//! Fanout: follows the LOG, in hub order per group, and does what each
+//! entry asks of this operator besides being read. Devices read their
+//! groups' entries from LOG itself, so an application message costs no
+//! write per member here. Fanout keeps the group's roster and each device's
+//! group list (at Created and Commit entries), writes what is addressed to
+//! one device (Welcomes, removal notices) into its mailbox, settles the
+//! KeyPackages a Welcome used, and at the hub hands every entry to each peer
+//! operator with members, once per peer.
 //!
 //! LOG is split into the same partitions as SUBMIT; fanout processes share
 //! them out (`proto::partitions`) and work each group of an owned partition
 //! in its own task, in order, so a dead or slow worker delays only the
 //! groups of its partitions, and only until they fail over. Per-group order
 //! across processes (during a handover) still comes from a cursor per group
-//! in KV (`mlsfed_fanout`): an entry is delivered only when the cursor says
-//! its predecessor was fully delivered, and the cursor moves by
-//! compare-and-set. Redelivered entries are dropped by the cursor (already
-//! delivered) or by the mailbox's `Nats-Msg-Id` (delivered in part before a
-//! crash).
+//! in KV (`mlsfed_fanout`): an entry is handled only when the cursor says
+//! its predecessor was, and the cursor moves by compare-and-set. Every write
+//! is idempotent (roster by position, mailbox and outbox by `Nats-Msg-Id`),
+//! so a redelivered entry changes nothing.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
@@ -20,8 +25,9 @@ use bytes::Bytes;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use proto::federation::Payload;
 use proto::partitions::{GroupHandler, Role};
+use proto::roster::{Change, DeviceGroups, Roster};
 use proto::streams::Topology;
-use proto::wire::{EntryKind, LogEntry, MailboxItem};
+use proto::wire::{EntryKind, LogEntry, MailboxItem, Notice};
 use proto::{names, DeviceId, GroupId};
 use tokio_util::sync::CancellationToken;
 
@@ -118,6 +124,8 @@ struct GroupFanout {
     /// read while this task streams the group. A stale one only costs a
     /// failed compare-and-set or a wait, never a wrong delivery.
     cursor: Option<(Cursor, u64)>,
+    /// The group's roster and its KV revision, cached the same way.
+    roster: Option<(Roster, u64)>,
 }
 
 /// A group's fan-out progress (KV `mlsfed_fanout`).
@@ -154,7 +162,7 @@ impl Fanout {
         let on_owned =
             proto::partitions::ownership_gauges(metrics.partitions_owned.clone(), metrics.partition_owned.clone());
         let ctx = self.ctx.clone();
-        let new_group = move || GroupFanout { ctx: ctx.clone(), cursor: None };
+        let new_group = move || GroupFanout { ctx: ctx.clone(), cursor: None, roster: None };
         let members = self.ctx.topo.members.clone();
         proto::partitions::serve(role, members, self.ctx.streams.clone(), new_group, on_owned, shutdown).await?;
         Ok(())
@@ -177,7 +185,8 @@ impl GroupHandler for GroupFanout {
                 return;
             }
         };
-        match self.deliver(&entry.group, &entry).await {
+        let log_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        match self.deliver(&entry.group, &entry, log_seq).await {
             Ok(Step::Done) => {
                 if let Ok(info) = msg.info() {
                     let age = time::OffsetDateTime::now_utc() - info.published;
@@ -198,6 +207,7 @@ impl GroupHandler for GroupFanout {
             Err(e) => {
                 tracing::warn!(error = %e, "fanout failed; retrying later");
                 self.cursor = None;
+                self.roster = None;
                 self.retry(&msg, "transient", &e).await;
             }
         }
@@ -216,7 +226,7 @@ impl GroupFanout {
 }
 
 impl GroupFanout {
-    async fn deliver(&mut self, group: &GroupId, entry: &LogEntry) -> Result<Step, String> {
+    async fn deliver(&mut self, group: &GroupId, entry: &LogEntry, log_seq: u64) -> Result<Step, String> {
         let key = names::group_key(group);
         let (mut cursor, revision) = match &self.cursor {
             Some((c, rev)) if c.done == entry.prev_position => (c.clone(), *rev),
@@ -234,64 +244,35 @@ impl GroupFanout {
         }
         if entry.prev_position != cursor.done {
             self.cursor = None;
+            self.roster = None;
             return Ok(Step::NotYet);
         }
-        let local = |d: &DeviceId| d.domain() == self.ctx.domain;
-        let mut items: Vec<(&DeviceId, MailboxItem)> = entry
-            .recipients
-            .iter()
-            .filter(|d| local(d))
-            .map(|d| {
-                let item = MailboxItem {
-                    group: Some(group.clone()),
-                    position: entry.position,
-                    epoch: entry.epoch,
-                    kind: entry.kind,
-                    own: *d == entry.sender,
-                    message: entry.message.clone(),
-                };
-                (d, item)
-            })
-            .collect();
-        if let Some(w) = &entry.welcome {
-            for d in entry.welcome_recipients.iter().filter(|d| local(d)) {
-                let item = MailboxItem {
-                    group: Some(group.clone()),
-                    position: entry.position,
-                    epoch: entry.epoch + 1,
-                    kind: EntryKind::Welcome,
-                    own: false,
-                    message: w.clone(),
-                };
-                items.push((d, item));
+        let hub = group.hub() == self.ctx.domain;
+        let (mut roster, roster_rev) = self.load_roster(&key).await?;
+        let mut peers = if hub { roster.peers(&self.ctx.domain) } else { Vec::new() };
+        if matches!(entry.kind, EntryKind::Created | EntryKind::Commit) {
+            // The roster first, so a Welcome never names a group its device
+            // cannot read yet; then what is addressed to single devices. A
+            // crash in between repeats those idempotent writes (the cursor
+            // has not moved), whether or not the roster already has them.
+            let mut next = roster.clone();
+            if next.apply(entry).is_some() {
+                let rev = self.save_roster(&key, &next, roster_rev).await?;
+                roster = next;
+                self.roster = Some((roster.clone(), rev));
             }
-        }
-        self.put_all(group, entry.position, &items).await?;
-        if let Some(w) = &entry.welcome {
-            if entry.welcome_recipients.iter().any(local) {
-                // The key directory settles the reservations of the
-                // KeyPackages this Welcome used.
-                if let Ok(refs) = proto::mls::welcome_recipients(w) {
-                    // Durable: an unsettled reservation would return a used
-                    // KeyPackage to its pool when it expires.
-                    let id = names::fed_msg_id("kpused", &[group.as_bytes(), &entry.position.to_be_bytes()]);
-                    let publish =
-                        PublishMessage::build().payload(Bytes::from(proto::wire::encode(&refs))).message_id(id);
-                    let ack = self
-                        .ctx
-                        .topo
-                        .js
-                        .send_publish(names::KP_USED_SUBJECT, publish)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    ack.await.map_err(|e| e.to_string())?;
-                }
+            self.addressed(group, entry, log_seq, &Change::of(entry)).await?;
+            if hub {
+                // A Commit also goes to the peers whose members it removes.
+                peers.extend(roster.peers(&self.ctx.domain));
+                peers.sort_unstable();
+                peers.dedup();
             }
         }
         // At the hub: hand the entry to each peer operator with members in
         // it, once per peer however many of its devices are members.
-        if group.hub() == self.ctx.domain {
-            self.forward(entry, &mut cursor).await?;
+        if hub && !peers.is_empty() {
+            self.forward(entry, &peers, &mut cursor).await?;
         }
         cursor.done = entry.position;
         let value = Bytes::from(serde_json::to_vec(&cursor).map_err(|e| e.to_string())?);
@@ -312,35 +293,160 @@ impl GroupFanout {
         };
         match moved {
             Ok(rev) => self.cursor = Some((cursor, rev)),
-            // Another worker delivered the same entry concurrently (a
-            // redelivery race); the mailbox dedup made that harmless.
-            Err((true, _)) => self.cursor = None,
+            // Another worker handled the same entry concurrently (a
+            // redelivery race); every write above is idempotent.
+            Err((true, _)) => {
+                self.cursor = None;
+                self.roster = None;
+            }
             Err((false, e)) => return Err(e),
         }
         self.ctx.metrics.entries.inc();
-        tracing::debug!(position = entry.position, "delivered");
+        tracing::debug!(position = entry.position, "fanned out");
         Ok(Step::Done)
+    }
+
+    async fn load_roster(&mut self, key: &str) -> Result<(Roster, u64), String> {
+        if let Some(cached) = &self.roster {
+            return Ok(cached.clone());
+        }
+        let stored = self.ctx.topo.rosters.entry(key).await.map_err(|e| e.to_string())?;
+        let loaded = match stored {
+            Some(e) if e.operation == kv::Operation::Put => {
+                (serde_json::from_slice(&e.value).map_err(|e| format!("roster unreadable: {e}"))?, e.revision)
+            }
+            Some(e) => (Roster::default(), e.revision),
+            None => (Roster::default(), 0),
+        };
+        self.roster = Some(loaded.clone());
+        Ok(loaded)
+    }
+
+    async fn save_roster(&mut self, key: &str, roster: &Roster, revision: u64) -> Result<u64, String> {
+        let value = Bytes::from(serde_json::to_vec(roster).map_err(|e| e.to_string())?);
+        let saved = if revision == 0 {
+            self.ctx.topo.rosters.create(key, value).await.map_err(|e| e.to_string())
+        } else {
+            self.ctx.topo.rosters.update(key, value, revision).await.map_err(|e| e.to_string())
+        };
+        saved.inspect_err(|_| self.roster = None)
+    }
+
+    /// What a membership entry addresses to single local devices: each
+    /// added device's group list and Welcome, each removed device's group
+    /// list and notice, and the settling of the KeyPackages a Welcome used.
+    async fn addressed(&self, group: &GroupId, entry: &LogEntry, log_seq: u64, change: &Change) -> Result<(), String> {
+        let local = |d: &&DeviceId| d.domain() == self.ctx.domain;
+        for d in change.added.iter().filter(local) {
+            self.set_device_group(d, group, None).await?;
+        }
+        for d in change.removed.iter().filter(local) {
+            self.set_device_group(d, group, Some(entry.position)).await?;
+        }
+        let mut items: Vec<(&DeviceId, MailboxItem)> = Vec::new();
+        if let Some(w) = &entry.welcome {
+            for d in entry.welcome_recipients.iter().filter(local) {
+                let item = MailboxItem {
+                    group: Some(group.clone()),
+                    position: entry.position,
+                    epoch: entry.epoch + 1,
+                    kind: EntryKind::Welcome,
+                    own: false,
+                    message: w.clone(),
+                    log_seq,
+                };
+                items.push((d, item));
+            }
+        }
+        for d in change.removed.iter().filter(local) {
+            let notice = Notice::Removed { group: group.to_string(), position: entry.position };
+            let item = MailboxItem {
+                group: Some(group.clone()),
+                position: entry.position,
+                epoch: entry.epoch,
+                kind: EntryKind::Notice,
+                own: false,
+                message: serde_json::to_vec(&notice).map_err(|e| e.to_string())?,
+                log_seq,
+            };
+            items.push((d, item));
+        }
+        self.put_all(group, entry.position, &items).await?;
+        if let Some(w) = &entry.welcome {
+            if entry.welcome_recipients.iter().any(|d| d.domain() == self.ctx.domain) {
+                // The key directory settles the reservations of the
+                // KeyPackages this Welcome used.
+                if let Ok(refs) = proto::mls::welcome_recipients(w) {
+                    // Durable: an unsettled reservation would return a used
+                    // KeyPackage to its pool when it expires.
+                    let id = names::fed_msg_id("kpused", &[group.as_bytes(), &entry.position.to_be_bytes()]);
+                    let publish =
+                        PublishMessage::build().payload(Bytes::from(proto::wire::encode(&refs))).message_id(id);
+                    let ack = self
+                        .ctx
+                        .topo
+                        .js
+                        .send_publish(names::KP_USED_SUBJECT, publish)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    ack.await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records in a device's group list that it joined `group` (`removed_at`
+    /// None) or was removed at a position, by compare-and-set.
+    async fn set_device_group(&self, d: &DeviceId, group: &GroupId, removed_at: Option<u64>) -> Result<(), String> {
+        let kv = &self.ctx.topo.device_groups;
+        let key = names::device_key(d);
+        for _ in 0..16 {
+            let stored = kv.entry(key.as_str()).await.map_err(|e| e.to_string())?;
+            let (mut list, revision) = match stored {
+                Some(e) if e.operation == kv::Operation::Put => {
+                    (serde_json::from_slice::<DeviceGroups>(&e.value).unwrap_or_default(), e.revision)
+                }
+                Some(e) => (DeviceGroups::default(), e.revision),
+                None => (DeviceGroups::default(), 0),
+            };
+            if list.groups.get(group.as_str()) == Some(&removed_at) {
+                return Ok(());
+            }
+            list.v = 1;
+            list.groups.insert(group.to_string(), removed_at);
+            let value = Bytes::from(serde_json::to_vec(&list).map_err(|e| e.to_string())?);
+            let saved = if revision == 0 {
+                kv.create(key.as_str(), value)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists)
+            } else {
+                kv.update(key.as_str(), value, revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision)
+            };
+            match saved {
+                Ok(()) => return Ok(()),
+                // Another group of the same device moved it: read again.
+                Err(true) => continue,
+                Err(false) => return Err("cannot update the device's group list".into()),
+            }
+        }
+        Err("device group list kept changing".into())
     }
 
     /// Puts one Deliver record per peer domain with recipients into our
     /// outbox; the bridge signs and sends it.
-    async fn forward(&self, entry: &LogEntry, cursor: &mut Cursor) -> Result<(), String> {
-        let mut peers: Vec<&str> = entry
-            .recipients
-            .iter()
-            .chain(entry.welcome_recipients.iter())
-            .map(|d| d.domain())
-            .filter(|d| *d != self.ctx.domain)
-            .collect();
-        peers.sort_unstable();
-        peers.dedup();
+    async fn forward(&self, entry: &LogEntry, peers: &[String], cursor: &mut Cursor) -> Result<(), String> {
         let mut acks = Vec::new();
-        for peer in peers {
+        for peer in peers.iter().map(String::as_str) {
             let mine = |ds: &[DeviceId]| ds.iter().filter(|d| d.domain() == peer).cloned().collect::<Vec<_>>();
             let welcome_recipients = mine(&entry.welcome_recipients);
             let part = LogEntry {
                 prev_position: cursor.peers.get(peer).copied().unwrap_or(0),
-                recipients: mine(&entry.recipients),
+                removed: mine(&entry.removed),
                 welcome: if welcome_recipients.is_empty() { None } else { entry.welcome.clone() },
                 welcome_recipients,
                 ..entry.clone()

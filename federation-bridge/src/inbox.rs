@@ -247,17 +247,53 @@ impl Bridge {
                     return Err(Ok(Refusal::NotHub));
                 }
                 let ours = |ds: &[proto::DeviceId]| ds.iter().all(|d| d.domain() == self.us);
-                if !ours(&entry.recipients) || !ours(&entry.welcome_recipients) {
+                if !ours(&entry.removed) || !ours(&entry.welcome_recipients) {
                     return Err(Ok(Refusal::NotOurDevices));
                 }
-                let id = names::fed_msg_id("rlog", &[entry.group.as_bytes(), &entry.position.to_be_bytes()]);
-                self.publish_local(
-                    names::log_subject(&entry.group, self.streams.partitions),
-                    proto::wire::encode(&entry),
-                    id,
-                )
-                .await
+                self.append_delivered(&entry).await.map_err(Err)
             }
         }
+    }
+
+    /// Appends a hub's entry to our LOG, where our devices read it: once per
+    /// position by construction, whatever a dedup window remembers. The
+    /// append is a compare-and-set on the group's last entry here, and an
+    /// entry at or below that entry's position is a resend, dropped.
+    async fn append_delivered(&self, entry: &proto::wire::LogEntry) -> Result<(), String> {
+        let subject = names::log_subject(&entry.group, self.streams.partitions);
+        let last = match self.topo.log.direct_get_last_for_subject(subject.as_str()).await {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => None,
+            Err(e) => return Err(e.to_string()),
+        };
+        let expected = match &last {
+            Some(m) => {
+                let known: proto::wire::LogEntry =
+                    proto::wire::decode(&m.payload).map_err(|e| format!("our LOG entry is unreadable: {e}"))?;
+                if entry.position <= known.position {
+                    return Ok(());
+                }
+                m.sequence
+            }
+            None => 0,
+        };
+        let id = names::fed_msg_id("rlog", &[entry.group.as_bytes(), &entry.position.to_be_bytes()]);
+        let publish = PublishMessage::build()
+            .payload(Bytes::from(proto::wire::encode(entry)))
+            .message_id(id)
+            .expected_last_subject_sequence(expected)
+            .header(names::headers::POSITION, entry.position.to_string().as_str())
+            .header(names::headers::EPOCH, entry.epoch.to_string().as_str())
+            .header(names::headers::KIND, entry.kind.as_str());
+        // A lost compare-and-set means another inbox appended first: the
+        // retry reads the new last entry and drops this one as a resend.
+        self.topo
+            .js
+            .send_publish(subject, publish)
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
     }
 }

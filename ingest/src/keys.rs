@@ -88,6 +88,7 @@ async fn notify_low_stock(api: &Shared, low: &LowStock) {
         kind: EntryKind::Notice,
         own: false,
         message: serde_json::to_vec(&notice).unwrap_or_default(),
+        log_seq: 0,
     };
     let publish = PublishMessage::build()
         .payload(Bytes::from(proto::wire::encode(&item)))

@@ -1,6 +1,7 @@
 //! The client-facing API of an operator (HTTP + WebSocket, axum): KeyPackage
-//! upload and claim, group creation, message submission, and mailbox fetch,
-//! ack and push. Submissions go into SUBMIT and the handler waits for the
+//! upload and claim, group creation, message submission, group reads (each
+//! group's entries straight from its LOG), the per-device mailbox (Welcomes,
+//! notices) and WebSocket push of both. Submissions go into SUBMIT and the handler waits for the
 //! sequencer's verdict. The server takes its listener, NATS topology, key
 //! directory and shutdown token, so tests inject `127.0.0.1:0`.
 //!
@@ -9,8 +10,10 @@
 
 mod edge;
 mod error;
+mod groups;
 mod keys;
 mod mailbox;
+mod push;
 mod submit;
 
 use std::sync::Arc;
@@ -36,6 +39,7 @@ pub use error::Reject;
 pub struct Metrics {
     pub requests: HistogramVec,
     pub errors: IntCounterVec,
+    pub entries_served: IntCounterVec,
 }
 
 impl Metrics {
@@ -50,7 +54,18 @@ impl Metrics {
                 Opts::new("mlsfed_api_errors_total", "Client API refusals, by stable error code."),
                 &["code"],
             )?,
+            entries_served: IntCounterVec::new(
+                Opts::new(
+                    "mlsfed_api_entries_served_total",
+                    "Group entries handed to devices, by how (fetch, push): every member's read counts.",
+                ),
+                &["via"],
+            )?,
         };
+        for via in ["fetch", "push"] {
+            m.entries_served.with_label_values(&[via]);
+        }
+        registry.register(Box::new(m.entries_served.clone()))?;
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.errors.clone()))?;
         Ok(m)
@@ -127,7 +142,9 @@ pub fn router(api: Shared) -> Router {
         .route("/v1/messages", post(submit::submit_message))
         .route("/v1/devices/{device}/mailbox", get(mailbox::fetch))
         .route("/v1/devices/{device}/mailbox/ack", post(mailbox::ack))
-        .route("/v1/devices/{device}/mailbox/ws", get(mailbox::websocket))
+        .route("/v1/groups/{group}/entries", get(groups::entries))
+        .route("/v1/devices/{device}/groups", get(groups::sync))
+        .route("/v1/devices/{device}/ws", get(push::websocket))
         .fallback(|| async { Reject::new(ErrorCode::InvalidRequest, "no such endpoint") })
         .layer(middleware::from_fn_with_state(api.clone(), edge::declared_length))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(

@@ -62,6 +62,7 @@ codes! {
     HeadersTooLarge => ("headers_too_large", 431, false),
     // Group state.
     UnknownGroup => ("unknown_group", 404, false),
+    HistoryExpired => ("history_expired", 410, false),
     GroupExists => ("group_exists", 409, false),
     NotHub => ("not_hub", 421, false),
     WrongEpoch => ("wrong_epoch", 409, true),

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod direct;
 pub mod error;
 pub mod federation;
 pub mod identity;
@@ -12,6 +13,7 @@ pub mod ids;
 pub mod mls;
 pub mod names;
 pub mod partitions;
+pub mod roster;
 pub mod streams;
 pub mod wire;
 

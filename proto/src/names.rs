@@ -23,6 +23,10 @@ pub const MAILBOX_WILDCARD: &str = "mlsfed.mbox.*";
 pub const GROUPS_BUCKET: &str = "mlsfed_groups";
 /// Per-group fan-out cursor: the last hub position delivered to every mailbox.
 pub const FANOUT_BUCKET: &str = "mlsfed_fanout";
+/// Per group: the devices of this operator that may read its LOG entries.
+pub const ROSTERS_BUCKET: &str = "mlsfed_rosters";
+/// Per device: the groups it is (or was just removed from) a member of.
+pub const DEVICE_GROUPS_BUCKET: &str = "mlsfed_device_groups";
 /// Verdicts of recent submissions, for clients that retry after a timeout.
 pub const VERDICTS_BUCKET: &str = "mlsfed_verdicts";
 
@@ -117,6 +121,11 @@ pub fn verdict_subject(submission_id: &str) -> String {
 /// KV key of a group (groups and fanout buckets).
 pub fn group_key(g: &GroupId) -> String {
     g.token()
+}
+
+/// KV key of a device (device groups bucket).
+pub fn device_key(d: &DeviceId) -> String {
+    d.token()
 }
 
 /// `Nats-Msg-Id` of a group's log entry: the submission it came from, so a

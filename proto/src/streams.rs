@@ -32,6 +32,8 @@ pub struct Topology {
     pub groups: kv::Store,
     pub fanout: kv::Store,
     pub verdicts: kv::Store,
+    pub rosters: kv::Store,
+    pub device_groups: kv::Store,
     pub fed_out: stream::Stream,
     /// Our inbound stream from each configured peer, by domain.
     pub fed_in: std::collections::HashMap<String, stream::Stream>,
@@ -148,6 +150,23 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
             ..Default::default()
         },
         names::VERDICTS_BUCKET,
+    )
+    .await?;
+    let rosters = ensure_bucket(
+        js,
+        kv::Config { bucket: names::ROSTERS_BUCKET.into(), history: 1, num_replicas: replicas, ..Default::default() },
+        names::ROSTERS_BUCKET,
+    )
+    .await?;
+    let device_groups = ensure_bucket(
+        js,
+        kv::Config {
+            bucket: names::DEVICE_GROUPS_BUCKET.into(),
+            history: 1,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        names::DEVICE_GROUPS_BUCKET,
     )
     .await?;
     let fed_out = ensure_stream(
@@ -284,6 +303,8 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
         groups,
         fanout,
         verdicts,
+        rosters,
+        device_groups,
         fed_out,
         fed_in,
         federation,

@@ -83,8 +83,10 @@ pub struct LogEntry {
     pub submission_id: String,
     /// The MLSMessage bytes (for Created: the GroupInfo).
     pub message: Vec<u8>,
-    /// Devices that receive `message`: the members at `epoch`.
-    pub recipients: Vec<DeviceId>,
+    /// For a Commit: the devices it removes (they read up to and including
+    /// it). Empty otherwise: who reads an entry is the group's roster
+    /// (`roster::Roster`), never a list copied into every entry.
+    pub removed: Vec<DeviceId>,
     /// For a Commit that adds members: the Welcome, released only because the
     /// Commit was accepted, for the devices it adds.
     pub welcome: Option<Vec<u8>>,
@@ -103,6 +105,9 @@ pub struct MailboxItem {
     /// merges its pending Commit (or skips its own application message) here.
     pub own: bool,
     pub message: Vec<u8>,
+    /// For a Welcome: the sequence of its Commit in this operator's LOG, so
+    /// the new member reads the group's entries after it.
+    pub log_seq: u64,
 }
 
 impl Verdict {
@@ -170,6 +175,8 @@ pub enum Notice {
     /// The device's one-time KeyPackages for `cipher_suite` fell below the
     /// operator's low-water mark: upload more.
     KeyPackagesLow { cipher_suite: u16, remaining: usize },
+    /// The device was removed from `group` by the Commit at `position`.
+    Removed { group: String, position: u64 },
 }
 
 /// A content-derived submission id: the same device submitting the same bytes
@@ -220,7 +227,7 @@ mod tests {
             sender: d.clone(),
             submission_id: "x".into(),
             message: vec![1, 2, 3],
-            recipients: vec![d.clone()],
+            removed: vec![d.clone()],
             welcome: None,
             welcome_recipients: vec![],
         };

@@ -91,7 +91,7 @@ impl GroupDecider {
                     sender: sub.device.clone(),
                     submission_id: sub.id.clone(),
                     message: group_info.clone(),
-                    recipients: vec![],
+                    removed: vec![],
                     welcome: None,
                     welcome_recipients: vec![],
                 };
@@ -135,7 +135,7 @@ impl GroupDecider {
                     sender: sub.device.clone(),
                     submission_id: sub.id.clone(),
                     message: message.clone(),
-                    recipients: plan.recipients,
+                    removed: plan.removed,
                     welcome: plan.welcome,
                     welcome_recipients: plan.welcome_recipients,
                 };

@@ -27,6 +27,7 @@ pub struct GroupState {
     pub recent: VecDeque<(String, u64, u64)>,
     /// (epoch the commit was sent in, its position).
     pub commits: VecDeque<(u64, u64)>,
+    member_set: std::sync::OnceLock<std::collections::HashSet<Vec<u8>>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -48,6 +49,7 @@ impl GroupState {
             position: 0,
             recent: VecDeque::new(),
             commits: VecDeque::new(),
+            member_set: std::sync::OnceLock::new(),
         }
     }
 
@@ -55,16 +57,17 @@ impl GroupState {
         self.public.group_context().epoch().as_u64()
     }
 
-    /// The device ids of the current members, in leaf order.
-    pub fn member_devices(&self) -> Vec<DeviceId> {
-        self.public
-            .members()
-            .filter_map(|m| DeviceId::from_credential_identity(m.credential.serialized_content()).ok())
-            .collect()
+    /// Checked for every submission: a set built once per epoch, not a walk
+    /// over a 1000-leaf tree per message.
+    pub fn is_member(&self, d: &DeviceId) -> bool {
+        self.member_set
+            .get_or_init(|| self.public.members().map(|m| m.credential.serialized_content().to_vec()).collect())
+            .contains(d.as_bytes())
     }
 
-    pub fn is_member(&self, d: &DeviceId) -> bool {
-        self.public.members().any(|m| m.credential.serialized_content() == d.as_bytes())
+    /// Forgets the member set after the tree changed (a merged Commit).
+    pub fn members_changed(&mut self) {
+        self.member_set = std::sync::OnceLock::new();
     }
 
     pub fn recent_verdict(&self, submission_id: &str) -> Option<(u64, u64)> {
@@ -121,6 +124,7 @@ impl GroupState {
             position: snap.position,
             recent: snap.recent.into(),
             commits: snap.commits.into(),
+            member_set: std::sync::OnceLock::new(),
         })
     }
 }

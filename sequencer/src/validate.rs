@@ -24,7 +24,8 @@ pub enum Effect {
 pub struct Plan {
     pub kind: EntryKind,
     pub epoch: u64,
-    pub recipients: Vec<DeviceId>,
+    /// Devices a Commit removes.
+    pub removed: Vec<DeviceId>,
     pub welcome: Option<Vec<u8>>,
     pub welcome_recipients: Vec<DeviceId>,
     pub effect: Effect,
@@ -108,7 +109,6 @@ pub fn plan(state: &GroupState, crypto: &RustCrypto, device: &DeviceId, bundle: 
     if !state.is_member(device) {
         return Err(err(ErrorCode::NotAMember, "the submitting device is not a member of the group"));
     }
-    let recipients = state.member_devices();
     if h.epoch != state.epoch() {
         return Err(wrong_epoch(state, h.epoch));
     }
@@ -118,7 +118,7 @@ pub fn plan(state: &GroupState, crypto: &RustCrypto, device: &DeviceId, bundle: 
         return Ok(Plan {
             kind: EntryKind::Application,
             epoch: h.epoch,
-            recipients,
+            removed: vec![],
             welcome: None,
             welcome_recipients: vec![],
             effect: Effect::None,
@@ -156,7 +156,7 @@ pub fn plan(state: &GroupState, crypto: &RustCrypto, device: &DeviceId, bundle: 
             Ok(Plan {
                 kind: EntryKind::Proposal,
                 epoch: h.epoch,
-                recipients,
+                removed: vec![],
                 welcome: None,
                 welcome_recipients: vec![],
                 effect: Effect::Queue(qp),
@@ -200,10 +200,21 @@ pub fn plan(state: &GroupState, crypto: &RustCrypto, device: &DeviceId, bundle: 
                 }
                 None => {}
             }
+            // Who the Commit removes (RFC 9420 §12.1.3), named while their
+            // leaves are still in the tree: they may read up to this entry.
+            let mut removed = Vec::new();
+            for r in sc.remove_proposals() {
+                let idx = r.remove_proposal().removed();
+                if let Some(leaf) = state.public.leaf(idx) {
+                    if let Ok(d) = DeviceId::from_credential_identity(leaf.credential().serialized_content()) {
+                        removed.push(d);
+                    }
+                }
+            }
             Ok(Plan {
                 kind: EntryKind::Commit,
                 epoch: h.epoch,
-                recipients,
+                removed,
                 welcome: bundle.welcome.clone(),
                 welcome_recipients: added,
                 effect: Effect::Merge(sc),
@@ -217,7 +228,10 @@ pub fn plan(state: &GroupState, crypto: &RustCrypto, device: &DeviceId, bundle: 
 pub fn apply(state: &mut GroupState, effect: Effect) -> Result<(), String> {
     match effect {
         Effect::None => Ok(()),
-        Effect::Merge(sc) => state.public.merge_commit(&state.storage, *sc).map_err(|e| e.to_string()),
+        Effect::Merge(sc) => {
+            state.members_changed();
+            state.public.merge_commit(&state.storage, *sc).map_err(|e| e.to_string())
+        }
         Effect::Queue(qp) => state.public.add_proposal(&state.storage, *qp).map_err(|e| e.to_string()),
     }
 }

@@ -149,16 +149,20 @@ async fn a_dead_sequencer_delays_only_its_own_partitions() -> anyhow::Result<()>
     Ok(())
 }
 
-/// Two fanout workers split the LOG partitions. The one that delivers
-/// group 1 is SIGKILLed; a message to group 1 is accepted but waits for
-/// the failover, while group 2's messages, delivered by the survivor, keep
-/// arriving; then group 1's partition fails over and nothing is lost or
-/// duplicated.
+/// Two fanout workers split the LOG partitions, and the one that follows
+/// group 1 is SIGKILLed. Messages never wait for fanout (devices read them
+/// from the LOG), so both groups keep flowing; what waits is group 1's
+/// membership change: its Welcome goes out only once the partition fails
+/// over, while group 2's goes out at once. Nothing is lost or duplicated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_fanout_delays_only_its_own_partitions() -> anyhow::Result<()> {
     let nats = NatsServer::start()?;
-    let metrics = |c: &mut tests::config::Config| c.metrics_listen = "127.0.0.1:0".into();
-    let front = Operator::start_with(&nats, "a.example", "ingest", metrics)?;
+    let cfg = |c: &mut tests::config::Config| {
+        c.metrics_listen = "127.0.0.1:0".into();
+        // Long enough that "before the failover" is not a race.
+        c.streams.partition_failover_secs = 10;
+    };
+    let front = Operator::start_with(&nats, "a.example", "ingest", cfg)?;
     let _sequencer = front.worker("sequencer")?;
     let mut f1 = front.worker("fanout")?;
     let f2 = front.worker("fanout")?;
@@ -169,22 +173,39 @@ async fn a_dead_fanout_delays_only_its_own_partitions() -> anyhow::Result<()> {
 
     let mut alice = front.client("alice", "phone", 4).await?;
     let mut bob = front.client("bob", "phone", 4).await?;
+    let mut carol = front.client("carol", "phone", 4).await?;
     let g1 = group_owned_by(&front, &mut alice, &mut bob, &own1, "one").await?;
     let g2 = group_owned_by(&front, &mut alice, &mut bob, &own2, "two").await?;
     f1.kill();
-    let p1 = alice.send(&g1, "g1 waits for failover").await?;
+    let p1 = alice.send(&g1, "g1 flows without its fanout").await?;
     let p2 = alice.send(&g2, "g2 flows").await?;
-    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.positions(&g2).last().is_some_and(|p| *p >= p2)).await?;
+    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| {
+        c.positions(&g1).last().is_some_and(|p| *p >= p1) && c.positions(&g2).last().is_some_and(|p| *p >= p2)
+    })
+    .await?;
+    alice.add(&g1, &[front.user_id("carol")]).await?;
+    alice.add(&g2, &[front.user_id("carol")]).await?;
+    sync_until(&mut [&mut carol], Duration::from_secs(30), |c| c.groups().contains(&g2)).await?;
     assert!(
-        bob.positions(&g1).last().is_none_or(|p| *p < p1),
-        "group 1 was delivered before its partition could fail over"
+        tests::metric(&f2, "mlsfed_fanout_partitions_owned").await < f64::from(PARTITIONS),
+        "the partition failed over too early for this test to show anything"
     );
+    assert!(!carol.groups().contains(&g1), "group 1's Welcome went out before its partition could fail over");
     wait_metric(&f2, "mlsfed_fanout_partitions_owned", Duration::from_secs(30), |v| v == f64::from(PARTITIONS)).await?;
-    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.positions(&g1).last().is_some_and(|p| *p >= p1)).await?;
+    sync_until(&mut [&mut carol], Duration::from_secs(30), |c| c.groups().contains(&g1)).await?;
+    let last1 = alice.send(&g1, "g1 after").await?;
+    sync_until(&mut [&mut bob, &mut carol], Duration::from_secs(30), |c| {
+        c.positions(&g1).last().is_some_and(|p| *p >= last1)
+    })
+    .await?;
     for g in [&g1, &g2] {
         let texts: Vec<String> = bob.messages(g).into_iter().map(|m| m.2).collect();
-        assert_eq!(texts.len(), 1, "{g}: {texts:?}");
+        let mut unique = texts.clone();
+        unique.dedup();
+        assert_eq!(unique, texts, "{g}: a message arrived twice");
     }
-    assert!(bob.failures().is_empty(), "{:?}", bob.failures());
+    assert_eq!(bob.messages(&g1).len(), 2);
+    assert_eq!(carol.messages(&g1).into_iter().map(|m| m.2).collect::<Vec<_>>(), ["g1 after"]);
+    assert!(bob.failures().is_empty() && carol.failures().is_empty(), "{:?} {:?}", bob.failures(), carol.failures());
     Ok(())
 }

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use futures::StreamExt as _;
+use futures::{SinkExt as _, StreamExt as _};
 use tests::client::Device;
 use tests::{binary, test_ca, NatsServer, Operator, TestCa, TlsProxy};
 use tokio_tungstenite::tungstenite::Message;
@@ -54,15 +54,17 @@ async fn sdk_and_cli_reach_an_https_operator() -> anyhow::Result<()> {
     // Push over wss://, through the same proxy.
     alice.sync().await?;
     let mut ws = alice.http().websocket(alice.cursor()).await?;
+    ws.send(Message::Text(alice.follow_frame().into())).await?;
     let position = alice.send(&g, "over tls").await?;
     let pushed = loop {
         let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await?
             .ok_or_else(|| anyhow::anyhow!("closed"))??;
         if let Message::Text(t) = frame {
-            let item: tests::client::Item = serde_json::from_str(&t)?;
-            if item.kind == "application" {
-                break item;
+            if let tests::client::http::Frame::Entry(item) = serde_json::from_str(&t)? {
+                if item.kind == "application" {
+                    break item;
+                }
             }
         }
     };

@@ -45,7 +45,7 @@ enum Cmd {
     Add { group: String, users: Vec<String> },
     /// Send an application message.
     Send { group: String, text: String },
-    /// Fetch and apply the mailbox.
+    /// Fetch and apply the mailbox and every group that advanced.
     Sync,
     /// Rotate this device's leaf.
     Update { group: String },

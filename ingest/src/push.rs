@@ -1,0 +1,287 @@
+//! WebSocket push: one socket per device carries its mailbox items and the
+//! entries of the groups it follows, as they are appended. A publish on a
+//! watched subject is only a wake-up: items and entries are always read
+//! from their streams by cursor, so nothing is skipped or sent twice on one
+//! socket, and a wake-up lost to a NATS reconnect costs at most the periodic
+//! re-read.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use futures::stream::SelectAll;
+use futures::{SinkExt, StreamExt};
+use proto::{names, DeviceId, ErrorCode};
+use serde::Deserialize;
+
+use crate::groups::{self, Access};
+use crate::mailbox::{next_seq, own_mailbox, purge};
+use crate::{Reject, Shared};
+
+/// How often a socket re-reads what it follows without a wake-up, and checks
+/// that its device was not removed.
+const RECHECK: Duration = Duration::from_secs(5);
+
+#[derive(Deserialize)]
+pub struct PushQuery {
+    /// Mailbox cursor to push from.
+    #[serde(default)]
+    after: u64,
+}
+
+/// `GET /v1/devices/{device}/ws?after=<mailbox seq>` (WebSocket upgrade).
+pub async fn websocket(
+    State(api): State<Shared>,
+    crate::AuthDevice(device): crate::AuthDevice,
+    Path(path): Path<String>,
+    Query(q): Query<PushQuery>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, Reject> {
+    own_mailbox(&device, &path)?;
+    next_seq(q.after)?;
+    // Bounded: each socket holds subscriptions and a task.
+    let permit = api
+        .websockets
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Reject::new(ErrorCode::Unavailable, "too many push connections; retry later or fetch"))?;
+    Ok(ws
+        .on_upgrade(move |socket| async move {
+            Socket::new(api, device, q.after).run(socket).await;
+            drop(permit);
+        })
+        .into_response())
+}
+
+/// What a device sends on its socket.
+#[derive(Deserialize)]
+struct ClientFrame {
+    /// Mailbox items up to this cursor are persisted: purge them.
+    #[serde(default)]
+    ack: Option<u64>,
+    /// Groups to push entries of, each from a cursor.
+    #[serde(default)]
+    follow: Option<BTreeMap<String, FollowFrom>>,
+}
+
+#[derive(Deserialize)]
+struct FollowFrom {
+    /// The group cursor (`seq`) of the last entry the device has.
+    #[serde(default)]
+    after: u64,
+    /// The last position it applied: checked once against retention.
+    #[serde(default)]
+    position: Option<u64>,
+}
+
+struct Followed {
+    access: Access,
+    after: u64,
+    position: Option<u64>,
+    /// Stopped at a membership change: read the roster again first.
+    held: bool,
+}
+
+struct Socket {
+    api: Shared,
+    device: DeviceId,
+    mailbox_cursor: u64,
+    /// Followed groups by LOG subject.
+    follows: HashMap<String, Followed>,
+    subscribed: HashSet<String>,
+}
+
+enum Sent {
+    Ok,
+    Closed,
+}
+
+impl Socket {
+    fn new(api: Shared, device: DeviceId, after: u64) -> Self {
+        Self { api, device, mailbox_cursor: after, follows: HashMap::new(), subscribed: HashSet::new() }
+    }
+
+    async fn run(mut self, socket: WebSocket) {
+        let (mut tx, mut rx) = socket.split();
+        let client = self.api.topo.js.client();
+        let Ok(mut mail_wake) = client.subscribe(names::mailbox_subject(&self.device)).await else {
+            return;
+        };
+        let mut wakes: SelectAll<async_nats::Subscriber> = SelectAll::new();
+        let mut mailbox_due = true;
+        let mut due: HashSet<String> = HashSet::new();
+        let mut ticks = 0u32;
+        let mut recheck = tokio::time::interval(RECHECK);
+        recheck.reset();
+        loop {
+            if mailbox_due {
+                match self.push_mailbox(&mut tx).await {
+                    Ok((Sent::Ok, full)) => mailbox_due = full,
+                    Ok((Sent::Closed, _)) => return,
+                    Err(()) => mailbox_due = false,
+                }
+            }
+            for subject in std::mem::take(&mut due) {
+                match self.push_group(&subject, &mut tx).await {
+                    Ok((Sent::Ok, more)) => {
+                        if more {
+                            due.insert(subject);
+                        }
+                    }
+                    Ok((Sent::Closed, _)) => return,
+                    Err(()) => {}
+                }
+            }
+            if mailbox_due || !due.is_empty() {
+                continue;
+            }
+            tokio::select! {
+                _ = self.api.shutdown.cancelled() => { let _ = tx.send(Message::Close(None)).await; return; }
+                _ = mail_wake.next() => mailbox_due = true,
+                Some(m) = wakes.next(), if !wakes.is_empty() => { due.insert(m.subject.to_string()); }
+                _ = recheck.tick() => {
+                    // A device removed while connected loses its socket within
+                    // seconds: revocation outlives every credential.
+                    if self.api.keydir.is_revoked(&self.device).await.unwrap_or(false) {
+                        let _ = tx.send(Message::Close(None)).await;
+                        return;
+                    }
+                    ticks += 1;
+                    mailbox_due = true;
+                    let every = ticks % 6 == 0;
+                    due.extend(self.follows.iter().filter(|(_, f)| every || f.held).map(|(s, _)| s.clone()));
+                }
+                frame = rx.next() => match frame {
+                    Some(Ok(Message::Text(t))) => {
+                        let Ok(f) = serde_json::from_str::<ClientFrame>(&t) else {
+                            let e = Reject::new(ErrorCode::InvalidRequest, "expected {\"ack\": n} or {\"follow\": {...}}");
+                            if send_error(&mut tx, None, &e).await.is_err() { return; }
+                            continue;
+                        };
+                        if let Some(up_to) = f.ack {
+                            let _ = purge(&self.api, &self.device, up_to).await;
+                        }
+                        for (group, from) in f.follow.unwrap_or_default() {
+                            match self.follow(&group, from).await {
+                                Ok(subject) => {
+                                    if self.subscribed.insert(subject.clone()) {
+                                        match client.subscribe(subject.clone()).await {
+                                            Ok(sub) => wakes.push(sub),
+                                            Err(_) => { self.subscribed.remove(&subject); }
+                                        }
+                                    }
+                                    due.insert(subject);
+                                }
+                                Err(e) => if send_error(&mut tx, Some(&group), &e).await.is_err() { return; },
+                            }
+                        }
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Binary(_))) => {}
+                    _ => return,
+                },
+            }
+        }
+    }
+
+    async fn follow(&mut self, group: &str, from: FollowFrom) -> Result<String, Reject> {
+        let g = groups::parse_group(group)?;
+        next_seq(from.after)?;
+        let subject = names::log_subject(&g, self.api.cfg.streams.partitions);
+        if !self.follows.contains_key(&subject) && self.subscribed.len() >= self.api.cfg.limits.max_followed_groups {
+            return Err(Reject::new(
+                ErrorCode::InvalidRequest,
+                format!("a socket follows at most {} groups", self.api.cfg.limits.max_followed_groups),
+            ));
+        }
+        let access = groups::access(&self.api, &self.device, &g).await?;
+        self.follows
+            .insert(subject.clone(), Followed { access, after: from.after, position: from.position, held: false });
+        Ok(subject)
+    }
+
+    /// Pushes what is new in one followed group; `more` when a full page
+    /// was sent (read again at once).
+    async fn push_group<S>(&mut self, subject: &str, tx: &mut S) -> Result<(Sent, bool), ()>
+    where
+        S: futures::Sink<Message> + Unpin,
+    {
+        let limit = self.api.cfg.limits.max_fetch;
+        let Some(f) = self.follows.get_mut(subject) else {
+            return Err(());
+        };
+        if f.held {
+            match groups::access(&self.api, &self.device, &f.access.group).await {
+                Ok(a) => f.access = a,
+                Err(e) if e.0.code == ErrorCode::Unavailable => return Err(()),
+                Err(e) => {
+                    let group = f.access.group.to_string();
+                    self.follows.remove(subject);
+                    return match send_error(tx, Some(&group), &e).await {
+                        Ok(()) => Ok((Sent::Ok, false)),
+                        Err(()) => Ok((Sent::Closed, false)),
+                    };
+                }
+            }
+        }
+        let page = match groups::read(&self.api, &self.device, &f.access, f.after, f.position, limit).await {
+            Ok(p) => p,
+            Err(e) if e.0.code == ErrorCode::Unavailable => return Err(()),
+            Err(e) => {
+                let group = f.access.group.to_string();
+                self.follows.remove(subject);
+                return match send_error(tx, Some(&group), &e).await {
+                    Ok(()) => Ok((Sent::Ok, false)),
+                    Err(()) => Ok((Sent::Closed, false)),
+                };
+            }
+        };
+        let full = page.entries.len() == limit;
+        if let Some(last) = page.entries.last() {
+            f.position = Some(last.position);
+        }
+        f.after = page.next;
+        f.held = page.held;
+        let served = page.entries.len() as u64;
+        for entry in page.entries {
+            let Ok(text) = serde_json::to_string(&entry) else { continue };
+            if tx.send(Message::Text(text.into())).await.is_err() {
+                return Ok((Sent::Closed, false));
+            }
+        }
+        self.api.metrics.entries_served.with_label_values(&["push"]).inc_by(served);
+        Ok((Sent::Ok, full))
+    }
+
+    async fn push_mailbox<S>(&mut self, tx: &mut S) -> Result<(Sent, bool), ()>
+    where
+        S: futures::Sink<Message> + Unpin,
+    {
+        let limit = self.api.cfg.limits.max_fetch;
+        let items = crate::mailbox::read(&self.api, &self.device, self.mailbox_cursor, limit).await.map_err(|_| ())?;
+        let full = items.len() == limit;
+        for item in items {
+            self.mailbox_cursor = item.seq;
+            let Ok(text) = serde_json::to_string(&item) else { continue };
+            if tx.send(Message::Text(text.into())).await.is_err() {
+                return Ok((Sent::Closed, false));
+            }
+        }
+        Ok((Sent::Ok, full))
+    }
+}
+
+/// An error frame: `{"type": "error", "group": ..., "code": ..., "message": ...}`.
+async fn send_error<S>(tx: &mut S, group: Option<&str>, e: &Reject) -> Result<(), ()>
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    let frame = serde_json::json!({
+        "type": "error",
+        "group": group,
+        "code": e.0.code,
+        "message": e.0.message,
+    });
+    tx.send(Message::Text(frame.to_string().into())).await.map_err(|_| ())
+}

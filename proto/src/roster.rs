@@ -1,0 +1,177 @@
+//! Who may read a group's LOG at this operator, and which groups a device is
+//! in. Devices read their groups' entries straight from LOG (one write per
+//! message, whatever the group's size), so membership is kept beside it:
+//! a roster per group (KV `mlsfed_rosters`) and a group list per device (KV
+//! `mlsfed_device_groups`). Fanout updates both, in the group's order, at
+//! each entry that changes membership (Created, Commit).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::DeviceId;
+use crate::wire::{EntryKind, LogEntry};
+
+/// The devices of one group at this operator, as of `position`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Roster {
+    pub v: u8,
+    /// The last membership entry (Created or Commit) applied.
+    pub position: u64,
+    /// The group's epoch after it: entries sent in a later epoch follow a
+    /// Commit not applied here yet, and wait for it.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Member device → the position it joined at: it reads the entries after.
+    pub members: BTreeMap<String, u64>,
+    /// Removed device → (joined at, removed at): it still reads up to and
+    /// including the Commit that removed it, so it learns it was removed.
+    pub removed: BTreeMap<String, (u64, u64)>,
+}
+
+/// What a device may read of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// Entries after this position...
+    pub after: u64,
+    /// ...up to and including this one (None: still a member).
+    pub until: Option<u64>,
+}
+
+impl Span {
+    pub fn admits(&self, position: u64) -> bool {
+        position > self.after && self.until.is_none_or(|u| position <= u)
+    }
+}
+
+/// How one membership entry changes the roster.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Change {
+    pub added: Vec<DeviceId>,
+    pub removed: Vec<DeviceId>,
+}
+
+impl Change {
+    /// What a Created or Commit entry adds and removes.
+    pub fn of(entry: &LogEntry) -> Self {
+        match entry.kind {
+            EntryKind::Created => Self { added: vec![entry.sender.clone()], removed: vec![] },
+            EntryKind::Commit => Self { added: entry.welcome_recipients.clone(), removed: entry.removed.clone() },
+            _ => Self::default(),
+        }
+    }
+}
+
+impl Roster {
+    pub fn span(&self, d: &DeviceId) -> Option<Span> {
+        if let Some(from) = self.members.get(d.as_str()) {
+            return Some(Span { after: *from, until: None });
+        }
+        self.removed.get(d.as_str()).map(|(from, until)| Span { after: *from, until: Some(*until) })
+    }
+
+    /// The peer domains (other than `us`) with member devices.
+    pub fn peers(&self, us: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .members
+            .keys()
+            .filter_map(|d| DeviceId::parse(d).ok())
+            .map(|d| d.domain().to_owned())
+            .filter(|d| d != us)
+            .collect();
+        out.dedup();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Applies a Created or Commit entry once (a replay changes nothing).
+    /// The creator is a member from position 0: it reads the whole group.
+    pub fn apply(&mut self, entry: &LogEntry) -> Option<()> {
+        if entry.position <= self.position {
+            return None;
+        }
+        match entry.kind {
+            EntryKind::Created => {
+                self.members.insert(entry.sender.to_string(), 0);
+                self.epoch = 0;
+            }
+            EntryKind::Commit => {
+                for d in &entry.removed {
+                    if let Some(from) = self.members.remove(d.as_str()) {
+                        self.removed.insert(d.to_string(), (from, entry.position));
+                    }
+                }
+                for d in &entry.welcome_recipients {
+                    self.removed.remove(d.as_str());
+                    self.members.insert(d.to_string(), entry.position);
+                }
+                self.epoch = entry.epoch + 1;
+            }
+            _ => return None,
+        }
+        self.v = 1;
+        self.position = entry.position;
+        Some(())
+    }
+}
+
+/// The groups of one device at this operator (KV `mlsfed_device_groups`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceGroups {
+    pub v: u8,
+    /// Group id → the position the device was removed at (None: a member).
+    /// A removed group stays listed until the device was told, so a device
+    /// that returns after its removal still learns of it.
+    pub groups: BTreeMap<String, Option<u64>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::GroupId;
+
+    fn entry(
+        kind: EntryKind,
+        position: u64,
+        sender: &DeviceId,
+        added: &[&DeviceId],
+        removed: &[&DeviceId],
+    ) -> LogEntry {
+        LogEntry {
+            group: GroupId::parse("mimi://a.example/r/x").unwrap(),
+            position,
+            prev_position: position - 1,
+            epoch: 0,
+            kind,
+            sender: sender.clone(),
+            submission_id: String::new(),
+            message: vec![],
+            removed: removed.iter().map(|d| (*d).clone()).collect(),
+            welcome: None,
+            welcome_recipients: added.iter().map(|d| (*d).clone()).collect(),
+        }
+    }
+
+    #[test]
+    fn spans_follow_joins_and_removals_once() {
+        let a = DeviceId::parse("mimi://a.example/d/alice/1").unwrap();
+        let b = DeviceId::parse("mimi://b.example/d/bob/1").unwrap();
+        let mut r = Roster::default();
+        assert!(r.apply(&entry(EntryKind::Created, 1, &a, &[], &[])).is_some());
+        assert_eq!(r.span(&a), Some(Span { after: 0, until: None }));
+        assert!(r.apply(&entry(EntryKind::Application, 2, &a, &[], &[])).is_none());
+        let add = entry(EntryKind::Commit, 3, &a, &[&b], &[]);
+        assert!(r.apply(&add).is_some());
+        assert_eq!(Change::of(&add).added, vec![b.clone()]);
+        // A replay of the same Commit changes nothing.
+        assert!(r.apply(&add).is_none());
+        assert_eq!(r.peers("a.example"), vec!["b.example".to_owned()]);
+        let span = r.span(&b).unwrap();
+        assert!(!span.admits(3) && span.admits(4));
+        r.apply(&entry(EntryKind::Commit, 7, &a, &[], &[&b]));
+        let span = r.span(&b).unwrap();
+        assert!(span.admits(7) && !span.admits(8));
+        assert!(r.peers("a.example").is_empty());
+    }
+}
