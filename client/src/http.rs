@@ -102,7 +102,13 @@ pub struct Http {
 }
 
 fn build_client(roots: &[rustls_pki_types::CertificateDer<'static>]) -> Result<reqwest::Client, ClientError> {
-    let mut b = reqwest::Client::builder().use_rustls_tls().timeout(std::time::Duration::from_secs(60));
+    // An operator closes a keep-alive connection idle for its header read
+    // timeout (10 s by default); reusing one it is closing right then fails
+    // with a reset. Idle connections are dropped well before that.
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .timeout(std::time::Duration::from_secs(60))
+        .pool_idle_timeout(std::time::Duration::from_secs(4));
     for r in roots {
         let cert = reqwest::Certificate::from_der(r.as_ref())
             .map_err(|e| ClientError::Protocol(format!("bad root certificate: {e}")))?;
@@ -168,6 +174,10 @@ impl Http {
 
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    pub fn device(&self) -> &DeviceId {
+        &self.device
     }
 
     pub fn token(&self) -> &str {

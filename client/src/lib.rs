@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod http;
+pub mod lite;
 mod store;
 
 use std::collections::BTreeMap;
@@ -614,10 +615,15 @@ impl Device {
             if !self.groups.contains_key(g) {
                 return self.persist();
             }
-            let cursor = self.meta.group_seqs.entry(g.to_owned()).or_insert(0);
-            *cursor = (*cursor).max(page.next);
+            // Past what the page skipped, unless an entry was refused as a
+            // hole: then the cursor stays before it.
+            let whole = page.entries.last().is_none_or(|e| self.group_cursor(g) >= e.seq);
+            if whole {
+                let cursor = self.meta.group_seqs.entry(g.to_owned()).or_insert(0);
+                *cursor = (*cursor).max(page.next);
+            }
             self.persist()?;
-            if page.entries.is_empty() {
+            if page.entries.is_empty() || !whole {
                 return Ok(());
             }
         }

@@ -111,6 +111,7 @@ pub async fn read(
 ) -> Result<Page, Reject> {
     let mut page = Page { entries: Vec::new(), next: after, held: access.pending };
     let mut checked_gap = position.is_none();
+    let max_bytes = api.cfg.limits.max_body_bytes.max(1 << 20);
     while page.entries.len() < limit && !page.held {
         let want = (limit - page.entries.len()).min(proto::direct::MAX_BATCH);
         let from = crate::mailbox::next_seq(page.next)?;
@@ -121,12 +122,13 @@ pub async fn read(
             &access.subject,
             from,
             want,
-            Some(api.cfg.limits.max_body_bytes.max(1 << 20)),
+            Some(max_bytes),
             READ_TIMEOUT,
         )
         .await
         .map_err(unavailable)?;
         let got = stored.len();
+        let bytes: usize = stored.iter().map(|m| m.payload.len()).sum();
         for m in stored {
             let Ok(entry) = proto::wire::decode::<LogEntry>(&m.payload) else {
                 tracing::error!(seq = m.seq, "undecodable LOG entry skipped");
@@ -159,17 +161,28 @@ pub async fn read(
             page.next = m.seq;
             page.entries.push(entry_json(device, &entry, m.seq));
         }
-        if got < want {
+        // A short batch is the end of the group, unless the byte cap cut it.
+        if got == 0 || (got < want && bytes < max_bytes / 2) {
             break;
         }
     }
     if let (Some(p), false, false) = (position, checked_gap, access.pending) {
-        // Nothing left after the cursor: the device is current, unless the
-        // group holds later entries it may read (they were before the
-        // cursor, or deleted by retention).
-        if let Some(last) = last_position(api, &access.subject).await? {
-            if access.span.admits(last) && last > p.max(access.span.after) {
-                return Err(expired(p, last));
+        // Nothing after the cursor, yet the group holds later entries the
+        // device may read: either retention deleted what it still needed
+        // (the first entry kept names a predecessor past `p`), or its cursor
+        // ran ahead of what it applied.
+        // Only an entry at or before the cursor counts: one appended since
+        // the batch read is simply new.
+        if let Some((seq, last)) = last_entry(api, &access.subject).await? {
+            if seq <= page.next && access.span.admits(last) && last > p.max(access.span.after) {
+                let first = first_admitted(api, access).await?;
+                if first.is_none_or(|prev| prev > p.max(access.span.after)) {
+                    return Err(expired(p, last));
+                }
+                return Err(Reject::new(
+                    ErrorCode::InvalidCursor,
+                    format!("the cursor is past entries after position {p}; read again from after=0"),
+                ));
             }
         }
     }
@@ -186,9 +199,35 @@ fn expired(have: u64, next: u64) -> Reject {
     )
 }
 
+/// The `prev_position` of the first entry kept that the device may read.
+async fn first_admitted(api: &Shared, access: &Access) -> Result<Option<u64>, Reject> {
+    let client = api.topo.js.client();
+    let mut from = 1;
+    for _ in 0..64 {
+        let batch = proto::direct::batch(&client, names::LOG_STREAM, &access.subject, from, 64, None, READ_TIMEOUT)
+            .await
+            .map_err(unavailable)?;
+        let Some(last) = batch.last().map(|m| m.seq) else { return Ok(None) };
+        for m in &batch {
+            if let Ok(e) = proto::wire::decode::<LogEntry>(&m.payload) {
+                if access.span.admits(e.position) {
+                    return Ok(Some(e.prev_position));
+                }
+            }
+        }
+        from = last + 1;
+    }
+    Ok(None)
+}
+
 async fn last_position(api: &Shared, subject: &str) -> Result<Option<u64>, Reject> {
+    Ok(last_entry(api, subject).await?.map(|(_, p)| p))
+}
+
+/// The sequence and position of the group's last entry here.
+async fn last_entry(api: &Shared, subject: &str) -> Result<Option<(u64, u64)>, Reject> {
     match api.topo.log.direct_get_last_for_subject(subject).await {
-        Ok(m) => Ok(proto::wire::decode::<LogEntry>(&m.payload).ok().map(|e| e.position)),
+        Ok(m) => Ok(proto::wire::decode::<LogEntry>(&m.payload).ok().map(|e| (m.sequence, e.position))),
         Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
         Err(e) => Err(Reject::new(ErrorCode::Unavailable, format!("group log unavailable: {e}"))),
     }

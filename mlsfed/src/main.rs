@@ -54,12 +54,21 @@ enum Cmd {
     /// Start three federated operators on the embedded defaults and run a
     /// scripted conversation between devices of each.
     Demo,
-    /// Measure JetStream publish rate and end-to-end delivery.
+    /// Measure the ceiling, end-to-end delivery at every member, scale-out,
+    /// federation and claims (docs/benchmarks.md); print a table and JSON.
     Bench {
-        #[arg(long, default_value_t = 2000)]
+        /// Messages of the 1000 groups x 10 members run; others scale from it.
+        #[arg(long, default_value_t = 20_000)]
         messages: usize,
-        #[arg(long, default_value_t = 10)]
-        members: usize,
+        /// Application message size before encryption, in bytes.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Skip the multi-process scale-out runs.
+        #[arg(long)]
+        no_scale_out: bool,
     },
 }
 
@@ -93,7 +102,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Demo => demo::run(cfg).await,
-        Cmd::Bench { messages, members } => bench::run(cfg, messages, members).await,
+        Cmd::Bench { messages, size, json, no_scale_out } => {
+            bench::run(cfg, bench::Options { messages, size, json, no_scale_out }).await
+        }
     }
 }
 

@@ -1,0 +1,334 @@
+//! `mlsfed bench`: figures on this machine, printed and written as JSON,
+//! never asserted. One run, one nats-server:
+//! 1. the ceiling: raw JetStream publish and consume+ack at the bench's
+//!    message size;
+//! 2. one operator, end to end: 1000 groups of 10 members (closed loop, then
+//!    open loop at half the measured rate), one group each of 2, 10, 100 and
+//!    1000 members, Commits on one group and across 1000 groups; with
+//!    JetStream writes and stored bytes per message;
+//! 3. scale-out: the 1000 × 10 load with 1, 2 and 4 sequencer and fanout
+//!    processes (separate OS processes against the same nats-server);
+//! 4. federation: one link, two links, and catch-up after a peer's outage;
+//! 5. KeyPackage claims per second on each keydir backend.
+//!
+//! Every delivery is counted at the member device it reached (one WebSocket
+//! per device); client crypto happens before the timed parts.
+
+mod fed;
+mod fleet;
+mod scale;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::embedded_nats;
+use fleet::{Fleet, Run};
+
+pub struct Options {
+    /// Messages of the 1000 groups × 10 members run (other runs scale from it).
+    pub messages: usize,
+    /// Application message size in bytes (before encryption).
+    pub size: usize,
+    pub json: Option<std::path::PathBuf>,
+    /// Skip the multi-process scale-out runs.
+    pub no_scale_out: bool,
+}
+
+const DEVICES: usize = 1000;
+const GROUPS: usize = 1000;
+
+/// Sum over every stream (KV buckets included) of the last sequence (every
+/// write takes one) and of the stored bytes.
+async fn js_totals(js: &async_nats::jetstream::Context) -> anyhow::Result<(u64, i64)> {
+    let mut names = js.stream_names();
+    let (mut writes, mut bytes) = (0u64, 0i64);
+    while let Some(name) = names.next().await {
+        let name = name?;
+        if name.starts_with("BENCH_") {
+            continue;
+        }
+        let mut s = js.get_stream(&name).await?;
+        let info = s.info().await?;
+        writes += info.state.last_sequence;
+        bytes += info.state.bytes as i64;
+    }
+    Ok((writes, bytes))
+}
+
+/// Runs `f` and returns its result with the JetStream writes and stored
+/// bytes per message it cost.
+struct Cost {
+    writes_per_msg: f64,
+    bytes_per_msg: f64,
+}
+
+async fn cost_of(js: &async_nats::jetstream::Context, before: (u64, i64), messages: usize) -> anyhow::Result<Cost> {
+    // Let the workers finish what the messages started (cursors, acks).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = js_totals(js).await?;
+    let n = messages.max(1) as f64;
+    Ok(Cost {
+        writes_per_msg: (after.0 - before.0) as f64 / n,
+        bytes_per_msg: (after.1 - before.1) as f64 / n,
+    })
+}
+
+fn machine() -> serde_json::Value {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    // Tooling, not behaviour: the CPU model names the machine in the report.
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_else(|| "unknown".into());
+    json!({ "cores": cores, "cpu": model, "os": std::env::consts::OS })
+}
+
+pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let tmp = tempfile::tempdir()?;
+    cfg.data_dir = tmp.path().join("operator");
+    cfg.limits.max_connections = 8192;
+    cfg.limits.max_in_flight_requests = 8192;
+    cfg.limits.max_body_bytes = 4 << 20;
+    cfg.streams.partition_failover_secs = 3;
+    let embedded = embedded_nats(&cfg)?.context("bench runs its own nats-server; unset MLSFED_NATS_URL")?;
+    cfg.nats_url = embedded.url();
+    let nats = mlsfed::connect(&cfg.nats_url, &cfg.nats_ca_file).await?;
+    let js = mlsfed::jetstream(nats.clone());
+    let mut report = serde_json::Map::new();
+    report.insert("machine".into(), machine());
+    report.insert("nats_sync_interval".into(), json!(cfg.streams.sync_interval));
+
+    // The message size: one encrypted application message as sent.
+    let mut probe = client::lite::Lite::new(proto::DeviceId::new(&cfg.domain, "probe", "d")?)?;
+    let (pg, _) = probe.create_group("probe")?;
+    let msg_bytes = probe.encrypt(&pg, &vec![b'x'; opts.size])?.len();
+    report.insert("message_bytes".into(), json!(msg_bytes));
+
+    // 1. The ceiling.
+    let (publish, consume) = ceiling(&js, msg_bytes).await?;
+    println!("raw JetStream (R1 file, {msg_bytes} B): publish {publish:.0} msgs/s, consume+ack {consume:.0} msgs/s");
+    report.insert("raw_publish_msgs_per_s".into(), json!(publish));
+    report.insert("raw_consume_msgs_per_s".into(), json!(consume));
+
+    // 2. One operator, in this process.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(mlsfed::run(
+        cfg.clone(),
+        mlsfed::Roles::ALL,
+        nats.clone(),
+        Some(listener),
+        prometheus::Registry::new(),
+        shutdown.clone(),
+    ));
+    let secret = cfg.token_secret.expose().as_bytes().to_vec();
+    let mut fleet = Fleet::new(&cfg.domain, &secret, &url, DEVICES, "dev")?;
+    let t_setup = Instant::now();
+    let specs: Vec<(String, usize, Vec<usize>)> =
+        (0..GROUPS).map(|i| (format!("g{i}"), i, (1..10).map(|k| (i + k) % DEVICES).collect())).collect();
+    let groups = fleet.create_groups(&specs).await?;
+    let mut per_device: Vec<Vec<String>> = vec![Vec::new(); DEVICES];
+    for ((_, creator, members), g) in specs.iter().zip(&groups) {
+        per_device[*creator].push(g.clone());
+        for m in members {
+            per_device[*m].push(g.clone());
+        }
+    }
+    fleet.follow(&per_device).await?;
+    println!("setup: {DEVICES} devices, {GROUPS} groups of 10, one WebSocket per device: {:?}", t_setup.elapsed());
+    let sizes: HashMap<String, usize> = groups.iter().map(|g| (g.clone(), 10)).collect();
+    let senders: Vec<(String, usize)> = groups.iter().cloned().zip(0..).collect();
+
+    // 2a. 1000 groups × 10, closed loop.
+    let bodies = fleet.messages(&senders, opts.messages, opts.size)?;
+    let before = js_totals(&js).await?;
+    let a = fleet.run(bodies, &sizes, 256, None, Duration::from_secs(90)).await?;
+    let cost = cost_of(&js, before, a.messages).await?;
+    print_run("1000 groups x 10 members, 256 submits in flight", &a, Some(&cost));
+    report.insert("end_to_end_msgs_per_s".into(), json!(a.delivered_per_s()));
+    report.insert("end_to_end_accepted_msgs_per_s".into(), json!(a.accepted_per_s()));
+    report.insert("end_to_end_deliveries_per_s".into(), json!(a.deliveries_per_s()));
+    report.insert("end_to_end_p50_ms".into(), json!(a.pct_ms(0.5)));
+    report.insert("end_to_end_p99_ms".into(), json!(a.pct_ms(0.99)));
+    report.insert("end_to_end_p999_ms".into(), json!(a.pct_ms(0.999)));
+    report.insert("end_to_end_writes_per_msg".into(), json!(cost.writes_per_msg));
+    report.insert("end_to_end_bytes_per_msg".into(), json!(cost.bytes_per_msg));
+    report.insert("end_to_end_duplicates".into(), json!(a.duplicates));
+
+    // 2a'. Open loop at half the measured rate.
+    let half = (a.delivered_per_s() / 2.0).max(10.0);
+    let n = ((half * 5.0) as usize).clamp(200, 20_000);
+    let bodies = fleet.messages(&senders, n, opts.size)?;
+    let o = fleet.run(bodies, &sizes, 0, Some(half), Duration::from_secs(60)).await?;
+    print_run(&format!("open loop at {half:.0} msgs/s (half the maximum)"), &o, None);
+    report.insert("half_load_msgs_per_s".into(), json!(half));
+    report.insert("p50_half_load_ms".into(), json!(o.pct_ms(0.5)));
+    report.insert("p99_half_load_ms".into(), json!(o.pct_ms(0.99)));
+    report.insert("p999_half_load_ms".into(), json!(o.pct_ms(0.999)));
+
+    // 2c. Commits across 1000 groups (one self-update each), then on one.
+    let mut updates = Vec::new();
+    for (g, who) in &senders {
+        updates.push((*who, fleet.members[*who].update(g)?, false));
+    }
+    let t0 = Instant::now();
+    fleet::submit_all(&fleet.https, updates, 256).await?;
+    let commits_many = GROUPS as f64 / t0.elapsed().as_secs_f64();
+    for (g, who) in &senders {
+        fleet.members[*who].merge(g)?;
+    }
+
+    // 2b. One group each of 2, 10, 100 and 1000 members, one sender.
+    let mut by_size = Vec::new();
+    for size in [2usize, 10, 100, 1000] {
+        let spec = (format!("size{size}"), 0usize, (1..size).collect::<Vec<_>>());
+        let g = fleet.create_groups(std::slice::from_ref(&spec)).await?.remove(0);
+        let mut follow: Vec<Vec<String>> = vec![Vec::new(); DEVICES];
+        for d in 0..size {
+            follow[d].push(g.clone());
+        }
+        fleet.follow(&follow).await?;
+        let n = if size >= 1000 { opts.messages / 20 } else { opts.messages / 10 }.max(50);
+        let bodies = fleet.messages(&[(g.clone(), 0)], n, opts.size)?;
+        let sizes = HashMap::from([(g.clone(), size)]);
+        let before = js_totals(&js).await?;
+        let r = fleet.run(bodies, &sizes, 32, None, Duration::from_secs(90)).await?;
+        let cost = cost_of(&js, before, r.messages).await?;
+        print_run(&format!("one group of {size}, one sender, 32 submits in flight"), &r, Some(&cost));
+        report.insert(format!("group_{size}_msgs_per_s"), json!(r.delivered_per_s()));
+        report.insert(format!("group_{size}_deliveries_per_s"), json!(r.deliveries_per_s()));
+        report.insert(format!("group_{size}_bytes_per_msg"), json!(cost.bytes_per_msg));
+        report.insert(format!("group_{size}_writes_per_msg"), json!(cost.writes_per_msg));
+        report.insert(format!("group_{size}_p99_ms"), json!(r.pct_ms(0.99)));
+        by_size.push((size, g));
+    }
+    // Commits on one group are serial by nature: each waits for the last.
+    let g2 = &by_size[0].1;
+    let mut serial = Duration::ZERO;
+    let rounds = 100;
+    for _ in 0..rounds {
+        let body = fleet.members[0].update(g2)?;
+        let t = Instant::now();
+        fleet.https[0].submit(body, None).await?;
+        serial += t.elapsed();
+        fleet.members[0].merge(g2)?;
+    }
+    let commits_one = f64::from(rounds) / serial.as_secs_f64();
+    println!("commits: {commits_one:.0}/s on one group (serial), {commits_many:.0}/s across {GROUPS} groups");
+    report.insert("commits_one_group_per_s".into(), json!(commits_one));
+    report.insert("commits_1000_groups_per_s".into(), json!(commits_many));
+    anyhow::ensure!(fleet.duplicates.load(std::sync::atomic::Ordering::Relaxed) == 0, "a device got an entry twice");
+    fleet.close();
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+
+    // 3. Scale-out with separate processes, against the same nats-server.
+    if !opts.no_scale_out {
+        let n = opts.messages / 2;
+        for k in [1usize, 2, 4] {
+            let r = scale::run(&cfg, tmp.path(), &mut fleet, &per_device, &senders, &sizes, k, n, opts.size).await?;
+            print_run(&format!("{k} sequencer + {k} fanout processes, 2 ingest processes"), &r, None);
+            report.insert(format!("sequencers_{k}_msgs_per_s"), json!(r.delivered_per_s()));
+            report.insert(format!("sequencers_{k}_p99_ms"), json!(r.pct_ms(0.99)));
+        }
+    }
+    drop(embedded);
+
+    // 4. Federation.
+    let f = fed::run(cfg.clone(), tmp.path(), (opts.messages / 4).max(200)).await?;
+    report.insert("link_msgs_per_s".into(), json!(f.link));
+    report.insert("two_links_msgs_per_s".into(), json!(f.two_links));
+    report.insert("catch_up_msgs_per_s".into(), json!(f.catch_up));
+    report.insert("link_p99_half_load_ms".into(), json!(f.link_p99_half_load_ms));
+
+    // 5. KeyPackage claims per backend.
+    for backend in [config::KeydirBackend::Sled, config::KeydirBackend::Jetstream] {
+        let mut kcfg = cfg.clone();
+        kcfg.keydir.backend = backend;
+        kcfg.keydir.claims_per_minute_per_requester = 1_000_000;
+        kcfg.keydir.claims_per_minute_per_user = 1_000_000;
+        kcfg.data_dir = tmp.path().join(format!("keydir-{backend:?}"));
+        let emb = embedded_nats(&kcfg)?.context("no embedded nats")?;
+        kcfg.nats_url = emb.url();
+        let rate = fed::claims(kcfg, tmp.path(), 20, 50).await?;
+        println!("KeyPackage claims through the API ({backend:?} backend, 16 in flight): {rate:.0} claims/s");
+        report.insert(format!("claims_{}_per_s", format!("{backend:?}").to_lowercase()), json!(rate));
+    }
+    report.insert("bench_secs".into(), json!(started.elapsed().as_secs_f64()));
+    let out = serde_json::Value::Object(report);
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    if let Some(path) = &opts.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&out)?).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn print_run(what: &str, r: &Run, cost: Option<&Cost>) {
+    println!(
+        "{what}:\n  {} msgs: accepted {:.0} msgs/s; delivered to every member {:.0} msgs/s ({:.0} deliveries/s, {}/{} counted, {} duplicates)\n  submit -> delivered p50 {:.1} ms, p99 {:.1} ms, p999 {:.1} ms",
+        r.messages,
+        r.accepted_per_s(),
+        r.delivered_per_s(),
+        r.deliveries_per_s(),
+        r.deliveries,
+        r.deliveries_expected,
+        r.duplicates,
+        r.pct_ms(0.5),
+        r.pct_ms(0.99),
+        r.pct_ms(0.999),
+    );
+    if let Some(c) = cost {
+        println!("  JetStream: {:.2} writes and {:.0} stored bytes per message", c.writes_per_msg, c.bytes_per_msg);
+    }
+}
+
+/// Raw publish (pipelined) and consume+ack (pull, batches) of `size`-byte
+/// messages on a file stream of the same server.
+async fn ceiling(js: &async_nats::jetstream::Context, size: usize) -> anyhow::Result<(f64, f64)> {
+    let stream = js
+        .get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: "BENCH_RAW".into(),
+            subjects: vec!["bench.raw".into()],
+            ..Default::default()
+        })
+        .await?;
+    let n = 50_000;
+    let payload = Bytes::from(vec![7u8; size]);
+    let start = Instant::now();
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for _ in 0..n {
+        acks.push(std::future::IntoFuture::into_future(js.publish("bench.raw", payload.clone()).await?));
+        if acks.len() >= 512 {
+            acks.next().await.transpose()?;
+        }
+    }
+    while acks.next().await.transpose()?.is_some() {}
+    let publish = n as f64 / start.elapsed().as_secs_f64();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("bench".into()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
+        .await?;
+    let start = Instant::now();
+    let mut msgs = consumer.stream().max_messages_per_batch(500).messages().await?;
+    let mut got = 0;
+    while got < n {
+        let m = msgs.next().await.context("consumer ended")?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        got += 1;
+    }
+    let consume = n as f64 / start.elapsed().as_secs_f64();
+    js.delete_stream("BENCH_RAW").await?;
+    Ok((publish, consume))
+}

@@ -1,0 +1,118 @@
+//! Scale-out: the same load through separate OS processes (2 ingest, k
+//! sequencer, k fanout) against the bench's nats-server, so the figure shows
+//! what adding processes buys, not what threads in one process do.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use super::fleet::{Fleet, Run};
+
+struct Procs(Vec<Child>);
+
+impl Procs {
+    /// SIGTERM, so each process hands its partitions over before it exits.
+    fn stop(&mut self) {
+        for c in &self.0 {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        }
+        let t0 = Instant::now();
+        for c in &mut self.0 {
+            while t0.elapsed() < Duration::from_secs(15) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.0.clear();
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn spawn(cfg: &config::Config, dir: &Path, name: &str, role: &str) -> anyhow::Result<Child> {
+    let mut c = cfg.clone();
+    c.data_dir = dir.join(name);
+    std::fs::create_dir_all(&c.data_dir)?;
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(&file, toml::to_string(&c)?)?;
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    Ok(Command::new(std::env::current_exe()?)
+        .arg("--config")
+        .arg(&file)
+        .arg(role)
+        .env("MLSFED_LOG", "warn")
+        .env_remove("MLSFED_NATS_URL")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    cfg: &config::Config,
+    tmp: &Path,
+    fleet: &mut Fleet,
+    per_device: &[Vec<String>],
+    senders: &[(String, usize)],
+    sizes: &HashMap<String, usize>,
+    k: usize,
+    messages: usize,
+    size: usize,
+) -> anyhow::Result<Run> {
+    let dir = tmp.join(format!("scale-{k}"));
+    std::fs::create_dir_all(&dir)?;
+    let mut base = cfg.clone();
+    base.metrics_listen = "127.0.0.1:0".into();
+    let mut procs = Procs(Vec::new());
+    let mut urls = Vec::new();
+    for i in 0..2 {
+        let mut c = base.clone();
+        let port = free_port()?;
+        c.listen = format!("127.0.0.1:{port}");
+        urls.push(format!("http://127.0.0.1:{port}"));
+        procs.0.push(spawn(&c, &dir, &format!("ingest{i}"), "ingest")?);
+    }
+    for i in 0..k {
+        procs.0.push(spawn(&base, &dir, &format!("sequencer{i}"), "sequencer")?);
+        procs.0.push(spawn(&base, &dir, &format!("fanout{i}"), "fanout")?);
+    }
+    let http = reqwest::Client::new();
+    for u in &urls {
+        let t0 = Instant::now();
+        loop {
+            if http.get(format!("{u}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            anyhow::ensure!(t0.elapsed() < Duration::from_secs(30), "ingest at {u} never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    fleet.reconnect(&urls);
+    fleet.follow(per_device).await.context("followers")?;
+    // Warm-up, untimed: every partition owned, every group's state loaded.
+    let warm = fleet.messages(senders, senders.len(), size)?;
+    fleet.run(warm, sizes, 256, None, Duration::from_secs(90)).await?;
+    let bodies = fleet.messages(senders, messages, size)?;
+    let r = fleet.run(bodies, sizes, 256, None, Duration::from_secs(90)).await?;
+    fleet.close();
+    procs.stop();
+    Ok(r)
+}
