@@ -159,7 +159,7 @@ pub async fn read(
                 break;
             }
             page.next = m.seq;
-            page.entries.push(entry_json(device, &entry, m.seq));
+            page.entries.push(entry_json(device, &entry, m.seq, String::new()));
         }
         // A short batch is the end of the group, unless the byte cap cut it.
         if got == 0 || (got < want && bytes < max_bytes / 2) {
@@ -233,7 +233,9 @@ async fn last_entry(api: &Shared, subject: &str) -> Result<Option<(u64, u64)>, R
     }
 }
 
-pub fn entry_json(device: &DeviceId, entry: &LogEntry, seq: u64) -> EntryJson {
+/// The entry as `device` sees it; `message` is the base64 of the entry's
+/// message unless the caller has it encoded already (pass it, or empty).
+pub fn entry_json(device: &DeviceId, entry: &LogEntry, seq: u64, message: String) -> EntryJson {
     EntryJson {
         frame: "entry",
         group: entry.group.to_string(),
@@ -243,7 +245,7 @@ pub fn entry_json(device: &DeviceId, entry: &LogEntry, seq: u64) -> EntryJson {
         epoch: entry.epoch,
         kind: entry.kind.as_str(),
         own: entry.sender == *device,
-        message: B64.encode(&entry.message),
+        message: if message.is_empty() { B64.encode(&entry.message) } else { message },
     }
 }
 

@@ -15,6 +15,7 @@ mod keys;
 mod mailbox;
 mod push;
 mod submit;
+mod tails;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -82,6 +83,8 @@ pub struct Api {
     pub shutdown: CancellationToken,
     /// Permits for WebSocket push connections (`limits.max_websockets`).
     pub websockets: Arc<tokio::sync::Semaphore>,
+    /// This process's shared reader of each group WebSockets follow.
+    pub tails: tails::Tails,
 }
 
 pub type Shared = Arc<Api>;

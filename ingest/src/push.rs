@@ -1,23 +1,27 @@
 //! WebSocket push: one socket per device carries its mailbox items and the
-//! entries of the groups it follows, as they are appended. A publish on a
-//! watched subject is only a wake-up: items and entries are always read
-//! from their streams by cursor, so nothing is skipped or sent twice on one
-//! socket, and a wake-up lost to a NATS reconnect costs at most the periodic
-//! re-read.
+//! entries of the groups it follows, as they are appended. Group entries
+//! come from the process's shared tail of each group (`tails`), read once
+//! for every socket here; a socket that is behind, or missed a batch, reads
+//! the group itself by cursor. A mailbox publish is only a wake-up: items
+//! are read from the stream by cursor. Either way nothing is skipped or sent
+//! twice on one socket, and a wake-up lost to a NATS reconnect costs at most
+//! the periodic re-read.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use futures::stream::SelectAll;
+use futures::stream::{BoxStream, SelectAll};
 use futures::{SinkExt, StreamExt};
 use proto::{names, DeviceId, ErrorCode};
 use serde::Deserialize;
 
 use crate::groups::{self, Access};
 use crate::mailbox::{next_seq, own_mailbox, purge};
+use crate::tails::{Batch, Tail};
 use crate::{Reject, Shared};
 
 /// How often a socket re-reads what it follows without a wake-up, and checks
@@ -82,6 +86,25 @@ struct Followed {
     position: Option<u64>,
     /// Stopped at a membership change: read the roster again first.
     held: bool,
+    /// Kept so the group's shared tail lives while this socket follows it.
+    _tail: Arc<Tail>,
+}
+
+/// A tail's batches, tagged with the group's subject; `None` when this
+/// socket fell behind the tail's backlog and must read for itself.
+type Batches = BoxStream<'static, (String, Option<Arc<Batch>>)>;
+
+fn batches(subject: String, rx: tokio::sync::broadcast::Receiver<Arc<Batch>>) -> Batches {
+    futures::stream::unfold((subject, rx), |(subject, mut rx)| async move {
+        use tokio::sync::broadcast::error::RecvError;
+        let item = match rx.recv().await {
+            Ok(b) => Some(b),
+            Err(RecvError::Lagged(_)) => None,
+            Err(RecvError::Closed) => return None,
+        };
+        Some(((subject.clone(), item), (subject, rx)))
+    })
+    .boxed()
 }
 
 struct Socket {
@@ -90,7 +113,6 @@ struct Socket {
     mailbox_cursor: u64,
     /// Followed groups by LOG subject.
     follows: HashMap<String, Followed>,
-    subscribed: HashSet<String>,
 }
 
 enum Sent {
@@ -100,7 +122,7 @@ enum Sent {
 
 impl Socket {
     fn new(api: Shared, device: DeviceId, after: u64) -> Self {
-        Self { api, device, mailbox_cursor: after, follows: HashMap::new(), subscribed: HashSet::new() }
+        Self { api, device, mailbox_cursor: after, follows: HashMap::new() }
     }
 
     async fn run(mut self, socket: WebSocket) {
@@ -109,7 +131,7 @@ impl Socket {
         let Ok(mut mail_wake) = client.subscribe(names::mailbox_subject(&self.device)).await else {
             return;
         };
-        let mut wakes: SelectAll<async_nats::Subscriber> = SelectAll::new();
+        let mut tails: SelectAll<Batches> = SelectAll::new();
         let mut mailbox_due = true;
         let mut due: HashSet<String> = HashSet::new();
         let mut ticks = 0u32;
@@ -140,7 +162,16 @@ impl Socket {
             tokio::select! {
                 _ = self.api.shutdown.cancelled() => { let _ = tx.send(Message::Close(None)).await; return; }
                 _ = mail_wake.next() => mailbox_due = true,
-                Some(m) = wakes.next(), if !wakes.is_empty() => { due.insert(m.subject.to_string()); }
+                Some((subject, batch)) = tails.next(), if !tails.is_empty() => {
+                    match batch {
+                        Some(b) => match self.push_batch(&subject, &b, &mut tx).await {
+                            Ok(true) => {}
+                            Ok(false) => { due.insert(subject); }
+                            Err(()) => return,
+                        },
+                        None => { due.insert(subject); }
+                    }
+                }
                 _ = recheck.tick() => {
                     // A device removed while connected loses its socket within
                     // seconds: revocation outlives every credential.
@@ -165,12 +196,9 @@ impl Socket {
                         }
                         for (group, from) in f.follow.unwrap_or_default() {
                             match self.follow(&group, from).await {
-                                Ok(subject) => {
-                                    if self.subscribed.insert(subject.clone()) {
-                                        match client.subscribe(subject.clone()).await {
-                                            Ok(sub) => wakes.push(sub),
-                                            Err(_) => { self.subscribed.remove(&subject); }
-                                        }
+                                Ok((subject, rx)) => {
+                                    if let Some(rx) = rx {
+                                        tails.push(batches(subject.clone(), rx));
                                     }
                                     due.insert(subject);
                                 }
@@ -185,20 +213,86 @@ impl Socket {
         }
     }
 
-    async fn follow(&mut self, group: &str, from: FollowFrom) -> Result<String, Reject> {
+    /// Follows a group from the device's cursor; returns its subject and,
+    /// the first time, a receiver of its shared tail.
+    async fn follow(
+        &mut self,
+        group: &str,
+        from: FollowFrom,
+    ) -> Result<(String, Option<tokio::sync::broadcast::Receiver<Arc<Batch>>>), Reject> {
         let g = groups::parse_group(group)?;
         next_seq(from.after)?;
         let subject = names::log_subject(&g, self.api.cfg.streams.partitions);
-        if !self.follows.contains_key(&subject) && self.subscribed.len() >= self.api.cfg.limits.max_followed_groups {
+        let known = self.follows.contains_key(&subject);
+        if !known && self.follows.len() >= self.api.cfg.limits.max_followed_groups {
             return Err(Reject::new(
                 ErrorCode::InvalidRequest,
                 format!("a socket follows at most {} groups", self.api.cfg.limits.max_followed_groups),
             ));
         }
         let access = groups::access(&self.api, &self.device, &g).await?;
-        self.follows
-            .insert(subject.clone(), Followed { access, after: from.after, position: from.position, held: false });
-        Ok(subject)
+        let (tail, rx) = match self.follows.remove(&subject) {
+            Some(f) => (f._tail, None),
+            None => {
+                let t = self.api.tails.get(&self.api.topo.js.client(), &subject);
+                let rx = t.subscribe();
+                (t, Some(rx))
+            }
+        };
+        let f = Followed { access, after: from.after, position: from.position, held: false, _tail: tail };
+        self.follows.insert(subject.clone(), f);
+        Ok((subject, rx))
+    }
+
+    /// Sends what a tail batch holds for this device. `Ok(false)`: the batch
+    /// does not fit this socket's cursor (behind, a hole, or a membership
+    /// change to read first): read the group directly instead.
+    async fn push_batch<S>(&mut self, subject: &str, batch: &Batch, tx: &mut S) -> Result<bool, ()>
+    where
+        S: futures::Sink<Message> + Unpin,
+    {
+        let Some(f) = self.follows.get_mut(subject) else {
+            return Ok(true);
+        };
+        if f.held || batch.after > f.after {
+            return Ok(batch.next <= f.after);
+        }
+        let mut frames = Vec::new();
+        let mut fits = true;
+        let start = f.after;
+        for (seq, entry, b64) in batch.entries.iter().filter(|(seq, _, _)| *seq > start) {
+            let span = f.access.span;
+            if !span.admits(entry.position) {
+                if span.until.is_some_and(|u| entry.position > u) {
+                    f.held = true;
+                    break;
+                }
+                f.after = *seq;
+                continue;
+            }
+            let hole = f.position.is_some_and(|p| entry.position > p && entry.prev_position > p.max(span.after));
+            if entry.epoch > f.access.roster_epoch || hole {
+                fits = false;
+                break;
+            }
+            let mut json = groups::entry_json(&self.device, entry, *seq, String::new());
+            json.message = b64.to_string();
+            frames.push(json);
+            f.after = *seq;
+            f.position = Some(entry.position);
+        }
+        if fits && !f.held {
+            f.after = f.after.max(batch.next);
+        }
+        let served = frames.len() as u64;
+        for frame in frames {
+            let Ok(text) = serde_json::to_string(&frame) else { continue };
+            if tx.send(Message::Text(text.into())).await.is_err() {
+                return Err(());
+            }
+        }
+        self.api.metrics.entries_served.with_label_values(&["push"]).inc_by(served);
+        Ok(fits)
     }
 
     /// Pushes what is new in one followed group; `more` when a full page
@@ -227,7 +321,10 @@ impl Socket {
         }
         let page = match groups::read(&self.api, &self.device, &f.access, f.after, f.position, limit).await {
             Ok(p) => p,
-            Err(e) if e.0.code == ErrorCode::Unavailable => return Err(()),
+            Err(e) if e.0.code == ErrorCode::Unavailable => {
+                tracing::warn!(error = %e.0.message, "socket read of a group failed; retried at the next wake-up");
+                return Err(());
+            }
             Err(e) => {
                 let group = f.access.group.to_string();
                 self.follows.remove(subject);

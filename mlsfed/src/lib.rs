@@ -144,6 +144,7 @@ pub async fn run(
             metrics: ingest::Metrics::new(&registry)?,
             shutdown: shutdown_api.clone(),
             websockets: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_websockets)),
+            tails: Default::default(),
         });
         let done = api_done.clone();
         tasks.spawn(async move {

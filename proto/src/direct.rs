@@ -88,16 +88,41 @@ pub async fn multi_last(
     request(client, stream, serde_json::to_vec(&body).unwrap_or_default(), timeout).await
 }
 
+/// How long one attempt waits before it is sent again: nats-server drops a
+/// direct get it has no room to queue, silently, so a lost request must
+/// cost a retry, not the caller's whole timeout.
+const ATTEMPT: Duration = Duration::from_millis(750);
+
 async fn request(
     client: &async_nats::Client,
     stream: &str,
     body: Vec<u8>,
     timeout: Duration,
 ) -> Result<Vec<Stored>, DirectGetError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let body = bytes::Bytes::from(body);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(DirectGetError::Timeout(timeout));
+        }
+        match attempt(client, stream, body.clone(), left.min(ATTEMPT)).await {
+            Err(DirectGetError::Timeout(_)) => continue,
+            other => return other,
+        }
+    }
+}
+
+async fn attempt(
+    client: &async_nats::Client,
+    stream: &str,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<Vec<Stored>, DirectGetError> {
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(inbox.clone()).await.map_err(|e| DirectGetError::Transport(e.to_string()))?;
     client
-        .publish_with_reply(format!("$JS.API.DIRECT.GET.{stream}"), inbox, body.into())
+        .publish_with_reply(format!("$JS.API.DIRECT.GET.{stream}"), inbox, body)
         .await
         .map_err(|e| DirectGetError::Transport(e.to_string()))?;
     let collect = async {

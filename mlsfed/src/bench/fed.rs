@@ -94,7 +94,9 @@ fn p99_ms(starts: &[(u64, Instant)], arrivals: &[(u64, Instant)]) -> f64 {
     let mut lat: Vec<Duration> =
         arrivals.iter().filter_map(|(p, at)| starts.get(p).map(|s| at.saturating_duration_since(*s))).collect();
     lat.sort_unstable();
-    lat.get(((lat.len() as f64 - 1.0) * 0.99).round().max(0.0) as usize).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN)
+    lat.get(((lat.len() as f64 - 1.0) * 0.99).round().max(0.0) as usize)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(f64::NAN)
 }
 
 async fn join(d: &mut Device, g: &str) -> anyhow::Result<()> {
@@ -204,7 +206,12 @@ pub async fn run(mut cfg: config::Config, dir: &std::path::Path, n: usize) -> an
 
 /// Uploads `per_device` KeyPackages for each of `users` devices, then claims
 /// them all; returns claims per second.
-pub async fn claims(cfg: config::Config, dir: &std::path::Path, users: usize, per_device: usize) -> anyhow::Result<f64> {
+pub async fn claims(
+    cfg: config::Config,
+    dir: &std::path::Path,
+    users: usize,
+    per_device: usize,
+) -> anyhow::Result<f64> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let shutdown = CancellationToken::new();

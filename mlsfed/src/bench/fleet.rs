@@ -185,8 +185,8 @@ impl Fleet {
                 }
             }
         });
-        let ready: Vec<anyhow::Result<(usize, Vec<(String, u64)>)>> =
-            futures::stream::iter(waits).buffer_unordered(64).collect().await;
+        type Ready = anyhow::Result<(usize, Vec<(String, u64)>)>;
+        let ready: Vec<Ready> = futures::stream::iter(waits).buffer_unordered(64).collect().await;
         for r in ready {
             let (i, from) = r?;
             while self.readers.len() <= i {
@@ -318,7 +318,15 @@ impl Fleet {
         }
         self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
         latencies.sort_unstable();
-        Ok(Run { messages, deliveries_expected: expected, deliveries, duplicates, accept_secs, deliver_secs, latencies })
+        Ok(Run {
+            messages,
+            deliveries_expected: expected,
+            deliveries,
+            duplicates,
+            accept_secs,
+            deliver_secs,
+            latencies,
+        })
     }
 
     fn take_arrivals(&self) -> Vec<Vec<Arrival>> {

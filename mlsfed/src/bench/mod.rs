@@ -73,10 +73,7 @@ async fn cost_of(js: &async_nats::jetstream::Context, before: (u64, i64), messag
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = js_totals(js).await?;
     let n = messages.max(1) as f64;
-    Ok(Cost {
-        writes_per_msg: (after.0 - before.0) as f64 / n,
-        bytes_per_msg: (after.1 - before.1) as f64 / n,
-    })
+    Ok(Cost { writes_per_msg: (after.0 - before.0) as f64 / n, bytes_per_msg: (after.1 - before.1) as f64 / n })
 }
 
 fn machine() -> serde_json::Value {
@@ -84,7 +81,9 @@ fn machine() -> serde_json::Value {
     // Tooling, not behaviour: the CPU model names the machine in the report.
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|c| {
+            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown".into());
     json!({ "cores": cores, "cpu": model, "os": std::env::consts::OS })
 }
@@ -192,8 +191,8 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
         let spec = (format!("size{size}"), 0usize, (1..size).collect::<Vec<_>>());
         let g = fleet.create_groups(std::slice::from_ref(&spec)).await?.remove(0);
         let mut follow: Vec<Vec<String>> = vec![Vec::new(); DEVICES];
-        for d in 0..size {
-            follow[d].push(g.clone());
+        for f in follow.iter_mut().take(size) {
+            f.push(g.clone());
         }
         fleet.follow(&follow).await?;
         let n = if size >= 1000 { opts.messages / 20 } else { opts.messages / 10 }.max(50);
@@ -266,7 +265,8 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
     let out = serde_json::Value::Object(report);
     println!("{}", serde_json::to_string_pretty(&out)?);
     if let Some(path) = &opts.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&out)?).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec_pretty(&out)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
 }
