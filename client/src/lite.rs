@@ -71,8 +71,7 @@ impl Lite {
     /// A self-update Commit.
     pub fn update(&mut self, g: &str) -> Result<Vec<u8>, ClientError> {
         let group = self.groups.get_mut(g).ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
-        let bundle =
-            group.self_update(&self.provider, &self.signer, LeafNodeParameters::default()).map_err(mls)?;
+        let bundle = group.self_update(&self.provider, &self.signer, LeafNodeParameters::default()).map_err(mls)?;
         bundle.commit().tls_serialize_detached().map_err(mls)
     }
 
