@@ -375,6 +375,14 @@ impl Operator {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Sends `signal` (e.g. "STOP", "CONT") to the running process.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.child.as_ref().context("not running")?.id();
+        let ok = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status()?.success();
+        anyhow::ensure!(ok, "kill -{signal} {pid} failed");
+        Ok(())
+    }
+
     /// SIGKILL: no shutdown path runs.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -518,6 +526,11 @@ impl Client {
                 Event::Failed { .. } | Event::KeyPackagesLow { .. } => None,
             })
             .collect()
+    }
+
+    /// Every event this client applied, in order.
+    pub fn events(&self) -> &[Event] {
+        &self.log
     }
 
     pub fn failures(&self) -> Vec<Event> {

@@ -113,8 +113,18 @@ async fn sigkill_under_load_delivers_exactly_once() -> anyhow::Result<()> {
     // Redelivery (ack_wait 5 s in tests) finishes what the killed workers held.
     let n = accepted.len();
     sync_until(&mut [&mut bob, &mut carol], Duration::from_secs(60), |c| c.messages(&g).len() >= n).await?;
-    // Whatever else arrives late (cut-off submissions) arrives within ack_wait.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Cut-off submissions are still queued until redelivery decides them:
+    // wait until SUBMIT (a work queue) holds nothing, not for a fixed time.
+    let js = async_nats::jetstream::new(tests::nats_connect(&nats.url()).await?);
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut submit = js.get_stream(tests::proto::names::SUBMIT_STREAM).await?;
+        if submit.info().await?.state.messages == 0 {
+            break;
+        }
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(60), "submissions were never decided");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     settle(&mut [&mut alice, &mut bob, &mut carol]).await?;
     for c in [&bob, &carol] {
         assert!(c.failures().is_empty(), "{:?}", c.failures());
@@ -135,5 +145,88 @@ async fn sigkill_under_load_delivers_exactly_once() -> anyhow::Result<()> {
     }
     assert!(!accepted.is_empty());
     drop(op);
+    Ok(())
+}
+
+/// A fanout frozen (SIGSTOP) while it holds the group's partition, another
+/// taking over, nats-server SIGKILLed and restarted (it forgets what its
+/// dedup window knew of anything no longer stored), then the frozen fanout
+/// thawed with its stale state: every device still has each position once,
+/// in order, and the member added meanwhile joined once. Positions come
+/// from the group's LOG, so this holds by construction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_fanout_and_a_nats_restart_duplicate_nothing() -> anyhow::Result<()> {
+    let mut nats = NatsServer::start()?;
+    let metrics = |c: &mut tests::config::Config| c.metrics_listen = "127.0.0.1:0".into();
+    let front = Operator::start_with(&nats, "a.example", "ingest", metrics)?;
+    let _seq = front.worker("sequencer")?;
+    let f1 = front.worker("fanout")?;
+    tests::wait_metric(&f1, "mlsfed_fanout_partitions_owned", Duration::from_secs(30), |v| v > 0.0).await?;
+    let mut alice = front.client("alice", "phone", 2).await?;
+    let mut bob = front.client("bob", "phone", 2).await?;
+    let mut carol = front.client("carol", "phone", 2).await?;
+    let g = alice.create_group("frozen").await?;
+    alice.add(&g, &[front.user_id("bob")]).await?;
+    settle(&mut [&mut alice, &mut bob]).await?;
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        sent.push(alice.send(&g, &format!("before {i}")).await?);
+    }
+
+    f1.signal("STOP")?;
+    let f2 = front.worker("fanout")?;
+    alice.add(&g, &[front.user_id("carol")]).await?;
+    for i in 0..5 {
+        sent.push(alice.send(&g, &format!("frozen {i}")).await?);
+    }
+    let last = *sent.last().unwrap_or(&0);
+    sync_until(&mut [&mut bob, &mut carol], Duration::from_secs(60), |c| {
+        c.positions(&g).last().is_some_and(|p| *p >= last)
+    })
+    .await?;
+    tests::wait_metric(&f2, "mlsfed_fanout_partitions_owned", Duration::from_secs(30), |v| v > 0.0).await?;
+
+    nats.stop();
+    nats.restart()?;
+    f1.signal("CONT")?;
+    for i in 0..5 {
+        let text = format!("after {i}");
+        // The workers reconnect to the restarted server; a submit may meet
+        // them still reconnecting.
+        let mut tries = 0;
+        loop {
+            match alice.send(&g, &text).await {
+                Ok(p) => {
+                    sent.push(p);
+                    break;
+                }
+                Err(e) if tries < 20 => {
+                    tries += 1;
+                    eprintln!("retrying after: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let last = *sent.last().unwrap_or(&0);
+    sync_until(&mut [&mut bob, &mut carol], Duration::from_secs(60), |c| {
+        c.positions(&g).last().is_some_and(|p| *p >= last)
+    })
+    .await?;
+    settle(&mut [&mut alice, &mut bob, &mut carol]).await?;
+    for (c, want) in [(&bob, 15usize), (&carol, 10)] {
+        assert!(c.failures().is_empty(), "{:?}", c.failures());
+        let positions = c.positions(&g);
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "order or a repeat: {positions:?}");
+        assert_eq!(c.messages(&g).len(), want, "{:?}", c.messages(&g));
+    }
+    let joined = carol
+        .events()
+        .iter()
+        .filter(|e| matches!(e, tests::client::Event::Joined { group, .. } if *group == g))
+        .count();
+    assert_eq!(joined, 1, "carol joined {joined} times");
+    drop(f1);
     Ok(())
 }
