@@ -69,6 +69,10 @@ enum Cmd {
         /// Skip the multi-process scale-out runs.
         #[arg(long)]
         no_scale_out: bool,
+        /// The bench nats-server's `sync_interval` ("always", "1s", or ""
+        /// for nats-server's 2-minute default); default: streams.sync_interval.
+        #[arg(long)]
+        sync: Option<String>,
     },
 }
 
@@ -102,7 +106,11 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Demo => demo::run(cfg).await,
-        Cmd::Bench { messages, size, json, no_scale_out } => {
+        Cmd::Bench { messages, size, json, no_scale_out, sync } => {
+            let mut cfg = cfg;
+            if let Some(s) = sync {
+                cfg.streams.sync_interval = s;
+            }
             bench::run(cfg, bench::Options { messages, size, json, no_scale_out }).await
         }
     }
