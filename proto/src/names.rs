@@ -19,8 +19,15 @@ pub const LOG_WILDCARD: &str = "mlsfed.log.*.*";
 pub const MAILBOX_STREAM: &str = "MLSFED_MAILBOX";
 pub const MAILBOX_WILDCARD: &str = "mlsfed.mbox.*";
 
-/// Group public-state snapshots (a cache; LOG is the truth).
+/// Per group: a small pointer to its latest checkpoint in [`STATE_BUCKET`]
+/// (`{"v":1,"position":..,"object":..}`), moved forward by compare-and-set.
 pub const GROUPS_BUCKET: &str = "mlsfed_groups";
+/// Durable checkpoints of groups' public state: an object store, so a state
+/// is stored in chunks and no group size runs into NATS' max payload. A
+/// group's state must never depend on LOG entries that retention deletes.
+pub const STATE_BUCKET: &str = "mlsfed_state";
+/// The stream JetStream keeps [`STATE_BUCKET`] in (`OBJ_<bucket>`).
+pub const STATE_STREAM: &str = "OBJ_mlsfed_state";
 /// Per-group fan-out cursor: the last hub position delivered to every mailbox.
 pub const FANOUT_BUCKET: &str = "mlsfed_fanout";
 /// Per group: the devices of this operator that may read its LOG entries.
@@ -121,6 +128,22 @@ pub fn verdict_subject(submission_id: &str) -> String {
 /// KV key of a group (groups and fanout buckets).
 pub fn group_key(g: &GroupId) -> String {
     g.token()
+}
+
+/// The object holding group `g`'s public state as of hub position
+/// `position`: a new name per checkpoint, so writing one never overwrites
+/// the checkpoint the pointer still names.
+pub fn state_object(g: &GroupId, position: u64) -> String {
+    format!("{}.{position}", g.token())
+}
+
+/// The subject of an object's metadata in [`STATE_BUCKET`], as JetStream's
+/// object store lays it out (`$O.<bucket>.M.<base64url(name)>`). Deleting
+/// an object leaves a tombstone there; the sequencer purges it, or every
+/// checkpoint ever written would leave one behind.
+pub fn state_object_meta_subject(object: &str) -> String {
+    use base64::Engine as _;
+    format!("$O.{STATE_BUCKET}.M.{}", base64::engine::general_purpose::URL_SAFE.encode(object))
 }
 
 /// KV key of a device (device groups bucket).

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull, kv, stream};
+use async_nats::jetstream::{self, consumer::pull, kv, object_store, stream};
 
 use crate::names;
 
@@ -18,6 +18,10 @@ pub enum EnsureStreamsError {
     OpenBucket { name: &'static str, source: jetstream::context::KeyValueError },
     #[error("streams.partitions does not match MLSFED_SUBMIT (its transform is {have:?}, this config needs {want:?}); changing P is a migration")]
     Partitions { have: String, want: String },
+    #[error("cannot create object store {name}: {source}")]
+    ObjectStore { name: &'static str, source: jetstream::context::ObjectStoreError },
+    #[error("cannot open the stream of object store {name}: {source}")]
+    ObjectStoreStream { name: &'static str, source: jetstream::context::GetStreamError },
     #[error("cannot create consumer {name}: {source}")]
     Consumer { name: &'static str, source: jetstream::stream::ConsumerError },
 }
@@ -29,7 +33,12 @@ pub struct Topology {
     pub submit: stream::Stream,
     pub log: stream::Stream,
     pub mailbox: stream::Stream,
+    /// Per group: the pointer to its latest checkpoint in `state`.
     pub groups: kv::Store,
+    /// Groups' public-state checkpoints (chunked objects).
+    pub state: object_store::ObjectStore,
+    /// The stream behind `state`, for purging what deleted objects leave.
+    pub state_stream: stream::Stream,
     pub fanout: kv::Store,
     pub verdicts: kv::Store,
     pub rosters: kv::Store,
@@ -66,6 +75,23 @@ async fn ensure_bucket(
             Ok(s) => Ok(s),
             // Another worker created it between our get and our create.
             Err(_) => js.get_key_value(name).await.map_err(|source| EnsureStreamsError::OpenBucket { name, source }),
+        },
+    }
+}
+
+async fn ensure_object_store(
+    js: &jetstream::Context,
+    cfg: object_store::Config,
+    name: &'static str,
+) -> Result<object_store::ObjectStore, EnsureStreamsError> {
+    match js.get_object_store(name).await {
+        Ok(s) => Ok(s),
+        Err(_) => match js.create_object_store(cfg).await {
+            Ok(s) => Ok(s),
+            // Another worker created it between our get and our create.
+            Err(_) => {
+                js.get_object_store(name).await.map_err(|source| EnsureStreamsError::ObjectStore { name, source })
+            }
         },
     }
 }
@@ -134,6 +160,21 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
         names::GROUPS_BUCKET,
     )
     .await?;
+    let state = ensure_object_store(
+        js,
+        object_store::Config {
+            bucket: names::STATE_BUCKET.into(),
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        names::STATE_BUCKET,
+    )
+    .await?;
+    let state_stream = js
+        .get_stream(names::STATE_STREAM)
+        .await
+        .map_err(|source| EnsureStreamsError::ObjectStoreStream { name: names::STATE_BUCKET, source })?;
     let fanout = ensure_bucket(
         js,
         kv::Config { bucket: names::FANOUT_BUCKET.into(), history: 1, num_replicas: replicas, ..Default::default() },
@@ -301,6 +342,8 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
         log,
         mailbox,
         groups,
+        state,
+        state_stream,
         fanout,
         verdicts,
         rosters,

@@ -1,7 +1,9 @@
 //! Deciding one group's submissions: validation against the group's public
-//! state, the compare-and-set append to its LOG subject, and the state
-//! cache that makes both cheap. One `GroupDecider` per group, driven by one
-//! task at a time, so a group's submissions are decided strictly in turn.
+//! state, the compare-and-set append to its LOG subject, the state cache
+//! that makes both cheap, and the checkpoints that keep that state when
+//! the LOG entries behind it expire. One `GroupDecider` per group, driven
+//! by one task at a time, so a group's submissions are decided strictly in
+//! turn.
 
 use std::sync::Arc;
 
@@ -10,8 +12,9 @@ use bytes::Bytes;
 use proto::wire::{EntryKind, LogEntry, Submission, SubmissionKind, Verdict};
 use proto::{names, ApiError, ErrorCode, GroupId};
 
+use crate::checkpoint::Found;
 use crate::state::GroupState;
-use crate::{validate, Ctx, StepError, CAS_RETRIES, SNAPSHOT_EVERY};
+use crate::{validate, Ctx, StepError, CAS_RETRIES, CHECKPOINT_EVERY};
 
 /// What an append did.
 enum Appended {
@@ -33,6 +36,13 @@ impl GroupDecider {
     pub(crate) async fn decide_one(&mut self, sub: &Submission) -> Result<Verdict, StepError> {
         let timer = self.ctx.metrics.step_seconds.start_timer();
         let verdict = self.decide(sub).await;
+        if verdict.is_ok() {
+            // Before the verdict is announced: an accepted change to the
+            // group is durable in a checkpoint, not only in a LOG entry
+            // that retention will delete. A checkpoint that failed before
+            // is retried here, on the group's next submission.
+            self.checkpoint_if_due().await;
+        }
         timer.observe_duration();
         if let Ok(v) = &verdict {
             match v {
@@ -101,7 +111,7 @@ impl GroupDecider {
                     Appended::Already(v) => return Ok(Some(v)),
                 };
                 state.record(&sub.id, 1, 0, seq, false);
-                self.save(&state).await;
+                state.changed = true;
                 self.state = Some(state);
                 Ok(Some(Verdict::Accepted { position: 1, epoch: 0 }))
             }
@@ -151,6 +161,7 @@ impl GroupDecider {
                 };
                 let state = self.state.as_mut().ok_or_else(|| StepError::Transient("cache".into()))?;
                 let is_commit = entry.kind == EntryKind::Commit;
+                let changes_group = matches!(entry.kind, EntryKind::Commit | EntryKind::Proposal);
                 if let Err(e) = validate::apply(state, plan.effect) {
                     // The entry is in LOG; a replay will rebuild the state.
                     tracing::error!(error = %e, "cannot apply accepted entry to cached state");
@@ -158,12 +169,8 @@ impl GroupDecider {
                     return Ok(Some(Verdict::Accepted { position, epoch: entry.epoch }));
                 }
                 state.record(&sub.id, position, entry.epoch, seq, is_commit);
+                state.changed |= changes_group;
                 tracing::debug!(position, seq, kind = entry.kind.as_str(), "appended");
-                let snapshot = is_commit || position % SNAPSHOT_EVERY == 0;
-                if snapshot {
-                    let bytes = state.snapshot();
-                    self.save_bytes(&sub.group, bytes).await;
-                }
                 Ok(Some(Verdict::Accepted { position, epoch: entry.epoch }))
             }
         }
@@ -222,20 +229,65 @@ impl GroupDecider {
         }
     }
 
-    async fn save(&self, state: &GroupState) {
-        self.save_bytes(&state.group, state.snapshot()).await;
+    /// Checkpoints the cached state if it is due. A failure leaves it due,
+    /// so the group's next submission tries again; until then the state
+    /// depends on LOG entries that retention may delete, hence the error.
+    async fn checkpoint_if_due(&mut self) {
+        let Some(state) = self.state.as_mut() else {
+            return;
+        };
+        if !state.checkpoint_due(CHECKPOINT_EVERY) {
+            return;
+        }
+        let metrics = &self.ctx.metrics;
+        let timer = metrics.checkpoint_seconds.start_timer();
+        let bytes = state.snapshot();
+        match self.ctx.checkpoints.save(&state.group, state.position, &bytes).await {
+            Ok(()) => {
+                timer.observe_duration();
+                metrics.checkpoint_bytes.observe(bytes.len() as f64);
+                state.checkpoint_stored();
+            }
+            Err(e) => {
+                timer.stop_and_discard();
+                metrics.checkpoint_failures.inc();
+                tracing::error!(
+                    error = %e,
+                    position = state.position,
+                    bytes = bytes.len(),
+                    "cannot checkpoint a group's state; retrying on its next submission"
+                );
+            }
+        }
     }
 
-    async fn save_bytes(&self, group: &GroupId, bytes: Vec<u8>) {
-        if let Err(e) = self.ctx.topo.groups.put(names::group_key(group), bytes.into()).await {
-            // Only a cache: the next load replays LOG further back.
-            tracing::warn!(error = %e, "cannot save group snapshot");
+    /// The group's latest checkpoint, if it has a usable one.
+    async fn restore(&self, group: &GroupId) -> Result<Option<GroupState>, StepError> {
+        let metrics = &self.ctx.metrics;
+        match self.ctx.checkpoints.load(group).await {
+            Ok(Found::Absent) => Ok(None),
+            Ok(Found::State(s)) => {
+                metrics.checkpoint_restores.inc();
+                Ok(Some(s))
+            }
+            Ok(Found::Legacy(mut s)) => {
+                metrics.checkpoint_restores.inc();
+                // Stored in the older format: checkpoint it anew.
+                s.changed = true;
+                Ok(Some(s))
+            }
+            Ok(Found::Unusable(reason)) => {
+                metrics.checkpoint_fallbacks.inc();
+                tracing::error!(reason, "a group's checkpoint is unusable; replaying its LOG from the start");
+                Ok(None)
+            }
+            Err(e) => Err(StepError::Transient(e.to_string())),
         }
     }
 
     /// Loads the group: the cached state (caught up with the LOG tail when
-    /// `refresh`), else the snapshot and the LOG after it. `Ok(None)`: the
-    /// group does not exist.
+    /// `refresh`), else its latest checkpoint and the LOG after it.
+    /// `Ok(None)`: the group does not exist.
     async fn load(&mut self, group: &GroupId, refresh: bool) -> Result<Option<()>, StepError> {
         let mut state = match self.state.take() {
             Some(s) if !refresh => {
@@ -243,19 +295,11 @@ impl GroupDecider {
                 return Ok(Some(()));
             }
             Some(s) => Some(s),
-            None => {
-                let snap = self
-                    .ctx
-                    .topo
-                    .groups
-                    .get(names::group_key(group))
-                    .await
-                    .map_err(|e| StepError::Transient(e.to_string()))?;
-                snap.and_then(|b| GroupState::restore(group, &b))
-            }
+            None => self.restore(group).await?,
         };
         let subject = names::log_subject(group, self.ctx.streams.partitions);
         let mut next = state.as_ref().map(|s| s.last_subject_seq + 1).unwrap_or(1);
+        let mut replayed = false;
         loop {
             let msg = match self.ctx.topo.log.direct_get_next_for_subject(subject.as_str(), Some(next)).await {
                 Ok(m) => m,
@@ -269,6 +313,10 @@ impl GroupDecider {
             };
             self.ctx.metrics.replayed.inc();
             state = Some(self.replay(state, &entry, msg.sequence)?);
+            replayed = true;
+        }
+        if let Some(s) = state.as_mut().filter(|_| !replayed) {
+            self.settle_tail(s, &subject).await?;
         }
         let exists = state.is_some();
         self.state = state;
@@ -294,6 +342,53 @@ impl GroupDecider {
             (None, _) => return Err(StepError::Transient("LOG does not start with a creation".into())),
         };
         state.record(&entry.submission_id, entry.position, entry.epoch, seq, entry.kind == EntryKind::Commit);
+        state.changed |= matches!(entry.kind, EntryKind::Created | EntryKind::Commit | EntryKind::Proposal);
         Ok(state)
+    }
+
+    /// For a state that no LOG entry after it changed: whether its own last
+    /// entry is still in the LOG. If retention deleted every entry of the
+    /// group, the next append must expect an empty subject (a stale
+    /// expected sequence would lose every compare-and-set forever), and it
+    /// must follow the last position that existed: application messages
+    /// after the checkpoint left no trace in it, but the hub's fanout
+    /// delivered them, and its cursor says how far (`prev_position` of the
+    /// next entry must be exactly that, or fanout waits for it forever).
+    async fn settle_tail(&self, state: &mut GroupState, subject: &str) -> Result<(), StepError> {
+        if state.last_subject_seq == 0 {
+            return Ok(());
+        }
+        match self.ctx.topo.log.direct_get_last_for_subject(subject).await {
+            // Still there (or a newer entry appended meanwhile, which the
+            // compare-and-set of our next append reveals).
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {}
+            Err(e) => return Err(StepError::Transient(e.to_string())),
+        }
+        state.last_subject_seq = 0;
+        let delivered = self.delivered(&state.group).await?;
+        if delivered > state.position {
+            tracing::debug!(checkpoint = state.position, delivered, "positions after the checkpoint expired");
+            state.position = delivered;
+        }
+        Ok(())
+    }
+
+    /// The last position the hub's fanout delivered (its cursor in
+    /// `mlsfed_fanout`; only `done` is read, other fields are fanout's).
+    async fn delivered(&self, group: &GroupId) -> Result<u64, StepError> {
+        #[derive(serde::Deserialize)]
+        struct FanoutCursor {
+            #[serde(default)]
+            done: u64,
+        }
+        let stored = self
+            .ctx
+            .topo
+            .fanout
+            .get(names::group_key(group))
+            .await
+            .map_err(|e| StepError::Transient(format!("cannot read the group's fanout cursor: {e}")))?;
+        Ok(stored.and_then(|b| serde_json::from_slice::<FanoutCursor>(&b).ok()).map(|c| c.done).unwrap_or(0))
     }
 }

@@ -9,9 +9,13 @@
 //! it: every append carries `Nats-Expected-Last-Subject-Sequence`, so two
 //! processes can never both append to the same position, whatever the
 //! partition ownership says; the loser reloads and re-validates (design
-//! decision 2). The in-memory group state is only a cache of LOG.
+//! decision 2). The in-memory group state is a cache of the group's latest
+//! durable checkpoint plus the LOG entries after it (`checkpoint.rs`): LOG
+//! entries expire, so every change to a group's public state is
+//! checkpointed before its verdict is announced.
 #![forbid(unsafe_code)]
 
+mod checkpoint;
 mod decide;
 mod metrics;
 mod state;
@@ -35,8 +39,10 @@ pub use metrics::Metrics;
 /// How many times one submission is retried after losing a CAS race before
 /// it is handed back to JetStream for redelivery.
 const CAS_RETRIES: usize = 8;
-/// Accepted entries between two snapshots of a group's state.
-const SNAPSHOT_EVERY: u64 = 32;
+/// Positions of application messages between two checkpoints of a group's
+/// state (every other kind of entry is checkpointed at once): bounds the
+/// replay after a checkpoint.
+const CHECKPOINT_EVERY: u64 = 32;
 /// Role name in the membership bucket.
 const ROLE: &str = "sequencer";
 
@@ -62,6 +68,7 @@ pub(crate) struct Ctx {
     domain: String,
     crypto: RustCrypto,
     metrics: Metrics,
+    checkpoints: checkpoint::Checkpoints,
     /// Partitions (LOG subjects name the group's) and delivery bounds.
     streams: config::Streams,
 }
@@ -72,7 +79,8 @@ pub struct Sequencer {
 
 impl Sequencer {
     pub fn new(topo: Topology, domain: String, cfg: config::Streams, metrics: Metrics) -> Self {
-        Self { ctx: Arc::new(Ctx { topo, domain, crypto: RustCrypto::default(), metrics, streams: cfg }) }
+        let checkpoints = checkpoint::Checkpoints::new(&topo, metrics.checkpoint_cleanup_failures.clone());
+        Self { ctx: Arc::new(Ctx { topo, domain, crypto: RustCrypto::default(), metrics, checkpoints, streams: cfg }) }
     }
 
     /// Joins the sequencers of this operator and orders the partitions it

@@ -11,6 +11,12 @@ pub struct Metrics {
     pub dead_letters: IntCounter,
     pub duplicates: IntCounter,
     pub step_seconds: Histogram,
+    pub checkpoint_bytes: Histogram,
+    pub checkpoint_seconds: Histogram,
+    pub checkpoint_failures: IntCounter,
+    pub checkpoint_cleanup_failures: IntCounter,
+    pub checkpoint_restores: IntCounter,
+    pub checkpoint_fallbacks: IntCounter,
     pub partitions_owned: IntGauge,
     pub partition_owned: IntGaugeVec,
 }
@@ -43,6 +49,36 @@ impl Metrics {
                 HistogramOpts::new("mlsfed_sequencer_step_seconds", "Time to decide one submission.")
                     .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16)?),
             )?,
+            checkpoint_bytes: Histogram::with_opts(
+                HistogramOpts::new(
+                    "mlsfed_sequencer_checkpoint_bytes",
+                    "Size of each group state checkpoint stored (object store, chunked).",
+                )
+                .buckets(prometheus::exponential_buckets(1024.0, 4.0, 10)?),
+            )?,
+            checkpoint_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "mlsfed_sequencer_checkpoint_seconds",
+                    "Time to store one group state checkpoint and move its pointer.",
+                )
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 14)?),
+            )?,
+            checkpoint_failures: IntCounter::new(
+                "mlsfed_sequencer_checkpoint_failures_total",
+                "Group state checkpoints that could not be stored (retried on the group's next submission).",
+            )?,
+            checkpoint_cleanup_failures: IntCounter::new(
+                "mlsfed_sequencer_checkpoint_cleanup_failures_total",
+                "Superseded checkpoint objects that could not be deleted (left as orphans).",
+            )?,
+            checkpoint_restores: IntCounter::new(
+                "mlsfed_sequencer_checkpoint_restores_total",
+                "Group states loaded from their checkpoint.",
+            )?,
+            checkpoint_fallbacks: IntCounter::new(
+                "mlsfed_sequencer_checkpoint_fallbacks_total",
+                "Loads whose checkpoint was missing or unreadable, replayed from the start of the group's LOG instead.",
+            )?,
             partitions_owned: IntGauge::new(
                 "mlsfed_sequencer_partitions_owned",
                 "SUBMIT partitions this sequencer process orders now.",
@@ -64,6 +100,12 @@ impl Metrics {
         registry.register(Box::new(m.dead_letters.clone()))?;
         registry.register(Box::new(m.duplicates.clone()))?;
         registry.register(Box::new(m.step_seconds.clone()))?;
+        registry.register(Box::new(m.checkpoint_bytes.clone()))?;
+        registry.register(Box::new(m.checkpoint_seconds.clone()))?;
+        registry.register(Box::new(m.checkpoint_failures.clone()))?;
+        registry.register(Box::new(m.checkpoint_cleanup_failures.clone()))?;
+        registry.register(Box::new(m.checkpoint_restores.clone()))?;
+        registry.register(Box::new(m.checkpoint_fallbacks.clone()))?;
         Ok(m)
     }
 }

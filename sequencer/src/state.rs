@@ -1,6 +1,8 @@
 //! The hub's public view of one group: an openmls `PublicGroup` (no secrets)
-//! plus its place in the LOG. This is a cache: LOG is the source of truth and
-//! the state is rebuilt by replaying it (from a KV snapshot when there is one).
+//! plus its place in the LOG. LOG entries expire, so the state is
+//! checkpointed durably (`checkpoint.rs`) after every change to the
+//! `PublicGroup`, and rebuilt from the latest checkpoint plus the LOG
+//! entries after it.
 
 use std::collections::VecDeque;
 
@@ -27,6 +29,12 @@ pub struct GroupState {
     pub recent: VecDeque<(String, u64, u64)>,
     /// (epoch the commit was sent in, its position).
     pub commits: VecDeque<(u64, u64)>,
+    /// Position of the last durable checkpoint of this state (0: none).
+    pub checkpointed: u64,
+    /// The `PublicGroup` changed since that checkpoint (a creation, Commit
+    /// or Proposal): the next checkpoint is due now, not in a while, since
+    /// the LOG entry that made the change may expire.
+    pub changed: bool,
     member_set: std::sync::OnceLock<std::collections::HashSet<Vec<u8>>>,
 }
 
@@ -49,6 +57,8 @@ impl GroupState {
             position: 0,
             recent: VecDeque::new(),
             commits: VecDeque::new(),
+            checkpointed: 0,
+            changed: false,
             member_set: std::sync::OnceLock::new(),
         }
     }
@@ -93,6 +103,20 @@ impl GroupState {
         }
     }
 
+    /// Whether a checkpoint is due: after every change to the public group,
+    /// and after `every` positions of application messages (those change
+    /// only the place in the LOG, which the entries after a checkpoint
+    /// restore, and keep the replay after a checkpoint short).
+    pub fn checkpoint_due(&self, every: u64) -> bool {
+        self.changed || self.position >= self.checkpointed.saturating_add(every)
+    }
+
+    /// Notes that a checkpoint of this state, as it is now, is stored.
+    pub fn checkpoint_stored(&mut self) {
+        self.checkpointed = self.position;
+        self.changed = false;
+    }
+
     pub fn snapshot(&self) -> Vec<u8> {
         let storage = self
             .storage
@@ -110,7 +134,8 @@ impl GroupState {
     }
 
     /// Restores a snapshot; `None` when it is unreadable (then the caller
-    /// replays the LOG from the start, which is always correct).
+    /// replays the LOG from the start, the best it can do). The restored
+    /// state counts as checkpointed at its own position.
     pub fn restore(group: &GroupId, bytes: &[u8]) -> Option<Self> {
         let snap: Snapshot = proto::wire::decode(bytes).ok()?;
         let storage = MemoryStorage::default();
@@ -124,6 +149,8 @@ impl GroupState {
             position: snap.position,
             recent: snap.recent.into(),
             commits: snap.commits.into(),
+            checkpointed: snap.position,
+            changed: false,
             member_set: std::sync::OnceLock::new(),
         })
     }
