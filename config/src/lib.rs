@@ -255,6 +255,9 @@ pub struct Streams {
     pub max_in_flight_per_partition: u32,
     /// A sequencer forgets a group's cached state after this long idle.
     pub group_idle_secs: u64,
+    /// Most groups one process keeps a task (and a cached state) for, per
+    /// partition: beyond, idle groups are forgotten at once to make room.
+    pub max_groups_per_partition: u32,
     /// How long a partition stays with a process that stopped pulling it
     /// (crashed) before another takes it.
     pub partition_failover_secs: u64,
@@ -349,6 +352,7 @@ impl Default for Streams {
             partitions: 16,
             max_in_flight_per_partition: 256,
             group_idle_secs: 60,
+            max_groups_per_partition: 1024,
             partition_failover_secs: 5,
             max_deliver: 16,
             retry_base_ms: 250,

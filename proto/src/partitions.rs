@@ -281,6 +281,9 @@ where
         }
     };
     let idle = Duration::from_secs(cfg.group_idle_secs.max(1));
+    let cap = cfg.max_groups_per_partition.max(1) as usize;
+    // Tells idle group tasks to end now: too many groups are cached.
+    let crowded = std::sync::Arc::new(tokio::sync::Notify::new());
     // The queues are bounded by the consumer's max_ack_pending: JetStream
     // hands out no more than that unacknowledged.
     let mut groups: HashMap<String, mpsc::UnboundedSender<jetstream::Message>> = HashMap::new();
@@ -300,10 +303,21 @@ where
             None => break,
         };
         let group = msg.subject.rsplit('.').next().unwrap_or_default().to_owned();
+        if !groups.contains_key(&group) && groups.len() >= cap {
+            // Bounded memory: ask the idle groups to go, and wait (bounded)
+            // until one did; busy ones keep their state.
+            groups.retain(|_, tx| !tx.is_closed());
+            let t0 = tokio::time::Instant::now();
+            while groups.len() >= cap && t0.elapsed() < idle {
+                crowded.notify_waiters();
+                let _ = tokio::time::timeout(Duration::from_millis(50), tasks.join_next()).await;
+                groups.retain(|_, tx| !tx.is_closed());
+            }
+        }
         loop {
             let tx = groups.entry(group.clone()).or_insert_with(|| {
                 let (tx, rx) = mpsc::unbounded_channel();
-                tasks.spawn(group_task(new_group(), rx, idle));
+                tasks.spawn(group_task(new_group(), rx, idle, crowded.clone()));
                 tx
             });
             match tx.send(msg) {
@@ -338,19 +352,25 @@ async fn group_task<H: GroupHandler>(
     mut handler: H,
     mut rx: mpsc::UnboundedReceiver<jetstream::Message>,
     idle: Duration,
+    crowded: std::sync::Arc<tokio::sync::Notify>,
 ) {
     loop {
-        let msg = match tokio::time::timeout(idle, rx.recv()).await {
-            Ok(Some(m)) => m,
-            Ok(None) => return,
-            Err(_) => {
-                // Refuse new messages, then finish the ones already queued.
-                rx.close();
-                while let Ok(m) = rx.try_recv() {
-                    handler.handle(m).await;
-                }
-                return;
+        let msg = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => Some(m),
+                None => return,
+            },
+            _ = tokio::time::sleep(idle) => None,
+            _ = crowded.notified() => None,
+        };
+        let Some(msg) = msg else {
+            // Idle (or asked to make room): refuse new messages, then
+            // finish the ones already queued.
+            rx.close();
+            while let Ok(m) = rx.try_recv() {
+                handler.handle(m).await;
             }
+            return;
         };
         handler.handle(msg).await;
     }

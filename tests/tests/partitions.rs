@@ -209,3 +209,38 @@ async fn a_dead_fanout_delays_only_its_own_partitions() -> anyhow::Result<()> {
     assert!(bob.failures().is_empty() && carol.failures().is_empty(), "{:?} {:?}", bob.failures(), carol.failures());
     Ok(())
 }
+
+/// The groups a process caches are bounded: with room for two per
+/// partition and one partition, messages to four groups in turn are all
+/// decided, each new group making room by evicting an idle one at once
+/// rather than after the (here: ten-minute) idle time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_groups_are_bounded_and_evicted_when_idle() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let op = Operator::start_with(&nats, "a.example", "run", |c| {
+        c.streams.partitions = 1;
+        c.streams.max_groups_per_partition = 2;
+        c.streams.group_idle_secs = 600;
+    })?;
+    let mut alice = op.client("alice", "phone", 1).await?;
+    let mut groups = Vec::new();
+    for i in 0..4 {
+        groups.push(alice.create_group(&format!("bounded{i}")).await?);
+    }
+    let t0 = std::time::Instant::now();
+    let mut last = Vec::new();
+    for round in 0..3 {
+        for g in &groups {
+            last.push((g.clone(), alice.send(g, &format!("round {round}")).await?));
+        }
+    }
+    assert!(t0.elapsed() < Duration::from_secs(60), "a new group waited for an idle one to time out");
+    sync_until(&mut [&mut alice], Duration::from_secs(30), |c| {
+        last.iter().all(|(g, p)| c.positions(g).last().is_some_and(|x| x >= p))
+    })
+    .await?;
+    for g in &groups {
+        assert_eq!(alice.messages(g).len(), 3, "{g}: {:?}", alice.messages(g));
+    }
+    Ok(())
+}
