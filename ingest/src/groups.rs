@@ -159,7 +159,7 @@ pub async fn read(
                 break;
             }
             page.next = m.seq;
-            page.entries.push(entry_json(device, &entry, m.seq, String::new()));
+            page.entries.push(entry_json(device, &entry, m.seq));
         }
         // A short batch is the end of the group, unless the byte cap cut it.
         if got == 0 || (got < want && bytes < max_bytes / 2) {
@@ -233,9 +233,14 @@ async fn last_entry(api: &Shared, subject: &str) -> Result<Option<(u64, u64)>, R
     }
 }
 
-/// The entry as `device` sees it; `message` is the base64 of the entry's
-/// message unless the caller has it encoded already (pass it, or empty).
-pub fn entry_json(device: &DeviceId, entry: &LogEntry, seq: u64, message: String) -> EntryJson {
+/// The entry as `device` sees it.
+pub fn entry_json(device: &DeviceId, entry: &LogEntry, seq: u64) -> EntryJson {
+    entry_json_as(entry, seq, entry.sender == *device, B64.encode(&entry.message))
+}
+
+/// The entry as its sender (`own`) or any other member sees it, with its
+/// message already in base64.
+pub fn entry_json_as(entry: &LogEntry, seq: u64, own: bool, message: String) -> EntryJson {
     EntryJson {
         frame: "entry",
         group: entry.group.to_string(),
@@ -244,8 +249,8 @@ pub fn entry_json(device: &DeviceId, entry: &LogEntry, seq: u64, message: String
         prev_position: entry.prev_position,
         epoch: entry.epoch,
         kind: entry.kind.as_str(),
-        own: entry.sender == *device,
-        message: if message.is_empty() { B64.encode(&entry.message) } else { message },
+        own,
+        message,
     }
 }
 

@@ -133,6 +133,10 @@ impl Socket {
         };
         let mut tails: SelectAll<Batches> = SelectAll::new();
         let mut mailbox_due = true;
+        // A wake-up can come before its item is readable: a read that finds
+        // nothing after one is retried a few times, briefly.
+        let mut mailbox_announced = false;
+        let mut mailbox_tries = 0u32;
         let mut due: HashSet<String> = HashSet::new();
         let mut ticks = 0u32;
         let mut recheck = tokio::time::interval(RECHECK);
@@ -140,8 +144,16 @@ impl Socket {
         loop {
             if mailbox_due {
                 match self.push_mailbox(&mut tx).await {
-                    Ok((Sent::Ok, full)) => mailbox_due = full,
-                    Ok((Sent::Closed, _)) => return,
+                    Ok((Sent::Ok, 0, _)) if mailbox_announced && mailbox_tries < 20 => {
+                        mailbox_tries += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    }
+                    Ok((Sent::Ok, _, full)) => {
+                        mailbox_due = full;
+                        mailbox_announced = false;
+                        mailbox_tries = 0;
+                    }
+                    Ok((Sent::Closed, _, _)) => return,
                     Err(()) => mailbox_due = false,
                 }
             }
@@ -161,7 +173,7 @@ impl Socket {
             }
             tokio::select! {
                 _ = self.api.shutdown.cancelled() => { let _ = tx.send(Message::Close(None)).await; return; }
-                _ = mail_wake.next() => mailbox_due = true,
+                _ = mail_wake.next() => { mailbox_due = true; mailbox_announced = true; }
                 Some((subject, batch)) = tails.next(), if !tails.is_empty() => {
                     match batch {
                         Some(b) => match self.push_batch(&subject, &b, &mut tx).await {
@@ -257,17 +269,18 @@ impl Socket {
         if f.held || batch.after > f.after {
             return Ok(batch.next <= f.after);
         }
-        let mut frames = Vec::new();
+        let mut frames: Vec<bytes::Bytes> = Vec::new();
         let mut fits = true;
         let start = f.after;
-        for (seq, entry, b64) in batch.entries.iter().filter(|(seq, _, _)| *seq > start) {
+        for read in batch.entries.iter().filter(|r| r.seq > start) {
+            let (seq, entry) = (read.seq, &read.entry);
             let span = f.access.span;
             if !span.admits(entry.position) {
                 if span.until.is_some_and(|u| entry.position > u) {
                     f.held = true;
                     break;
                 }
-                f.after = *seq;
+                f.after = seq;
                 continue;
             }
             let hole = f.position.is_some_and(|p| entry.position > p && entry.prev_position > p.max(span.after));
@@ -275,10 +288,14 @@ impl Socket {
                 fits = false;
                 break;
             }
-            let mut json = groups::entry_json(&self.device, entry, *seq, String::new());
-            json.message = b64.to_string();
-            frames.push(json);
-            f.after = *seq;
+            if entry.sender == self.device {
+                // Only its sender sees `own: true`: render that one here.
+                let json = groups::entry_json(&self.device, entry, seq);
+                frames.push(serde_json::to_vec(&json).map(bytes::Bytes::from).unwrap_or_default());
+            } else {
+                frames.push(read.frame.clone());
+            }
+            f.after = seq;
             f.position = Some(entry.position);
         }
         if fits && !f.held {
@@ -286,8 +303,8 @@ impl Socket {
         }
         let served = frames.len() as u64;
         for frame in frames {
-            let Ok(text) = serde_json::to_string(&frame) else { continue };
-            if tx.send(Message::Text(text.into())).await.is_err() {
+            let Ok(text) = axum::extract::ws::Utf8Bytes::try_from(frame) else { continue };
+            if tx.send(Message::Text(text)).await.is_err() {
                 return Err(());
             }
         }
@@ -351,21 +368,22 @@ impl Socket {
         Ok((Sent::Ok, full))
     }
 
-    async fn push_mailbox<S>(&mut self, tx: &mut S) -> Result<(Sent, bool), ()>
+    /// Pushes new mailbox items: (outcome, items sent, whether a full page).
+    async fn push_mailbox<S>(&mut self, tx: &mut S) -> Result<(Sent, usize, bool), ()>
     where
         S: futures::Sink<Message> + Unpin,
     {
         let limit = self.api.cfg.limits.max_fetch;
         let items = crate::mailbox::read(&self.api, &self.device, self.mailbox_cursor, limit).await.map_err(|_| ())?;
-        let full = items.len() == limit;
+        let (n, full) = (items.len(), items.len() == limit);
         for item in items {
             self.mailbox_cursor = item.seq;
             let Ok(text) = serde_json::to_string(&item) else { continue };
             if tx.send(Message::Text(text.into())).await.is_err() {
-                return Ok((Sent::Closed, false));
+                return Ok((Sent::Closed, 0, false));
             }
         }
-        Ok((Sent::Ok, full))
+        Ok((Sent::Ok, n, full))
     }
 }
 

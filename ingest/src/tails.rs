@@ -28,8 +28,15 @@ pub struct Batch {
     /// Every entry of the group with a sequence in `(after, next]` is here.
     pub after: u64,
     pub next: u64,
-    /// (sequence, entry, the message in base64).
-    pub entries: Vec<(u64, LogEntry, Arc<str>)>,
+    pub entries: Vec<Read>,
+}
+
+/// One entry, decoded and rendered once for every socket.
+pub struct Read {
+    pub seq: u64,
+    pub entry: LogEntry,
+    /// The entry's frame as every member but its sender sees it.
+    pub frame: bytes::Bytes,
 }
 
 pub struct Tail {
@@ -80,22 +87,41 @@ fn start(client: async_nats::Client, subject: String) -> Arc<Tail> {
         let Ok(mut wake) = client.subscribe(subject.clone()).await else {
             return;
         };
+        // The highest position a wake-up announced: its entry may not be
+        // readable yet when the wake-up arrives (the stream stores it while
+        // subscribers already hear the publish), so reads retry until it is.
+        let mut announced = 0u64;
+        let mut have = 0u64;
         // Start at the group's current end: a socket behind it reads for
         // itself until it catches up.
         let mut cursor =
             match direct::multi_last(&client, names::LOG_STREAM, std::slice::from_ref(&subject), None, READ_TIMEOUT)
                 .await
             {
-                Ok(last) => last.first().map(|m| m.seq).unwrap_or(0),
+                Ok(last) => match last.first() {
+                    Some(m) => {
+                        have = proto::wire::decode::<LogEntry>(&m.payload).map(|e| e.position).unwrap_or(0);
+                        m.seq
+                    }
+                    None => 0,
+                },
                 Err(_) => 0,
             };
         loop {
+            let mut note = |m: &async_nats::Message| {
+                if let Ok(e) = proto::wire::decode::<LogEntry>(&m.payload) {
+                    announced = announced.max(e.position);
+                }
+            };
             tokio::select! {
-                w = wake.next() => if w.is_none() { return },
+                w = wake.next() => match w { Some(m) => note(&m), None => return },
                 _ = tokio::time::sleep(RECHECK) => {}
             }
             // Drain the wake-ups that queued meanwhile: one read covers them.
-            while let Some(Some(_)) = futures::FutureExt::now_or_never(wake.next()) {}
+            while let Some(Some(m)) = futures::FutureExt::now_or_never(wake.next()) {
+                note(&m);
+            }
+            let mut tries = 0;
             loop {
                 let got = match direct::batch(
                     &client,
@@ -114,17 +140,29 @@ fn start(client: async_nats::Client, subject: String) -> Arc<Tail> {
                         break;
                     }
                 };
-                let Some(last) = got.last().map(|m| m.seq) else { break };
+                let Some(last) = got.last().map(|m| m.seq) else {
+                    // Announced but not readable yet: look again shortly.
+                    if have < announced && tries < 50 {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        continue;
+                    }
+                    break;
+                };
                 // A short batch is the end, unless the byte cap cut it.
                 let full = got.len() == 256 || got.iter().map(|m| m.payload.len()).sum::<usize>() >= 1 << 19;
-                let entries = got
+                let entries: Vec<Read> = got
                     .into_iter()
                     .filter_map(|m| {
-                        let e = proto::wire::decode::<LogEntry>(&m.payload).ok()?;
-                        let b64: Arc<str> = B64.encode(&e.message).into();
-                        Some((m.seq, e, b64))
+                        let entry = proto::wire::decode::<LogEntry>(&m.payload).ok()?;
+                        let json = crate::groups::entry_json_as(&entry, m.seq, false, B64.encode(&entry.message));
+                        let frame = bytes::Bytes::from(serde_json::to_vec(&json).ok()?);
+                        Some(Read { seq: m.seq, entry, frame })
                     })
                     .collect();
+                if let Some(r) = entries.last() {
+                    have = have.max(r.entry.position);
+                }
                 let batch = Arc::new(Batch { after: cursor, next: last, entries });
                 cursor = last;
                 // No receiver: every socket left; the last one drops us.
