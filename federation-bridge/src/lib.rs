@@ -5,7 +5,9 @@
 //!   flight, sealed with our Ed25519 key and published into the peer's
 //!   FED_IN over the peer's NATS; our copy is acked only after the peer's
 //!   JetStream acked it (design decision 5). Failures back off exponentially
-//!   with jitter, reset by any inbound contact from that peer.
+//!   with jitter, reset by any inbound contact from that peer. An operator
+//!   can pause a peer's outbox, resume it and reset its backoff
+//!   (`PeerControl`, written by `mlsfed admin peers`).
 //! - **Inbox**: FED_IN envelopes are opened (configured origin, signature,
 //!   destination, version), checked against the per-peer high-water mark, and
 //!   applied: a forwarded submission goes into SUBMIT, a verdict to the
@@ -37,6 +39,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
+pub use outbox::{ControlApplied, PeerControl};
 
 /// Most outbox records carried by one envelope.
 const BATCH: usize = 64;
@@ -53,6 +56,9 @@ struct Peer {
     js: jetstream::Context,
     /// Woken by inbound contact from this peer, to retry at once.
     contact: Notify,
+    /// The operator's control record for this peer's outbox (pause,
+    /// backoff reset), as last read from KV.
+    control: tokio::sync::watch::Sender<outbox::ControlState>,
 }
 
 /// What a capabilities exchange with a peer concluded.
@@ -155,7 +161,11 @@ impl Bridge {
                 .await
                 .map_err(|e| RunBridgeError::Setup(format!("peer {}: {e}", p.domain)))?;
             let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(client.clone());
-            peers.insert(p.domain.clone(), Arc::new(Peer { cfg: p.clone(), client, js, contact: Notify::new() }));
+            let control = tokio::sync::watch::Sender::new(outbox::ControlState::default());
+            peers.insert(
+                p.domain.clone(),
+                Arc::new(Peer { cfg: p.clone(), client, js, contact: Notify::new(), control }),
+            );
         }
         // Every per-peer series exists from the start, at 0: a dashboard or
         // alert tells "nothing happened" from "not reported".
@@ -209,6 +219,7 @@ impl Bridge {
         for peer in me.peers.values() {
             tasks.spawn(me.clone().negotiate(peer.clone(), shutdown.clone()));
             tasks.spawn(me.clone().outbox(peer.clone(), shutdown.clone()));
+            tasks.spawn(me.clone().control(peer.clone(), shutdown.clone()));
         }
         for domain in me.peers.keys() {
             tasks.spawn(me.clone().inbox(domain.clone(), shutdown.clone()));

@@ -1,18 +1,96 @@
 //! The outbox: one durable consumer per peer on FED_OUT, one bounded batch
 //! in flight, sealed and published into the peer's FED_IN over the peer's
 //! NATS; our copy is acked only after the peer's JetStream acked it.
+//!
+//! An operator controls each peer's outbox through a record in KV
+//! (`names::peer_control_key`, written by `mlsfed admin peers`): paused,
+//! the outbox sends nothing and holds what is queued (it stays in FED_OUT,
+//! within its retention); a backoff reset makes a backed-off outbox retry
+//! at once. The bridge notes each revision it applied
+//! (`names::peer_control_applied_key`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, message::PublishMessage, AckKind};
+use async_nats::jetstream::{self, kv, message::PublishMessage, AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
 use proto::federation::{self as fed, Envelope, Payload};
 use proto::names;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{time_now, Bridge, Peer, PeerVersion, RunBridgeError, BATCH};
+use crate::{time_now, unix_now, Bridge, Peer, PeerVersion, RunBridgeError, BATCH};
+
+/// An operator's instructions to our outbox for one peer (JSON, in KV
+/// `mlsfed_federation` under `names::peer_control_key`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerControl {
+    /// Format version of this record.
+    pub v: u8,
+    /// Send nothing to the peer; what is queued stays queued.
+    #[serde(default)]
+    pub paused: bool,
+    /// Counts the operator's backoff resets: when it changes, a backed-off
+    /// outbox retries at once.
+    #[serde(default)]
+    pub backoff_resets: u64,
+}
+
+impl PeerControl {
+    pub const VERSION: u8 = 1;
+
+    /// Reads a stored record; refuses one of a newer format by name.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let c: Self = serde_json::from_slice(bytes).map_err(|e| format!("malformed control record: {e}"))?;
+        if c.v > Self::VERSION {
+            return Err(format!("control record format {} is newer than this build reads ({})", c.v, Self::VERSION));
+        }
+        Ok(c)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// What the bridge applied of a peer's control record (JSON, in KV
+/// `mlsfed_federation` under `names::peer_control_applied_key`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlApplied {
+    /// Format version of this record.
+    pub v: u8,
+    /// The KV revision of the control record applied: from then on the
+    /// outbox starts no send that the record forbids.
+    pub revision: u64,
+    pub paused: bool,
+    /// When (unix seconds).
+    pub at: u64,
+}
+
+impl ControlApplied {
+    pub const VERSION: u8 = 1;
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// A peer's control record as the bridge holds it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ControlState {
+    /// Read from KV at least once: nothing is sent before, so a peer
+    /// paused before a restart stays paused.
+    loaded: bool,
+    /// The KV revision it came from (0: no record).
+    revision: u64,
+    ctl: PeerControl,
+}
+
+/// How often a paused outbox tells JetStream it still holds its batch
+/// (well within the outbox consumer's 30 s ack wait).
+const HOLD_PROGRESS: Duration = Duration::from_secs(10);
 
 impl Bridge {
     /// Sends our outbox for `peer`, in order, one envelope at a time.
@@ -36,6 +114,13 @@ impl Bridge {
         )
         .await
         .map_err(RunBridgeError::Setup)?;
+        let mut control = peer.control.subscribe();
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            // The sender lives as long as `peer`.
+            _ = control.wait_for(|c| c.loaded) => {}
+        }
+        let mut resets = control.borrow().ctl.backoff_resets;
         loop {
             let Some(first) = proto::streams::next_message(&mut messages, &shutdown, "bridge outbox")
                 .await
@@ -86,6 +171,13 @@ impl Bridge {
             // before it, so the peer's high-water mark never skips anything.
             let mut attempt = 0u32;
             loop {
+                if control.borrow_and_update().ctl.paused {
+                    if !self.hold_paused(&domain, &mut control, &held, &shutdown).await {
+                        return Ok(());
+                    }
+                    attempt = 0;
+                    continue;
+                }
                 let sent = if matches!(self.state(&domain), PeerVersion::Agreed(_)) {
                     // The id names the outbox incarnation too: a recreated
                     // outbox reuses sequences that the peer's duplicate
@@ -124,6 +216,15 @@ impl Bridge {
                             _ = shutdown.cancelled() => return Ok(()),
                             _ = tokio::time::sleep(wait) => {}
                             _ = peer.contact.notified() => { attempt = 0; }
+                            // An operator paused the outbox or reset its
+                            // backoff: act on it now.
+                            _ = control.changed() => {
+                                let now = control.borrow().ctl.backoff_resets;
+                                if now != resets {
+                                    resets = now;
+                                    attempt = 0;
+                                }
+                            }
                         }
                         // Keep the held messages ours while we retry.
                         for m in &held {
@@ -132,6 +233,120 @@ impl Bridge {
                     }
                 }
             }
+        }
+    }
+
+    /// Holds `held` while an operator keeps the peer paused, telling
+    /// JetStream we still have it; `false` on shutdown.
+    async fn hold_paused(
+        &self,
+        domain: &str,
+        control: &mut watch::Receiver<ControlState>,
+        held: &[jetstream::Message],
+        shutdown: &CancellationToken,
+    ) -> bool {
+        tracing::info!(peer = %domain, "outbox paused by an operator; holding what is queued");
+        loop {
+            if !control.borrow_and_update().ctl.paused {
+                tracing::info!(peer = %domain, "outbox resumed by an operator");
+                return true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = control.changed() => {}
+                _ = tokio::time::sleep(HOLD_PROGRESS) => {
+                    // A long pause can outlast the retention like an outage.
+                    if let Some(oldest) = held.first() {
+                        self.check_retention(domain, oldest);
+                    }
+                    for m in held {
+                        let _ = m.ack_with(AckKind::Progress).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Follows the operator's control record for `peer`'s outbox (KV watch,
+    /// re-established after NATS comes back) until shutdown.
+    pub(crate) async fn control(
+        self: Arc<Self>,
+        peer: Arc<Peer>,
+        shutdown: CancellationToken,
+    ) -> Result<(), RunBridgeError> {
+        let key = names::peer_control_key(&peer.cfg.domain);
+        loop {
+            match self.follow_control(&peer, &key, &shutdown).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(peer = %peer.cfg.domain, error = %e, "cannot follow the peer's control record; retrying")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    async fn follow_control(&self, peer: &Peer, key: &str, shutdown: &CancellationToken) -> Result<(), String> {
+        let kv = &self.topo.federation;
+        // Watch first, then read: an update between the two is in the
+        // watch, and a key that does not exist yet is still read (as none).
+        let mut watch = kv.watch_with_history(key).await.map_err(|e| e.to_string())?;
+        let current = kv.entry(key).await.map_err(|e| e.to_string())?;
+        self.apply_control(peer, current.as_ref()).await;
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                n = watch.next() => n,
+            };
+            match next {
+                Some(Ok(entry)) => self.apply_control(peer, Some(&entry)).await,
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("the watch ended".into()),
+            }
+        }
+    }
+
+    /// Takes a control record (`None`: there is none) unless a later one
+    /// was taken already, and notes its revision as applied.
+    async fn apply_control(&self, peer: &Peer, entry: Option<&kv::Entry>) {
+        let domain = &peer.cfg.domain;
+        let (revision, ctl) = match entry {
+            None => (0, PeerControl::default()),
+            Some(e) if e.operation != kv::Operation::Put => (e.revision, PeerControl::default()),
+            Some(e) => match PeerControl::decode(&e.value) {
+                Ok(c) => (e.revision, c),
+                Err(err) => {
+                    tracing::error!(peer = %domain, error = %err, "peer control record refused; keeping the one in force");
+                    return;
+                }
+            },
+        };
+        let mut before = None;
+        peer.control.send_if_modified(|s| {
+            if s.loaded && revision <= s.revision {
+                return false;
+            }
+            before = Some(s.ctl.clone());
+            *s = ControlState { loaded: true, revision, ctl: ctl.clone() };
+            true
+        });
+        let Some(before) = before else { return };
+        if before.paused != ctl.paused {
+            tracing::info!(peer = %domain, paused = ctl.paused, "peer outbox control changed");
+        }
+        if before.backoff_resets != ctl.backoff_resets && revision > 0 {
+            tracing::info!(peer = %domain, "peer outbox backoff reset by an operator");
+        }
+        if revision == 0 {
+            return;
+        }
+        let applied = ControlApplied { v: ControlApplied::VERSION, revision, paused: ctl.paused, at: unix_now() };
+        let body = serde_json::to_vec(&applied).unwrap_or_default();
+        if let Err(e) = self.topo.federation.put(names::peer_control_applied_key(domain), body.into()).await {
+            tracing::warn!(peer = %domain, error = %e, "cannot note the applied control record");
         }
     }
 
@@ -148,5 +363,20 @@ impl Bridge {
             gauge.set(1);
             tracing::error!(peer, age_secs = age as u64, "peer is beyond the outbox retention; marked for resync");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_records_round_trip_and_newer_ones_are_refused() {
+        let c = PeerControl { v: PeerControl::VERSION, paused: true, backoff_resets: 3 };
+        assert_eq!(PeerControl::decode(&c.encode()), Ok(c));
+        // Fields missing from an older writer read as their defaults.
+        assert_eq!(PeerControl::decode(br#"{"v":1}"#), Ok(PeerControl { v: 1, ..Default::default() }));
+        assert!(PeerControl::decode(br#"{"v":2,"paused":false}"#).unwrap_err().contains("newer"));
+        assert!(PeerControl::decode(b"paused").is_err());
     }
 }

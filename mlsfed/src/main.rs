@@ -39,11 +39,15 @@ enum Cmd {
     Bridge,
     /// Print this operator's Ed25519 public key (peers put it in their config).
     OperatorKey,
-    /// Federation state with peers (needs the operator's NATS).
+    /// Federation state with peers (needs the operator's NATS); also under
+    /// `admin peers`.
     Peer {
         #[command(subcommand)]
         cmd: admin::PeerCmd,
     },
+    /// Operator tools over the operator's NATS: peers, groups, streams and
+    /// dead letters (`--json` for one JSON object per line).
+    Admin(admin::AdminArgs),
     /// Issue a bearer token for a device of this operator.
     Token {
         #[arg(long)]
@@ -99,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Peer { cmd } => admin::peer(&cfg, cmd).await,
+        Cmd::Admin(args) => admin::admin(&cfg, args).await,
         Cmd::Token { device, ttl_secs } => {
             let d = proto::DeviceId::parse(&device)?;
             anyhow::ensure!(d.domain() == cfg.domain, "device {d} is not on this operator ({})", cfg.domain);

@@ -91,6 +91,33 @@ pub fn dead_subject(role: &str) -> String {
     format!("{PREFIX}.dead.{role}")
 }
 
+/// The subject a SUBMIT message was published on, from the subject SUBMIT
+/// stored it under (`mlsfed.submitp.<k>.<group>`, see [`submit_transform`]):
+/// where a dead letter of the sequencer is requeued. `None`: not one.
+pub fn submit_subject_of_stored(stored: &str) -> Option<String> {
+    let rest = stored.strip_prefix(&format!("{PREFIX}.submitp."))?;
+    let (k, group) = rest.split_once('.')?;
+    (k.parse::<u32>().is_ok() && !group.is_empty() && !group.contains('.')).then(|| format!("{PREFIX}.submit.{group}"))
+}
+
+/// JetStream keeps a KV bucket in stream `KV_<bucket>` and an object store
+/// in `OBJ_<bucket>`.
+pub const KV_STREAM_PREFIX: &str = "KV_";
+pub const OBJ_STREAM_PREFIX: &str = "OBJ_";
+
+/// What an mlsfed stream of that name is, for the admin tools: `("stream",
+/// name)`, `("kv", bucket)` or `("object", bucket)`; `None`: not ours.
+pub fn classify_stream(name: &str) -> Option<(&'static str, &str)> {
+    let ours = |bucket: &str| bucket.starts_with(&format!("{PREFIX}_"));
+    if name.starts_with("MLSFED_") {
+        Some(("stream", name))
+    } else if let Some(b) = name.strip_prefix(KV_STREAM_PREFIX).filter(|b| ours(b)) {
+        Some(("kv", b))
+    } else {
+        name.strip_prefix(OBJ_STREAM_PREFIX).filter(|b| ours(b)).map(|b| ("object", b))
+    }
+}
+
 /// The inbox consumer of one peer's envelopes: one per peer, so a peer's
 /// poison only ever delays that peer.
 pub fn bridge_in_consumer(peer: &str) -> String {
@@ -280,6 +307,18 @@ pub fn hwm_key(peer: &str) -> String {
     format!("hwm.{}", domain_token(peer))
 }
 
+/// An operator's instructions to our outbox for `peer` (pause, backoff
+/// reset) in [`FEDERATION_BUCKET`], written by `mlsfed admin peers`.
+pub fn peer_control_key(peer: &str) -> String {
+    format!("ctl.{}", domain_token(peer))
+}
+
+/// Which revision of [`peer_control_key`] our bridge has applied, so an
+/// operator can tell a pause in effect from one only requested.
+pub fn peer_control_applied_key(peer: &str) -> String {
+    format!("ctlack.{}", domain_token(peer))
+}
+
 /// On a peer's NATS: where we send it requests (claims, identity lookups).
 pub fn peer_rpc_subject(origin: &str) -> String {
     format!("{PREFIX}.fedrpc.{}", domain_token(origin))
@@ -325,4 +364,24 @@ pub const KP_SETTLE_CONSUMER: &str = "keydir-settle";
 /// reservation (the KeyPackage and when it was claimed).
 pub fn key_package_return_msg_id(kp_ref: &[u8], reserved_at: u64) -> String {
     format!("kpret-{}-{reserved_at}", hex::encode(kp_ref))
+}
+
+#[cfg(test)]
+mod admin_name_tests {
+    use super::*;
+
+    #[test]
+    fn stored_submit_subjects_map_back_and_streams_are_classified() {
+        let g = GroupId::parse("mimi://a.example/r/x").unwrap();
+        let stored = format!("{PREFIX}.submitp.{}.{}", partition_of(&g, 16), g.token());
+        assert_eq!(submit_subject_of_stored(&stored), Some(submit_subject(&g)));
+        assert_eq!(submit_subject_of_stored(&submit_subject(&g)), None);
+        assert_eq!(submit_subject_of_stored("mlsfed.submitp.x.y"), None);
+        assert_eq!(classify_stream(LOG_STREAM), Some(("stream", LOG_STREAM)));
+        assert_eq!(classify_stream(&format!("KV_{ROSTERS_BUCKET}")), Some(("kv", ROSTERS_BUCKET)));
+        assert_eq!(classify_stream(STATE_STREAM), Some(("object", STATE_BUCKET)));
+        assert_eq!(classify_stream("KV_other"), None);
+        assert_eq!(classify_stream("ORDERS"), None);
+        assert_ne!(peer_control_key("b.example"), peer_control_applied_key("b.example"));
+    }
 }
