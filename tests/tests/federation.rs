@@ -494,3 +494,50 @@ fn the_docs_show_the_nats_accounts_the_tests_use() {
     let want = tests::federation_nats_config(&[B]);
     assert!(doc.contains(&want), "docs/federation.md lacks the accounts block the tests use:\n{want}");
 }
+
+/// One peer's poison never delays another. A corrupt record at the tail of
+/// a B-hosted group's LOG here makes every Deliver B sends for that group
+/// fail at A's inbox, delivery after delivery. A's inbox for C is another
+/// stream with another consumer, so C's messages reach alice meanwhile;
+/// B's envelope ends as a dead letter counted for B, not as a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peers_poison_never_delays_another() -> anyhow::Result<()> {
+    let fed = Federation::start(&[A, B, C], |_, c| {
+        c.limits.submit_timeout_ms = 5000;
+        c.streams.max_deliver = 3;
+        // Slow retries, so "meanwhile" is seconds long, not a race.
+        c.streams.retry_base_ms = 3000;
+    })?;
+    let mut alice = fed.op(A).client("alice", "phone", 4).await?;
+    let mut bob = fed.op(B).client("bob", "phone", 2).await?;
+    let mut carol = fed.op(C).client("carol", "phone", 2).await?;
+    let poisoned = bob.create_group("poisoned").await?;
+    bob.add(&poisoned, &[fed.op(A).user_id("alice")]).await?;
+    let healthy = carol.create_group("healthy").await?;
+    carol.add(&healthy, &[fed.op(A).user_id("alice")]).await?;
+    sync_until(&mut [&mut alice], Duration::from_secs(30), |c| {
+        c.groups().contains(&poisoned) && c.groups().contains(&healthy)
+    })
+    .await?;
+
+    let js = async_nats::jetstream::new(tests::nats_connect(&fed.nats[0].url()).await?);
+    let partitions = tests::config::Config::default().streams.partitions;
+    let subject = tests::proto::names::log_subject(&tests::proto::GroupId::parse(&poisoned)?, partitions);
+    js.publish(subject, b"not a record of ours".to_vec().into()).await?.await?;
+    bob.send(&poisoned, "stuck behind the poison").await?;
+    let b_dead = "mlsfed_federation_dead_letters_total{peer=\"b.example\"}";
+    let p = carol.send(&healthy, "flows meanwhile").await?;
+    sync_until(&mut [&mut alice], Duration::from_secs(30), |c| c.positions(&healthy).last().is_some_and(|x| *x >= p))
+        .await?;
+    assert_eq!(
+        try_metric(fed.op(A), b_dead).await.unwrap_or(0.0),
+        0.0,
+        "B's poison was already given up on: C's message did not arrive meanwhile"
+    );
+    assert!(!texts(&alice, &poisoned).iter().any(|t| t == "stuck behind the poison"));
+    tests::wait_metric(fed.op(A), b_dead, Duration::from_secs(60), |v| v >= 1.0).await?;
+    let c_dead = try_metric(fed.op(A), "mlsfed_federation_dead_letters_total{peer=\"c.example\"}").await;
+    assert!(c_dead.is_none_or(|v| v == 0.0), "C's envelopes were dead-lettered too: {c_dead:?}");
+    assert!(alice.failures().is_empty(), "{:?}", alice.failures());
+    Ok(())
+}
