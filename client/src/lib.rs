@@ -156,6 +156,29 @@ pub struct Device {
     verified: BTreeMap<String, Vec<u8>>,
 }
 
+/// A new group `room` hosted by `id`'s operator, with the epoch-0
+/// GroupInfo (carrying the ratchet tree) that registers it there.
+fn new_group(
+    provider: &OpenMlsRustCrypto,
+    signer: &SignatureKeyPair,
+    credential: CredentialWithKey,
+    id: &DeviceId,
+    room: &str,
+) -> Result<(proto::GroupId, MlsGroup, Vec<u8>), ClientError> {
+    let gid = proto::GroupId::new(id.domain(), room).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let group = MlsGroup::new_with_group_id(
+        provider,
+        signer,
+        &create_config(),
+        GroupId::from_slice(gid.as_bytes()),
+        credential,
+    )
+    .map_err(mls)?;
+    let gi = group.export_group_info(provider.crypto(), signer, true).map_err(mls)?;
+    let bytes = gi.tls_serialize_detached().map_err(mls)?;
+    Ok((gid, group, bytes))
+}
+
 fn create_config() -> MlsGroupCreateConfig {
     MlsGroupCreateConfig::builder()
         .ciphersuite(CIPHERSUITE)
@@ -298,17 +321,7 @@ impl Device {
 
     /// Creates a group hosted by this device's operator.
     pub async fn create_group(&mut self, room: &str) -> Result<String, ClientError> {
-        let gid = proto::GroupId::new(self.id.domain(), room).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let group = MlsGroup::new_with_group_id(
-            &self.provider,
-            &self.signer,
-            &create_config(),
-            GroupId::from_slice(gid.as_bytes()),
-            self.credential(),
-        )
-        .map_err(mls)?;
-        let gi = group.export_group_info(self.provider.crypto(), &self.signer, true).map_err(mls)?;
-        let bytes = gi.tls_serialize_detached().map_err(mls)?;
+        let (gid, group, bytes) = new_group(&self.provider, &self.signer, self.credential(), &self.id, room)?;
         let accepted = self.http.create_group(bytes).await?;
         self.meta.groups.insert(gid.to_string(), accepted.position);
         self.meta.group_seqs.insert(gid.to_string(), 0);

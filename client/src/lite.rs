@@ -12,7 +12,7 @@ use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use proto::DeviceId;
 
-use crate::{create_config, mls, ClientError, CIPHERSUITE};
+use crate::{mls, new_group, ClientError, CIPHERSUITE};
 
 pub struct Lite {
     pub id: DeviceId,
@@ -44,17 +44,7 @@ impl Lite {
     /// Creates group `room` at this member's operator; returns the group id
     /// and the epoch-0 GroupInfo to register it with.
     pub fn create_group(&mut self, room: &str) -> Result<(String, Vec<u8>), ClientError> {
-        let gid = proto::GroupId::new(self.id.domain(), room).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let group = MlsGroup::new_with_group_id(
-            &self.provider,
-            &self.signer,
-            &create_config(),
-            GroupId::from_slice(gid.as_bytes()),
-            self.credential(),
-        )
-        .map_err(mls)?;
-        let gi = group.export_group_info(self.provider.crypto(), &self.signer, true).map_err(mls)?;
-        let bytes = gi.tls_serialize_detached().map_err(mls)?;
+        let (gid, group, bytes) = new_group(&self.provider, &self.signer, self.credential(), &self.id, room)?;
         self.groups.insert(gid.to_string(), group);
         Ok((gid.to_string(), bytes))
     }

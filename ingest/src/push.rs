@@ -312,6 +312,18 @@ impl Socket {
         Ok(fits)
     }
 
+    /// Stops following a group after a refusal, and says why on the socket.
+    async fn unfollow<S>(&mut self, subject: &str, e: &Reject, tx: &mut S) -> Result<(Sent, bool), ()>
+    where
+        S: futures::Sink<Message> + Unpin,
+    {
+        let group = self.follows.remove(subject).map(|f| f.access.group.to_string());
+        match send_error(tx, group.as_deref(), e).await {
+            Ok(()) => Ok((Sent::Ok, false)),
+            Err(()) => Ok((Sent::Closed, false)),
+        }
+    }
+
     /// Pushes what is new in one followed group; `more` when a full page
     /// was sent (read again at once).
     async fn push_group<S>(&mut self, subject: &str, tx: &mut S) -> Result<(Sent, bool), ()>
@@ -326,14 +338,7 @@ impl Socket {
             match groups::access(&self.api, &self.device, &f.access.group).await {
                 Ok(a) => f.access = a,
                 Err(e) if e.0.code == ErrorCode::Unavailable => return Err(()),
-                Err(e) => {
-                    let group = f.access.group.to_string();
-                    self.follows.remove(subject);
-                    return match send_error(tx, Some(&group), &e).await {
-                        Ok(()) => Ok((Sent::Ok, false)),
-                        Err(()) => Ok((Sent::Closed, false)),
-                    };
-                }
+                Err(e) => return self.unfollow(subject, &e, tx).await,
             }
         }
         let page = match groups::read(&self.api, &self.device, &f.access, f.after, f.position, limit).await {
@@ -342,14 +347,7 @@ impl Socket {
                 tracing::warn!(error = %e.0.message, "socket read of a group failed; retried at the next wake-up");
                 return Err(());
             }
-            Err(e) => {
-                let group = f.access.group.to_string();
-                self.follows.remove(subject);
-                return match send_error(tx, Some(&group), &e).await {
-                    Ok(()) => Ok((Sent::Ok, false)),
-                    Err(()) => Ok((Sent::Closed, false)),
-                };
-            }
+            Err(e) => return self.unfollow(subject, &e, tx).await,
         };
         let full = page.entries.len() == limit;
         if let Some(last) = page.entries.last() {
