@@ -121,6 +121,8 @@ impl Bridge {
             _ = control.wait_for(|c| c.loaded) => {}
         }
         let mut resets = control.borrow().ctl.backoff_resets;
+        // The highest outbox sequence the peer has from us in this run.
+        let mut last_sent = 0u64;
         loop {
             let Some(first) = proto::streams::next_message(&mut messages, &shutdown, "bridge outbox")
                 .await
@@ -136,19 +138,34 @@ impl Bridge {
                     _ => break,
                 }
             }
-            let mut payloads = Vec::with_capacity(batch.len());
-            let mut held = Vec::with_capacity(batch.len());
+            // While a batch is held (a peer outage), the messages buffered
+            // behind it can outlast the ack wait and come again. A copy of
+            // a record already sent is acked and dropped; the rest go in
+            // stream order, and the envelope is numbered by the highest
+            // sequence it carries, so a late copy can never give an
+            // envelope a number the peer takes for a replay.
+            let mut keyed = Vec::with_capacity(batch.len());
             for m in batch {
+                let Ok(info) = m.info() else { continue };
+                let seq = info.stream_sequence;
+                if seq <= last_sent || keyed.iter().any(|(s, _, _)| *s == seq) {
+                    let _ = m.ack().await;
+                    continue;
+                }
                 match proto::wire::decode::<Payload>(&m.payload) {
-                    Ok(p) => {
-                        payloads.push(p);
-                        held.push(m);
-                    }
+                    Ok(p) => keyed.push((seq, p, m)),
                     Err(e) => {
                         tracing::error!(peer = %domain, error = %e, "undecodable outbox record; terminating it");
                         let _ = m.ack_with(AckKind::Term).await;
                     }
                 }
+            }
+            keyed.sort_by_key(|(seq, _, _)| *seq);
+            let mut payloads = Vec::with_capacity(keyed.len());
+            let mut held = Vec::with_capacity(keyed.len());
+            for (_, p, m) in keyed {
+                payloads.push(p);
+                held.push(m);
             }
             let Some(last) = held.last() else { continue };
             let Ok(info) = last.info() else { continue };
@@ -194,6 +211,7 @@ impl Bridge {
                 };
                 match sent {
                     Ok(()) => {
+                        last_sent = seq;
                         self.metrics.sent.with_label_values(&[&domain]).inc_by(held.len() as u64);
                         self.metrics.outbox_pending.with_label_values(&[&domain]).set(pending as i64);
                         if pending == 0 {
