@@ -120,12 +120,13 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let shutdown = CancellationToken::new();
+    let registry = prometheus::Registry::new();
     let server = tokio::spawn(mlsfed::run(
         cfg.clone(),
         mlsfed::Roles::ALL,
         nats.clone(),
         Some(listener),
-        prometheus::Registry::new(),
+        registry.clone(),
         shutdown.clone(),
     ));
     let secret = cfg.token_secret.expose().as_bytes().to_vec();
@@ -149,9 +150,22 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
     // 2a. 1000 groups × 10, closed loop.
     let bodies = fleet.messages(&senders, opts.messages, opts.size)?;
     let before = js_totals(&js).await?;
+    let stages_before = stages(&registry);
     let a = fleet.run(bodies, &sizes, 256, None, Duration::from_secs(90)).await?;
     let cost = cost_of(&js, before, a.messages).await?;
     print_run("1000 groups x 10 members, 256 submits in flight", &a, Some(&cost));
+    // Where a submit's time goes, from the operator's own histograms: the
+    // HTTP handler (auth to verdict), and the sequencer's decision.
+    let stages_after = stages(&registry);
+    for (name, (sum, count)) in &stages_after {
+        let (s0, c0) = stages_before.get(name).copied().unwrap_or((0.0, 0));
+        let n = count.saturating_sub(c0);
+        if n > 0 {
+            let mean_ms = (sum - s0) / n as f64 * 1000.0;
+            println!("  operator: {name} mean {mean_ms:.2} ms over {n}");
+            report.insert(format!("stage_{name}_mean_ms"), json!(mean_ms));
+        }
+    }
     report.insert("end_to_end_msgs_per_s".into(), json!(a.delivered_per_s()));
     report.insert("end_to_end_accepted_msgs_per_s".into(), json!(a.accepted_per_s()));
     report.insert("end_to_end_deliveries_per_s".into(), json!(a.deliveries_per_s()));
@@ -285,6 +299,29 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Sum and count of the histograms that time a submission's stages.
+fn stages(registry: &prometheus::Registry) -> HashMap<String, (f64, u64)> {
+    let mut out = HashMap::new();
+    for family in registry.gather() {
+        let name = family.name();
+        let wanted = ["mlsfed_api_request_seconds", "mlsfed_sequencer_step_seconds", "mlsfed_fanout_lag_seconds"];
+        if !wanted.contains(&name) {
+            continue;
+        }
+        for m in family.get_metric() {
+            let route = m.get_label().iter().find(|l| l.name() == "route").map(|l| l.value().to_owned());
+            if name == "mlsfed_api_request_seconds" && route.as_deref() != Some("/v1/messages") {
+                continue;
+            }
+            let h = m.get_histogram();
+            let e = out.entry(name.trim_start_matches("mlsfed_").to_owned()).or_insert((0.0, 0));
+            e.0 += h.get_sample_sum();
+            e.1 += h.get_sample_count();
+        }
+    }
+    out
 }
 
 fn print_run(what: &str, r: &Run, cost: Option<&Cost>) {
