@@ -16,6 +16,7 @@ mod mailbox;
 mod push;
 mod submit;
 mod tails;
+mod verdicts;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -85,6 +86,8 @@ pub struct Api {
     pub websockets: Arc<tokio::sync::Semaphore>,
     /// This process's shared reader of each group WebSockets follow.
     pub tails: tails::Tails,
+    /// This process's one subscription to verdicts.
+    pub verdicts: verdicts::Verdicts,
 }
 
 pub type Shared = Arc<Api>;

@@ -6,7 +6,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures::StreamExt;
 use proto::wire::{Submission, SubmissionKind, Verdict};
 use proto::{names, ApiError, ErrorCode, GroupId};
 use serde::Serialize;
@@ -104,9 +103,8 @@ pub async fn submit_message(
 async fn await_verdict(api: &Shared, sub: Submission) -> Result<(u64, u64), Reject> {
     let client = api.topo.js.client();
     let unavailable = |e: String| Reject::new(ErrorCode::Unavailable, format!("queue unavailable: {e}"));
-    // Subscribe before publishing so the verdict cannot be missed.
-    let mut verdicts =
-        client.subscribe(names::verdict_subject(&sub.id)).await.map_err(|e| unavailable(e.to_string()))?;
+    // Wait before publishing so the verdict cannot be missed.
+    let mut verdict = api.verdicts.wait(&client, &sub.id).await.map_err(|e| unavailable(e.to_string()))?;
     let (subject, payload, msg_id) = if sub.group.hub() == api.cfg.domain {
         (names::submit_subject(&sub.group), proto::wire::encode(&sub), sub.id.clone())
     } else {
@@ -135,10 +133,10 @@ async fn await_verdict(api: &Shared, sub: Submission) -> Result<(u64, u64), Reje
         }
     }
     let timeout = api.cfg.limits.submit_timeout();
-    let got = tokio::time::timeout(timeout, verdicts.next()).await;
-    let _ = verdicts.unsubscribe().await;
+    let got = tokio::time::timeout(timeout, verdict.recv()).await;
+    drop(verdict);
     match got {
-        Ok(Some(m)) => match Verdict::from_bytes(&m.payload) {
+        Ok(Some(payload)) => match Verdict::from_bytes(&payload) {
             Ok(v) => settle(v),
             Err(_) => Err(Reject::new(ErrorCode::Internal, "undecodable verdict")),
         },

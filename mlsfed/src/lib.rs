@@ -145,6 +145,7 @@ pub async fn run(
             shutdown: shutdown_api.clone(),
             websockets: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_websockets)),
             tails: Default::default(),
+            verdicts: Default::default(),
         });
         let done = api_done.clone();
         tasks.spawn(async move {

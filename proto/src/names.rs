@@ -147,6 +147,9 @@ pub fn mailbox_subject(d: &DeviceId) -> String {
     format!("{PREFIX}.mbox.{}", d.token())
 }
 
+/// Every verdict subject: one subscription per ingest process hears them.
+pub const VERDICT_WILDCARD: &str = "mlsfed.verdict.*";
+
 /// Core-NATS subject on which the sequencer announces a submission's verdict.
 pub fn verdict_subject(submission_id: &str) -> String {
     format!("{PREFIX}.verdict.{submission_id}")
