@@ -613,6 +613,13 @@ impl Device {
             let position = self.meta.groups.get(g).copied();
             let page = match self.http.entries(g, after, position, 256).await {
                 Ok(p) => p,
+                // One group the operator cannot serve right now (a record
+                // it cannot read yet, an overloaded stream) must not keep
+                // the device from its other groups: read it next time.
+                Err(e) if e.code().is_some_and(|c| c.retryable() && c != ErrorCode::WrongEpoch) => {
+                    tracing::debug!(group = g, error = %e, "group unavailable; read again later");
+                    return Ok(());
+                }
                 Err(e) if matches!(e.code(), Some(ErrorCode::HistoryExpired | ErrorCode::NotAMember)) => {
                     let reason = e.to_string();
                     self.backlog.push(Event::Failed { group: g.to_owned(), position: position.unwrap_or(0), reason });

@@ -231,6 +231,9 @@ impl GroupFanout {
         let (mut cursor, revision) = match &self.cursor {
             Some((c, rev)) if c.done == entry.prev_position => (c.clone(), *rev),
             _ => {
+                // Another worker may have moved the group on: the roster
+                // cached with the old cursor may be stale too.
+                self.roster = None;
                 let stored = self.ctx.topo.fanout.entry(key.as_str()).await.map_err(|e| e.to_string())?;
                 match &stored {
                     Some(e) => (serde_json::from_slice(&e.value).unwrap_or_default(), e.revision),
@@ -263,8 +266,13 @@ impl GroupFanout {
             }
             self.addressed(group, entry, log_seq, &Change::of(entry)).await?;
             if hub {
-                // A Commit also goes to the peers whose members it removes.
+                // A Commit goes to every peer it adds or removes devices of,
+                // whether or not the roster already shows it applied (a
+                // retry after a failure finds it applied, and the peers of
+                // removed devices gone from it).
                 peers.extend(roster.peers(&self.ctx.domain));
+                let named = entry.removed.iter().chain(&entry.welcome_recipients).map(|d| d.domain());
+                peers.extend(named.filter(|d| *d != self.ctx.domain).map(str::to_owned));
                 peers.sort_unstable();
                 peers.dedup();
             }

@@ -131,9 +131,19 @@ pub async fn read(
         let bytes: usize = stored.iter().map(|m| m.payload.len()).sum();
         for m in stored {
             let Ok(entry) = proto::wire::decode::<LogEntry>(&m.payload) else {
-                tracing::error!(seq = m.seq, "undecodable LOG entry skipped");
-                page.next = m.seq;
-                continue;
+                // Never skipped: the next entry would look like a hole and
+                // the device would be told its history expired. A record
+                // this build cannot read (a newer format mid-upgrade) holds
+                // the group here until a process that can read it serves.
+                tracing::error!(seq = m.seq, "undecodable LOG entry; the group's readers wait");
+                if page.entries.is_empty() {
+                    return Err(Reject::new(
+                        ErrorCode::Unavailable,
+                        "this operator cannot read the group's next entry yet",
+                    ));
+                }
+                page.held = true;
+                break;
             };
             if !access.span.admits(entry.position) {
                 if access.span.until.is_some_and(|u| entry.position > u) {

@@ -56,7 +56,12 @@ impl Change {
     pub fn of(entry: &LogEntry) -> Self {
         match entry.kind {
             EntryKind::Created => Self { added: vec![entry.sender.clone()], removed: vec![] },
-            EntryKind::Commit => Self { added: entry.welcome_recipients.clone(), removed: entry.removed.clone() },
+            // A device the same Commit removes and adds again (a fresh leaf
+            // for a stale one) stays a member: it is only added.
+            EntryKind::Commit => Self {
+                added: entry.welcome_recipients.clone(),
+                removed: entry.removed.iter().filter(|d| !entry.welcome_recipients.contains(d)).cloned().collect(),
+            },
             _ => Self::default(),
         }
     }
@@ -173,5 +178,11 @@ mod tests {
         let span = r.span(&b).unwrap();
         assert!(span.admits(7) && !span.admits(8));
         assert!(r.peers("a.example").is_empty());
+        // Removed and added again by one Commit (a fresh leaf for a stale
+        // one): a member from that Commit on, never "removed".
+        let again = entry(EntryKind::Commit, 9, &a, &[&b], &[&b]);
+        assert_eq!(Change::of(&again), Change { added: vec![b.clone()], removed: vec![] });
+        r.apply(&again);
+        assert_eq!(r.span(&b), Some(Span { after: 9, until: None }));
     }
 }
