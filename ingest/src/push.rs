@@ -113,6 +113,9 @@ struct Socket {
     mailbox_cursor: u64,
     /// Followed groups by LOG subject.
     follows: HashMap<String, Followed>,
+    /// Groups this socket holds a tail receiver for (followed now or
+    /// before): bounded like `follows`.
+    receiving: HashSet<String>,
 }
 
 enum Sent {
@@ -122,7 +125,7 @@ enum Sent {
 
 impl Socket {
     fn new(api: Shared, device: DeviceId, after: u64) -> Self {
-        Self { api, device, mailbox_cursor: after, follows: HashMap::new() }
+        Self { api, device, mailbox_cursor: after, follows: HashMap::new(), receiving: HashSet::new() }
     }
 
     async fn run(mut self, socket: WebSocket) {
@@ -235,8 +238,8 @@ impl Socket {
         let g = groups::parse_group(group)?;
         next_seq(from.after)?;
         let subject = names::log_subject(&g, self.api.cfg.streams.partitions);
-        let known = self.follows.contains_key(&subject);
-        if !known && self.follows.len() >= self.api.cfg.limits.max_followed_groups {
+        let known = self.receiving.contains(&subject);
+        if !known && self.receiving.len() >= self.api.cfg.limits.max_followed_groups {
             return Err(Reject::new(
                 ErrorCode::InvalidRequest,
                 format!("a socket follows at most {} groups", self.api.cfg.limits.max_followed_groups),
@@ -247,8 +250,10 @@ impl Socket {
             Some(f) => (f._tail, None),
             None => {
                 let t = self.api.tails.get(&self.api.topo.js.client(), &subject);
-                let rx = t.subscribe();
-                (t, Some(rx))
+                // One receiver per group per socket, however often the
+                // device follows it again after an error frame.
+                let rx = self.receiving.insert(subject.clone()).then(|| t.subscribe());
+                (t, rx)
             }
         };
         let f = Followed { access, after: from.after, position: from.position, held: false, _tail: tail };

@@ -70,7 +70,8 @@ impl Tails {
             // tail of its own.
             return start(client.clone(), subject.to_owned());
         };
-        if let Some(t) = live.get(subject).and_then(Weak::upgrade) {
+        // A tail whose task ended (its subscription closed) is replaced.
+        if let Some(t) = live.get(subject).and_then(Weak::upgrade).filter(|t| !t.task.is_finished()) {
             return t;
         }
         live.retain(|_, t| t.strong_count() > 0);
