@@ -323,9 +323,12 @@ pub async fn heads(api: &Shared, device: &DeviceId) -> Result<Vec<GroupHead>, Re
     let list = device_groups(api, device).await?;
     let parts = api.cfg.streams.partitions;
     let mut out = Vec::new();
-    let groups: Vec<(GroupId, Option<u64>)> = list
-        .groups
-        .iter()
+    // Current groups first, then those the device was removed from: a
+    // long list of old removals never pushes a live group past the cap.
+    let (current, removed): (Vec<_>, Vec<_>) = list.groups.iter().partition(|(_, r)| r.is_none());
+    let groups: Vec<(GroupId, Option<u64>)> = current
+        .into_iter()
+        .chain(removed)
         .filter_map(|(g, r)| GroupId::parse(g).ok().map(|g| (g, *r)))
         .take(api.cfg.limits.max_followed_groups)
         .collect();
