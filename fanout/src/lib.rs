@@ -346,10 +346,10 @@ impl GroupFanout {
     async fn addressed(&self, group: &GroupId, entry: &LogEntry, log_seq: u64, change: &Change) -> Result<(), String> {
         let local = |d: &&DeviceId| d.domain() == self.ctx.domain;
         for d in change.added.iter().filter(local) {
-            self.set_device_group(d, group, None).await?;
+            self.set_device_group(d, group, None, entry.position).await?;
         }
         for d in change.removed.iter().filter(local) {
-            self.set_device_group(d, group, Some(entry.position)).await?;
+            self.set_device_group(d, group, Some(entry.position), entry.position).await?;
         }
         let mut items: Vec<(&DeviceId, MailboxItem)> = Vec::new();
         if let Some(w) = &entry.welcome {
@@ -405,8 +405,16 @@ impl GroupFanout {
     }
 
     /// Records in a device's group list that it joined `group` (`removed_at`
-    /// None) or was removed at a position, by compare-and-set.
-    async fn set_device_group(&self, d: &DeviceId, group: &GroupId, removed_at: Option<u64>) -> Result<(), String> {
+    /// None) or was removed at a position, by compare-and-set, and only
+    /// forward: a stale worker finishing an older Commit (`position`) never
+    /// overwrites what a newer one recorded.
+    async fn set_device_group(
+        &self,
+        d: &DeviceId,
+        group: &GroupId,
+        removed_at: Option<u64>,
+        position: u64,
+    ) -> Result<(), String> {
         let kv = &self.ctx.topo.device_groups;
         let key = names::device_key(d);
         for _ in 0..16 {
@@ -418,11 +426,13 @@ impl GroupFanout {
                 Some(e) => (DeviceGroups::default(), e.revision),
                 None => (DeviceGroups::default(), 0),
             };
-            if list.groups.get(group.as_str()) == Some(&removed_at) {
+            let newer = list.changed_at.get(group.as_str()).is_some_and(|p| *p > position);
+            if newer || list.groups.get(group.as_str()) == Some(&removed_at) {
                 return Ok(());
             }
             list.v = 1;
             list.groups.insert(group.to_string(), removed_at);
+            list.changed_at.insert(group.to_string(), position);
             let value = Bytes::from(serde_json::to_vec(&list).map_err(|e| e.to_string())?);
             let saved = if revision == 0 {
                 kv.create(key.as_str(), value)

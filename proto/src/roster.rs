@@ -129,6 +129,10 @@ pub struct DeviceGroups {
     /// A removed group stays listed until the device was told, so a device
     /// that returns after its removal still learns of it.
     pub groups: BTreeMap<String, Option<u64>>,
+    /// Group id → the position of the Commit that last changed its entry:
+    /// entries only move forward.
+    #[serde(default)]
+    pub changed_at: BTreeMap<String, u64>,
 }
 
 #[cfg(test)]
