@@ -98,6 +98,37 @@ fn unavailable(e: proto::direct::DirectGetError) -> Reject {
     Reject::new(ErrorCode::Unavailable, format!("group log unavailable: {e}"))
 }
 
+/// What a device may do with one entry of its group: the one rule for reads
+/// and pushes, checked in this order.
+pub enum Admit {
+    /// Before the device joined: not for it, read past it.
+    Before,
+    /// After the Commit that removed it: nothing more for it.
+    Removed,
+    /// Its predecessor here is past what the device applied (`applied`):
+    /// the entries in between are gone.
+    Hole,
+    /// Sent in an epoch whose Commit the roster has not applied yet: who
+    /// may read it is not known yet (a device that Commit removed must not
+    /// read the next epoch).
+    Unapplied,
+    Take,
+}
+
+pub fn admit(access: &Access, entry: &LogEntry, applied: Option<u64>) -> Admit {
+    let span = access.span;
+    if !span.admits(entry.position) {
+        return if span.until.is_some_and(|u| entry.position > u) { Admit::Removed } else { Admit::Before };
+    }
+    if applied.is_some_and(|p| entry.prev_position > p.max(span.after)) {
+        return Admit::Hole;
+    }
+    if entry.epoch > access.roster_epoch {
+        return Admit::Unapplied;
+    }
+    Admit::Take
+}
+
 /// Reads up to `limit` entries after cursor `after` that the device may read.
 /// With `position` (the last position the device applied), a gap before the
 /// first entry means retention deleted what it still needed: `history_expired`.
@@ -145,28 +176,21 @@ pub async fn read(
                 page.held = true;
                 break;
             };
-            if !access.span.admits(entry.position) {
-                if access.span.until.is_some_and(|u| entry.position > u) {
+            let verdict = admit(access, &entry, position.filter(|_| !checked_gap));
+            if !matches!(verdict, Admit::Before | Admit::Removed) {
+                checked_gap = true;
+            }
+            match verdict {
+                Admit::Before => {
+                    page.next = m.seq;
+                    continue;
+                }
+                Admit::Removed | Admit::Unapplied => {
                     page.held = true;
                     break;
                 }
-                page.next = m.seq;
-                continue;
-            }
-            if let Some(p) = position.filter(|_| !checked_gap) {
-                checked_gap = true;
-                // The entry names its predecessor here: if that is past what
-                // the device applied, the ones in between are gone.
-                if entry.prev_position > p.max(access.span.after) {
-                    return Err(expired(p, entry.position));
-                }
-            }
-            if entry.epoch > access.roster_epoch {
-                // Entries after a Commit are readable only once the roster
-                // has applied it and says who the members are: a device
-                // that Commit removed must not read the next epoch.
-                page.held = true;
-                break;
+                Admit::Hole => return Err(expired(position.unwrap_or_default(), entry.position)),
+                Admit::Take => {}
             }
             page.next = m.seq;
             page.entries.push(entry_json(device, &entry, m.seq));

@@ -279,19 +279,22 @@ impl Socket {
         let start = f.after;
         for read in batch.entries.iter().filter(|r| r.seq > start) {
             let (seq, entry) = (read.seq, &read.entry);
-            let span = f.access.span;
-            if !span.admits(entry.position) {
-                if span.until.is_some_and(|u| entry.position > u) {
+            match groups::admit(&f.access, entry, f.position) {
+                groups::Admit::Before => {
+                    f.after = seq;
+                    continue;
+                }
+                groups::Admit::Removed => {
                     f.held = true;
                     break;
                 }
-                f.after = seq;
-                continue;
-            }
-            let hole = f.position.is_some_and(|p| entry.position > p && entry.prev_position > p.max(span.after));
-            if entry.epoch > f.access.roster_epoch || hole {
-                fits = false;
-                break;
+                // A hole, or a Commit to apply first: the socket's own read
+                // sorts it out.
+                groups::Admit::Hole | groups::Admit::Unapplied => {
+                    fits = false;
+                    break;
+                }
+                groups::Admit::Take => {}
             }
             if entry.sender == self.device {
                 // Only its sender sees `own: true`: render that one here.
