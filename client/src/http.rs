@@ -343,7 +343,11 @@ impl Http {
             .map_err(|_| ClientError::Protocol("token is not a valid header".into()))?;
         req.headers_mut().insert("authorization", auth);
         let connector = tokio_tungstenite::Connector::Rustls(self.tls_config()?);
-        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector))
+        // tungstenite zeroes its whole read buffer (128 KiB by default)
+        // before every read; most frames are a few hundred bytes, and a
+        // larger one still arrives whole.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 << 10);
+        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(req, Some(config), false, Some(connector))
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok(ws)

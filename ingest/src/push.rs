@@ -27,6 +27,8 @@ use crate::{Reject, Shared};
 /// How often a socket re-reads what it follows without a wake-up, and checks
 /// that its device was not removed.
 const RECHECK: Duration = Duration::from_secs(5);
+/// A socket's read buffer: device frames are small (acks, follows).
+const READ_BUFFER: usize = 4096;
 
 #[derive(Deserialize)]
 pub struct PushQuery {
@@ -51,7 +53,11 @@ pub async fn websocket(
         .clone()
         .try_acquire_owned()
         .map_err(|_| Reject::new(ErrorCode::Unavailable, "too many push connections; retry later or fetch"))?;
+    // tungstenite zeroes its whole read buffer before every read (128 KiB
+    // by default): with thousands of sockets that memset was the largest
+    // single cost of pushing. A device sends only small frames.
     Ok(ws
+        .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| async move {
             Socket::new(api, device, q.after).run(socket).await;
             drop(permit);
@@ -110,6 +116,8 @@ fn batches(subject: String, rx: tokio::sync::broadcast::Receiver<Arc<Batch>>) ->
 struct Socket {
     api: Shared,
     device: DeviceId,
+    /// `mlsfed_api_entries_served_total{via="push"}`, looked up once.
+    served: prometheus::IntCounter,
     mailbox_cursor: u64,
     /// Followed groups by LOG subject.
     follows: HashMap<String, Followed>,
@@ -125,7 +133,8 @@ enum Sent {
 
 impl Socket {
     fn new(api: Shared, device: DeviceId, after: u64) -> Self {
-        Self { api, device, mailbox_cursor: after, follows: HashMap::new(), receiving: HashSet::new() }
+        let served = api.metrics.entries_served.with_label_values(&["push"]);
+        Self { api, device, served, mailbox_cursor: after, follows: HashMap::new(), receiving: HashSet::new() }
     }
 
     async fn run(mut self, socket: WebSocket) {
@@ -274,7 +283,7 @@ impl Socket {
         if f.held || batch.after > f.after {
             return Ok(batch.next <= f.after);
         }
-        let mut frames: Vec<bytes::Bytes> = Vec::new();
+        let mut frames: Vec<axum::extract::ws::Utf8Bytes> = Vec::new();
         let mut fits = true;
         let start = f.after;
         for read in batch.entries.iter().filter(|r| r.seq > start) {
@@ -299,7 +308,7 @@ impl Socket {
             if entry.sender == self.device {
                 // Only its sender sees `own: true`: render that one here.
                 let json = groups::entry_json(&self.device, entry, seq);
-                frames.push(serde_json::to_vec(&json).map(bytes::Bytes::from).unwrap_or_default());
+                frames.push(serde_json::to_string(&json).unwrap_or_default().into());
             } else {
                 frames.push(read.frame.clone());
             }
@@ -310,13 +319,16 @@ impl Socket {
             f.after = f.after.max(batch.next);
         }
         let served = frames.len() as u64;
+        // Queued, then written and flushed once: one write for the batch.
         for frame in frames {
-            let Ok(text) = axum::extract::ws::Utf8Bytes::try_from(frame) else { continue };
-            if tx.send(Message::Text(text)).await.is_err() {
+            if tx.feed(Message::Text(frame)).await.is_err() {
                 return Err(());
             }
         }
-        self.api.metrics.entries_served.with_label_values(&["push"]).inc_by(served);
+        if served > 0 && tx.flush().await.is_err() {
+            return Err(());
+        }
+        self.served.inc_by(served);
         Ok(fits)
     }
 
@@ -370,7 +382,7 @@ impl Socket {
                 return Ok((Sent::Closed, false));
             }
         }
-        self.api.metrics.entries_served.with_label_values(&["push"]).inc_by(served);
+        self.served.inc_by(served);
         Ok((Sent::Ok, full))
     }
 

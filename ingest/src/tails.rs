@@ -1,7 +1,9 @@
 //! One reader per followed group per ingest process. However many of a
-//! group's devices hold a WebSocket here, the group's new entries are read
-//! from LOG once (a batched direct get per wake-up) and handed to each
-//! socket in memory; a socket checks each entry against its own device's
+//! group's devices hold a WebSocket here, the group's new entries reach it
+//! once (LOG republishes each stored entry with its sequence and its
+//! predecessor's, so an entry that follows the tail's cursor needs no read;
+//! a gap costs one batched direct get) and are handed to each socket in
+//! memory; a socket checks each entry against its own device's
 //! place in the roster before it sends it. A socket that is behind the
 //! tail, or missed a batch, reads the group itself (`groups::read`) until
 //! it has caught up.
@@ -10,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use async_nats::header::{NATS_LAST_SEQUENCE, NATS_SEQUENCE};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use futures::StreamExt;
@@ -35,8 +38,9 @@ pub struct Batch {
 pub struct Read {
     pub seq: u64,
     pub entry: LogEntry,
-    /// The entry's frame as every member but its sender sees it.
-    pub frame: bytes::Bytes,
+    /// The entry's frame as every member but its sender sees it, checked
+    /// as UTF-8 once here rather than once per socket.
+    pub frame: axum::extract::ws::Utf8Bytes,
 }
 
 pub struct Tail {
@@ -85,94 +89,106 @@ fn start(client: async_nats::Client, subject: String) -> Arc<Tail> {
     let (tx, _) = broadcast::channel(BACKLOG);
     let sender = tx.clone();
     let task = tokio::spawn(async move {
-        let Ok(mut wake) = client.subscribe(subject.clone()).await else {
+        // LOG republishes each stored entry with its sequence and the
+        // sequence of the group's previous entry: an entry that follows our
+        // cursor is handed on as it arrives, without reading it back. Only
+        // a gap (a republish lost to a reconnect, or one whose predecessor
+        // expired) costs a read.
+        let Ok(mut wake) = client.subscribe(names::tail_subject(&subject)).await else {
             return;
         };
-        // The highest position a wake-up announced: its entry may not be
-        // readable yet when the wake-up arrives (the stream stores it while
-        // subscribers already hear the publish), so reads retry until it is.
-        let mut announced = 0u64;
-        let mut have = 0u64;
-        // Start at the group's current end: a socket behind it reads for
+        // Start at the group's current end (subscribed first, so nothing
+        // stored after this read is missed): a socket behind it reads for
         // itself until it catches up.
         let mut cursor =
             match direct::multi_last(&client, names::LOG_STREAM, std::slice::from_ref(&subject), None, READ_TIMEOUT)
                 .await
             {
-                Ok(last) => match last.first() {
-                    Some(m) => {
-                        have = proto::wire::decode::<LogEntry>(&m.payload).map(|e| e.position).unwrap_or(0);
-                        m.seq
-                    }
-                    None => 0,
-                },
+                Ok(last) => last.first().map_or(0, |m| m.seq),
                 Err(_) => 0,
             };
         loop {
-            let mut note = |m: &async_nats::Message| {
-                if let Ok(e) = proto::wire::decode::<LogEntry>(&m.payload) {
-                    announced = announced.max(e.position);
-                }
-            };
+            let mut arrived = Vec::new();
             tokio::select! {
-                w = wake.next() => match w { Some(m) => note(&m), None => return },
+                w = wake.next() => match w { Some(m) => arrived.push(m), None => return },
+                // Nothing for a while: look anyway, for a lost republish.
                 _ = tokio::time::sleep(RECHECK) => {}
             }
-            // Drain the wake-ups that queued meanwhile: one read covers them.
+            // Take what queued meanwhile too: one batch carries it all.
             while let Some(Some(m)) = futures::FutureExt::now_or_never(wake.next()) {
-                note(&m);
+                arrived.push(m);
             }
-            let mut tries = 0;
-            loop {
-                let got = match direct::batch(
-                    &client,
-                    names::LOG_STREAM,
-                    &subject,
-                    cursor + 1,
-                    256,
-                    Some(1 << 20),
-                    READ_TIMEOUT,
-                )
-                .await
-                {
-                    Ok(g) => g,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "group tail read failed; the next wake-up retries");
-                        break;
+            let mut gap = arrived.is_empty();
+            let after = cursor;
+            let mut entries = Vec::new();
+            for m in &arrived {
+                match republished(m) {
+                    Some((seq, _)) if seq <= cursor => {}
+                    Some((seq, previous)) if previous == cursor && !gap => {
+                        entries.extend(render(seq, &m.payload));
+                        cursor = seq;
                     }
-                };
-                let Some(last) = got.last().map(|m| m.seq) else {
-                    // Announced but not readable yet: look again shortly.
-                    if have < announced && tries < 50 {
-                        tries += 1;
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                        continue;
-                    }
-                    break;
-                };
-                // A short batch is the end, unless the byte cap cut it.
-                let full = got.len() == 256 || got.iter().map(|m| m.payload.len()).sum::<usize>() >= 1 << 19;
-                let entries: Vec<Read> = got
-                    .into_iter()
-                    .filter_map(|m| {
-                        let entry = proto::wire::decode::<LogEntry>(&m.payload).ok()?;
-                        let json = crate::groups::entry_json_as(&entry, m.seq, false, B64.encode(&entry.message));
-                        let frame = bytes::Bytes::from(serde_json::to_vec(&json).ok()?);
-                        Some(Read { seq: m.seq, entry, frame })
-                    })
-                    .collect();
-                if let Some(r) = entries.last() {
-                    have = have.max(r.entry.position);
+                    _ => gap = true,
                 }
-                let batch = Arc::new(Batch { after: cursor, next: last, entries });
-                cursor = last;
+            }
+            if cursor > after {
                 // No receiver: every socket left; the last one drops us.
-                let _ = sender.send(batch);
-                if !full {
-                    break;
-                }
+                let _ = sender.send(Arc::new(Batch { after, next: cursor, entries }));
+            }
+            if gap {
+                cursor = read_from(&client, &subject, cursor, &sender).await;
             }
         }
     });
     Arc::new(Tail { tx, task })
+}
+
+/// A republished entry's stream sequence and the sequence of the entry
+/// before it on the same subject (0 when there is none, or it was deleted).
+fn republished(m: &async_nats::Message) -> Option<(u64, u64)> {
+    let headers = m.headers.as_ref()?;
+    let seq = headers.get(NATS_SEQUENCE)?.as_str().parse().ok()?;
+    let previous = headers.get(NATS_LAST_SEQUENCE)?.as_str().parse().ok()?;
+    Some((seq, previous))
+}
+
+/// One entry, decoded and its frame rendered; `None` for an undecodable one
+/// (a socket then finds a hole, and its own read reports it).
+fn render(seq: u64, payload: &[u8]) -> Option<Read> {
+    let entry = proto::wire::decode::<LogEntry>(payload).ok()?;
+    let json = crate::groups::entry_json_as(&entry, seq, false, B64.encode(&entry.message));
+    let frame = serde_json::to_string(&json).ok()?.into();
+    Some(Read { seq, entry, frame })
+}
+
+/// Reads the group's entries after `cursor` from LOG and hands them on;
+/// returns the new cursor.
+async fn read_from(
+    client: &async_nats::Client,
+    subject: &str,
+    mut cursor: u64,
+    sender: &broadcast::Sender<Arc<Batch>>,
+) -> u64 {
+    loop {
+        let got = match direct::batch(client, names::LOG_STREAM, subject, cursor + 1, 256, Some(1 << 20), READ_TIMEOUT)
+            .await
+        {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(error = %e, "group tail read failed; the next wake-up retries");
+                return cursor;
+            }
+        };
+        let Some(last) = got.last().map(|m| m.seq) else {
+            return cursor;
+        };
+        // A short batch is the end, unless the byte cap cut it.
+        let full = got.len() == 256 || got.iter().map(|m| m.payload.len()).sum::<usize>() >= 1 << 19;
+        let entries = got.iter().filter_map(|m| render(m.seq, &m.payload)).collect();
+        let _ = sender.send(Arc::new(Batch { after: cursor, next: last, entries }));
+        cursor = last;
+        if !full {
+            return cursor;
+        }
+    }
 }

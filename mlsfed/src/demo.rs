@@ -99,11 +99,12 @@ pub(crate) async fn start_domains(
         let url = format!("http://{}", listener.local_addr()?);
         println!("operator {d} listening on {url} (nats {})", nats[i].url());
         let client = mlsfed::connect(&cfg.nats_url, &cfg.nats_ca_file).await?;
+        let nats = mlsfed::Connections::open(&cfg.nats_url, &cfg.nats_ca_file, mlsfed::Roles::ALL, client).await?;
         let registry = prometheus::Registry::new();
         servers.push(tokio::spawn(mlsfed::run(
             cfg.clone(),
             mlsfed::Roles::ALL,
-            client,
+            nats,
             Some(listener),
             registry,
             shutdown.clone(),

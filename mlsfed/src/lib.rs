@@ -1,5 +1,5 @@
-//! The `mlsfed` runtime: wiring of the worker roles onto one NATS connection,
-//! and the supervised embedded nats-server used when no NATS URL is configured
+//! The `mlsfed` runtime: wiring of the worker roles onto NATS (a connection
+//! per role), and the supervised embedded nats-server used when no NATS URL is configured
 //! (and by the test harness).
 #![forbid(unsafe_code)]
 
@@ -48,6 +48,46 @@ pub async fn connect(url: &str, ca_file: &str) -> anyhow::Result<async_nats::Cli
         .with_context(|| format!("cannot connect to NATS at {url}"))
 }
 
+/// The NATS connections of one process, one per role it runs. A connection
+/// is one task in async-nats and one read loop in nats-server, each of
+/// which handles its messages one at a time: roles that share one queue
+/// behind each other's traffic (measured in docs/benchmarks.md).
+#[derive(Clone)]
+pub struct Connections {
+    pub ingest: async_nats::Client,
+    pub sequencer: async_nats::Client,
+    pub fanout: async_nats::Client,
+    pub bridge: async_nats::Client,
+}
+
+impl Connections {
+    /// One connection for everything (tools, and tests of one role).
+    pub fn shared(client: async_nats::Client) -> Self {
+        Self { ingest: client.clone(), sequencer: client.clone(), fanout: client.clone(), bridge: client }
+    }
+
+    /// A connection of its own for each role in `roles`; `first` serves
+    /// the roles this process does not run.
+    pub async fn open(url: &str, ca_file: &str, roles: Roles, first: async_nats::Client) -> anyhow::Result<Self> {
+        let own = |on: bool| {
+            let first = first.clone();
+            async move {
+                if on {
+                    connect(url, ca_file).await
+                } else {
+                    Ok(first)
+                }
+            }
+        };
+        Ok(Self {
+            ingest: own(roles.ingest).await?,
+            sequencer: own(roles.sequencer).await?,
+            fanout: own(roles.fanout).await?,
+            bridge: own(roles.bridge).await?,
+        })
+    }
+}
+
 pub fn jetstream(client: async_nats::Client) -> async_nats::jetstream::Context {
     async_nats::jetstream::ContextBuilder::new()
         .timeout(std::time::Duration::from_secs(10))
@@ -60,13 +100,19 @@ pub fn jetstream(client: async_nats::Client) -> async_nats::jetstream::Context {
 pub async fn run(
     cfg: config::Config,
     roles: Roles,
-    nats: async_nats::Client,
+    nats: Connections,
     listener: Option<TcpListener>,
     registry: Registry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let js = jetstream(nats);
-    let topo = proto::streams::ensure(&js, &cfg).await.context("cannot create streams")?;
+    // Each role's handles are bound to its own connection.
+    // Boxed: `ensure` is a large future, and several of them inline would
+    // overflow a worker thread's stack.
+    let topology = |client: &async_nats::Client| {
+        let js = jetstream(client.clone());
+        let cfg = cfg.clone();
+        Box::pin(async move { proto::streams::ensure(&js, &cfg).await.context("cannot create streams") })
+    };
     let mut tasks = JoinSet::new();
     // Stopping drains front to back: the API stops accepting and finishes
     // its requests first, while the workers still decide and deliver what
@@ -88,7 +134,7 @@ pub async fn run(
     let shutdown = workers_stop;
     if roles.sequencer {
         let seq = sequencer::Sequencer::new(
-            topo.clone(),
+            topology(&nats.sequencer).await?,
             cfg.domain.clone(),
             cfg.streams.clone(),
             sequencer::Metrics::new(&registry)?,
@@ -98,7 +144,7 @@ pub async fn run(
     }
     if roles.fanout {
         let fo = fanout::Fanout::new(
-            topo.clone(),
+            topology(&nats.fanout).await?,
             cfg.domain.clone(),
             cfg.streams.clone(),
             fanout::Metrics::new(&registry)?,
@@ -107,18 +153,21 @@ pub async fn run(
         tasks.spawn(async move { fo.run(sd).await.map_err(anyhow::Error::from) });
     }
     if roles.bridge && !cfg.peers.is_empty() {
-        let bridge =
-            federation_bridge::Bridge::new(topo.clone(), &cfg, federation_bridge::Metrics::new(&registry)?).await?;
+        let topo = topology(&nats.bridge).await?;
+        let bridge = federation_bridge::Bridge::new(topo, &cfg, federation_bridge::Metrics::new(&registry)?).await?;
         let sd = shutdown.clone();
         tasks.spawn(async move { bridge.run(sd).await.map_err(anyhow::Error::from) });
     }
     if !roles.ingest {
         // A worker's listener, if any, serves its metrics.
         if let Some(listener) = listener {
-            tasks.spawn(serve_metrics(listener, registry.clone(), js.client(), shutdown.clone()));
+            let client = if roles.sequencer { &nats.sequencer } else { &nats.fanout };
+            tasks.spawn(serve_metrics(listener, registry.clone(), client.clone(), shutdown.clone()));
         }
     } else {
         let listener = listener.context("the ingest role needs a listener")?;
+        let topo = topology(&nats.ingest).await?;
+        let js = &topo.js;
         let store = match cfg.keydir.backend {
             config::KeydirBackend::Sled => {
                 std::fs::create_dir_all(&cfg.data_dir).context("cannot create data dir")?;
@@ -126,7 +175,7 @@ pub async fn run(
                 keydir::Backend::Sled(keydir::SledStore::open(&db)?)
             }
             config::KeydirBackend::Jetstream => {
-                keydir::Backend::JetStream(Box::new(keydir::JsStore::open(&js, cfg.streams.replicas).await?))
+                keydir::Backend::JetStream(Box::new(keydir::JsStore::open(js, cfg.streams.replicas).await?))
             }
         };
         let kd = keydir::KeyDirectory::new(
@@ -137,7 +186,7 @@ pub async fn run(
             keydir::Metrics::new(&registry)?,
         );
         let api = Arc::new(ingest::Api {
-            topo: topo.clone(),
+            topo,
             keydir: Arc::new(kd),
             cfg: cfg.clone(),
             registry: registry.clone(),

@@ -73,6 +73,13 @@ enum Cmd {
         /// Skip the multi-process scale-out runs.
         #[arg(long)]
         no_scale_out: bool,
+        /// Submissions in flight at once in the closed-loop runs.
+        #[arg(long, default_value_t = 1024)]
+        in_flight: usize,
+        /// Run the in-process operator's roles on one NATS connection
+        /// instead of one each (to measure what that costs).
+        #[arg(long)]
+        shared_connection: bool,
         /// The bench nats-server's `sync_interval` ("always", "1s", or ""
         /// for nats-server's 2-minute default); default: streams.sync_interval.
         #[arg(long)]
@@ -111,12 +118,12 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Demo => demo::run(cfg).await,
-        Cmd::Bench { messages, size, json, no_scale_out, sync } => {
+        Cmd::Bench { messages, size, json, no_scale_out, in_flight, shared_connection, sync } => {
             let mut cfg = cfg;
             if let Some(s) = sync {
                 cfg.streams.sync_interval = s;
             }
-            bench::run(cfg, bench::Options { messages, size, json, no_scale_out }).await
+            bench::run(cfg, bench::Options { messages, size, json, no_scale_out, in_flight, shared_connection }).await
         }
     }
 }
@@ -173,8 +180,8 @@ async fn serve(mut cfg: config::Config, roles: Roles) -> anyhow::Result<()> {
     // is done with NATS.
     let nats_stop = CancellationToken::new();
     let supervisor = embedded.take().map(|p| tokio::spawn(supervise(p, nats_stop.clone())));
-    let mut run =
-        tokio::spawn(mlsfed::run(cfg, roles, client, listener, prometheus::Registry::new(), shutdown.clone()));
+    let nats = mlsfed::Connections::open(&cfg.nats_url, &cfg.nats_ca_file, roles, client).await?;
+    let mut run = tokio::spawn(mlsfed::run(cfg, roles, nats, listener, prometheus::Registry::new(), shutdown.clone()));
     let result = tokio::select! {
         r = &mut run => r,
         _ = shutdown.cancelled() => match tokio::time::timeout(DRAIN, &mut run).await {

@@ -15,6 +15,11 @@ pub const SUBMIT_WILDCARD: &str = "mlsfed.submit.*";
 /// split LOG the way the sequencers split SUBMIT.
 pub const LOG_STREAM: &str = "MLSFED_LOG";
 pub const LOG_WILDCARD: &str = "mlsfed.log.*.*";
+/// LOG republishes every entry it stored to `mlsfed.tail.<partition>.<group>`
+/// with its stream sequence and the sequence of the group's previous entry
+/// (`Nats-Sequence`, `Nats-Last-Sequence`): ingest's tails follow groups
+/// from these instead of reading each new entry back.
+pub const LOG_REPUBLISH: (&str, &str) = ("mlsfed.log.>", "mlsfed.tail.>");
 /// Per-device mailboxes: `mlsfed.mbox.<device>` (Limits, direct get).
 pub const MAILBOX_STREAM: &str = "MLSFED_MAILBOX";
 pub const MAILBOX_WILDCARD: &str = "mlsfed.mbox.*";
@@ -141,6 +146,13 @@ pub fn submit_subject(g: &GroupId) -> String {
 
 pub fn log_subject(g: &GroupId, partitions: u32) -> String {
     format!("{PREFIX}.log.{}.{}", partition_of(g, partitions), g.token())
+}
+
+/// Where LOG republishes the entries stored on `log_subject` (see
+/// [`LOG_REPUBLISH`]).
+pub fn tail_subject(log_subject: &str) -> String {
+    let rest = log_subject.strip_prefix(LOG_REPUBLISH.0.trim_end_matches('>')).unwrap_or(log_subject);
+    format!("{}{rest}", LOG_REPUBLISH.1.trim_end_matches('>'))
 }
 
 pub fn mailbox_subject(d: &DeviceId) -> String {
@@ -385,6 +397,8 @@ mod admin_name_tests {
         assert_eq!(classify_stream(STATE_STREAM), Some(("object", STATE_BUCKET)));
         assert_eq!(classify_stream("KV_other"), None);
         assert_eq!(classify_stream("ORDERS"), None);
+        let log = log_subject(&g, 16);
+        assert_eq!(tail_subject(&log), format!("{PREFIX}.tail.{}.{}", partition_of(&g, 16), g.token()));
         assert_ne!(peer_control_key("b.example"), peer_control_applied_key("b.example"));
     }
 }

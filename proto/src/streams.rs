@@ -22,6 +22,10 @@ pub enum EnsureStreamsError {
     ObjectStore { name: &'static str, source: jetstream::context::ObjectStoreError },
     #[error("cannot open the stream of object store {name}: {source}")]
     ObjectStoreStream { name: &'static str, source: jetstream::context::GetStreamError },
+    #[error("cannot update stream {name}: {source}")]
+    Update { name: &'static str, source: jetstream::context::UpdateStreamError },
+    #[error("cannot reopen stream {name} after its update: {source}")]
+    Reopen { name: &'static str, source: jetstream::context::GetStreamError },
     #[error("cannot create consumer {name}: {source}")]
     Consumer { name: &'static str, source: jetstream::stream::ConsumerError },
 }
@@ -61,7 +65,19 @@ async fn ensure_stream(
 ) -> Result<stream::Stream, EnsureStreamsError> {
     // get_or_create keeps an existing stream as it is; operators change
     // retention of a live stream with the admin tooling, not by restarting.
-    js.get_or_create_stream(cfg).await.map_err(|source| EnsureStreamsError::Stream { name, source })
+    // The one exception is what the code itself relies on: a LOG stream
+    // made by an older version lacks the republish that ingest's tails
+    // follow, and gets it here.
+    let wanted_republish = cfg.republish.clone();
+    let mut stream =
+        js.get_or_create_stream(cfg).await.map_err(|source| EnsureStreamsError::Stream { name, source })?;
+    let current = stream.cached_info().config.clone();
+    if current.republish != wanted_republish {
+        let config = stream::Config { republish: wanted_republish, ..current };
+        js.update_stream(config).await.map_err(|source| EnsureStreamsError::Update { name, source })?;
+        stream = js.get_stream(name).await.map_err(|source| EnsureStreamsError::Reopen { name, source })?;
+    }
+    Ok(stream)
 }
 
 async fn ensure_bucket(
@@ -133,6 +149,11 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
             duplicate_window: cfg.duplicate_window(),
             allow_direct: true,
             num_replicas: replicas,
+            republish: Some(stream::Republish {
+                source: names::LOG_REPUBLISH.0.into(),
+                destination: names::LOG_REPUBLISH.1.into(),
+                headers_only: false,
+            }),
             ..Default::default()
         },
         names::LOG_STREAM,

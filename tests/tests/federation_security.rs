@@ -227,6 +227,16 @@ async fn requests_tolerate_clock_skew_but_not_replays() -> anyhow::Result<()> {
         (env.nonce, bytes::Bytes::from(seal(&b_key, &env)))
     };
     let subject = names::peer_rpc_subject(B);
+    // A's bridge subscribes on a connection of its own once it is up:
+    // until then a request has no responders (bounded wait).
+    for _ in 0..100 {
+        match as_b.request(subject.clone(), request(unix_now()).1).await {
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            _ => break,
+        }
+    }
     let mut first = None;
     for sent_at in [unix_now() - 120, unix_now() + 120] {
         let (nonce, req) = request(sent_at);

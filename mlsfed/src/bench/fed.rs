@@ -220,7 +220,7 @@ pub async fn claims(
     let server = tokio::spawn(mlsfed::run(
         cfg.clone(),
         roles,
-        nats,
+        mlsfed::Connections::shared(nats),
         Some(listener),
         prometheus::Registry::new(),
         shutdown.clone(),

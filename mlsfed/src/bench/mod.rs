@@ -38,6 +38,10 @@ pub struct Options {
     pub json: Option<std::path::PathBuf>,
     /// Skip the multi-process scale-out runs.
     pub no_scale_out: bool,
+    /// Submissions in flight at once in the closed-loop runs of many groups.
+    pub in_flight: usize,
+    /// The in-process operator's roles share one NATS connection.
+    pub shared_connection: bool,
 }
 
 const DEVICES: usize = 1000;
@@ -121,10 +125,16 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
     let url = format!("http://{}", listener.local_addr()?);
     let shutdown = CancellationToken::new();
     let registry = prometheus::Registry::new();
+    let connections = if opts.shared_connection {
+        mlsfed::Connections::shared(nats.clone())
+    } else {
+        mlsfed::Connections::open(&cfg.nats_url, &cfg.nats_ca_file, mlsfed::Roles::ALL, nats.clone()).await?
+    };
+    report.insert("shared_connection".into(), json!(opts.shared_connection));
     let server = tokio::spawn(mlsfed::run(
         cfg.clone(),
         mlsfed::Roles::ALL,
-        nats.clone(),
+        connections,
         Some(listener),
         registry.clone(),
         shutdown.clone(),
@@ -149,11 +159,15 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
 
     // 2a. 1000 groups × 10, closed loop.
     let bodies = fleet.messages(&senders, opts.messages, opts.size)?;
+    // Profilers start on this line: what follows is the timed run.
+    println!("sending {} messages over {GROUPS} groups", bodies.len());
     let before = js_totals(&js).await?;
     let stages_before = stages(&registry);
-    let a = fleet.run(bodies, &sizes, 256, None, Duration::from_secs(90)).await?;
+    let in_flight = opts.in_flight.max(1);
+    let a = fleet.run(bodies, &sizes, in_flight, None, Duration::from_secs(90)).await?;
     let cost = cost_of(&js, before, a.messages).await?;
-    print_run("1000 groups x 10 members, 256 submits in flight", &a, Some(&cost));
+    print_run(&format!("1000 groups x 10 members, {in_flight} submits in flight"), &a, Some(&cost));
+    report.insert("in_flight".into(), json!(in_flight));
     // Where a submit's time goes, from the operator's own histograms: the
     // HTTP handler (auth to verdict), and the sequencer's decision.
     let stages_after = stages(&registry);
@@ -247,9 +261,23 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
     // A stage that fails is reported and the run goes on: one broken figure
     // should not cost the others.
     if !opts.no_scale_out {
-        let n = opts.messages / 2;
+        let n = opts.messages;
         for k in [1usize, 2, 4] {
-            match scale::run(&cfg, tmp.path(), &mut fleet, &per_device, &senders, &sizes, k, n, opts.size).await {
+            match scale::run(
+                &js,
+                &cfg,
+                tmp.path(),
+                &mut fleet,
+                &per_device,
+                &senders,
+                &sizes,
+                k,
+                n,
+                opts.size,
+                in_flight,
+            )
+            .await
+            {
                 Ok(r) => {
                     print_run(&format!("{k} sequencer + {k} fanout processes, 2 ingest processes"), &r, None);
                     report.insert(format!("sequencers_{k}_msgs_per_s"), json!(r.delivered_per_s()));

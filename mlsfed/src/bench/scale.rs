@@ -65,8 +65,33 @@ fn spawn(cfg: &config::Config, dir: &Path, name: &str, role: &str) -> anyhow::Re
         .spawn()?)
 }
 
+/// Waits until exactly `k` sequencers and `k` fanouts are members, then two
+/// heartbeats more, so that every process has computed the same owners.
+async fn settle_members(js: &async_nats::jetstream::Context, k: usize) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let kv = js.get_key_value(proto::names::MEMBERS_BUCKET).await?;
+    let t0 = Instant::now();
+    loop {
+        let mut keys = kv.keys().await?;
+        let (mut seq, mut fan) = (0, 0);
+        while let Some(key) = keys.next().await {
+            let key = key?;
+            seq += usize::from(key.starts_with(&proto::names::member_prefix("sequencer")));
+            fan += usize::from(key.starts_with(&proto::names::member_prefix("fanout")));
+        }
+        if seq == k && fan == k {
+            break;
+        }
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(60), "{seq} sequencers and {fan} fanouts, not {k} each");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(proto::partitions::HEARTBEAT * 2).await;
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
+    js: &async_nats::jetstream::Context,
     cfg: &config::Config,
     tmp: &Path,
     fleet: &mut Fleet,
@@ -76,6 +101,7 @@ pub async fn run(
     k: usize,
     messages: usize,
     size: usize,
+    in_flight: usize,
 ) -> anyhow::Result<Run> {
     let dir = tmp.join(format!("scale-{k}"));
     std::fs::create_dir_all(&dir)?;
@@ -107,11 +133,15 @@ pub async fn run(
     }
     fleet.reconnect(&urls);
     fleet.follow(per_device).await.context("followers")?;
+    // Every worker has joined, and what left from the previous run is gone,
+    // before the warm-up: a partition that moves during the timed run
+    // would measure the handover, not the processes.
+    settle_members(js, k).await?;
     // Warm-up, untimed: every partition owned, every group's state loaded.
     let warm = fleet.messages(senders, senders.len(), size)?;
-    fleet.run(warm, sizes, 256, None, Duration::from_secs(90)).await?;
+    fleet.run(warm, sizes, in_flight, None, Duration::from_secs(90)).await?;
     let bodies = fleet.messages(senders, messages, size)?;
-    let r = fleet.run(bodies, sizes, 256, None, Duration::from_secs(90)).await?;
+    let r = fleet.run(bodies, sizes, in_flight, None, Duration::from_secs(90)).await?;
     fleet.close();
     procs.stop();
     Ok(r)
