@@ -128,8 +128,25 @@ impl Bridge {
             MarkCheck::Apply | MarkCheck::ApplyRestarted | MarkCheck::ApplyAfterReset => {}
         }
         let mut applied = 0usize;
+        // A hub's entries are appended per group, each group's in order,
+        // many at once in one atomic batch, and the groups concurrently:
+        // catching up after an outage is not one round trip per entry.
+        let mut runs: Vec<(proto::GroupId, Vec<proto::wire::LogEntry>)> = Vec::new();
         for payload in env.payloads {
-            match self.apply(&origin, payload).await {
+            let outcome = match payload {
+                Payload::Deliver(entry) => match self.check_delivered(&origin, &entry) {
+                    Ok(()) => {
+                        match runs.iter_mut().find(|(g, _)| *g == entry.group) {
+                            Some((_, run)) => run.push(entry),
+                            None => runs.push((entry.group.clone(), vec![entry])),
+                        }
+                        continue;
+                    }
+                    Err(refusal) => Err(Ok(refusal)),
+                },
+                other => self.apply(&origin, other).await,
+            };
+            match outcome {
                 Ok(()) => applied += 1,
                 // One bad record does not spoil the others in the envelope.
                 Err(Ok(refusal)) => {
@@ -140,6 +157,11 @@ impl Bridge {
                 // idempotent), so the whole envelope is retried.
                 Err(Err(e)) => return Err(Err(e)),
             }
+        }
+        let appended = futures::future::join_all(runs.iter().map(|(_, run)| self.append_delivered(run))).await;
+        for (result, (_, run)) in appended.into_iter().zip(&runs) {
+            result.map_err(Err)?;
+            applied += run.len();
         }
         if applied == 0 {
             // Nothing of it was used: the mark stays where it was.
@@ -243,57 +265,95 @@ impl Bridge {
                 Ok(())
             }
             Payload::Deliver(entry) => {
-                if entry.group.hub() != origin {
-                    return Err(Ok(Refusal::NotHub));
-                }
-                let ours = |ds: &[proto::DeviceId]| ds.iter().all(|d| d.domain() == self.us);
-                if !ours(&entry.removed) || !ours(&entry.welcome_recipients) {
-                    return Err(Ok(Refusal::NotOurDevices));
-                }
-                self.append_delivered(&entry).await.map_err(Err)
+                self.check_delivered(origin, &entry).map_err(Ok)?;
+                self.append_delivered(std::slice::from_ref(&entry)).await.map_err(Err)
             }
         }
     }
 
-    /// Appends a hub's entry to our LOG, where our devices read it: once per
-    /// position by construction, whatever a dedup window remembers. The
-    /// append is a compare-and-set on the group's last entry here, and an
-    /// entry at or below that entry's position is a resend, dropped.
-    async fn append_delivered(&self, entry: &proto::wire::LogEntry) -> Result<(), String> {
-        let subject = names::log_subject(&entry.group, self.streams.partitions);
+    /// A peer delivers only entries of groups it hosts, naming only our
+    /// devices as removed or welcomed.
+    fn check_delivered(&self, origin: &str, entry: &proto::wire::LogEntry) -> Result<(), Refusal> {
+        if entry.group.hub() != origin {
+            return Err(Refusal::NotHub);
+        }
+        let ours = |ds: &[proto::DeviceId]| ds.iter().all(|d| d.domain() == self.us);
+        if !ours(&entry.removed) || !ours(&entry.welcome_recipients) {
+            return Err(Refusal::NotOurDevices);
+        }
+        Ok(())
+    }
+
+    /// Appends a hub's entries of one group (in its order) to our LOG,
+    /// where our devices read them: once per position by construction,
+    /// whatever a dedup window remembers. The append is a compare-and-set on
+    /// the group's last entry here, and entries at or below that entry's
+    /// position are resends, dropped. Several go in one atomic batch whose
+    /// first message carries the compare-and-set, so they are stored all
+    /// together after that entry or not at all.
+    async fn append_delivered(&self, entries: &[proto::wire::LogEntry]) -> Result<(), String> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let subject = names::log_subject(&first.group, self.streams.partitions);
         let last = match self.topo.log.direct_get_last_for_subject(subject.as_str()).await {
             Ok(m) => Some(m),
             Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => None,
             Err(e) => return Err(e.to_string()),
         };
-        let expected = match &last {
+        let (mut expected, known) = match &last {
             Some(m) => {
                 let known: proto::wire::LogEntry =
                     proto::wire::decode(&m.payload).map_err(|e| format!("our LOG entry is unreadable: {e}"))?;
-                if entry.position <= known.position {
-                    return Ok(());
-                }
-                m.sequence
+                (m.sequence, known.position)
             }
-            None => 0,
+            None => (0, 0),
         };
+        let fresh: Vec<&proto::wire::LogEntry> = entries.iter().filter(|e| e.position > known).collect();
+        for chunk in fresh.chunks(proto::batch::MAX_MESSAGES) {
+            expected = if chunk.len() == 1 {
+                self.append_one(&subject, expected, chunk[0]).await?
+            } else {
+                let messages = chunk.iter().map(|e| (Bytes::from(proto::wire::encode(*e)), entry_headers(e))).collect();
+                // A lost compare-and-set means another inbox appended first:
+                // the retry reads the new last entry and drops these.
+                proto::batch::publish_atomic(&self.topo.js.client(), &subject, expected, messages)
+                    .await
+                    .map_err(|e| e.to_string())?
+            };
+        }
+        Ok(())
+    }
+
+    /// Appends one entry after stream sequence `expected`; returns its own.
+    async fn append_one(&self, subject: &str, expected: u64, entry: &proto::wire::LogEntry) -> Result<u64, String> {
         let id = names::fed_msg_id("rlog", &[entry.group.as_bytes(), &entry.position.to_be_bytes()]);
-        let publish = PublishMessage::build()
+        let mut publish = PublishMessage::build()
             .payload(Bytes::from(proto::wire::encode(entry)))
             .message_id(id)
-            .expected_last_subject_sequence(expected)
-            .header(names::headers::POSITION, entry.position.to_string().as_str())
-            .header(names::headers::EPOCH, entry.epoch.to_string().as_str())
-            .header(names::headers::KIND, entry.kind.as_str());
-        // A lost compare-and-set means another inbox appended first: the
-        // retry reads the new last entry and drops this one as a resend.
-        self.topo
+            .expected_last_subject_sequence(expected);
+        for (name, value) in entry_headers(entry).iter() {
+            for v in value {
+                publish = publish.header(name.clone(), v.clone());
+            }
+        }
+        let ack = self
+            .topo
             .js
-            .send_publish(subject, publish)
+            .send_publish(subject.to_owned(), publish)
             .await
             .map_err(|e| e.to_string())?
             .await
             .map_err(|e| e.to_string())?;
-        Ok(())
+        Ok(ack.sequence)
     }
+}
+
+/// The headers every LOG entry carries.
+fn entry_headers(entry: &proto::wire::LogEntry) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(names::headers::POSITION, entry.position.to_string().as_str());
+    h.insert(names::headers::EPOCH, entry.epoch.to_string().as_str());
+    h.insert(names::headers::KIND, entry.kind.as_str());
+    h
 }

@@ -67,13 +67,14 @@ async fn ensure_stream(
     // retention of a live stream with the admin tooling, not by restarting.
     // The one exception is what the code itself relies on: a LOG stream
     // made by an older version lacks the republish that ingest's tails
-    // follow, and gets it here.
-    let wanted_republish = cfg.republish.clone();
+    // follow and the atomic batches the bridge appends with, and gets them
+    // here.
+    let (republish, allow_atomic_publish) = (cfg.republish.clone(), cfg.allow_atomic_publish);
     let mut stream =
         js.get_or_create_stream(cfg).await.map_err(|source| EnsureStreamsError::Stream { name, source })?;
     let current = stream.cached_info().config.clone();
-    if current.republish != wanted_republish {
-        let config = stream::Config { republish: wanted_republish, ..current };
+    if current.republish != republish || current.allow_atomic_publish != allow_atomic_publish {
+        let config = stream::Config { republish, allow_atomic_publish, ..current };
         js.update_stream(config).await.map_err(|source| EnsureStreamsError::Update { name, source })?;
         stream = js.get_stream(name).await.map_err(|source| EnsureStreamsError::Reopen { name, source })?;
     }
@@ -154,6 +155,8 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
                 destination: names::LOG_REPUBLISH.1.into(),
                 headers_only: false,
             }),
+            // A peer's entries are appended many at once (`proto::batch`).
+            allow_atomic_publish: true,
             ..Default::default()
         },
         names::LOG_STREAM,

@@ -44,3 +44,52 @@ async fn batch_and_multi_last_answer_in_order_and_promptly_when_empty() -> anyho
     assert!(t0.elapsed() < Duration::from_secs(1), "an empty multi_last took {:?}", t0.elapsed());
     Ok(())
 }
+
+/// Atomic batches (ADR-50), as the bridge appends a hub's entries: stored
+/// all together after the expected entry, or not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn atomic_batches_store_all_or_nothing_after_the_expected_entry() -> anyhow::Result<()> {
+    use tests::proto::batch::{publish_atomic, PublishAtomicError};
+    let nats = NatsServer::start()?;
+    let client = tests::nats_connect(&nats.url()).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "B".into(),
+            subjects: vec!["b.*".into()],
+            allow_atomic_publish: true,
+            ..Default::default()
+        })
+        .await?;
+    let batch = |from: u8, n: u8| -> Vec<(bytes::Bytes, async_nats::HeaderMap)> {
+        (from..from + n).map(|i| (bytes::Bytes::from(vec![i]), async_nats::HeaderMap::new())).collect()
+    };
+    let last = publish_atomic(&client, "b.g", 0, batch(0, 3)).await?;
+    assert_eq!(last, 3);
+    // Another writer's entry lands first: a batch expecting the old end is
+    // refused whole, and nothing of it is stored.
+    js.publish("b.g", vec![9].into()).await?.await?;
+    match publish_atomic(&client, "b.g", last, batch(3, 5)).await {
+        Err(PublishAtomicError::WrongLastSequence) => {}
+        other => anyhow::bail!("a stale batch was not refused: {other:?}"),
+    }
+    assert_eq!(stream.info().await?.state.messages, 4);
+    // Expecting the true end, it goes in after it, in order.
+    let end = publish_atomic(&client, "b.g", 4, batch(3, 5)).await?;
+    assert_eq!(end, 9);
+    let stored: Vec<u8> = futures::future::try_join_all((1..=9).map(|s| stream.get_raw_message(s)))
+        .await?
+        .into_iter()
+        .map(|m| m.payload[0])
+        .collect();
+    assert_eq!(stored, [0, 1, 2, 9, 3, 4, 5, 6, 7]);
+    // A stream that does not allow batches says so.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "N".into(),
+        subjects: vec!["n.*".into()],
+        ..Default::default()
+    })
+    .await?;
+    assert!(matches!(publish_atomic(&client, "n.g", 0, batch(0, 2)).await, Err(PublishAtomicError::Refused { .. })));
+    Ok(())
+}
