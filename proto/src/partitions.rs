@@ -111,10 +111,26 @@ impl Membership {
     /// process owns on `owned`, until `shutdown`; then withdraws, so the
     /// others take over at once instead of after the expiry.
     pub async fn run(self, owned: watch::Sender<Owned>, shutdown: CancellationToken) {
+        // The announcements keep their own beat: a slow listing of the
+        // members (a loaded server) must not let our key expire, or the
+        // others would take our partitions from a live process.
+        let (kv, role, key) = (self.kv.clone(), self.role, names::member_key(self.role, &self.instance));
+        let stop_announcing = shutdown.child_token();
+        let announcer = {
+            let stop = stop_announcing.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Err(e) = kv.put(key.as_str(), bytes::Bytes::new()).await {
+                        tracing::warn!(role, error = %e, "cannot refresh membership");
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(HEARTBEAT) => {}
+                    }
+                }
+            })
+        };
         loop {
-            if let Err(e) = self.announce().await {
-                tracing::warn!(role = self.role, error = %e, "cannot refresh membership");
-            }
             match self.members().await {
                 Ok(mut members) => {
                     // Our own key may not be listed yet (or just expired).
@@ -144,6 +160,8 @@ impl Membership {
                 _ = tokio::time::sleep(HEARTBEAT) => {}
             }
         }
+        stop_announcing.cancel();
+        let _ = announcer.await;
         owned.send_replace(Owned::new());
         let _ = self.kv.delete(names::member_key(self.role, &self.instance)).await;
     }
@@ -332,6 +350,19 @@ where
         if groups.len() > 4096 {
             groups.retain(|_, tx| !tx.is_closed());
         }
+    }
+    // What the server already sent us but no group task took would wait
+    // out the ack wait (30 s) before the next owner saw it: hand it back
+    // now instead, so a handover costs milliseconds, not the ack wait.
+    // Only what is already here: reading on could take back what we hand
+    // back, as long as the pin is still ours.
+    let mut returned = 0usize;
+    while let Some(Some(Ok(m))) = futures::FutureExt::now_or_never(messages.next()) {
+        let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
+        returned += 1;
+    }
+    if returned > 0 {
+        tracing::debug!(role = role.name, partition = k, returned, "handed unstarted messages back");
     }
     // Dropping the senders lets each group task finish what it holds; wait
     // for them (bounded), so a stopping process drains its work.

@@ -99,7 +99,6 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
     cfg.limits.max_connections = 8192;
     cfg.limits.max_in_flight_requests = 8192;
     cfg.limits.max_body_bytes = 4 << 20;
-    cfg.streams.partition_failover_secs = 3;
     let embedded = embedded_nats(&cfg)?.context("bench runs its own nats-server; unset MLSFED_NATS_URL")?;
     cfg.nats_url = embedded.url();
     let nats = mlsfed::connect(&cfg.nats_url, &cfg.nats_ca_file).await?;

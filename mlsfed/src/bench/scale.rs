@@ -144,5 +144,28 @@ pub async fn run(
     let r = fleet.run(bodies, sizes, in_flight, None, Duration::from_secs(90)).await?;
     fleet.close();
     procs.stop();
+    report_worker_logs(&dir);
     Ok(r)
+}
+
+/// Prints how many warnings and errors each worker logged, with the first
+/// few: a run that went wrong says where.
+fn report_worker_logs(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut logs: Vec<_> =
+        entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect();
+    logs.sort();
+    for log in logs {
+        let Ok(text) = std::fs::read_to_string(&log) else { continue };
+        let bad: Vec<&str> = text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+        if bad.is_empty() {
+            continue;
+        }
+        let name = log.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        println!(
+            "  {name}: {} warnings or errors, first: {}",
+            bad.len(),
+            bad.iter().take(3).copied().collect::<Vec<_>>().join(" | ")
+        );
+    }
 }
