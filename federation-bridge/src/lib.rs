@@ -41,8 +41,13 @@ use tokio_util::sync::CancellationToken;
 pub use metrics::Metrics;
 pub use outbox::{ControlApplied, PeerControl};
 
-/// Most outbox records carried by one envelope.
-const BATCH: usize = 64;
+/// Most outbox records carried by one envelope: a peer catching up after
+/// an outage gets them a few hundred per round trip.
+const BATCH: usize = 256;
+/// An envelope stops growing past this many bytes of records, well under
+/// NATS' 1 MiB payload limit (one record alone may still be larger: it
+/// goes alone).
+const BATCH_BYTES: usize = 512 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunBridgeError {

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{time_now, unix_now, Bridge, Peer, PeerVersion, RunBridgeError, BATCH};
+use crate::{time_now, unix_now, Bridge, Peer, PeerVersion, RunBridgeError, BATCH, BATCH_BYTES};
 
 /// An operator's instructions to our outbox for one peer (JSON, in KV
 /// `mlsfed_federation` under `names::peer_control_key`).
@@ -123,18 +123,33 @@ impl Bridge {
         let mut resets = control.borrow().ctl.backoff_resets;
         // The highest outbox sequence the peer has from us in this run.
         let mut last_sent = 0u64;
+        // A record that did not fit the previous envelope opens the next.
+        let mut carried = None;
         loop {
-            let Some(first) = proto::streams::next_message(&mut messages, &shutdown, "bridge outbox")
-                .await
-                .map_err(|e| RunBridgeError::Setup(e.to_string()))?
-            else {
-                return Ok(());
+            let first = match carried.take() {
+                Some(m) => m,
+                None => match proto::streams::next_message(&mut messages, &shutdown, "bridge outbox")
+                    .await
+                    .map_err(|e| RunBridgeError::Setup(e.to_string()))?
+                {
+                    Some(m) => m,
+                    None => return Ok(()),
+                },
             };
-            // A bounded batch: whatever else is ready now, in stream order.
+            // A bounded batch: whatever else is ready now, in stream order,
+            // within both bounds.
+            let mut bytes = first.payload.len();
             let mut batch = vec![first];
             while batch.len() < BATCH {
                 match tokio::time::timeout(Duration::from_millis(2), messages.next()).await {
-                    Ok(Some(Ok(m))) => batch.push(m),
+                    Ok(Some(Ok(m))) if bytes + m.payload.len() > BATCH_BYTES => {
+                        carried = Some(m);
+                        break;
+                    }
+                    Ok(Some(Ok(m))) => {
+                        bytes += m.payload.len();
+                        batch.push(m);
+                    }
                     _ => break,
                 }
             }
