@@ -24,6 +24,8 @@ const CHUNK_BYTES: usize = 256 * 1024;
 /// Rounds of reading and moving the pointer before a save gives up (each
 /// lost round means another process moved it meanwhile).
 const POINTER_ROUNDS: usize = 8;
+/// Checkpoint objects one process reads at once.
+const MAX_CONCURRENT_READS: usize = 16;
 /// Reads of pointer then object before a load gives up: the object named by
 /// a pointer just read may be deleted because the pointer moved on.
 const READ_ROUNDS: usize = 3;
@@ -91,6 +93,11 @@ enum ObjectRead {
 }
 
 pub(crate) struct Checkpoints {
+    /// Object reads in flight in this process. Each read is a consumer on
+    /// the object store's stream, and a sequencer that takes over many
+    /// groups at once (a start, a failover) would otherwise open one per
+    /// group and run into the server's consumer limit.
+    reads: std::sync::Arc<tokio::sync::Semaphore>,
     pointers: kv::Store,
     objects: object_store::ObjectStore,
     objects_stream: jetstream::stream::Stream,
@@ -100,6 +107,7 @@ pub(crate) struct Checkpoints {
 impl Checkpoints {
     pub(crate) fn new(topo: &proto::streams::Topology, cleanup_failures: prometheus::IntCounter) -> Self {
         Self {
+            reads: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_READS)),
             pointers: topo.groups.clone(),
             objects: topo.state.clone(),
             objects_stream: topo.state_stream.clone(),
@@ -214,6 +222,8 @@ impl Checkpoints {
     }
 
     async fn read(&self, object: &str) -> Result<Vec<u8>, ObjectRead> {
+        let _permit =
+            self.reads.acquire().await.map_err(|_| ObjectRead::Unavailable("checkpoint reads are closed".into()))?;
         let mut found = match self.objects.get(object).await {
             Ok(o) => o,
             Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Err(ObjectRead::Missing),
