@@ -31,13 +31,19 @@ impl Bridge {
             .fed_in
             .get(&peer)
             .ok_or_else(|| RunBridgeError::Setup(format!("no inbound stream for {peer}")))?;
-        let mut messages = proto::streams::durable_messages(
+        // One envelope in flight, on one bridge at a time: a standby takes
+        // the inbox over when the owner dies, and the envelope it held comes
+        // back first (nothing else is handed out while it is unacked).
+        let failover = self.failover();
+        let (_, mut messages) = proto::streams::pinned_messages(
             stream,
             &names::bridge_in_consumer(&peer),
             &names::fed_in_subject(&peer),
+            names::BRIDGE_PRIORITY_GROUP,
             1,
-            Duration::from_secs(30),
+            (failover * 2).max(Duration::from_secs(6)),
             self.streams.max_deliver.saturating_add(2),
+            failover,
         )
         .await
         .map_err(RunBridgeError::Setup)?;

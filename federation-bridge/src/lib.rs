@@ -134,6 +134,12 @@ impl Refusal {
 }
 
 impl Bridge {
+    /// How long a peer's outbox or inbox stays pinned to a bridge that
+    /// stopped pulling before a standby bridge takes it.
+    pub(crate) fn failover(&self) -> Duration {
+        Duration::from_secs(self.streams.partition_failover_secs.max(3))
+    }
+
     /// Connects to every configured peer (reconnecting forever in the
     /// background: an unreachable peer is an outbox that waits).
     pub async fn new(topo: Topology, cfg: &config::Config, metrics: Metrics) -> Result<Self, RunBridgeError> {

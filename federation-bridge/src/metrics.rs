@@ -2,7 +2,7 @@
 //! controlled set) or by a closed set of refusal reasons; never by group,
 //! user or device.
 
-use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -22,6 +22,8 @@ pub struct Metrics {
     pub mark_resets: IntCounterVec,
     pub outbox_restarts: IntCounterVec,
     pub dead_letters: IntCounterVec,
+    pub takeovers: IntCounterVec,
+    pub takeover_seconds: Histogram,
 }
 
 impl Metrics {
@@ -116,7 +118,23 @@ impl Metrics {
                 ),
                 peer,
             )?,
+            takeovers: IntCounterVec::new(
+                Opts::new(
+                    "mlsfed_federation_outbox_takeovers_total",
+                    "Times this bridge took a peer's outbox over and waited for what a previous owner held.",
+                ),
+                peer,
+            )?,
+            takeover_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "mlsfed_federation_outbox_takeover_seconds",
+                    "How long a bridge taking a peer's outbox over waited for a previous owner's records.",
+                )
+                .buckets(vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0]),
+            )?,
         };
+        registry.register(Box::new(m.takeovers.clone()))?;
+        registry.register(Box::new(m.takeover_seconds.clone()))?;
         registry.register(Box::new(m.dead_letters.clone()))?;
         registry.register(Box::new(m.mark.clone()))?;
         registry.register(Box::new(m.mark_resets.clone()))?;

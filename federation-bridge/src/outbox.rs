@@ -9,6 +9,7 @@
 //! at once. The bridge notes each revision it applied
 //! (`names::peer_control_applied_key`).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,7 +91,7 @@ pub(crate) struct ControlState {
 
 /// How often a paused outbox tells JetStream it still holds its batch
 /// (well within the outbox consumer's 30 s ack wait).
-const HOLD_PROGRESS: Duration = Duration::from_secs(10);
+const HOLD_PROGRESS: Duration = Duration::from_secs(2);
 
 impl Bridge {
     /// Sends our outbox for `peer`, in order, one envelope at a time.
@@ -102,15 +103,21 @@ impl Bridge {
         let domain = peer.cfg.domain.clone();
         let name = names::bridge_out_consumer(&domain);
         // One batch in flight keeps envelopes in order for the peer's
-        // high-water mark.
+        // high-water mark; one bridge at a time (pinned) sends them, the
+        // others stand by. No bound on deliveries: the outbox holds
+        // messages on purpose while the peer is away.
         let filter = names::fed_out_subject(&domain);
-        let mut messages = proto::streams::durable_messages(
+        let failover = self.failover();
+        let ack_wait = outbox_ack_wait(failover);
+        let (mut consumer, mut messages) = proto::streams::pinned_messages(
             &self.topo.fed_out,
             &name,
             &filter,
+            names::BRIDGE_PRIORITY_GROUP,
             BATCH as i64,
-            Duration::from_secs(30),
+            ack_wait,
             0,
+            failover,
         )
         .await
         .map_err(RunBridgeError::Setup)?;
@@ -123,10 +130,13 @@ impl Bridge {
         let mut resets = control.borrow().ctl.backoff_resets;
         // The highest outbox sequence the peer has from us in this run.
         let mut last_sent = 0u64;
-        // A record that did not fit the previous envelope opens the next.
-        let mut carried = None;
+        // Records that did not fit the previous envelope open the next.
+        let mut carried: VecDeque<jetstream::Message> = VecDeque::new();
+        // When this bridge last had a batch: after a longer gap it may have
+        // just become the owner.
+        let mut last_batch: Option<tokio::time::Instant> = None;
         loop {
-            let first = match carried.take() {
+            let first = match carried.pop_front() {
                 Some(m) => m,
                 None => match proto::streams::next_message(&mut messages, &shutdown, "bridge outbox")
                     .await
@@ -141,18 +151,39 @@ impl Bridge {
             let mut bytes = first.payload.len();
             let mut batch = vec![first];
             while batch.len() < BATCH {
-                match tokio::time::timeout(Duration::from_millis(2), messages.next()).await {
-                    Ok(Some(Ok(m))) if bytes + m.payload.len() > BATCH_BYTES => {
-                        carried = Some(m);
+                let next = match carried.pop_front() {
+                    Some(m) => m,
+                    None => match tokio::time::timeout(Duration::from_millis(2), messages.next()).await {
+                        Ok(Some(Ok(m))) => m,
+                        _ => break,
+                    },
+                };
+                if bytes + next.payload.len() > BATCH_BYTES {
+                    carried.push_front(next);
+                    break;
+                }
+                bytes += next.payload.len();
+                batch.push(next);
+            }
+            if last_batch.is_none_or(|t| t.elapsed() > failover) {
+                // Perhaps the bridge that sent before us died holding
+                // records older than ours: nothing newer may reach the peer
+                // before them, or its high-water mark would pass them.
+                self.await_predecessor(&domain, &mut consumer, &mut messages, &mut batch, ack_wait + failover).await;
+                batch.sort_by_key(stream_seq);
+                let mut keep = 0;
+                let mut size = 0;
+                for m in &batch {
+                    if keep > 0 && (keep == BATCH || size + m.payload.len() > BATCH_BYTES) {
                         break;
                     }
-                    Ok(Some(Ok(m))) => {
-                        bytes += m.payload.len();
-                        batch.push(m);
-                    }
-                    _ => break,
+                    size += m.payload.len();
+                    keep += 1;
                 }
+                carried.extend(batch.split_off(keep));
+                carried.make_contiguous().sort_by_key(stream_seq);
             }
+            last_batch = Some(tokio::time::Instant::now());
             // While a batch is held (a peer outage), the messages buffered
             // behind it can outlast the ack wait and come again. A copy of
             // a record already sent is acked and dropped; the rest go in
@@ -245,27 +276,87 @@ impl Bridge {
                         let wait = self.backoff(attempt);
                         attempt = attempt.saturating_add(1);
                         tracing::debug!(peer = %domain, error = %e, ?wait, "peer unreachable; backing off");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Ok(()),
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = peer.contact.notified() => { attempt = 0; }
-                            // An operator paused the outbox or reset its
-                            // backoff: act on it now.
-                            _ = control.changed() => {
-                                let now = control.borrow().ctl.backoff_resets;
-                                if now != resets {
-                                    resets = now;
-                                    attempt = 0;
-                                }
+                        // The wait goes in steps shorter than the ack wait,
+                        // each telling JetStream we still hold the batch.
+                        let until = tokio::time::Instant::now() + wait;
+                        loop {
+                            let step = until.saturating_duration_since(tokio::time::Instant::now()).min(ack_wait / 3);
+                            if step.is_zero() {
+                                break;
                             }
-                        }
-                        // Keep the held messages ours while we retry.
-                        for m in &held {
-                            let _ = m.ack_with(AckKind::Progress).await;
+                            let woken = tokio::select! {
+                                _ = shutdown.cancelled() => return Ok(()),
+                                _ = tokio::time::sleep(step) => false,
+                                _ = peer.contact.notified() => { attempt = 0; true }
+                                // An operator paused the outbox or reset its
+                                // backoff: act on it now.
+                                _ = control.changed() => {
+                                    let now = control.borrow().ctl.backoff_resets;
+                                    if now != resets {
+                                        resets = now;
+                                        attempt = 0;
+                                    }
+                                    true
+                                }
+                            };
+                            for m in &held {
+                                let _ = m.ack_with(AckKind::Progress).await;
+                            }
+                            if woken {
+                                break;
+                            }
                         }
                     }
                 }
             }
+        }
+    }
+
+    /// After this bridge may have taken a peer's outbox over: waits
+    /// (bounded by `limit`) until every record the consumer has out is
+    /// one this bridge holds. What a dead owner held comes back once its
+    /// ack wait ran out, and joins `batch`.
+    async fn await_predecessor(
+        &self,
+        domain: &str,
+        consumer: &mut jetstream::consumer::PullConsumer,
+        messages: &mut jetstream::consumer::pull::Stream,
+        batch: &mut Vec<jetstream::Message>,
+        limit: Duration,
+    ) {
+        let t0 = tokio::time::Instant::now();
+        let mut progressed = t0;
+        let mut waited = false;
+        loop {
+            match consumer.info().await {
+                Ok(info) if info.num_ack_pending <= batch.len() => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(peer = %domain, error = %e, "cannot read the outbox consumer; sending what we hold");
+                    break;
+                }
+            }
+            if t0.elapsed() > limit {
+                tracing::warn!(peer = %domain, "records of a previous outbox owner did not come back in time");
+                break;
+            }
+            if !waited {
+                tracing::info!(peer = %domain, "taking the outbox over; waiting for what its previous owner held");
+                waited = true;
+            }
+            if let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(200), messages.next()).await {
+                batch.push(m);
+            }
+            if progressed.elapsed() > Duration::from_secs(1) {
+                progressed = tokio::time::Instant::now();
+                for m in batch.iter() {
+                    let _ = m.ack_with(AckKind::Progress).await;
+                }
+            }
+        }
+        if waited {
+            self.metrics.takeovers.with_label_values(&[domain]).inc();
+            self.metrics.takeover_seconds.observe(t0.elapsed().as_secs_f64());
         }
     }
 
@@ -412,4 +503,17 @@ mod tests {
         assert!(PeerControl::decode(br#"{"v":2,"paused":false}"#).unwrap_err().contains("newer"));
         assert!(PeerControl::decode(b"paused").is_err());
     }
+}
+
+/// A record's outbox (stream) sequence.
+fn stream_seq(m: &jetstream::Message) -> u64 {
+    m.info().map(|i| i.stream_sequence).unwrap_or(0)
+}
+
+/// How long a record sent to an outbox owner may go unacknowledged before
+/// it is offered again: the owner tells JetStream it still holds records
+/// well within it, and a new owner waits at most this long for a dead
+/// one's.
+fn outbox_ack_wait(failover: Duration) -> Duration {
+    (failover * 2).max(Duration::from_secs(6))
 }

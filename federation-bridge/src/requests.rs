@@ -26,7 +26,12 @@ impl Bridge {
         Fut: std::future::Future<Output = Bytes> + Send + 'static,
     {
         let client = self.topo.js.client();
-        let mut sub = client.subscribe(subject).await.map_err(|e| RunBridgeError::Setup(e.to_string()))?;
+        // A queue group: with several bridges each request is answered
+        // once (a second answer would find the nonce used and refuse).
+        let mut sub = client
+            .queue_subscribe(subject, names::BRIDGE_QUEUE_GROUP.to_owned())
+            .await
+            .map_err(|e| RunBridgeError::Setup(e.to_string()))?;
         let handle = Arc::new(handle);
         loop {
             let msg = tokio::select! {

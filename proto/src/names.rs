@@ -75,6 +75,14 @@ pub fn sequencer_consumer(k: u32) -> String {
 /// The priority group sequencers pull partitions in (pinned: one owner).
 pub const SEQUENCER_PRIORITY_GROUP: &str = "sequencers";
 
+/// The priority group a peer's outbox and inbox consumers are pinned in:
+/// one bridge at a time works each, the others stand by.
+pub const BRIDGE_PRIORITY_GROUP: &str = "bridges";
+
+/// The queue group the bridges of one operator answer peers' requests in:
+/// each request is answered once, by one of them.
+pub const BRIDGE_QUEUE_GROUP: &str = "mlsfed-bridges";
+
 /// The partition the server puts `g` in: FNV-1a (32 bit) of the subject
 /// token, modulo P, as nats-server's `partition()` transform computes it.
 /// For metrics, tests and the admin tools; routing is the server's.

@@ -401,6 +401,46 @@ pub async fn partition_consumer(
     stream.get_or_create_consumer(name, config).await.map_err(|e| e.to_string())
 }
 
+/// A durable consumer worked by one process at a time among several
+/// (pinned in priority group `group`), and its message stream. The pin
+/// moves to a standby that pulls once the owner has not pulled for
+/// `failover`. What the old owner held unacked comes back after `ack_wait`;
+/// a new owner that must keep order waits for it (see the bridge's
+/// outbox). An existing consumer is updated to this configuration.
+#[allow(clippy::too_many_arguments)]
+pub async fn pinned_messages(
+    stream: &stream::Stream,
+    name: &str,
+    filter: &str,
+    group: &str,
+    max_ack_pending: i64,
+    ack_wait: Duration,
+    max_deliver: i64,
+    failover: Duration,
+) -> Result<(jetstream::consumer::PullConsumer, jetstream::consumer::pull::Stream), String> {
+    let config = pull::Config {
+        max_deliver,
+        priority_policy: jetstream::consumer::PriorityPolicy::PinnedClient,
+        priority_groups: vec![group.to_owned()],
+        priority_timeout: failover,
+        ..durable_config(name, filter, max_ack_pending, ack_wait)
+    };
+    let consumer: jetstream::consumer::PullConsumer =
+        stream.create_consumer(config).await.map_err(|e| e.to_string())?;
+    // Pull well within the failover time, so a live owner keeps its pin.
+    let expires = (failover / 3).max(Duration::from_secs(1));
+    let messages = consumer
+        .stream()
+        .group(group)
+        .expires(expires)
+        .heartbeat(expires / 2)
+        .max_messages_per_batch(max_ack_pending.clamp(1, 1024) as usize)
+        .messages()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((consumer, messages))
+}
+
 /// A durable pull consumer with explicit acks; `filter` empty: the whole
 /// stream. `max_ack_pending` bounds what is in flight (1 or a batch keeps
 /// order where order matters).

@@ -854,6 +854,17 @@ pub fn operator_public_key(domain: &str) -> String {
 impl Federation {
     /// `tweak` adjusts each operator's config (it is told the domain).
     pub fn start(domains: &[&str], tweak: impl Fn(&str, &mut config::Config)) -> anyhow::Result<Self> {
+        Self::start_roles(domains, |_| "run", tweak)
+    }
+
+    /// Like [`Federation::start`], with each operator's process running
+    /// `role(domain)` (`run`, or `ingest` for an operator whose other roles
+    /// a test starts as workers).
+    pub fn start_roles(
+        domains: &[&str],
+        role: impl Fn(&str) -> &'static str,
+        tweak: impl Fn(&str, &mut config::Config),
+    ) -> anyhow::Result<Self> {
         let nats: Vec<NatsServer> = domains
             .iter()
             .map(|d| {
@@ -879,7 +890,7 @@ impl Federation {
                     public_key: operator_public_key(p),
                 })
                 .collect::<Vec<_>>();
-            ops.push(Operator::start_with(&nats[i], d, "run", |c| {
+            ops.push(Operator::start_with(&nats[i], d, role(d), |c| {
                 c.peers = peers.clone();
                 c.federation.backoff_initial_ms = 100;
                 c.federation.backoff_max_ms = 1000;

@@ -1,0 +1,88 @@
+//! Several bridges per operator: a peer's outbox is sent by one of them at
+//! a time, and moves to another when that one dies, with nothing skipped,
+//! reordered or delivered twice at the peer's devices.
+
+use std::time::{Duration, Instant};
+
+use tests::{sync_until, try_metric, Client, Federation, Operator};
+
+const A: &str = "a.example";
+const B: &str = "b.example";
+const SENT_TO_B: &str = "mlsfed_federation_sent_total{peer=\"b.example\"}";
+
+fn texts(c: &Client, g: &str) -> Vec<String> {
+    c.messages(g).into_iter().map(|m| m.2).collect()
+}
+
+async fn sent(bridge: &Operator) -> f64 {
+    try_metric(bridge, SENT_TO_B).await.unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_bridge_hands_the_outbox_to_another() -> anyhow::Result<()> {
+    // The hub's roles as separate processes, with two bridges.
+    let mut fed = Federation::start_roles(
+        &[A, B],
+        |d| if d == A { "ingest" } else { "run" },
+        |_, c| {
+            c.metrics_listen = "127.0.0.1:0".into();
+            c.limits.submit_timeout_ms = 5000;
+        },
+    )?;
+    let a = fed.op(A);
+    let _sequencer = a.worker("sequencer")?;
+    let _fanout = a.worker("fanout")?;
+    let mut bridges = [a.worker("bridge")?, a.worker("bridge")?];
+    let mut alice = a.client("alice", "phone", 2).await?;
+    let mut bob = fed.op(B).client("bob", "phone", 2).await?;
+    let g = alice.create_group("failover").await?;
+    alice.add(&g, &[fed.op(B).user_id("bob")]).await?;
+    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
+
+    let mut want = Vec::new();
+    let mut last = 0;
+    for i in 0..10 {
+        let t = format!("before {i}");
+        last = alice.send(&g, &t).await?;
+        want.push(t);
+    }
+    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.positions(&g).last().is_some_and(|p| *p >= last))
+        .await?;
+    // Exactly one bridge has sent to B: it owns the outbox.
+    let (s0, s1) = (sent(&bridges[0]).await, sent(&bridges[1]).await);
+    anyhow::ensure!((s0 > 0.0) != (s1 > 0.0), "both or neither bridge sent to B: {s0} and {s1}");
+    let (owner, standby) = if s0 > 0.0 { (0, 1) } else { (1, 0) };
+
+    // The owner holds a batch it cannot hand over (B's server is down),
+    // unacked, when it is killed; newer messages queue behind it.
+    fed.nats_of(B).stop();
+    for i in 0..10 {
+        let t = format!("held by the owner {i}");
+        alice.send(&g, &t).await?;
+        want.push(t);
+    }
+    let failures = format!("mlsfed_federation_send_failures_total{{peer=\"{B}\"}}");
+    let t0 = Instant::now();
+    while try_metric(&bridges[owner], &failures).await.unwrap_or(0.0) < 1.0 {
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(30), "the owner never tried to send to the stopped peer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bridges[owner].kill();
+    let killed = Instant::now();
+    for i in 0..10 {
+        let t = format!("after the kill {i}");
+        last = alice.send(&g, &t).await?;
+        want.push(t);
+    }
+    fed.nats_of(B).restart()?;
+    sync_until(&mut [&mut bob], Duration::from_secs(60), |c| c.positions(&g).last().is_some_and(|p| *p >= last))
+        .await?;
+    let failover = killed.elapsed();
+    assert_eq!(texts(&bob, &g), want, "every message once, in order, at the peer");
+    let ps = bob.positions(&g);
+    assert!(ps.windows(2).all(|p| p[0] < p[1]), "{ps:?}");
+    assert!(bob.failures().is_empty(), "{:?}", bob.failures());
+    assert!(sent(&bridges[standby]).await > 0.0, "the standby bridge never sent");
+    eprintln!("bridge failover: the peer had every message {failover:?} after the owner was killed");
+    Ok(())
+}
