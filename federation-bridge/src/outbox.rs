@@ -490,6 +490,19 @@ impl Bridge {
     }
 }
 
+/// A record's outbox (stream) sequence.
+fn stream_seq(m: &jetstream::Message) -> u64 {
+    m.info().map(|i| i.stream_sequence).unwrap_or(0)
+}
+
+/// How long a record sent to an outbox owner may go unacknowledged before
+/// it is offered again: the owner tells JetStream it still holds records
+/// well within it, and a new owner waits at most this long for a dead
+/// one's.
+fn outbox_ack_wait(failover: Duration) -> Duration {
+    (failover * 2).max(Duration::from_secs(6))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,17 +516,4 @@ mod tests {
         assert!(PeerControl::decode(br#"{"v":2,"paused":false}"#).unwrap_err().contains("newer"));
         assert!(PeerControl::decode(b"paused").is_err());
     }
-}
-
-/// A record's outbox (stream) sequence.
-fn stream_seq(m: &jetstream::Message) -> u64 {
-    m.info().map(|i| i.stream_sequence).unwrap_or(0)
-}
-
-/// How long a record sent to an outbox owner may go unacknowledged before
-/// it is offered again: the owner tells JetStream it still holds records
-/// well within it, and a new owner waits at most this long for a dead
-/// one's.
-fn outbox_ack_wait(failover: Duration) -> Duration {
-    (failover * 2).max(Duration::from_secs(6))
 }
