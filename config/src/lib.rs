@@ -17,7 +17,7 @@ pub enum LoadConfigError {
     #[error("config file {path} is not valid: {source}")]
     Parse { path: PathBuf, source: toml::de::Error },
     #[error("environment variable {name} is not valid: {reason}")]
-    Env { name: &'static str, reason: String },
+    Env { name: String, reason: String },
     #[error("config is not valid: {0}")]
     Invalid(String),
 }
@@ -393,6 +393,47 @@ impl Limits {
     }
 }
 
+/// `MLSFED_*` variables that belong to tools, not to the configuration.
+const TOOL_VARS: &[&str] = &[
+    "MLSFED_CONFIG",
+    "MLSFED_LOG",
+    "MLSFED_TEST_LOG",
+    "MLSFED_TOKEN",
+    "MLSFED_SERVER",
+    "MLSFED_CLIENT_HOME",
+    "MLSFED_CA_FILE",
+];
+
+/// Older names kept working: variable, setting path.
+const ENV_ALIASES: &[(&str, &[&str])] = &[("MLSFED_MAX_BODY_BYTES", &["limits", "max_body_bytes"])];
+
+/// Sets the existing setting at `path` in `tree` to `raw`, parsed as that
+/// setting's type. `Err(None)`: no such setting; `Err(Some(why))`: the
+/// value does not fit it.
+fn set_path(tree: &mut toml::Value, path: &[String], raw: &str) -> Result<(), Option<String>> {
+    let (last, sections) = path.split_last().ok_or(None)?;
+    let mut node = tree;
+    for section in sections {
+        node = node.as_table_mut().and_then(|t| t.get_mut(section.as_str())).ok_or(None)?;
+    }
+    let slot = node.as_table_mut().and_then(|t| t.get_mut(last.as_str())).ok_or(None)?;
+    let value = match slot {
+        toml::Value::String(_) => toml::Value::String(raw.to_owned()),
+        toml::Value::Integer(_) => toml::Value::Integer(raw.trim().parse().map_err(|e| Some(format!("{e}")))?),
+        toml::Value::Float(_) => toml::Value::Float(raw.trim().parse().map_err(|e| Some(format!("{e}")))?),
+        toml::Value::Boolean(_) => toml::Value::Boolean(raw.trim().parse().map_err(|e| Some(format!("{e}")))?),
+        toml::Value::Array(_) => {
+            let parsed: toml::Table =
+                toml::from_str(&format!("v = {raw}")).map_err(|_| Some("expected a TOML list, like [1, 3]".into()))?;
+            parsed.get("v").filter(|v| v.is_array()).cloned().ok_or_else(|| Some("expected a TOML list".into()))?
+        }
+        toml::Value::Table(_) => return Err(Some("names a section; set its keys as MLSFED_<SECTION>__<KEY>".into())),
+        toml::Value::Datetime(_) => return Err(Some("dates are not settable from the environment".into())),
+    };
+    *slot = value;
+    Ok(())
+}
+
 impl Config {
     /// Defaults, then `path` if given, then the environment.
     pub fn load(path: Option<&Path>) -> Result<Self, LoadConfigError> {
@@ -400,7 +441,7 @@ impl Config {
             Some(p) => Self::from_file(p)?,
             None => Self::default(),
         };
-        cfg.apply_env(|k| std::env::var(k).ok())?;
+        cfg.apply_env(std::env::vars())?;
         if cfg.nats_url.is_empty() {
             cfg.embedded_secrets()?;
         }
@@ -453,35 +494,43 @@ impl Config {
         toml::from_str(&text).map_err(|source| LoadConfigError::Parse { path: path.into(), source })
     }
 
-    fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), LoadConfigError> {
-        if let Some(v) = get("MLSFED_DOMAIN") {
-            self.domain = v;
+    /// Layers `MLSFED_*` variables over the configuration: every setting
+    /// has one. A top-level key is `MLSFED_<KEY>` (`MLSFED_DOMAIN`), a
+    /// key in a section `MLSFED_<SECTION>__<KEY>`
+    /// (`MLSFED_STREAMS__LOG_MAX_AGE_SECS`). A value is parsed as the
+    /// setting's type; a list is written as TOML (`[1, 3]`). A variable of
+    /// a tool (`MLSFED_LOG`, the client's) is left alone; a sectioned name
+    /// that names no setting is an error, not silently ignored.
+    fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<(), LoadConfigError> {
+        let ours: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("MLSFED_") && !TOOL_VARS.contains(&name.as_str()))
+            .collect();
+        if ours.is_empty() {
+            return Ok(());
         }
-        if let Some(v) = get("MLSFED_DATA_DIR") {
-            self.data_dir = v.into();
+        let mut tree = toml::Value::try_from(&*self)
+            .map_err(|e| LoadConfigError::Invalid(format!("cannot layer the environment over the config: {e}")))?;
+        let mut changed = false;
+        for (name, raw) in ours {
+            let rest = &name["MLSFED_".len()..];
+            let path: Vec<String> = match ENV_ALIASES.iter().find(|(alias, _)| *alias == name) {
+                Some((_, path)) => path.iter().map(|p| (*p).to_owned()).collect(),
+                None => rest.split("__").map(str::to_ascii_lowercase).collect(),
+            };
+            match set_path(&mut tree, &path, &raw) {
+                Ok(()) => changed = true,
+                // Not a setting, and not sectioned: another tool's variable.
+                Err(None) if path.len() == 1 => {}
+                Err(None) => return Err(LoadConfigError::Env { name, reason: "names no setting".into() }),
+                Err(Some(reason)) => return Err(LoadConfigError::Env { name, reason }),
+            }
         }
-        if let Some(v) = get("MLSFED_LISTEN") {
-            self.listen = v;
-        }
-        if let Some(v) = get("MLSFED_METRICS_LISTEN") {
-            self.metrics_listen = v;
-        }
-        if let Some(v) = get("MLSFED_NATS_URL") {
-            self.nats_url = v;
-        }
-        if let Some(v) = get("MLSFED_NATS_SERVER_BIN") {
-            self.nats_server_bin = v;
-        }
-        if let Some(v) = get("MLSFED_TOKEN_SECRET") {
-            self.token_secret = v.into();
-        }
-        if let Some(v) = get("MLSFED_OPERATOR_KEY_SEED") {
-            self.operator_key_seed = v.into();
-        }
-        if let Some(v) = get("MLSFED_MAX_BODY_BYTES") {
-            self.limits.max_body_bytes = v
-                .parse()
-                .map_err(|e| LoadConfigError::Env { name: "MLSFED_MAX_BODY_BYTES", reason: format!("{e}") })?;
+        if changed {
+            *self = tree.try_into().map_err(|e: toml::de::Error| LoadConfigError::Env {
+                name: "MLSFED_*".into(),
+                reason: e.message().to_owned(),
+            })?;
         }
         Ok(())
     }
@@ -703,15 +752,60 @@ mod tests {
         assert_ne!(fresh.token_secret, c.token_secret, "each quick start gets its own secret");
     }
 
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn every_setting_comes_from_the_environment() {
+        let mut c = configured();
+        c.apply_env(env(&[
+            ("MLSFED_STREAMS__LOG_MAX_AGE_SECS", "86400"),
+            ("MLSFED_STREAMS__REPLICAS", "3"),
+            ("MLSFED_STREAMS__SYNC_INTERVAL", "1s"),
+            ("MLSFED_FEDERATION__BACKOFF_MAX_MS", "30000"),
+            ("MLSFED_KEYDIR__BACKEND", "jetstream"),
+            ("MLSFED_KEYDIR__CIPHER_SUITES", "[1, 3]"),
+            ("MLSFED_LIMITS__MAX_FETCH", "128"),
+            ("MLSFED_MAX_BODY_BYTES", "4096"),
+            // Tools' variables and other programs' are left alone.
+            ("MLSFED_LOG", "debug"),
+            ("MLSFED_SERVER", "http://x"),
+            ("PATH", "/bin"),
+        ]))
+        .unwrap();
+        assert_eq!(c.streams.log_max_age_secs, 86400);
+        assert_eq!(c.streams.replicas, 3);
+        assert_eq!(c.streams.sync_interval, "1s");
+        assert_eq!(c.federation.backoff_max_ms, 30000);
+        assert_eq!(c.keydir.backend, KeydirBackend::Jetstream);
+        assert_eq!(c.keydir.cipher_suites, vec![1, 3]);
+        assert_eq!(c.limits.max_fetch, 128);
+        assert_eq!(c.limits.max_body_bytes, 4096);
+        for (name, value) in [
+            ("MLSFED_STREAMS__NO_SUCH_SETTING", "1"),
+            ("MLSFED_STREAMS__REPLICAS", "three"),
+            ("MLSFED_KEYDIR__BACKEND", "floppy"),
+            ("MLSFED_STREAMS", "1"),
+            ("MLSFED_KEYDIR__CIPHER_SUITES", "1,3"),
+        ] {
+            let e = c.apply_env(env(&[(name, value)]));
+            assert!(
+                matches!(&e, Err(LoadConfigError::Env { name: n, .. }) if n == name || n == "MLSFED_*"),
+                "{name}: {e:?}"
+            );
+        }
+    }
+
     #[test]
     fn env_overrides_and_validation() {
         let mut c = configured();
-        c.apply_env(|k| (k == "MLSFED_DOMAIN").then(|| "b.example".to_string())).unwrap();
+        c.apply_env(env(&[("MLSFED_DOMAIN", "b.example")])).unwrap();
         assert_eq!(c.domain, "b.example");
         assert!(c.validate().is_ok());
         c.domain = "Bad Domain".into();
         assert!(c.validate().is_err());
-        let e = c.apply_env(|k| (k == "MLSFED_MAX_BODY_BYTES").then(|| "x".to_string()));
+        let e = c.apply_env(env(&[("MLSFED_MAX_BODY_BYTES", "x")]));
         assert!(matches!(e, Err(LoadConfigError::Env { .. })));
         let parsed: Config = toml::from_str("domain = \"c.example\"\n[limits]\nmax_body_bytes = 2048\n").unwrap();
         assert_eq!(parsed.limits.max_body_bytes, 2048);

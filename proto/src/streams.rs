@@ -63,18 +63,42 @@ async fn ensure_stream(
     cfg: stream::Config,
     name: &'static str,
 ) -> Result<stream::Stream, EnsureStreamsError> {
-    // get_or_create keeps an existing stream as it is; operators change
-    // retention of a live stream with the admin tooling, not by restarting.
-    // The one exception is what the code itself relies on: a LOG stream
-    // made by an older version lacks the republish that ingest's tails
-    // follow and the atomic batches the bridge appends with, and gets them
-    // here.
-    let (republish, allow_atomic_publish) = (cfg.republish.clone(), cfg.allow_atomic_publish);
+    // An existing stream takes the configured retention, replicas and
+    // dedup window at start (an operator changes them by restarting with
+    // new settings), and what the code relies on: a LOG stream made by an
+    // older version gets the republish that ingest's tails follow and the
+    // atomic batches the bridge appends with. A change the server refuses
+    // (more replicas than servers, say) stops the start with its reason.
+    let wanted = cfg.clone();
     let mut stream =
         js.get_or_create_stream(cfg).await.map_err(|source| EnsureStreamsError::Stream { name, source })?;
     let current = stream.cached_info().config.clone();
-    if current.republish != republish || current.allow_atomic_publish != allow_atomic_publish {
-        let config = stream::Config { republish, allow_atomic_publish, ..current };
+    // The server reports "no limit" as -1 where a config may say 0, and
+    // fills in its own dedup window where none is set.
+    let limit = |v: i64| if v <= 0 { -1 } else { v };
+    let differs = current.max_age != wanted.max_age
+        || limit(current.max_bytes) != limit(wanted.max_bytes)
+        || limit(current.max_messages_per_subject) != limit(wanted.max_messages_per_subject)
+        || current.num_replicas.max(1) != wanted.num_replicas.max(1)
+        || (!wanted.duplicate_window.is_zero() && current.duplicate_window != wanted.duplicate_window)
+        || current.republish != wanted.republish
+        || current.allow_atomic_publish != wanted.allow_atomic_publish;
+    if differs {
+        tracing::info!(stream = name, "applying the configured limits to an existing stream");
+        let config = stream::Config {
+            max_age: wanted.max_age,
+            max_bytes: wanted.max_bytes,
+            max_messages_per_subject: wanted.max_messages_per_subject,
+            num_replicas: wanted.num_replicas,
+            duplicate_window: if wanted.duplicate_window.is_zero() {
+                current.duplicate_window
+            } else {
+                wanted.duplicate_window
+            },
+            republish: wanted.republish,
+            allow_atomic_publish: wanted.allow_atomic_publish,
+            ..current
+        };
         js.update_stream(config).await.map_err(|source| EnsureStreamsError::Update { name, source })?;
         stream = js.get_stream(name).await.map_err(|source| EnsureStreamsError::Reopen { name, source })?;
     }

@@ -391,6 +391,15 @@ impl Operator {
         }
     }
 
+    /// Changes this operator's config file; the process reads it at its
+    /// next start (`restart`).
+    pub fn reconfigure(&self, tweak: impl FnOnce(&mut config::Config)) -> anyhow::Result<()> {
+        let mut cfg: config::Config = toml::from_str(&std::fs::read_to_string(&self.config_path)?)?;
+        tweak(&mut cfg);
+        std::fs::write(&self.config_path, toml::to_string(&cfg)?)?;
+        Ok(())
+    }
+
     /// Starts the same process again (same config, data and role).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
