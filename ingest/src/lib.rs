@@ -88,6 +88,8 @@ pub struct Api {
     pub tails: tails::Tails,
     /// This process's one subscription to verdicts.
     pub verdicts: verdicts::Verdicts,
+    /// The operator's status page (`/status`), served beside `/metrics`.
+    pub status_page: Router,
 }
 
 pub type Shared = Arc<Api>;
@@ -151,6 +153,7 @@ pub fn router(api: Shared) -> Router {
         .route("/v1/groups/{group}/entries", get(groups::entries))
         .route("/v1/devices/{device}/groups", get(groups::sync))
         .route("/v1/devices/{device}/ws", get(push::websocket))
+        .route_service("/status", api.status_page.clone())
         .fallback(|| async { Reject::new(ErrorCode::InvalidRequest, "no such endpoint") })
         .layer(middleware::from_fn_with_state(api.clone(), edge::declared_length))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(

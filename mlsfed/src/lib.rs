@@ -3,7 +3,9 @@
 //! (and by the test harness).
 #![forbid(unsafe_code)]
 
+pub mod inspect;
 pub mod nats;
+pub mod status;
 
 use std::sync::Arc;
 
@@ -132,6 +134,7 @@ pub async fn run(
     }
     let shutdown_api = shutdown.clone();
     let shutdown = workers_stop;
+    let status = status::Status::start(jetstream(nats.ingest.clone()), cfg.clone(), registry.clone(), shutdown.clone());
     if roles.sequencer {
         let seq = sequencer::Sequencer::new(
             topology(&nats.sequencer).await?,
@@ -162,7 +165,7 @@ pub async fn run(
         // A worker's listener, if any, serves its metrics.
         if let Some(listener) = listener {
             let client = if roles.sequencer { &nats.sequencer } else { &nats.fanout };
-            tasks.spawn(serve_metrics(listener, registry.clone(), client.clone(), shutdown.clone()));
+            tasks.spawn(serve_metrics(listener, registry.clone(), client.clone(), status.router(), shutdown.clone()));
         }
     } else {
         let listener = listener.context("the ingest role needs a listener")?;
@@ -195,6 +198,7 @@ pub async fn run(
             websockets: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_websockets)),
             tails: Default::default(),
             verdicts: Default::default(),
+            status_page: status.router(),
         });
         let done = api_done.clone();
         tasks.spawn(async move {
@@ -215,11 +219,13 @@ pub async fn run(
     }
 }
 
-/// `/metrics`, `/healthz` and `/readyz` for worker processes without the API.
+/// `/metrics`, `/healthz`, `/readyz` and `/status` for worker processes
+/// without the API.
 async fn serve_metrics(
     listener: TcpListener,
     registry: Registry,
     nats: async_nats::Client,
+    status: axum::Router,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     use axum::routing::get;
@@ -239,7 +245,8 @@ async fn serve_metrics(
     let app = axum::Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready));
+        .route("/readyz", get(ready))
+        .merge(status);
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
     Ok(())
 }

@@ -131,14 +131,4 @@ async fn reset_mark(ctx: &Ctx<'_>, domain: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Unix time in seconds, fractional.
-fn unix_now_f64() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
-/// Seconds since a JetStream timestamp given in unix nanoseconds (a
-/// tenth of a second precision, never negative).
-fn age_secs(unix_nanos: i128) -> f64 {
-    let at = unix_nanos as f64 / 1e9;
-    ((unix_now_f64() - at).max(0.0) * 10.0).round() / 10.0
-}
+use mlsfed::inspect::age_secs;

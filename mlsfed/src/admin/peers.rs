@@ -12,15 +12,14 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use clap::Subcommand;
-use federation_bridge::{ControlApplied, PeerControl};
-use proto::federation::Mark;
+use federation_bridge::PeerControl;
 use proto::names;
 use serde_json::json;
 
 use super::out::Fields;
-use super::{age_secs, federation_bucket, Ctx};
+use super::{federation_bucket, Ctx};
 
 #[derive(Subcommand)]
 pub enum PeersCmd {
@@ -67,7 +66,7 @@ pub(super) async fn run(ctx: &Ctx<'_>, cmd: PeersCmd) -> anyhow::Result<()> {
         PeersCmd::List => {
             let mut rows = Vec::new();
             for p in &ctx.cfg.peers {
-                rows.push(report(ctx, &p.domain).await?.to_value());
+                rows.push(mlsfed::inspect::peer(&ctx.js, ctx.cfg, &p.domain).await?.to_value());
             }
             ctx.out.table(
                 &rows,
@@ -84,7 +83,7 @@ pub(super) async fn run(ctx: &Ctx<'_>, cmd: PeersCmd) -> anyhow::Result<()> {
         }
         PeersCmd::Show { domain } => {
             configured(ctx, &domain)?;
-            ctx.out.record(&report(ctx, &domain).await?, NOTES);
+            ctx.out.record(&Fields(mlsfed::inspect::peer(&ctx.js, ctx.cfg, &domain).await?.0), NOTES);
             Ok(())
         }
         PeersCmd::Pause { domain, wait_secs } => control(ctx, &domain, wait_secs, "paused", |c| c.paused = true).await,
@@ -104,22 +103,6 @@ fn configured(ctx: &Ctx<'_>, domain: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The control record and its KV revision (0: none).
-async fn read_control(kv: &kv::Store, domain: &str) -> anyhow::Result<(PeerControl, u64)> {
-    match kv.entry(names::peer_control_key(domain)).await? {
-        Some(e) if e.operation == kv::Operation::Put => {
-            let c = PeerControl::decode(&e.value).map_err(|e| anyhow::anyhow!("{domain}: {e}"))?;
-            Ok((c, e.revision))
-        }
-        Some(e) => Ok((PeerControl::default(), e.revision)),
-        None => Ok((PeerControl::default(), 0)),
-    }
-}
-
-async fn read_applied(kv: &kv::Store, domain: &str) -> anyhow::Result<Option<ControlApplied>> {
-    Ok(kv.get(names::peer_control_applied_key(domain)).await?.and_then(|b| ControlApplied::decode(&b)))
-}
-
 /// Changes the peer's control record by compare-and-set, then waits
 /// (bounded) until the bridge says it applied it.
 async fn control(
@@ -134,7 +117,7 @@ async fn control(
     let key = names::peer_control_key(domain);
     let mut written = None;
     for _ in 0..20 {
-        let (mut c, revision) = read_control(&kv, domain).await?;
+        let (mut c, revision) = mlsfed::inspect::read_control(&kv, domain).await?;
         change(&mut c);
         c.v = PeerControl::VERSION;
         let stored = if revision == 0 {
@@ -157,7 +140,7 @@ async fn control(
     let (c, revision) = written.context("the control record kept changing")?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
     let applied = loop {
-        if read_applied(&kv, domain).await?.is_some_and(|a| a.revision >= revision) {
+        if mlsfed::inspect::read_applied(&kv, domain).await?.is_some_and(|a| a.revision >= revision) {
             break true;
         }
         if tokio::time::Instant::now() >= deadline {
@@ -179,80 +162,4 @@ async fn control(
     };
     ctx.out.done(&row, &human);
     Ok(())
-}
-
-/// Everything NATS holds about one peer's link.
-async fn report(ctx: &Ctx<'_>, domain: &str) -> anyhow::Result<Fields> {
-    let kv = federation_bucket(ctx).await?;
-    let fed_out = ctx.js.get_stream(names::FED_OUT_STREAM).await.context("MLSFED_FED_OUT is missing")?;
-    let subject = names::fed_out_subject(domain);
-    let consumer = match fed_out.consumer_info(names::bridge_out_consumer(domain)).await {
-        Ok(info) => Some(info),
-        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => None,
-        Err(e) => return Err(e).context("cannot read the outbox consumer"),
-    };
-    // Queued: not yet delivered plus delivered and held (unacknowledged).
-    // Without a consumer the bridge never ran: everything is queued.
-    let (depth, acked_seq) = match &consumer {
-        Some(c) => (c.num_pending + c.num_ack_pending as u64, c.ack_floor.stream_sequence),
-        None => (subject_count(&fed_out, &subject).await?, 0),
-    };
-    let oldest_age = if depth > 0 {
-        match fed_out.raw_message_builder().sequence(acked_seq + 1).next_by_subject(subject.clone()).send().await {
-            Ok(m) => Some(age_secs(m.time.unix_timestamp_nanos())),
-            Err(_) => None,
-        }
-    } else {
-        None
-    };
-    let max_age = ctx.cfg.federation.outbox_max_age_secs as f64;
-    let needs_resync = oldest_age.is_some_and(|a| a >= max_age * 0.9);
-    let inbox_depth = match ctx.js.get_stream(names::fed_in_stream(domain)).await {
-        Ok(mut s) => Some(s.info().await?.state.messages),
-        Err(_) => None,
-    };
-    let mark = kv.get(names::hwm_key(domain)).await?.and_then(|b| Mark::decode(&b));
-    let (c, revision) = read_control(&kv, domain).await?;
-    let applied = read_applied(&kv, domain).await?;
-    let control_applied = revision == 0 || applied.as_ref().is_some_and(|a| a.revision >= revision);
-    let bridge_paused = applied.as_ref().is_some_and(|a| a.paused);
-    let state = match (c.paused, control_applied) {
-        (true, true) => "paused",
-        (true, false) => "pause_requested",
-        (false, false) if bridge_paused => "resume_requested",
-        _ if consumer.is_none() => "no_outbox_consumer",
-        _ if needs_resync => "needs_resync",
-        _ if depth > 0 => "queued",
-        _ => "idle",
-    };
-    Ok(Fields(vec![
-        ("peer", json!(domain)),
-        ("state", json!(state)),
-        ("paused", json!(c.paused)),
-        ("control_applied", json!(control_applied)),
-        ("backoff_resets", json!(c.backoff_resets)),
-        ("outbox_depth", json!(depth)),
-        ("outbox_unacked", json!(consumer.as_ref().map(|c| c.num_ack_pending))),
-        ("outbox_redelivered", json!(consumer.as_ref().map(|c| c.num_redelivered))),
-        ("outbox_acked_seq", json!(acked_seq)),
-        ("outbox_oldest_age_secs", json!(oldest_age)),
-        ("needs_resync", json!(needs_resync)),
-        ("inbox_depth", json!(inbox_depth)),
-        ("mark_outbox", json!(mark.as_ref().map(|m| m.outbox))),
-        ("mark_seq", json!(mark.as_ref().map(|m| m.seq))),
-        ("mark_reset", json!(mark.as_ref().map(|m| m.reset))),
-    ]))
-}
-
-/// Messages stored under exactly `subject`.
-async fn subject_count(stream: &jetstream::stream::Stream, subject: &str) -> anyhow::Result<u64> {
-    use futures::TryStreamExt as _;
-    let mut subjects = stream.info_with_subjects(subject).await?;
-    let mut n = 0;
-    while let Some((s, count)) = subjects.try_next().await? {
-        if s == subject {
-            n += count as u64;
-        }
-    }
-    Ok(n)
 }
