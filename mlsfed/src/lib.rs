@@ -30,11 +30,23 @@ impl Roles {
     pub const NONE: Roles = Roles { ingest: false, sequencer: false, fanout: false, bridge: false };
 }
 
-/// Connects to NATS with reconnects forever: a worker rides out a NATS
-/// restart. `ca_file` (PEM), when set, is the CA the server's certificate
+/// Connects to NATS (one URL, or a cluster's as a comma-separated list)
+/// with reconnects forever: a worker rides out a NATS restart or the loss
+/// of a cluster node. `ca_file` (PEM), when set, is the CA the server's certificate
 /// must chain to, and TLS is required.
 pub async fn connect(url: &str, ca_file: &str) -> anyhow::Result<async_nats::Client> {
-    let (url, creds) = config::split_credentials(url);
+    // A cluster is a comma-separated list of URLs; the first one's
+    // credentials are used for all of them.
+    let mut creds = None;
+    let mut addrs: Vec<async_nats::ServerAddr> = Vec::new();
+    let mut shown = Vec::new();
+    for one in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let (bare, c) = config::split_credentials(one);
+        creds = creds.or(c);
+        addrs.push(bare.parse().with_context(|| format!("{bare} is not a NATS URL"))?);
+        shown.push(bare);
+    }
+    let shown = shown.join(",");
     let mut opts = match creds {
         Some((user, pass)) => async_nats::ConnectOptions::with_user_and_password(user, pass),
         None => async_nats::ConnectOptions::new(),
@@ -45,9 +57,9 @@ pub async fn connect(url: &str, ca_file: &str) -> anyhow::Result<async_nats::Cli
     opts.retry_on_initial_connect()
         .max_reconnects(None)
         .name("mlsfed")
-        .connect(url.as_str())
+        .connect(addrs)
         .await
-        .with_context(|| format!("cannot connect to NATS at {url}"))
+        .with_context(|| format!("cannot connect to NATS at {shown}"))
 }
 
 /// The NATS connections of one process, one per role it runs. A connection

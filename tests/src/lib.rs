@@ -199,6 +199,66 @@ impl NatsServer {
     }
 }
 
+/// A JetStream cluster of `n` nats-servers on 127.0.0.1 (random client
+/// ports, routes between them), killed on drop. Streams with
+/// `streams.replicas = 3` live on every node.
+pub struct NatsCluster {
+    pub nodes: Vec<mlsfed::nats::NatsProcess>,
+    _dir: TempDir,
+}
+
+impl NatsCluster {
+    pub fn start(n: usize) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let bin = mlsfed::nats::find_binary("nats-server");
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let mut nodes = Vec::new();
+        for (i, port) in routes.iter().enumerate() {
+            let others: Vec<String> =
+                routes.iter().filter(|p| *p != port).map(|p| format!("\"nats-route://127.0.0.1:{p}\"")).collect();
+            let conf = format!(
+                "server_name: n{i}\ncluster {{\n  name: mlsfed\n  listen: \"127.0.0.1:{port}\"\n  routes: [{}]\n}}\n",
+                others.join(", ")
+            );
+            let node_dir = dir.path().join(format!("n{i}"));
+            nodes.push(mlsfed::nats::NatsProcess::start_with_config(&bin, &node_dir, 0, Some(&conf))?);
+        }
+        Ok(Self { nodes, _dir: dir })
+    }
+
+    /// Every node's client URL, comma-separated, as an operator's `nats_url`.
+    pub fn url(&self) -> String {
+        self.nodes.iter().map(|n| n.url()).collect::<Vec<_>>().join(",")
+    }
+
+    /// Waits (bounded) until the cluster has a JetStream leader and can
+    /// create a replicated stream.
+    pub async fn wait_ready(&self, replicas: usize) -> anyhow::Result<()> {
+        let js = async_nats::jetstream::new(nats_connect(&self.nodes[0].url()).await?);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let made = js
+                .get_or_create_stream(async_nats::jetstream::stream::Config {
+                    name: "CLUSTER_PROBE".into(),
+                    subjects: vec!["cluster.probe".into()],
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await;
+            if made.is_ok() {
+                let _ = js.delete_stream("CLUSTER_PROBE").await;
+                return Ok(());
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "the NATS cluster never became ready: {made:?}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
 /// An operator process (or one worker-role process) of the real binary.
 pub struct Operator {
     child: Option<Child>,
@@ -240,6 +300,19 @@ impl Operator {
         Self::with_config(domain, role, |cfg| {
             cfg.nats_url = nats.url();
             cfg.nats_ca_file = nats.ca_file();
+            tweak(cfg);
+        })
+    }
+
+    /// `role` against NATS at `url` (a cluster's comma-separated list).
+    pub fn start_on(
+        url: &str,
+        domain: &str,
+        role: &str,
+        tweak: impl FnOnce(&mut config::Config),
+    ) -> anyhow::Result<Self> {
+        Self::with_config(domain, role, |cfg| {
+            cfg.nats_url = url.to_owned();
             tweak(cfg);
         })
     }
@@ -582,18 +655,33 @@ pub async fn sync_until(
     done: impl Fn(&Client) -> bool,
 ) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + limit;
+    let mut unavailable = None;
     loop {
         for c in clients.iter_mut() {
-            c.sync().await?;
+            // A retryable refusal (the operator's NATS is failing over) is
+            // what a client waits out; anything else ends the wait.
+            match c.sync().await {
+                Ok(_) => {}
+                Err(e) if retryable(&e) => unavailable = Some(e),
+                Err(e) => return Err(e),
+            }
         }
         if clients.iter().all(|c| done(c)) {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("condition not reached within {limit:?}");
+            match unavailable {
+                Some(e) => bail!("condition not reached within {limit:?}; last refusal: {e:#}"),
+                None => bail!("condition not reached within {limit:?}"),
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Whether `e` is a typed refusal a client retries (`unavailable`, ...).
+pub fn retryable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<client::ClientError>().and_then(|c| c.code()).is_some_and(|c| c.retryable())
 }
 
 /// Raw HTTP to an operator, for tests that send bytes no SDK would.
