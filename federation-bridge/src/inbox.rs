@@ -15,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{Bridge, Refusal, RunBridgeError};
 
+/// Groups of one envelope appended at once.
+const CONCURRENT_APPENDS: usize = 16;
+
 impl Bridge {
     /// Applies envelopes that peers put into our FED_IN.
     /// Applies the envelopes `peer` puts into our FED_IN: one consumer per
@@ -164,10 +167,14 @@ impl Bridge {
                 Err(Err(e)) => return Err(Err(e)),
             }
         }
-        let appended = futures::future::join_all(runs.iter().map(|(_, run)| self.append_delivered(run))).await;
-        for (result, (_, run)) in appended.into_iter().zip(&runs) {
-            result.map_err(Err)?;
-            applied += run.len();
+        // Bounded: the server keeps at most 50 atomic batches in flight
+        // per stream.
+        for chunk in runs.chunks(CONCURRENT_APPENDS) {
+            let appended = futures::future::join_all(chunk.iter().map(|(_, run)| self.append_delivered(run))).await;
+            for (result, (_, run)) in appended.into_iter().zip(chunk) {
+                result.map_err(Err)?;
+                applied += run.len();
+            }
         }
         if applied == 0 {
             // Nothing of it was used: the mark stays where it was.
@@ -315,7 +322,17 @@ impl Bridge {
             }
             None => (0, 0),
         };
-        let fresh: Vec<&proto::wire::LogEntry> = entries.iter().filter(|e| e.position > known).collect();
+        // Strictly after what is stored, and strictly increasing: a resend
+        // inside the run (after the dedup window) is dropped too.
+        let mut highest = known;
+        let fresh: Vec<&proto::wire::LogEntry> = entries
+            .iter()
+            .filter(|e| {
+                let newer = e.position > highest;
+                highest = highest.max(e.position);
+                newer
+            })
+            .collect();
         for chunk in fresh.chunks(proto::batch::MAX_MESSAGES) {
             expected = if chunk.len() == 1 {
                 self.append_one(&subject, expected, chunk[0]).await?

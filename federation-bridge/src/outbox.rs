@@ -169,7 +169,10 @@ impl Bridge {
                 // Perhaps the bridge that sent before us died holding
                 // records older than ours: nothing newer may reach the peer
                 // before them, or its high-water mark would pass them.
-                self.await_predecessor(&domain, &mut consumer, &mut messages, &mut batch, ack_wait + failover).await;
+                if !self.await_predecessor(&domain, &mut consumer, &mut messages, &mut batch, &carried, &shutdown).await
+                {
+                    return Ok(());
+                }
                 batch.sort_by_key(stream_seq);
                 let mut keep = 0;
                 let mut size = 0;
@@ -183,7 +186,6 @@ impl Bridge {
                 carried.extend(batch.split_off(keep));
                 carried.make_contiguous().sort_by_key(stream_seq);
             }
-            last_batch = Some(tokio::time::Instant::now());
             // While a batch is held (a peer outage), the messages buffered
             // behind it can outlast the ack wait and come again. A copy of
             // a record already sent is acked and dropped; the rest go in
@@ -235,7 +237,7 @@ impl Bridge {
             let mut attempt = 0u32;
             loop {
                 if control.borrow_and_update().ctl.paused {
-                    if !self.hold_paused(&domain, &mut control, &held, &shutdown).await {
+                    if !self.hold_paused(&domain, &mut control, &held, &mut messages, &mut carried, &shutdown).await {
                         return Ok(());
                     }
                     attempt = 0;
@@ -258,6 +260,7 @@ impl Bridge {
                 match sent {
                     Ok(()) => {
                         last_sent = seq;
+                        last_batch = Some(tokio::time::Instant::now());
                         self.metrics.sent.with_label_values(&[&domain]).inc_by(held.len() as u64);
                         self.metrics.outbox_pending.with_label_values(&[&domain]).set(pending as i64);
                         if pending == 0 {
@@ -287,6 +290,17 @@ impl Bridge {
                             let woken = tokio::select! {
                                 _ = shutdown.cancelled() => return Ok(()),
                                 _ = tokio::time::sleep(step) => false,
+                                // Pulling on keeps this bridge's pin while it
+                                // holds the batch (a pinned client that stops
+                                // pulling loses the outbox to a standby).
+                                // What arrives waits its turn, at most
+                                // max_ack_pending of it.
+                                m = messages.next() => {
+                                    if let Some(Ok(m)) = m {
+                                        carried.push_back(m);
+                                    }
+                                    false
+                                }
                                 _ = peer.contact.notified() => { attempt = 0; true }
                                 // An operator paused the outbox or reset its
                                 // backoff: act on it now.
@@ -299,7 +313,7 @@ impl Bridge {
                                     true
                                 }
                             };
-                            for m in &held {
+                            for m in held.iter().chain(carried.iter()) {
                                 let _ = m.ack_with(AckKind::Progress).await;
                             }
                             if woken {
@@ -312,44 +326,59 @@ impl Bridge {
         }
     }
 
-    /// After this bridge may have taken a peer's outbox over: waits
-    /// (bounded by `limit`) until every record the consumer has out is
-    /// one this bridge holds. What a dead owner held comes back once its
-    /// ack wait ran out, and joins `batch`.
+    /// After this bridge may have taken a peer's outbox over: waits until
+    /// every record the consumer has out is one this bridge holds (in
+    /// `batch` or `carried`). What a dead owner held comes back once its ack
+    /// wait ran out, and joins `batch`. No time limit: sending before they
+    /// are back would let the peer's high-water mark pass them. `false` on
+    /// shutdown.
     async fn await_predecessor(
         &self,
         domain: &str,
         consumer: &mut jetstream::consumer::PullConsumer,
         messages: &mut jetstream::consumer::pull::Stream,
         batch: &mut Vec<jetstream::Message>,
-        limit: Duration,
-    ) {
+        carried: &VecDeque<jetstream::Message>,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let t0 = tokio::time::Instant::now();
         let mut progressed = t0;
+        let mut told = t0;
         let mut waited = false;
         loop {
+            let mut held: Vec<u64> = batch.iter().chain(carried.iter()).map(stream_seq).collect();
+            held.sort_unstable();
+            held.dedup();
             match consumer.info().await {
-                Ok(info) if info.num_ack_pending <= batch.len() => break,
+                Ok(info) if info.num_ack_pending <= held.len() => break,
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(peer = %domain, error = %e, "cannot read the outbox consumer; sending what we hold");
-                    break;
+                    tracing::warn!(peer = %domain, error = %e, "cannot read the outbox consumer; asking again");
                 }
-            }
-            if t0.elapsed() > limit {
-                tracing::warn!(peer = %domain, "records of a previous outbox owner did not come back in time");
-                break;
             }
             if !waited {
                 tracing::info!(peer = %domain, "taking the outbox over; waiting for what its previous owner held");
                 waited = true;
             }
-            if let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(200), messages.next()).await {
-                batch.push(m);
+            if told.elapsed() > Duration::from_secs(30) {
+                told = tokio::time::Instant::now();
+                tracing::warn!(
+                    peer = %domain,
+                    waited = ?t0.elapsed(),
+                    "still waiting for records another bridge holds; nothing newer is sent before them"
+                );
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                m = tokio::time::timeout(Duration::from_millis(200), messages.next()) => {
+                    if let Ok(Some(Ok(m))) = m {
+                        batch.push(m);
+                    }
+                }
             }
             if progressed.elapsed() > Duration::from_secs(1) {
                 progressed = tokio::time::Instant::now();
-                for m in batch.iter() {
+                for m in batch.iter().chain(carried.iter()) {
                     let _ = m.ack_with(AckKind::Progress).await;
                 }
             }
@@ -358,6 +387,7 @@ impl Bridge {
             self.metrics.takeovers.with_label_values(&[domain]).inc();
             self.metrics.takeover_seconds.observe(t0.elapsed().as_secs_f64());
         }
+        true
     }
 
     /// Holds `held` while an operator keeps the peer paused, telling
@@ -367,9 +397,12 @@ impl Bridge {
         domain: &str,
         control: &mut watch::Receiver<ControlState>,
         held: &[jetstream::Message],
+        messages: &mut jetstream::consumer::pull::Stream,
+        carried: &mut VecDeque<jetstream::Message>,
         shutdown: &CancellationToken,
     ) -> bool {
         tracing::info!(peer = %domain, "outbox paused by an operator; holding what is queued");
+        let mut progress = tokio::time::interval(HOLD_PROGRESS);
         loop {
             if !control.borrow_and_update().ctl.paused {
                 tracing::info!(peer = %domain, "outbox resumed by an operator");
@@ -378,12 +411,19 @@ impl Bridge {
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
                 _ = control.changed() => {}
-                _ = tokio::time::sleep(HOLD_PROGRESS) => {
+                // Pulling on keeps the pin (see the send loop); what
+                // arrives waits its turn.
+                m = messages.next() => {
+                    if let Some(Ok(m)) = m {
+                        carried.push_back(m);
+                    }
+                }
+                _ = progress.tick() => {
                     // A long pause can outlast the retention like an outage.
                     if let Some(oldest) = held.first() {
                         self.check_retention(domain, oldest);
                     }
-                    for m in held {
+                    for m in held.iter().chain(carried.iter()) {
                         let _ = m.ack_with(AckKind::Progress).await;
                     }
                 }

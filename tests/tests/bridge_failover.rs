@@ -86,3 +86,65 @@ async fn a_killed_bridge_hands_the_outbox_to_another() -> anyhow::Result<()> {
     eprintln!("bridge failover: the peer had every message {failover:?} after the owner was killed");
     Ok(())
 }
+
+/// A peer outage far longer than the failover time: the bridge holding the
+/// batch keeps pulling, so the outbox stays with it and the standby never
+/// sends newer records past the held ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_outage_keeps_the_outbox_with_its_owner() -> anyhow::Result<()> {
+    let mut fed = Federation::start_roles(
+        &[A, B],
+        |d| if d == A { "ingest" } else { "run" },
+        |_, c| {
+            c.metrics_listen = "127.0.0.1:0".into();
+            c.limits.submit_timeout_ms = 5000;
+            c.federation.backoff_initial_ms = 200;
+            c.federation.backoff_max_ms = 1000;
+        },
+    )?;
+    let a = fed.op(A);
+    let _sequencer = a.worker("sequencer")?;
+    let _fanout = a.worker("fanout")?;
+    let bridges = [a.worker("bridge")?, a.worker("bridge")?];
+    let mut alice = a.client("alice", "phone", 2).await?;
+    let mut bob = fed.op(B).client("bob", "phone", 2).await?;
+    let g = alice.create_group("long-outage").await?;
+    alice.add(&g, &[fed.op(B).user_id("bob")]).await?;
+    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
+
+    fed.nats_of(B).stop();
+    let mut want = Vec::new();
+    for i in 0..5 {
+        let t = format!("early in the outage {i}");
+        alice.send(&g, &t).await?;
+        want.push(t);
+    }
+    // Failover is 3 s here: let the outage run well past three of them,
+    // measured by the owner's failed sends (backoff at most 1 s).
+    let failures = format!("mlsfed_federation_send_failures_total{{peer=\"{B}\"}}");
+    let t0 = Instant::now();
+    loop {
+        let f = sent_or(&bridges[0], &failures).await + sent_or(&bridges[1], &failures).await;
+        if f >= 8.0 {
+            break;
+        }
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(60), "only {f} failed sends to the stopped peer");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut last = 0;
+    for i in 0..5 {
+        let t = format!("late in the outage {i}");
+        last = alice.send(&g, &t).await?;
+        want.push(t);
+    }
+    fed.nats_of(B).restart()?;
+    sync_until(&mut [&mut bob], Duration::from_secs(60), |c| c.positions(&g).last().is_some_and(|p| *p >= last))
+        .await?;
+    assert_eq!(texts(&bob, &g), want, "every message once, in order, at the peer");
+    assert!(bob.failures().is_empty(), "{:?}", bob.failures());
+    Ok(())
+}
+
+async fn sent_or(bridge: &Operator, metric: &str) -> f64 {
+    try_metric(bridge, metric).await.unwrap_or(0.0)
+}
