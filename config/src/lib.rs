@@ -611,6 +611,19 @@ impl Config {
 
 /// Splits `nats://user:pass@host:port` into the URL without credentials and
 /// the credentials (the NATS client takes them separately).
+/// A NATS URL, or a cluster's comma-separated list of them, as bare URLs
+/// and the credentials of the first that carries any.
+pub fn split_cluster_url(url: &str) -> (Vec<String>, Option<(String, String)>) {
+    let mut creds = None;
+    let mut bare = Vec::new();
+    for one in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let (u, c) = split_credentials(one);
+        creds = creds.or(c);
+        bare.push(u);
+    }
+    (bare, creds)
+}
+
 pub fn split_credentials(url: &str) -> (String, Option<(String, String)>) {
     let Some((scheme, rest)) = url.split_once("://") else { return (url.to_owned(), None) };
     match rest.rsplit_once('@') {

@@ -156,7 +156,13 @@ impl Bridge {
                 .retry_on_initial_connect()
                 .max_reconnects(None)
                 .name(format!("mlsfed-bridge {}", cfg.domain));
-            let (url, creds) = config::split_credentials(&p.nats_url);
+            // One URL, or the peer cluster's nodes, comma-separated.
+            let (urls, creds) = config::split_cluster_url(&p.nats_url);
+            let addrs = urls
+                .iter()
+                .map(|u| u.parse::<async_nats::ServerAddr>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| RunBridgeError::Setup(format!("peer {}: nats_url: {e}", p.domain)))?;
             if !p.nats_user.is_empty() {
                 opts = opts.user_and_password(p.nats_user.clone(), p.nats_password.expose().to_owned());
             } else if let Some((user, pass)) = creds {
@@ -167,10 +173,8 @@ impl Bridge {
             if !p.nats_ca_file.is_empty() {
                 opts = opts.add_root_certificates(p.nats_ca_file.clone().into()).require_tls(true);
             }
-            let client = opts
-                .connect(url.as_str())
-                .await
-                .map_err(|e| RunBridgeError::Setup(format!("peer {}: {e}", p.domain)))?;
+            let client =
+                opts.connect(addrs).await.map_err(|e| RunBridgeError::Setup(format!("peer {}: {e}", p.domain)))?;
             let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(client.clone());
             let control = tokio::sync::watch::Sender::new(outbox::ControlState::default());
             peers.insert(

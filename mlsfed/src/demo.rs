@@ -115,7 +115,7 @@ pub(crate) async fn start_domains(
     Ok(Running { nats, urls, configs, shutdown, servers })
 }
 
-fn hex_seed(hex: &str) -> [u8; 32] {
+pub(crate) fn hex_seed(hex: &str) -> [u8; 32] {
     let mut seed = [0u8; 32];
     for (i, b) in seed.iter_mut().enumerate() {
         *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or_default();

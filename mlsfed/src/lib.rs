@@ -37,16 +37,12 @@ impl Roles {
 pub async fn connect(url: &str, ca_file: &str) -> anyhow::Result<async_nats::Client> {
     // A cluster is a comma-separated list of URLs; the first one's
     // credentials are used for all of them.
-    let mut creds = None;
-    let mut addrs: Vec<async_nats::ServerAddr> = Vec::new();
-    let mut shown = Vec::new();
-    for one in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        let (bare, c) = config::split_credentials(one);
-        creds = creds.or(c);
-        addrs.push(bare.parse().with_context(|| format!("{bare} is not a NATS URL"))?);
-        shown.push(bare);
-    }
-    let shown = shown.join(",");
+    let (bare, creds) = config::split_cluster_url(url);
+    let addrs = bare
+        .iter()
+        .map(|u| u.parse::<async_nats::ServerAddr>().with_context(|| format!("{u} is not a NATS URL")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let shown = bare.join(",");
     let mut opts = match creds {
         Some((user, pass)) => async_nats::ConnectOptions::with_user_and_password(user, pass),
         None => async_nats::ConnectOptions::new(),
@@ -102,6 +98,37 @@ impl Connections {
     }
 }
 
+/// Creates (or updates) every stream, consumer and bucket, retrying for a
+/// while: at a cluster's start, or when many processes start at once, the
+/// JetStream API answers slowly, and a refused start would only be
+/// restarted into the same storm. A configuration the server refuses
+/// fails the same way every time and is reported after the last try.
+pub async fn ensure_streams(
+    js: &async_nats::jetstream::Context,
+    cfg: &config::Config,
+) -> anyhow::Result<proto::streams::Topology> {
+    const TRIES: u32 = 8;
+    let mut wait = std::time::Duration::from_millis(500);
+    for attempt in 1.. {
+        // Boxed: `ensure` is a large future (see `run`).
+        match Box::pin(proto::streams::ensure(js, cfg)).await {
+            Ok(topo) => return Ok(topo),
+            // A partition count that does not match the streams is a
+            // configuration error, the same on every try.
+            Err(e @ proto::streams::EnsureStreamsError::Partitions { .. }) => {
+                return Err(e).context("cannot create streams")
+            }
+            Err(e) if attempt < TRIES => {
+                tracing::warn!(attempt, error = %e, ?wait, "cannot create streams yet; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(10));
+            }
+            Err(e) => return Err(e).context("cannot create streams"),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
 pub fn jetstream(client: async_nats::Client) -> async_nats::jetstream::Context {
     async_nats::jetstream::ContextBuilder::new()
         .timeout(std::time::Duration::from_secs(10))
@@ -125,7 +152,7 @@ pub async fn run(
     let topology = |client: &async_nats::Client| {
         let js = jetstream(client.clone());
         let cfg = cfg.clone();
-        Box::pin(async move { proto::streams::ensure(&js, &cfg).await.context("cannot create streams") })
+        Box::pin(async move { ensure_streams(&js, &cfg).await })
     };
     let mut tasks = JoinSet::new();
     // Stopping drains front to back: the API stops accepting and finishes

@@ -4,7 +4,9 @@
 
 mod admin;
 mod bench;
+mod cluster;
 mod demo;
+mod procs;
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -58,6 +60,16 @@ enum Cmd {
     /// Start three federated operators on the embedded defaults and run a
     /// scripted conversation between devices of each.
     Demo,
+    /// Two federated operators, each on its own 3-node NATS cluster (R3),
+    /// with 2 ingest, 3 sequencer, 3 fanout and 2 bridge processes each.
+    Cluster {
+        /// Run a conversation across both operators, then stop.
+        #[arg(long)]
+        check: bool,
+        /// Keep configs, data and logs here instead of a temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Measure the ceiling, end-to-end delivery at every member, scale-out,
     /// federation and claims (docs/benchmarks.md); print a table and JSON.
     Bench {
@@ -118,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Demo => demo::run(cfg).await,
+        Cmd::Cluster { check, dir } => cluster::run(cfg, dir, check).await,
         Cmd::Bench { messages, size, json, no_scale_out, in_flight, shared_connection, sync } => {
             let mut cfg = cfg;
             if let Some(s) = sync {
@@ -151,7 +164,7 @@ async fn serve(mut cfg: config::Config, roles: Roles) -> anyhow::Result<()> {
     let client = mlsfed::connect(&cfg.nats_url, &cfg.nats_ca_file).await?;
     // The streams exist before we announce ourselves, so whoever waits for
     // the announcement can use them at once.
-    proto::streams::ensure(&mlsfed::jetstream(client.clone()), &cfg).await?;
+    mlsfed::ensure_streams(&mlsfed::jetstream(client.clone()), &cfg).await?;
     let listener = if roles.ingest {
         let l = tokio::net::TcpListener::bind(&cfg.listen)
             .await

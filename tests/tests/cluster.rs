@@ -142,3 +142,25 @@ async fn each_nats_node_killed_under_traffic_loses_nothing() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// `scripts/cluster --check`: the whole production shape (two operators,
+/// each on a 3-node cluster with 2 ingest, 3 sequencer, 3 fanout and 2
+/// bridge processes) starts and carries a conversation across both.
+#[test]
+fn the_cluster_topology_runs_a_federated_conversation() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = std::process::Command::new("timeout")
+        .arg("300")
+        .arg(tests::binary("mlsfed"))
+        .args(["cluster", "--check", "--dir"])
+        .arg(dir.path())
+        .env_remove("MLSFED_NATS_URL")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("cluster OK"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

@@ -4,66 +4,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
 use super::fleet::{Fleet, Run};
-
-struct Procs(Vec<Child>);
-
-impl Procs {
-    /// SIGTERM, so each process hands its partitions over before it exits.
-    fn stop(&mut self) {
-        for c in &self.0 {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
-        }
-        let t0 = Instant::now();
-        for c in &mut self.0 {
-            while t0.elapsed() < Duration::from_secs(15) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.0.clear();
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn spawn(cfg: &config::Config, dir: &Path, name: &str, role: &str) -> anyhow::Result<Child> {
-    let mut c = cfg.clone();
-    c.data_dir = dir.join(name);
-    std::fs::create_dir_all(&c.data_dir)?;
-    let file = dir.join(format!("{name}.toml"));
-    std::fs::write(&file, toml::to_string(&c)?)?;
-    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-    Ok(Command::new(std::env::current_exe()?)
-        .arg("--config")
-        .arg(&file)
-        .arg(role)
-        .env("MLSFED_LOG", "warn")
-        .env_remove("MLSFED_NATS_URL")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?)
-}
+use crate::procs::{free_port, spawn, Procs};
 
 /// Waits until exactly `k` sequencers and `k` fanouts are members, then two
 /// heartbeats more, so that every process has computed the same owners.
