@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use client::Device;
 use mlsfed::nats::NatsProcess;
 
+use crate::demo::random_hex;
 use crate::procs::{free_port, spawn, Procs};
 use crate::unix_now;
 
@@ -20,10 +21,6 @@ const DOMAINS: [&str; 2] = ["a.example", "b.example"];
 const NODES: usize = 3;
 /// Processes of each role per operator.
 const ROLES: [(&str, usize); 4] = [("ingest", 2), ("sequencer", 3), ("fanout", 3), ("bridge", 2)];
-
-fn random_hex() -> String {
-    (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
-}
 
 /// One operator's cluster and processes.
 struct Operator {
@@ -57,14 +54,11 @@ pub async fn run(base: config::Config, dir: Option<PathBuf>, check: bool) -> any
         let accounts = mlsfed::nats::federation_accounts("local", &local_passwords[i], &peers);
         let routes: Vec<u16> = (0..NODES).map(|_| free_port()).collect::<Result<_, _>>()?;
         let mut nodes = Vec::new();
-        for (k, port) in routes.iter().enumerate() {
-            let others: Vec<String> =
-                routes.iter().filter(|p| *p != port).map(|p| format!("\"nats-route://127.0.0.1:{p}\"")).collect();
+        for k in 0..NODES {
             let conf = format!(
-                "{accounts}{}server_name: \"{d}-n{k}\"\ncluster {{\n  name: \"{}\"\n  listen: \"127.0.0.1:{port}\"\n  routes: [{}]\n}}\n",
+                "{accounts}{}{}",
                 mlsfed::nats::jetstream_block(&base.streams.sync_interval),
-                d.replace('.', "-"),
-                others.join(", ")
+                mlsfed::nats::cluster_block(&d.replace('.', "-"), k, &routes)
             );
             let node = NatsProcess::start_with_config(&bin, &dir.join(d).join(format!("nats-{k}")), 0, Some(&conf))
                 .with_context(|| format!("cannot start {d}'s nats node {k}"))?;

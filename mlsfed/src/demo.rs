@@ -14,7 +14,7 @@ use crate::unix_now;
 
 const DOMAINS: [&str; 3] = ["a.example", "b.example", "c.example"];
 
-fn random_hex() -> String {
+pub(crate) fn random_hex() -> String {
     (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
 }
 

@@ -183,6 +183,25 @@ pub fn jetstream_block(sync_interval: &str) -> String {
     format!("jetstream {{\n  sync_interval: {quoted}\n}}\n")
 }
 
+/// The part of node `index`'s config that joins it to a cluster `name` on
+/// 127.0.0.1 whose nodes route on `routes` (this node's is `routes[index]`).
+pub fn cluster_block(name: &str, index: usize, routes: &[u16]) -> String {
+    let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let others: Vec<String> = routes
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| *k != index)
+        .map(|(_, p)| quote(&format!("nats-route://127.0.0.1:{p}")))
+        .collect();
+    format!(
+        "server_name: {}\ncluster {{\n  name: {}\n  listen: {}\n  routes: [{}]\n}}\n",
+        quote(&format!("{name}-n{index}")),
+        quote(name),
+        quote(&format!("127.0.0.1:{}", routes[index])),
+        others.join(", ")
+    )
+}
+
 /// A peer operator's user on our nats-server.
 pub struct PeerUser<'a> {
     pub domain: &'a str,

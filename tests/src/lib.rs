@@ -213,13 +213,8 @@ impl NatsCluster {
         let bin = mlsfed::nats::find_binary("nats-server");
         let routes: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
         let mut nodes = Vec::new();
-        for (i, port) in routes.iter().enumerate() {
-            let others: Vec<String> =
-                routes.iter().filter(|p| *p != port).map(|p| format!("\"nats-route://127.0.0.1:{p}\"")).collect();
-            let conf = format!(
-                "server_name: n{i}\ncluster {{\n  name: mlsfed\n  listen: \"127.0.0.1:{port}\"\n  routes: [{}]\n}}\n",
-                others.join(", ")
-            );
+        for i in 0..n {
+            let conf = mlsfed::nats::cluster_block("mlsfed", i, &routes);
             let node_dir = dir.path().join(format!("n{i}"));
             nodes.push(mlsfed::nats::NatsProcess::start_with_config(&bin, &node_dir, 0, Some(&conf))?);
         }

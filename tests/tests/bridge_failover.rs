@@ -18,26 +18,41 @@ async fn sent(bridge: &Operator) -> f64 {
     try_metric(bridge, SENT_TO_B).await.unwrap_or(0.0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_bridge_hands_the_outbox_to_another() -> anyhow::Result<()> {
-    // The hub's roles as separate processes, with two bridges.
-    let mut fed = Federation::start_roles(
+/// A hub (A) whose roles run as separate processes with two bridges, a
+/// peer (B), and a group of alice@A and bob@B that bob has joined.
+struct World {
+    fed: Federation,
+    bridges: [Operator; 2],
+    _workers: [Operator; 2],
+    alice: Client,
+    bob: Client,
+    g: String,
+}
+
+async fn world(tweak: impl Fn(&mut tests::config::Config)) -> anyhow::Result<World> {
+    let fed = Federation::start_roles(
         &[A, B],
         |d| if d == A { "ingest" } else { "run" },
         |_, c| {
             c.metrics_listen = "127.0.0.1:0".into();
             c.limits.submit_timeout_ms = 5000;
+            tweak(c);
         },
     )?;
     let a = fed.op(A);
-    let _sequencer = a.worker("sequencer")?;
-    let _fanout = a.worker("fanout")?;
-    let mut bridges = [a.worker("bridge")?, a.worker("bridge")?];
+    let workers = [a.worker("sequencer")?, a.worker("fanout")?];
+    let bridges = [a.worker("bridge")?, a.worker("bridge")?];
     let mut alice = a.client("alice", "phone", 2).await?;
     let mut bob = fed.op(B).client("bob", "phone", 2).await?;
     let g = alice.create_group("failover").await?;
     alice.add(&g, &[fed.op(B).user_id("bob")]).await?;
     sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
+    Ok(World { fed, bridges, _workers: workers, alice, bob, g })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_bridge_hands_the_outbox_to_another() -> anyhow::Result<()> {
+    let World { mut fed, mut bridges, _workers, mut alice, mut bob, g } = world(|_| {}).await?;
 
     let mut want = Vec::new();
     let mut last = 0;
@@ -92,26 +107,11 @@ async fn a_killed_bridge_hands_the_outbox_to_another() -> anyhow::Result<()> {
 /// sends newer records past the held ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_outage_keeps_the_outbox_with_its_owner() -> anyhow::Result<()> {
-    let mut fed = Federation::start_roles(
-        &[A, B],
-        |d| if d == A { "ingest" } else { "run" },
-        |_, c| {
-            c.metrics_listen = "127.0.0.1:0".into();
-            c.limits.submit_timeout_ms = 5000;
-            c.federation.backoff_initial_ms = 200;
-            c.federation.backoff_max_ms = 1000;
-        },
-    )?;
-    let a = fed.op(A);
-    let _sequencer = a.worker("sequencer")?;
-    let _fanout = a.worker("fanout")?;
-    let bridges = [a.worker("bridge")?, a.worker("bridge")?];
-    let mut alice = a.client("alice", "phone", 2).await?;
-    let mut bob = fed.op(B).client("bob", "phone", 2).await?;
-    let g = alice.create_group("long-outage").await?;
-    alice.add(&g, &[fed.op(B).user_id("bob")]).await?;
-    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
-
+    let World { mut fed, bridges, _workers, mut alice, mut bob, g } = world(|c| {
+        c.federation.backoff_initial_ms = 200;
+        c.federation.backoff_max_ms = 1000;
+    })
+    .await?;
     fed.nats_of(B).stop();
     let mut want = Vec::new();
     for i in 0..5 {
