@@ -14,7 +14,7 @@ use client::Device;
 use mlsfed::nats::NatsProcess;
 
 use crate::demo::random_hex;
-use crate::procs::{free_port, spawn, Procs};
+use crate::procs::{free_port, spawn, spawn_listening, Procs};
 use crate::unix_now;
 
 const DOMAINS: [&str; 2] = ["a.example", "b.example"];
@@ -110,13 +110,14 @@ pub async fn run(base: config::Config, dir: Option<PathBuf>, check: bool) -> any
         let pdir = dir.join(&d);
         for (role, n) in ROLES {
             for k in 0..n {
-                let mut c = op.cfg.clone();
+                let name = format!("{role}{k}");
                 if role == "ingest" {
-                    let port = free_port()?;
-                    c.listen = format!("127.0.0.1:{port}");
-                    op.ingest_urls.push(format!("http://127.0.0.1:{port}"));
+                    let (child, url) = spawn_listening(&op.cfg, &pdir, &name, role)?;
+                    procs.0.push(child);
+                    op.ingest_urls.push(url);
+                } else {
+                    procs.0.push(spawn(&op.cfg, &pdir, &name, role)?);
                 }
-                procs.0.push(spawn(&c, &pdir, &format!("{role}{k}"), role)?);
             }
         }
     }

@@ -61,3 +61,50 @@ pub(crate) fn spawn(cfg: &config::Config, dir: &Path, name: &str, role: &str) ->
         .stderr(log)
         .spawn()?)
 }
+
+/// Starts an `ingest` (or `run`) process listening on a port of its own
+/// choosing (`127.0.0.1:0`) and returns it with its base URL, read from the
+/// line it prints once it listens: a port picked in advance could be taken
+/// by another process before it binds.
+pub(crate) fn spawn_listening(
+    cfg: &config::Config,
+    dir: &Path,
+    name: &str,
+    role: &str,
+) -> anyhow::Result<(Child, String)> {
+    use std::io::BufRead as _;
+    let mut c = cfg.clone();
+    c.listen = "127.0.0.1:0".into();
+    c.data_dir = dir.join(name);
+    std::fs::create_dir_all(&c.data_dir)?;
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(&file, toml::to_string(&c)?)?;
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("--config")
+        .arg(&file)
+        .arg(role)
+        .env("MLSFED_LOG", "warn")
+        .env_remove("MLSFED_NATS_URL")
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("{name}: no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        while let Some(Ok(line)) = lines.next() {
+            if let Some(url) = line.strip_prefix("mlsfed listening on ") {
+                let _ = tx.send(url.trim().to_owned());
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(240)) {
+        Ok(url) => Ok((child, url)),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("{name} did not start listening; see {}", dir.join(format!("{name}.log")).display())
+        }
+    }
+}

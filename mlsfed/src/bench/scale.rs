@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use super::fleet::{Fleet, Run};
-use crate::procs::{free_port, spawn, Procs};
+use crate::procs::{spawn, spawn_listening, Procs};
 
 /// Waits until exactly `k` sequencers and `k` fanouts are members, then two
 /// heartbeats more, so that every process has computed the same owners.
@@ -56,11 +56,9 @@ pub async fn run(
     let mut procs = Procs(Vec::new());
     let mut urls = Vec::new();
     for i in 0..2 {
-        let mut c = base.clone();
-        let port = free_port()?;
-        c.listen = format!("127.0.0.1:{port}");
-        urls.push(format!("http://127.0.0.1:{port}"));
-        procs.0.push(spawn(&c, &dir, &format!("ingest{i}"), "ingest")?);
+        let (child, url) = spawn_listening(&base, &dir, &format!("ingest{i}"), "ingest")?;
+        procs.0.push(child);
+        urls.push(url);
     }
     for i in 0..k {
         procs.0.push(spawn(&base, &dir, &format!("sequencer{i}"), "sequencer")?);
