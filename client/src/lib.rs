@@ -28,8 +28,8 @@ pub use http::{Accepted, Http, Item};
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 /// How often an operation retries after `wrong_epoch` (it syncs in between).
 const EPOCH_RETRIES: usize = 5;
-/// How often a Commit's bytes are sent while the answer is retryable.
-const COMMIT_RESENDS: u32 = 3;
+/// How often a submission's bytes are sent while the answer is retryable.
+const RESENDS: u32 = 3;
 
 /// An answer that leaves a submission's fate open: retryable refusals
 /// (`timeout`, `unavailable`, ...) and transport failures. `wrong_epoch`,
@@ -436,7 +436,7 @@ impl Device {
             let body = build(self, g)?;
             self.meta.pending_commits.insert(g.to_owned(), body.clone());
             self.persist()?;
-            match self.submit_commit(body).await {
+            match self.submit_resending(body).await {
                 Ok(a) => {
                     self.sync_until(g, a.position).await?;
                     self.meta.pending_commits.remove(g);
@@ -473,7 +473,7 @@ impl Device {
             // Nothing to resend (state from an older SDK): start afresh.
             return self.discard_pending(g);
         };
-        match self.submit_commit(body).await {
+        match self.submit_resending(body).await {
             Ok(a) => {
                 self.sync_until(g, a.position).await?;
                 self.meta.pending_commits.remove(g);
@@ -485,13 +485,15 @@ impl Device {
         }
     }
 
-    /// Submits a Commit, resending the same bytes (so the same submission)
-    /// with backoff while the answer is retryable.
-    async fn submit_commit(&mut self, body: Vec<u8>) -> Result<Accepted, ClientError> {
+    /// Submits a Commit or a message, resending the same bytes (so the same
+    /// submission, which the operator decides once) with backoff while the
+    /// answer is retryable. Encrypting again instead would make a second
+    /// message if the first was accepted after all.
+    async fn submit_resending(&mut self, body: Vec<u8>) -> Result<Accepted, ClientError> {
         let mut wait = std::time::Duration::from_millis(200);
-        for attempt in 1..=COMMIT_RESENDS {
+        for attempt in 1..=RESENDS {
             match self.http.submit(body.clone(), None).await {
-                Err(e) if undecided(&e) && attempt < COMMIT_RESENDS => {
+                Err(e) if undecided(&e) && attempt < RESENDS => {
                     tokio::time::sleep(wait).await;
                     wait *= 2;
                 }
@@ -533,7 +535,7 @@ impl Device {
             let out = group.create_message(provider, signer, text.as_bytes()).map_err(mls)?;
             let body = out.tls_serialize_detached().map_err(mls)?;
             self.persist()?;
-            match self.http.submit(body, None).await {
+            match self.submit_resending(body).await {
                 Ok(a) => {
                     self.meta.sent.insert(format!("{g} {}", a.position), text.to_owned());
                     self.persist()?;
