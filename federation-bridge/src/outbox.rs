@@ -173,18 +173,12 @@ impl Bridge {
                 {
                     return Ok(());
                 }
-                batch.sort_by_key(stream_seq);
-                let mut keep = 0;
-                let mut size = 0;
-                for m in &batch {
-                    if keep > 0 && (keep == BATCH || size + m.payload.len() > BATCH_BYTES) {
-                        break;
-                    }
-                    size += m.payload.len();
-                    keep += 1;
-                }
-                carried.extend(batch.split_off(keep));
+                // Everything held goes back in outbox order, and the
+                // envelopes are cut from it with the usual bounds.
+                carried.extend(batch);
                 carried.make_contiguous().sort_by_key(stream_seq);
+                last_batch = Some(tokio::time::Instant::now());
+                continue;
             }
             // While a batch is held (a peer outage), the messages buffered
             // behind it can outlast the ack wait and come again. A copy of
@@ -282,24 +276,26 @@ impl Bridge {
                         // The wait goes in steps shorter than the ack wait,
                         // each telling JetStream we still hold the batch.
                         let until = tokio::time::Instant::now() + wait;
+                        let mut progress_at = tokio::time::Instant::now() + ack_wait / 3;
                         loop {
-                            let step = until.saturating_duration_since(tokio::time::Instant::now()).min(ack_wait / 3);
-                            if step.is_zero() {
+                            let now = tokio::time::Instant::now();
+                            if now >= until {
                                 break;
                             }
                             let woken = tokio::select! {
                                 _ = shutdown.cancelled() => return Ok(()),
-                                _ = tokio::time::sleep(step) => false,
+                                _ = tokio::time::sleep_until(until.min(progress_at)) => false,
                                 // Pulling on keeps this bridge's pin while it
                                 // holds the batch (a pinned client that stops
                                 // pulling loses the outbox to a standby).
                                 // What arrives waits its turn, at most
-                                // max_ack_pending of it.
+                                // max_ack_pending of it; its ack wait has
+                                // only just begun.
                                 m = messages.next() => {
                                     if let Some(Ok(m)) = m {
                                         carried.push_back(m);
                                     }
-                                    false
+                                    continue;
                                 }
                                 _ = peer.contact.notified() => { attempt = 0; true }
                                 // An operator paused the outbox or reset its
@@ -313,8 +309,11 @@ impl Bridge {
                                     true
                                 }
                             };
-                            for m in held.iter().chain(carried.iter()) {
-                                let _ = m.ack_with(AckKind::Progress).await;
+                            if woken || tokio::time::Instant::now() >= progress_at {
+                                progress_at = tokio::time::Instant::now() + ack_wait / 3;
+                                for m in held.iter().chain(carried.iter()) {
+                                    let _ = m.ack_with(AckKind::Progress).await;
+                                }
                             }
                             if woken {
                                 break;
