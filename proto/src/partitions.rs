@@ -270,29 +270,21 @@ where
     F: Fn() -> H + Send + Sync + 'static,
 {
     let name = (role.consumer)(k);
-    let consumer =
-        match crate::streams::partition_consumer(&role.stream, &name, &(role.filter)(k), role.priority_group, &cfg)
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(role = role.name, partition = k, error = %e, "cannot open partition consumer");
-                return;
-            }
-        };
-    // Pull expiry well below the failover time, so we keep the pin while
-    // alive and lose it soon after dying.
-    let expires = Duration::from_secs(cfg.partition_failover_secs.max(3)) / 3;
-    let messages = consumer
-        .stream()
-        .group(role.priority_group)
-        .expires(expires)
-        .heartbeat(expires / 2)
-        .max_messages_per_batch(cfg.max_in_flight_per_partition.clamp(1, 256) as usize)
-        .messages()
-        .await;
-    let mut messages = match messages {
-        Ok(m) => m,
+    let pinned = crate::streams::pinned_messages(
+        &role.stream,
+        &name,
+        &(role.filter)(k),
+        role.priority_group,
+        i64::from(cfg.max_in_flight_per_partition.max(1)),
+        cfg.ack_wait(),
+        // The server's own bound, past ours: a worker that dies on a
+        // message every time still cannot loop forever.
+        cfg.max_deliver.saturating_add(2),
+        Duration::from_secs(cfg.partition_failover_secs.max(3)),
+    )
+    .await;
+    let mut messages = match pinned {
+        Ok((_, m)) => m,
         Err(e) => {
             tracing::warn!(role = role.name, partition = k, error = %e, "cannot pull partition");
             return;

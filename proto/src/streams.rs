@@ -403,28 +403,6 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
     })
 }
 
-/// The durable consumer of one partition of a worker role: pinned, so the
-/// server hands the partition to one pulling process at a time, and moves
-/// it to a standby `failover` after the owner stopped pulling.
-pub async fn partition_consumer(
-    stream: &stream::Stream,
-    name: &str,
-    filter: &str,
-    group: &str,
-    cfg: &config::Streams,
-) -> Result<jetstream::consumer::PullConsumer, String> {
-    let config = pull::Config {
-        // The server's own bound, past ours: a worker that dies on a
-        // message every time still cannot loop forever.
-        max_deliver: cfg.max_deliver.saturating_add(2),
-        priority_policy: jetstream::consumer::PriorityPolicy::PinnedClient,
-        priority_groups: vec![group.to_owned()],
-        priority_timeout: Duration::from_secs(cfg.partition_failover_secs.max(3)),
-        ..durable_config(name, filter, i64::from(cfg.max_in_flight_per_partition.max(1)), cfg.ack_wait())
-    };
-    stream.get_or_create_consumer(name, config).await.map_err(|e| e.to_string())
-}
-
 /// A durable consumer worked by one process at a time among several
 /// (pinned in priority group `group`), and its message stream. The pin
 /// moves to a standby that pulls once the owner has not pulled for
@@ -458,7 +436,7 @@ pub async fn pinned_messages(
         .group(group)
         .expires(expires)
         .heartbeat(expires / 2)
-        .max_messages_per_batch(max_ack_pending.clamp(1, 1024) as usize)
+        .max_messages_per_batch(max_ack_pending.clamp(1, 256) as usize)
         .messages()
         .await
         .map_err(|e| e.to_string())?;
