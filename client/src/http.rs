@@ -91,6 +91,16 @@ struct Fetched {
 /// A thin, typed HTTP client for one device. `https://` operators are
 /// reached over rustls, trusting the bundled web PKI roots plus any root
 /// added with [`Http::trust_roots_pem`] (an operator's private CA).
+/// `GET /v1/groups/{group}/group_info`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GroupInfoAnswer {
+    pub group: String,
+    pub epoch: u64,
+    pub position: u64,
+    /// base64 MLSMessage(GroupInfo).
+    pub group_info: String,
+}
+
 #[derive(Clone)]
 pub struct Http {
     base: String,
@@ -314,6 +324,31 @@ impl Http {
             .send()
             .await?;
         Ok(Self::check(r).await?.json::<Page>().await?)
+    }
+
+    /// The group's current GroupInfo, to rejoin it by external commit.
+    pub async fn group_info(&self, g: &str) -> Result<GroupInfoAnswer, ClientError> {
+        let r = self
+            .client
+            .get(format!("{}/v1/groups/{}/group_info", self.base, encode_segment(g)))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        Ok(Self::check(r).await?.json::<GroupInfoAnswer>().await?)
+    }
+
+    /// Tells the hub that this device could not process the Commit at
+    /// `position`.
+    pub async fn report(&self, g: &str, position: u64) -> Result<(), ClientError> {
+        let r = self
+            .client
+            .post(format!("{}/v1/groups/{}/reports", self.base, encode_segment(g)))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({ "position": position }))
+            .send()
+            .await?;
+        Self::check(r).await?;
+        Ok(())
     }
 
     /// The last entry of each of this device's groups.

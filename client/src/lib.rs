@@ -112,6 +112,14 @@ pub enum Event {
         cipher_suite: u16,
         remaining: usize,
     },
+    /// The device was back in the group by external commit (RFC 9420
+    /// §12.4.3.2) after it could not follow it: entries between the one it
+    /// could not process and `position` are not readable to it.
+    Rejoined {
+        group: String,
+        position: u64,
+        epoch: u64,
+    },
     /// An item this device could not process (kept so tests and users see it).
     Failed {
         group: String,
@@ -137,6 +145,11 @@ struct Meta {
     /// (a `timeout`): resent as they are to learn it, never rebuilt.
     #[serde(default)]
     pending_commits: BTreeMap<String, Vec<u8>>,
+    /// Group id → why the device must rejoin it: the position of the
+    /// accepted Commit it could not process (reported to the hub once),
+    /// or 0 (its history expired).
+    #[serde(default)]
+    rejoin: BTreeMap<String, u64>,
 }
 
 /// One device with persistent state.
@@ -177,6 +190,24 @@ fn new_group(
     let gi = group.export_group_info(provider.crypto(), signer, true).map_err(mls)?;
     let bytes = gi.tls_serialize_detached().map_err(mls)?;
     Ok((gid, group, bytes))
+}
+
+/// A Commit as submitted: the Commit, its Welcome if it adds members, and
+/// the GroupInfo of the epoch it starts (with the ratchet tree and the
+/// external public key), which the hub keeps for members that must rejoin.
+fn commit_body(
+    commit: &MlsMessageOut,
+    welcome: Option<&MlsMessageOut>,
+    group_info: Option<openmls::messages::group_info::GroupInfo>,
+) -> Result<Vec<u8>, ClientError> {
+    let mut body = commit.tls_serialize_detached().map_err(mls)?;
+    if let Some(w) = welcome {
+        body.extend(w.tls_serialize_detached().map_err(mls)?);
+    }
+    if let Some(gi) = group_info {
+        body.extend(MlsMessageOut::from(gi).tls_serialize_detached().map_err(mls)?);
+    }
+    Ok(body)
 }
 
 fn create_config() -> MlsGroupCreateConfig {
@@ -413,8 +444,8 @@ impl Device {
                 .find(|m| m.credential.serialized_content() == device.as_bytes())
                 .map(|m| m.index)
                 .ok_or_else(|| ClientError::Protocol(format!("{device} is not a member")))?;
-            let (commit, _, _) = group.remove_members(provider, signer, &[idx]).map_err(mls)?;
-            commit.tls_serialize_detached().map_err(mls)
+            let (commit, _, group_info) = group.remove_members(provider, signer, &[idx]).map_err(mls)?;
+            commit_body(&commit, None, group_info)
         })
         .await
     }
@@ -520,7 +551,7 @@ impl Device {
         let (provider, signer) = (&self.provider, &self.signer);
         let group = self.groups.get_mut(g).ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
         let bundle = group.self_update(provider, signer, LeafNodeParameters::default()).map_err(mls)?;
-        let body = bundle.commit().tls_serialize_detached().map_err(mls)?;
+        let body = commit_body(bundle.commit(), None, bundle.group_info().cloned())?;
         self.persist()?;
         Ok(body)
     }
@@ -585,7 +616,123 @@ impl Device {
                 self.catch_up_group(&head.group).await?;
             }
         }
+        let stuck: Vec<String> = self.meta.rejoin.keys().cloned().collect();
+        for g in stuck {
+            match self.rejoin(&g).await {
+                Ok(event) => self.backlog.push(event),
+                // Not now (the hub is away, or no GroupInfo yet): the next
+                // sync tries again.
+                Err(e) if e.code().is_some_and(|c| c.retryable() || c == ErrorCode::GroupInfoUnavailable) => {
+                    tracing::debug!(group = g, error = %e, "cannot rejoin yet");
+                }
+                Err(e) if matches!(e.code(), Some(ErrorCode::NotAMember | ErrorCode::UnknownGroup)) => {
+                    self.forget_group(&g)?;
+                    self.backlog.push(Event::Failed { group: g, position: 0, reason: e.to_string() });
+                }
+                Err(e) => {
+                    self.backlog.push(Event::Failed { group: g, position: 0, reason: format!("cannot rejoin: {e}") })
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Drops every trace of group `g` from this device.
+    fn forget_group(&mut self, g: &str) -> Result<(), ClientError> {
+        if let Some(mut group) = self.groups.remove(g) {
+            group.delete(self.provider.storage()).map_err(mls)?;
+        }
+        self.meta.groups.remove(g);
+        self.meta.group_seqs.remove(g);
+        self.meta.rejoin.remove(g);
+        self.meta.pending_commits.remove(g);
+        self.persist()
+    }
+
+    /// Gets back into group `g`, which this device can no longer follow, by
+    /// an external commit (RFC 9420 §12.4.3.2) from the group's current
+    /// GroupInfo that replaces the device's own stale leaf. The Commit it
+    /// could not process, if that is why, is reported to the hub first.
+    /// The device's old state of the group is useless by now and dropped;
+    /// on `wrong_epoch` (another Commit came first) it starts again from
+    /// the newer GroupInfo.
+    pub async fn rejoin(&mut self, g: &str) -> Result<Event, ClientError> {
+        let failed_at = self.meta.rejoin.get(g).copied().unwrap_or(0);
+        if failed_at > 0 {
+            // Best effort: the report is for the hub's operators, and a
+            // failure to send it must not keep the device out.
+            if let Err(e) = self.http.report(g, failed_at).await {
+                tracing::debug!(group = g, error = %e, "cannot report the Commit");
+            }
+            self.meta.rejoin.insert(g.to_owned(), 0);
+            self.persist()?;
+        }
+        for _ in 0..EPOCH_RETRIES {
+            let info = self.http.group_info(g).await?;
+            let bytes = B64.decode(&info.group_info).map_err(|e| ClientError::Protocol(format!("bad base64: {e}")))?;
+            let vgi = match MlsMessageIn::tls_deserialize_exact(&bytes).map_err(mls)?.extract() {
+                MlsMessageBodyIn::GroupInfo(vgi) => vgi,
+                _ => return Err(ClientError::Protocol("the operator's GroupInfo is not a GroupInfo".into())),
+            };
+            if let Some(mut old) = self.groups.remove(g) {
+                old.delete(self.provider.storage()).map_err(mls)?;
+            }
+            // openmls removes our old leaf itself: it finds our signature
+            // key in the tree (a Remove proposal in the same Commit).
+            let (group, bundle) = MlsGroup::external_commit_builder()
+                .with_config(join_config())
+                .build_group(&self.provider, vgi, self.credential())
+                .map_err(mls)?
+                .load_psks(self.provider.storage())
+                .map_err(mls)?
+                .build(self.provider.rand(), self.provider.crypto(), &self.signer, |_| true)
+                .map_err(mls)?
+                .finalize(&self.provider)
+                .map_err(mls)?;
+            let (commit, _, group_info) = bundle.into_contents();
+            // Every member must hold the key its operator vouches for
+            // (RFC 9750 §5.3), as for a Welcome.
+            let own = self.id.as_bytes().to_vec();
+            let members: Vec<(Vec<u8>, Vec<u8>)> = group
+                .members()
+                .map(|m| (m.credential.serialized_content().to_vec(), m.signature_key))
+                .filter(|(id, _)| *id != own)
+                .collect();
+            self.groups.insert(g.to_owned(), group);
+            for (identity, key) in members {
+                if let Err(e) = self.verify_member(&identity, &key).await {
+                    self.forget_group(g)?;
+                    return Err(ClientError::Identity(format!("refused to rejoin: {e}")));
+                }
+            }
+            let body = commit_body(&commit, None, group_info)?;
+            self.persist()?;
+            match self.submit_resending(body).await {
+                Ok(a) => {
+                    // Accepted is final: merge now, and read on after it.
+                    // What came between the Commit we could not process
+                    // and this one is not for us.
+                    let group = self.groups.get_mut(g).ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
+                    group.merge_pending_commit(&self.provider).map_err(mls)?;
+                    let epoch = group.epoch().as_u64();
+                    self.meta.groups.insert(g.to_owned(), a.position);
+                    self.meta.group_seqs.entry(g.to_owned()).or_insert(0);
+                    self.meta.rejoin.remove(g);
+                    self.persist()?;
+                    return Ok(Event::Rejoined { group: g.to_owned(), position: a.position, epoch });
+                }
+                Err(e) => {
+                    if let Some(mut group) = self.groups.remove(g) {
+                        group.delete(self.provider.storage()).map_err(mls)?;
+                    }
+                    self.persist()?;
+                    if e.code() != Some(ErrorCode::WrongEpoch) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Err(ClientError::Protocol("gave up rejoining after repeated wrong_epoch".into()))
     }
 
     /// Applies the mailbox (Welcomes, notices), then acks it.
@@ -622,7 +769,15 @@ impl Device {
                     tracing::debug!(group = g, error = %e, "group unavailable; read again later");
                     return Ok(());
                 }
-                Err(e) if matches!(e.code(), Some(ErrorCode::HistoryExpired | ErrorCode::NotAMember)) => {
+                Err(e) if e.code() == Some(ErrorCode::HistoryExpired) => {
+                    // MLS cannot skip a Commit: the way back is a rejoin.
+                    self.meta.rejoin.entry(g.to_owned()).or_insert(0);
+                    self.persist()?;
+                    let reason = e.to_string();
+                    self.backlog.push(Event::Failed { group: g.to_owned(), position: position.unwrap_or(0), reason });
+                    return Ok(());
+                }
+                Err(e) if e.code() == Some(ErrorCode::NotAMember) => {
                     let reason = e.to_string();
                     self.backlog.push(Event::Failed { group: g.to_owned(), position: position.unwrap_or(0), reason });
                     return Ok(());
@@ -794,6 +949,11 @@ impl Device {
             return Ok(None);
         }
         self.meta.groups.insert(g.clone(), item.position);
+        if self.meta.rejoin.contains_key(&g) {
+            // Nothing after a Commit we could not process is readable to
+            // us until we rejoin.
+            return Ok(None);
+        }
         if item.kind == "application" && item.own {
             let text = self.meta.sent.remove(&format!("{g} {}", item.position)).unwrap_or_default();
             let sender = self.id.to_string();
@@ -806,9 +966,20 @@ impl Device {
             Ok(pm) => pm,
             Err(e) => return fail(format!("not a protocol message: {e}")),
         };
+        let epoch = group.epoch().as_u64();
         let processed = match group.process_message(&self.provider, pm) {
             Ok(p) => p,
-            Err(e) => return fail(format!("cannot process: {e}")),
+            Err(e) => {
+                // A Commit the hub accepted but we cannot process (the hub
+                // cannot check its confirmation or membership tag), or an
+                // entry of an epoch we never reached: we cannot follow the
+                // group any more, and MLS cannot skip a Commit.
+                if item.kind == "commit" || item.epoch != epoch {
+                    let report = if item.kind == "commit" { item.position } else { 0 };
+                    self.meta.rejoin.entry(g.clone()).or_insert(report);
+                }
+                return fail(format!("cannot process: {e}"));
+            }
         };
         let sender = String::from_utf8_lossy(processed.credential().serialized_content()).into_owned();
         let position = item.position;
@@ -866,9 +1037,8 @@ impl Device {
     pub fn prepare_add(&mut self, g: &str, kps: &[KeyPackage]) -> Result<Vec<u8>, ClientError> {
         let (provider, signer) = (&self.provider, &self.signer);
         let group = self.groups.get_mut(g).ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
-        let (commit, welcome, _) = group.add_members(provider, signer, kps).map_err(mls)?;
-        let mut body = commit.tls_serialize_detached().map_err(mls)?;
-        body.extend(welcome.tls_serialize_detached().map_err(mls)?);
+        let (commit, welcome, group_info) = group.add_members(provider, signer, kps).map_err(mls)?;
+        let body = commit_body(&commit, Some(&welcome), group_info)?;
         self.persist()?;
         Ok(body)
     }

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub partitions_owned: IntGauge,
     pub partition_owned: IntGaugeVec,
     pub dead_letters: IntCounterVec,
+    /// Entries a follower delivered past a hole that can never fill.
+    pub lost_predecessors: IntCounter,
 }
 
 impl Metrics {
@@ -89,7 +91,13 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            lost_predecessors: IntCounter::new(
+                "mlsfed_fanout_lost_predecessors_total",
+                "Entries a follower delivered past predecessors that never reached it (the hub's outbox \
+                 retention dropped them while this operator was away): their members must rejoin.",
+            )?,
         };
+        registry.register(Box::new(m.lost_predecessors.clone()))?;
         for reason in ["predecessor_missing", "transient", "unsupported_version", "malformed"] {
             m.dead_letters.with_label_values(&[reason]);
         }
@@ -245,13 +253,36 @@ impl GroupFanout {
             tracing::debug!(position = entry.position, done = cursor.done, "already delivered");
             return Ok(Step::Done);
         }
-        if entry.prev_position != cursor.done {
-            self.cursor = None;
-            self.roster = None;
-            return Ok(Step::NotYet);
-        }
         let hub = group.hub() == self.ctx.domain;
-        let (mut roster, roster_rev) = self.load_roster(&key).await?;
+        let mut lost = false;
+        if entry.prev_position != cursor.done {
+            lost = !hub && entry.prev_position > cursor.done && self.predecessor_lost(group, entry, log_seq).await?;
+            if !lost {
+                self.cursor = None;
+                self.roster = None;
+                return Ok(Step::NotYet);
+            }
+            self.ctx.metrics.lost_predecessors.inc();
+            tracing::warn!(
+                position = entry.position,
+                delivered = cursor.done,
+                "entries before this one never reached this operator; its members of the group must rejoin"
+            );
+            tracing::debug!(%group, position = entry.position, "lost predecessors");
+        }
+        let (mut roster, mut roster_rev) = self.load_roster(&key).await?;
+        if lost && roster.epoch < entry.epoch {
+            // Commits were among what was lost: the group is at this
+            // entry's epoch at least, or its entries would wait forever for
+            // a roster that applied Commits it will never see. Who those
+            // Commits added or removed is unknown here; the members that
+            // rejoin are in the roster already.
+            let mut next = roster.clone();
+            next.epoch = entry.epoch;
+            roster_rev = self.save_roster(&key, &next, roster_rev).await?;
+            roster = next;
+            self.roster = Some((roster.clone(), roster_rev));
+        }
         let mut peers = if hub { roster.peers(&self.ctx.domain) } else { Vec::new() };
         if matches!(entry.kind, EntryKind::Created | EntryKind::Commit) {
             // The roster first, so a Welcome never names a group its device
@@ -312,6 +343,32 @@ impl GroupFanout {
         self.ctx.metrics.entries.inc();
         tracing::debug!(position = entry.position, "fanned out");
         Ok(Step::Done)
+    }
+
+    /// At a follower, whether the entry's predecessor will never arrive:
+    /// the bridge appends a hub's entries to our LOG in the hub's order, so
+    /// if the group's last entry before this one in our LOG is not the
+    /// predecessor, the predecessor was lost on the way (it expired in the
+    /// hub's outbox while we were unreachable), not merely late.
+    async fn predecessor_lost(&self, group: &GroupId, entry: &LogEntry, log_seq: u64) -> Result<bool, String> {
+        if log_seq <= 1 {
+            return Ok(true);
+        }
+        let subject = names::log_subject(group, self.ctx.streams.partitions);
+        let before = proto::direct::multi_last(
+            &self.ctx.topo.js.client(),
+            names::LOG_STREAM,
+            &[subject],
+            Some(log_seq - 1),
+            std::time::Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let previous = match before.first() {
+            Some(stored) => proto::wire::decode::<LogEntry>(&stored.payload).map_err(|e| e.to_string())?.position,
+            None => 0,
+        };
+        Ok(previous < entry.prev_position)
     }
 
     async fn load_roster(&mut self, key: &str) -> Result<(Roster, u64), String> {

@@ -98,10 +98,13 @@ impl Bridge {
             self.agree(&origin, theirs);
             return self.answer(origin, env.nonce, Response::Capabilities(self.ours.clone()));
         }
-        if let Request::Claim { requester, .. } = &env.body {
+        if let Request::Claim { requester, .. }
+        | Request::GroupInfo { requester, .. }
+        | Request::CommitReport { requester, .. } = &env.body
+        {
             if requester.domain() != origin {
                 self.metrics.refused.with_label_values(&["sender_not_origin"]).inc();
-                return reply_error(ErrorCode::ForgedEnvelope, "a peer claims only for its own devices");
+                return reply_error(ErrorCode::ForgedEnvelope, "a peer asks only for its own devices");
             }
         }
         let timeout = Duration::from_millis(self.fed.request_timeout_ms);

@@ -139,9 +139,7 @@ pub async fn identity(
                 (signed, key)
             }
             FedResponse::Error(e) => return Err(Reject(e)),
-            FedResponse::Claimed(_) | FedResponse::Capabilities(_) => {
-                return Err(Reject::new(ErrorCode::Internal, "unexpected answer"))
-            }
+            _ => return Err(Reject::new(ErrorCode::Internal, "unexpected answer")),
         }
     };
     let status = match signed.open(&key) {
@@ -170,7 +168,7 @@ pub async fn remove_device(
 }
 
 /// Asks a peer operator through our bridge (request/reply).
-async fn ask_peer(api: &Shared, peer: &str, req: Request) -> Result<FedResponse, Reject> {
+pub(crate) async fn ask_peer(api: &Shared, peer: &str, req: Request) -> Result<FedResponse, Reject> {
     let client = api.topo.js.client();
     // The bridge answers within the federation timeout; wait a little longer.
     let timeout = std::time::Duration::from_millis(api.cfg.federation.request_timeout_ms + 1000);
@@ -179,7 +177,10 @@ async fn ask_peer(api: &Shared, peer: &str, req: Request) -> Result<FedResponse,
         Ok(Ok(m)) => {
             proto::wire::decode(&m.payload).map_err(|_| Reject::new(ErrorCode::Internal, "bad answer from the bridge"))
         }
-        _ => Err(Reject::new(ErrorCode::PeerUnreachable, format!("{peer} cannot be reached now; nothing was claimed"))),
+        _ => Err(Reject::new(
+            ErrorCode::PeerUnreachable,
+            format!("{peer} cannot be reached now; nothing was done there"),
+        )),
     }
 }
 
@@ -208,9 +209,7 @@ async fn claim_remote(
             Ok(json(serde_json::json!({ "key_packages": out })).into_response())
         }
         FedResponse::Error(e) => Err(Reject(e)),
-        FedResponse::Binding(_) | FedResponse::Capabilities(_) => {
-            Err(Reject::new(ErrorCode::Internal, "unexpected answer"))
-        }
+        _ => Err(Reject::new(ErrorCode::Internal, "unexpected answer")),
     }
 }
 
@@ -259,6 +258,10 @@ async fn answer(api: &Shared, req: Request) -> FedResponse {
         // The bridge answers capabilities itself.
         Request::Capabilities(_) => {
             FedResponse::Error(ApiError::new(ErrorCode::InvalidRequest, "not for the key directory"))
+        }
+        Request::GroupInfo { requester, group } => crate::rejoin::answer_group_info(api, &requester, &group).await,
+        Request::CommitReport { requester, group, position } => {
+            crate::rejoin::answer_report(api, &requester, &group, position, "peer").await
         }
         Request::Identity { device } => match api.keydir.binding(&device).await {
             Ok(signed) => FedResponse::Binding(serde_json::to_vec(&signed).unwrap_or_default()),

@@ -14,6 +14,7 @@ mod groups;
 mod keys;
 mod mailbox;
 mod push;
+mod rejoin;
 mod submit;
 mod tails;
 mod verdicts;
@@ -42,6 +43,8 @@ pub struct Metrics {
     pub requests: HistogramVec,
     pub errors: IntCounterVec,
     pub entries_served: IntCounterVec,
+    /// Members' reports of Commits they could not process, at the hub.
+    pub commit_reports: IntCounterVec,
 }
 
 impl Metrics {
@@ -63,7 +66,18 @@ impl Metrics {
                 ),
                 &["via"],
             )?,
+            commit_reports: IntCounterVec::new(
+                Opts::new(
+                    "mlsfed_group_commit_reports_total",
+                    "Reports from members that could not process a Commit this hub accepted (via: local, peer).",
+                ),
+                &["via"],
+            )?,
         };
+        for via in ["local", "peer"] {
+            m.commit_reports.with_label_values(&[via]);
+        }
+        registry.register(Box::new(m.commit_reports.clone()))?;
         for via in ["fetch", "push"] {
             m.entries_served.with_label_values(&[via]);
         }
@@ -90,6 +104,8 @@ pub struct Api {
     pub verdicts: verdicts::Verdicts,
     /// The operator's status page (`/status`), served beside `/metrics`.
     pub status_page: Router,
+    /// Reads groups' checkpoints (for their current GroupInfo).
+    pub checkpoints: proto::checkpoint::Reader,
 }
 
 pub type Shared = Arc<Api>;
@@ -151,6 +167,8 @@ pub fn router(api: Shared) -> Router {
         .route("/v1/devices/{device}/mailbox", get(mailbox::fetch))
         .route("/v1/devices/{device}/mailbox/ack", post(mailbox::ack))
         .route("/v1/groups/{group}/entries", get(groups::entries))
+        .route("/v1/groups/{group}/group_info", get(rejoin::group_info))
+        .route("/v1/groups/{group}/reports", post(rejoin::report))
         .route("/v1/devices/{device}/groups", get(groups::sync))
         .route("/v1/devices/{device}/ws", get(push::websocket))
         .route_service("/status", api.status_page.clone())

@@ -141,6 +141,9 @@ fn show(who: &str, events: &[Event]) {
             Event::Joined { epoch, .. } => println!("  {who:>5} joined the group at epoch {epoch}"),
             Event::Commit { epoch, position, .. } => println!("  {who:>5} applied commit #{position} -> epoch {epoch}"),
             Event::Removed { .. } => println!("  {who:>5} was removed from the group"),
+            Event::Rejoined { epoch, position, .. } => {
+                println!("  {who:>5} rejoined by external commit #{position} -> epoch {epoch}")
+            }
             Event::Failed { reason, .. } => println!("  {who:>5} FAILED: {reason}"),
             _ => {}
         }

@@ -228,6 +228,7 @@ pub async fn run(
             keydir::Metrics::new(&registry)?,
         );
         let api = Arc::new(ingest::Api {
+            checkpoints: proto::checkpoint::Reader::new(&topo),
             topo,
             keydir: Arc::new(kd),
             cfg: cfg.clone(),

@@ -72,6 +72,8 @@ codes! {
     InvalidProposal => ("invalid_proposal", 422, false),
     InvalidGroupInfo => ("invalid_group_info", 422, false),
     WelcomeMismatch => ("welcome_mismatch", 422, false),
+    GroupInfoUnavailable => ("group_info_unavailable", 404, false),
+    MissingGroupInfo => ("missing_group_info", 422, false),
     // Key directory.
     InvalidKeyPackage => ("invalid_key_package", 422, false),
     InvalidSignature => ("invalid_signature", 422, false),

@@ -7,7 +7,7 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, Verifying
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
-use crate::ids::{DeviceId, UserId};
+use crate::ids::{DeviceId, GroupId, UserId};
 use crate::wire::{LogEntry, Submission, Verdict};
 
 /// The federation protocol versions this build speaks, newest last.
@@ -125,6 +125,19 @@ pub enum Request {
     },
     /// Our capabilities; the answer carries the peer's.
     Capabilities(Capabilities),
+    /// The current GroupInfo of a group the peer hosts, for a member device
+    /// of ours that rejoins it (RFC 9420 §12.4.3.2).
+    GroupInfo {
+        requester: DeviceId,
+        group: GroupId,
+    },
+    /// A member device of ours could not process the Commit at `position`
+    /// of a group the peer hosts; the hub counts it.
+    CommitReport {
+        requester: DeviceId,
+        group: GroupId,
+        position: u64,
+    },
 }
 
 /// What an operator speaks (design decision 7), exchanged signed.
@@ -156,6 +169,8 @@ pub enum Response {
     Binding(Vec<u8>),
     Capabilities(Capabilities),
     Error(ApiError),
+    GroupInfo(crate::checkpoint::PublishedGroupInfo),
+    Reported,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod batch;
+pub mod checkpoint;
 pub mod direct;
 pub mod error;
 pub mod federation;

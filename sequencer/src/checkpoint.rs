@@ -12,9 +12,8 @@
 
 use async_nats::jetstream::{self, kv, object_store};
 use bytes::Bytes;
+use proto::checkpoint::{version, Pointer, Reader, POINTER_VERSION};
 use proto::{names, GroupId};
-use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt as _;
 
 use crate::state::GroupState;
 
@@ -24,14 +23,6 @@ const CHUNK_BYTES: usize = 256 * 1024;
 /// Rounds of reading and moving the pointer before a save gives up (each
 /// lost round means another process moved it meanwhile).
 const POINTER_ROUNDS: usize = 8;
-/// Checkpoint objects one process reads at once.
-const MAX_CONCURRENT_READS: usize = 16;
-/// Reads of pointer then object before a load gives up: the object named by
-/// a pointer just read may be deleted because the pointer moved on.
-const READ_ROUNDS: usize = 3;
-/// Longest one object read may take: a read whose chunks are purged under
-/// it (the object was replaced) would otherwise wait for them forever.
-const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CheckpointError {
@@ -39,31 +30,12 @@ pub(crate) enum CheckpointError {
     Object(String),
     #[error("cannot move the checkpoint pointer: {0}")]
     Pointer(String),
-    #[error("cannot read the checkpoint: {0}")]
-    Read(String),
+    #[error(transparent)]
+    Read(#[from] proto::checkpoint::ReadCheckpointError),
     /// Written by a newer version: refused by name, never overwritten by a
     /// replay of ours.
     #[error("the checkpoint pointer has format {0}, newer than this sequencer's")]
     Newer(u32),
-}
-
-/// The KV value naming a group's latest checkpoint.
-#[derive(Debug, Serialize, Deserialize)]
-struct Pointer {
-    v: u32,
-    position: u64,
-    object: String,
-}
-
-const POINTER_VERSION: u32 = 1;
-
-/// The format version of a pointer, if the value is one of any version.
-fn version(value: &[u8]) -> Option<u32> {
-    #[derive(Deserialize)]
-    struct Versioned {
-        v: u32,
-    }
-    serde_json::from_slice::<Versioned>(value).ok().map(|x| x.v)
 }
 
 /// What a load found.
@@ -82,22 +54,8 @@ pub(crate) enum Found {
     Unusable(String),
 }
 
-/// Why one read of an object failed.
-enum ObjectRead {
-    /// Not there (deleted because the pointer moved on, or lost).
-    Missing,
-    /// There, but not a valid object (wrong digest or size).
-    Corrupt(String),
-    /// NATS did not answer in time: try again later.
-    Unavailable(String),
-}
-
 pub(crate) struct Checkpoints {
-    /// Object reads in flight in this process. Each read is a consumer on
-    /// the object store's stream, and a sequencer that takes over many
-    /// groups at once (a start, a failover) would otherwise open one per
-    /// group and run into the server's consumer limit.
-    reads: std::sync::Arc<tokio::sync::Semaphore>,
+    reader: Reader,
     pointers: kv::Store,
     objects: object_store::ObjectStore,
     objects_stream: jetstream::stream::Stream,
@@ -107,7 +65,7 @@ pub(crate) struct Checkpoints {
 impl Checkpoints {
     pub(crate) fn new(topo: &proto::streams::Topology, cleanup_failures: prometheus::IntCounter) -> Self {
         Self {
-            reads: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_READS)),
+            reader: Reader::new(topo),
             pointers: topo.groups.clone(),
             objects: topo.state.clone(),
             objects_stream: topo.state_stream.clone(),
@@ -178,74 +136,21 @@ impl Checkpoints {
     /// the pointer is of a newer format; the caller tries again later
     /// rather than replay a LOG that may be gone.
     pub(crate) async fn load(&self, group: &GroupId) -> Result<Found, CheckpointError> {
-        let key = names::group_key(group);
-        let mut unavailable = None;
-        for _ in 0..READ_ROUNDS {
-            let entry = self.pointers.entry(key.as_str()).await.map_err(|e| CheckpointError::Read(e.to_string()))?;
-            let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
-                return Ok(Found::Absent);
-            };
-            if let Some(v) = version(&entry.value).filter(|v| *v > POINTER_VERSION) {
-                return Err(CheckpointError::Newer(v));
-            }
-            let pointer = match serde_json::from_slice::<Pointer>(&entry.value) {
-                Ok(p) => p,
-                Err(_) => {
-                    return Ok(match GroupState::restore(group, &entry.value) {
-                        Some(s) => Found::Legacy(s),
-                        None => Found::Unusable("the pointer is unreadable".into()),
-                    })
+        Ok(match self.reader.load(group).await? {
+            proto::checkpoint::Found::Absent => Found::Absent,
+            proto::checkpoint::Found::Legacy(bytes) => match GroupState::restore(group, &bytes) {
+                Some(s) => Found::Legacy(s),
+                None => Found::Unusable("the pointer is unreadable".into()),
+            },
+            proto::checkpoint::Found::Object { position, bytes } => match GroupState::restore(group, &bytes) {
+                Some(s) if s.position == position => Found::State(s),
+                Some(s) => {
+                    Found::Unusable(format!("the object holds position {}, its pointer says {position}", s.position))
                 }
-            };
-            match self.read(&pointer.object).await {
-                Ok(bytes) => {
-                    return Ok(match GroupState::restore(group, &bytes) {
-                        Some(s) if s.position == pointer.position => Found::State(s),
-                        Some(s) => Found::Unusable(format!(
-                            "the object holds position {}, its pointer says {}",
-                            s.position, pointer.position
-                        )),
-                        None => Found::Unusable("the object is not a readable state".into()),
-                    })
-                }
-                // The pointer may have moved on and its old object been
-                // deleted while we read: read the pointer again.
-                Err(ObjectRead::Missing) => unavailable = None,
-                Err(ObjectRead::Unavailable(e)) => unavailable = Some(e),
-                Err(ObjectRead::Corrupt(e)) => return Ok(Found::Unusable(e)),
-            }
-        }
-        match unavailable {
-            Some(e) => Err(CheckpointError::Read(e)),
-            None => Ok(Found::Unusable("the object the pointer names is missing".into())),
-        }
-    }
-
-    async fn read(&self, object: &str) -> Result<Vec<u8>, ObjectRead> {
-        let _permit =
-            self.reads.acquire().await.map_err(|_| ObjectRead::Unavailable("checkpoint reads are closed".into()))?;
-        let mut found = match self.objects.get(object).await {
-            Ok(o) => o,
-            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Err(ObjectRead::Missing),
-            Err(e) => return Err(ObjectRead::Unavailable(e.to_string())),
-        };
-        let size = found.info().size;
-        // Bounded, whatever the metadata says.
-        let mut bytes = Vec::with_capacity(size.min(64 << 20));
-        let read = tokio::time::timeout(READ_TIMEOUT, found.read_to_end(&mut bytes)).await;
-        let Ok(read) = read else {
-            return Err(ObjectRead::Unavailable("the object's chunks did not arrive in time".into()));
-        };
-        match read {
-            Ok(_) if bytes.len() == size => Ok(bytes),
-            Ok(_) => {
-                Err(ObjectRead::Corrupt(format!("the object has {} bytes, its metadata says {size}", bytes.len())))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(ObjectRead::Corrupt(e.to_string())),
-            // Chunks purged under the read (the object was replaced or
-            // deleted meanwhile), or a timeout.
-            Err(e) => Err(ObjectRead::Unavailable(e.to_string())),
-        }
+                None => Found::Unusable("the object is not a readable state".into()),
+            },
+            proto::checkpoint::Found::Unusable(reason) => Found::Unusable(reason),
+        })
     }
 
     /// Deletes an object no pointer names any more, and the tombstone that
@@ -270,23 +175,5 @@ impl Checkpoints {
             self.cleanup_failures.inc();
             tracing::warn!(error = %e, "cannot delete a superseded checkpoint; it stays as an orphan");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The pointer is read by every sequencer version that shares the
-    /// bucket, and by operators looking at it: its layout is fixed.
-    #[test]
-    fn pointer_layout() {
-        let p = Pointer { v: POINTER_VERSION, position: 7, object: "ab.7".into() };
-        assert_eq!(serde_json::to_string(&p).ok().as_deref(), Some(r#"{"v":1,"position":7,"object":"ab.7"}"#));
-        assert_eq!(version(br#"{"v":2,"position":7,"object":"ab.7","more":1}"#), Some(2));
-        // An older snapshot stored in the KV value is not mistaken for one.
-        let legacy = proto::wire::encode(&(1u8, 2u64));
-        assert!(serde_json::from_slice::<Pointer>(&legacy).is_err());
-        assert_eq!(version(&legacy), None);
     }
 }

@@ -127,10 +127,11 @@ impl GroupDecider {
                     return Ok(Some(Verdict::Rejected(ApiError::new(ErrorCode::UnknownGroup, "no such group"))));
                 }
                 if let Some(v) = self.already(sub) {
+                    self.readopt_group_info(&bundle, &v);
                     return Ok(Some(v));
                 }
                 let state = self.state.as_ref().ok_or_else(|| StepError::Transient("cache".into()))?;
-                let plan = match validate::plan(state, &self.ctx.crypto, &sub.device, &bundle) {
+                let plan = match validate::plan(state, &self.ctx.crypto, &sub.device, &bundle, validate::Mode::Live) {
                     Ok(p) => p,
                     Err(e) => return Ok(Some(Verdict::Rejected(e))),
                 };
@@ -162,6 +163,15 @@ impl GroupDecider {
                 let state = self.state.as_mut().ok_or_else(|| StepError::Transient("cache".into()))?;
                 let is_commit = entry.kind == EntryKind::Commit;
                 let changes_group = matches!(entry.kind, EntryKind::Commit | EntryKind::Proposal);
+                if is_commit {
+                    // The previous epoch's GroupInfo is of no use to anyone
+                    // now; a Commit without one leaves none.
+                    state.group_info = plan.group_info.map(|message| proto::checkpoint::PublishedGroupInfo {
+                        epoch: entry.epoch + 1,
+                        position,
+                        message,
+                    });
+                }
                 if let Err(e) = validate::apply(state, plan.effect) {
                     // The entry is in LOG; a replay will rebuild the state.
                     tracing::error!(error = %e, "cannot apply accepted entry to cached state");
@@ -173,6 +183,25 @@ impl GroupDecider {
                 tracing::debug!(position, seq, kind = entry.kind.as_str(), "appended");
                 Ok(Some(Verdict::Accepted { position, epoch: entry.epoch }))
             }
+        }
+    }
+
+    /// A resent Commit that started the current epoch brings back its
+    /// GroupInfo when the state lost it (see
+    /// [`validate::group_info_of_current_epoch`]); it is checkpointed with
+    /// the verdict.
+    fn readopt_group_info(&mut self, bundle: &proto::mls::Bundle, verdict: &Verdict) {
+        let Some(state) = self.state.as_mut() else { return };
+        let Verdict::Accepted { position, epoch } = *verdict else { return };
+        if state.group_info.is_some() || bundle.header.content != proto::mls::Content::Commit {
+            return;
+        }
+        if epoch + 1 != state.epoch() || state.winning_commit(epoch) != Some(position) {
+            return;
+        }
+        if let Some(message) = validate::group_info_of_current_epoch(state, bundle) {
+            state.group_info = Some(proto::checkpoint::PublishedGroupInfo { epoch: epoch + 1, position, message });
+            state.changed = true;
         }
     }
 
@@ -334,8 +363,14 @@ impl GroupDecider {
                 let mut raw = entry.message.clone();
                 raw.extend_from_slice(entry.welcome.as_deref().unwrap_or_default());
                 let bundle = proto::mls::parse_bundle(&raw).map_err(bad)?;
-                let plan = validate::plan(&s, &self.ctx.crypto, &entry.sender, &bundle).map_err(bad)?;
+                let plan = validate::plan(&s, &self.ctx.crypto, &entry.sender, &bundle, validate::Mode::Replay)
+                    .map_err(bad)?;
                 validate::apply(&mut s, plan.effect).map_err(StepError::Transient)?;
+                if entry.kind == EntryKind::Commit {
+                    // The LOG keeps no GroupInfo: the one uploaded with this
+                    // Commit is lost unless a checkpoint holds it.
+                    s.group_info = None;
+                }
                 s
             }
             (Some(s), _) => s,

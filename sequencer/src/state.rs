@@ -8,8 +8,8 @@ use std::collections::VecDeque;
 
 use openmls::prelude::{GroupId as MlsGroupId, ProposalStore, PublicGroup};
 use openmls_memory_storage::MemoryStorage;
+use proto::checkpoint::{PublishedGroupInfo, Snapshot};
 use proto::{DeviceId, GroupId};
-use serde::{Deserialize, Serialize};
 
 /// Accepted submissions remembered per group, so that a redelivered
 /// submission gets its original verdict instead of a spurious `wrong_epoch`.
@@ -35,16 +35,10 @@ pub struct GroupState {
     /// or Proposal): the next checkpoint is due now, not in a while, since
     /// the LOG entry that made the change may expire.
     pub changed: bool,
+    /// The GroupInfo of the current epoch, when its Commit carried one:
+    /// what members that cannot follow the group any more rejoin from.
+    pub group_info: Option<PublishedGroupInfo>,
     member_set: std::sync::OnceLock<std::collections::HashSet<Vec<u8>>>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Snapshot {
-    storage: Vec<(Vec<u8>, Vec<u8>)>,
-    last_subject_seq: u64,
-    position: u64,
-    recent: Vec<(String, u64, u64)>,
-    commits: Vec<(u64, u64)>,
 }
 
 impl GroupState {
@@ -59,6 +53,7 @@ impl GroupState {
             commits: VecDeque::new(),
             checkpointed: 0,
             changed: false,
+            group_info: None,
             member_set: std::sync::OnceLock::new(),
         }
     }
@@ -124,20 +119,22 @@ impl GroupState {
             .read()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default();
-        proto::wire::encode(&Snapshot {
+        Snapshot {
             storage,
             last_subject_seq: self.last_subject_seq,
             position: self.position,
             recent: self.recent.iter().cloned().collect(),
             commits: self.commits.iter().cloned().collect(),
-        })
+            group_info: self.group_info.clone(),
+        }
+        .encode()
     }
 
     /// Restores a snapshot; `None` when it is unreadable (then the caller
     /// replays the LOG from the start, the best it can do). The restored
     /// state counts as checkpointed at its own position.
     pub fn restore(group: &GroupId, bytes: &[u8]) -> Option<Self> {
-        let snap: Snapshot = proto::wire::decode(bytes).ok()?;
+        let snap = Snapshot::decode(bytes)?;
         let storage = MemoryStorage::default();
         storage.values.write().ok()?.extend(snap.storage);
         let public = PublicGroup::load(&storage, &MlsGroupId::from_slice(group.as_bytes())).ok()??;
@@ -151,6 +148,7 @@ impl GroupState {
             commits: snap.commits.into(),
             checkpointed: snap.position,
             changed: false,
+            group_info: snap.group_info,
             member_set: std::sync::OnceLock::new(),
         })
     }

@@ -2,10 +2,10 @@
 //! Pure with respect to the state: it returns a [`Plan`] whose effect is applied
 //! only after the LOG append succeeded, so a lost CAS race needs no rollback.
 
-use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _, Size as _};
 use openmls::prelude::{
-    CredentialType, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, ProtocolMessage, PublicGroup,
-    PublicProcessMessageError, QueuedProposal, Sender, StagedCommit, ValidationError,
+    CredentialType, GroupContext, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, ProtocolMessage,
+    PublicGroup, PublicProcessMessageError, QueuedProposal, Sender, StagedCommit, ValidationError,
 };
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
@@ -28,6 +28,9 @@ pub struct Plan {
     pub removed: Vec<DeviceId>,
     pub welcome: Option<Vec<u8>>,
     pub welcome_recipients: Vec<DeviceId>,
+    /// For a Commit: the GroupInfo of the epoch it starts, checked against
+    /// the GroupContext the Commit produces.
+    pub group_info: Option<Vec<u8>>,
     pub effect: Effect,
 }
 
@@ -103,8 +106,24 @@ fn map_process_error(e: PublicProcessMessageError, state: &GroupState, sent_in: 
     }
 }
 
+/// How a message is being validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A submission: every rule applies.
+    Live,
+    /// An accepted LOG entry rebuilt into the state: the LOG keeps no
+    /// GroupInfo, and the entry was checked when it was accepted.
+    Replay,
+}
+
 /// Validates a protocol message from `device` against `state`.
-pub fn plan(state: &GroupState, crypto: &RustCrypto, device: &DeviceId, bundle: &Bundle) -> Result<Plan, ApiError> {
+pub fn plan(
+    state: &GroupState,
+    crypto: &RustCrypto,
+    device: &DeviceId,
+    bundle: &Bundle,
+    mode: Mode,
+) -> Result<Plan, ApiError> {
     let h = &bundle.header;
     if !state.is_member(device) {
         return Err(err(ErrorCode::NotAMember, "the submitting device is not a member of the group"));
@@ -121,6 +140,7 @@ pub fn plan(state: &GroupState, crypto: &RustCrypto, device: &DeviceId, bundle: 
             removed: vec![],
             welcome: None,
             welcome_recipients: vec![],
+            group_info: None,
             effect: Effect::None,
         });
     }
@@ -130,8 +150,12 @@ pub fn plan(state: &GroupState, crypto: &RustCrypto, device: &DeviceId, bundle: 
         .map_err(|_| err(ErrorCode::WrongWireFormat, "expected a protocol message"))?;
     // The claimed sender leaf must be the authenticated device (RFC 9420 §6.2:
     // the hub can read the sender of a PublicMessage). Checked before any
-    // cryptography so a member cannot speak for another one.
+    // cryptography so a member cannot speak for another one. An external
+    // commit (§12.4.3.2) names no leaf: its new leaf is checked below.
+    let mut external = false;
+    let mut confirmation_tag = None;
     if let ProtocolMessage::PublicMessage(p) = &pm {
+        confirmation_tag = p.confirmation_tag().and_then(|t| t.tls_serialize_detached().ok());
         match p.sender() {
             Sender::Member(idx) => {
                 let leaf = state.public.leaf(*idx).ok_or_else(|| err(ErrorCode::NotAMember, "sender leaf is empty"))?;
@@ -139,11 +163,9 @@ pub fn plan(state: &GroupState, crypto: &RustCrypto, device: &DeviceId, bundle: 
                     return Err(err(ErrorCode::SenderMismatch, "the sender leaf is not the authenticated device"));
                 }
             }
+            Sender::NewMemberCommit => external = true,
             _ => {
-                return Err(err(
-                    ErrorCode::InvalidRequest,
-                    "external senders and external commits are not supported yet",
-                ))
+                return Err(err(ErrorCode::InvalidRequest, "external senders and external proposals are not supported"))
             }
         }
     }
@@ -159,7 +181,22 @@ pub fn plan(state: &GroupState, crypto: &RustCrypto, device: &DeviceId, bundle: 
                 removed: vec![],
                 welcome: None,
                 welcome_recipients: vec![],
+                group_info: None,
                 effect: Effect::Queue(qp),
+            })
+        }
+        ProcessedMessageContent::StagedCommitMessage(sc) if external => {
+            let group_info = check_group_info(sc.group_context(), bundle, confirmation_tag.as_deref(), mode)?;
+            check_rejoin(state, device, &sc, bundle)?;
+            Ok(Plan {
+                kind: EntryKind::Commit,
+                epoch: h.epoch,
+                // The device stays a member: only its stale leaf goes.
+                removed: vec![],
+                welcome: None,
+                welcome_recipients: vec![],
+                group_info,
+                effect: Effect::Merge(sc),
             })
         }
         ProcessedMessageContent::StagedCommitMessage(sc) => {
@@ -200,6 +237,7 @@ pub fn plan(state: &GroupState, crypto: &RustCrypto, device: &DeviceId, bundle: 
                 }
                 None => {}
             }
+            let group_info = check_group_info(sc.group_context(), bundle, confirmation_tag.as_deref(), mode)?;
             // Who the Commit removes (RFC 9420 §12.1.3), named while their
             // leaves are still in the tree: they may read up to this entry.
             let mut removed = Vec::new();
@@ -217,11 +255,109 @@ pub fn plan(state: &GroupState, crypto: &RustCrypto, device: &DeviceId, bundle: 
                 removed,
                 welcome: bundle.welcome.clone(),
                 welcome_recipients: added,
+                group_info,
                 effect: Effect::Merge(sc),
             })
         }
         _ => Err(err(ErrorCode::InvalidRequest, "unsupported message content")),
     }
+}
+
+/// An external commit is accepted only as a rejoin (RFC 9420 §12.4.3.2):
+/// a device that is a member already replaces its own leaf, which it can
+/// no longer use (its history expired, or it could not process a Commit).
+/// Its new leaf names the submitting device, it removes its old leaf and no
+/// one else's, and it adds no one. Joining a group one was never invited
+/// to is not possible this way.
+fn check_rejoin(state: &GroupState, device: &DeviceId, sc: &StagedCommit, bundle: &Bundle) -> Result<(), ApiError> {
+    let leaf = sc
+        .update_path_leaf_node()
+        .ok_or_else(|| err(ErrorCode::InvalidCommit, "an external commit must carry an UpdatePath"))?;
+    if leaf.credential().serialized_content() != device.as_bytes() {
+        return Err(err(ErrorCode::SenderMismatch, "the external commit's new leaf is not the authenticated device"));
+    }
+    if bundle.welcome.is_some() || sc.add_proposals().next().is_some() {
+        return Err(err(ErrorCode::InvalidCommit, "an external commit here adds no one"));
+    }
+    let mut removes_own = false;
+    for r in sc.remove_proposals() {
+        let own = state
+            .public
+            .leaf(r.remove_proposal().removed())
+            .is_some_and(|l| l.credential().serialized_content() == device.as_bytes());
+        if !own {
+            return Err(err(ErrorCode::InvalidCommit, "an external commit may remove only the device's own old leaf"));
+        }
+        removes_own = true;
+    }
+    if !removes_own {
+        return Err(err(ErrorCode::InvalidCommit, "a rejoin must remove the device's old leaf"));
+    }
+    Ok(())
+}
+
+/// Every Commit carries the GroupInfo of the epoch it starts (RFC 9420
+/// §12.4.3), so that a member who cannot follow the group can always rejoin
+/// from the current one. It must carry the same GroupContext the hub
+/// computed (group, epoch, tree hash, transcript hash, extensions), the
+/// ratchet tree (§12.4.3.3) and the external public key (§12.4.3.2), and
+/// the Commit's own confirmation tag (§12.4.3: "the confirmation tag from
+/// the Commit message that created the current epoch"). The hub holds no
+/// epoch secrets, so it cannot verify that tag (§6.1); comparing the two
+/// copies catches a Commit whose tag was damaged, which no member could
+/// process. The GroupInfo's signature is checked by the rejoining client
+/// (openmls verifies it against the signer's leaf).
+fn check_group_info(
+    context: &GroupContext,
+    bundle: &Bundle,
+    commit_tag: Option<&[u8]>,
+    mode: Mode,
+) -> Result<Option<Vec<u8>>, ApiError> {
+    let Some(bytes) = &bundle.group_info else {
+        return match mode {
+            Mode::Live => {
+                Err(err(ErrorCode::MissingGroupInfo, "a Commit must carry the GroupInfo of the epoch it starts"))
+            }
+            Mode::Replay => Ok(None),
+        };
+    };
+    let vgi = match MlsMessageIn::tls_deserialize_exact(bytes)
+        .map_err(|e| err(ErrorCode::InvalidGroupInfo, format!("cannot decode GroupInfo: {e}")))?
+        .extract()
+    {
+        MlsMessageBodyIn::GroupInfo(vgi) => vgi,
+        _ => return Err(err(ErrorCode::InvalidGroupInfo, "expected a GroupInfo")),
+    };
+    if vgi.group_context() != context {
+        return Err(err(ErrorCode::InvalidGroupInfo, "the GroupInfo is not of the epoch this Commit starts"));
+    }
+    if vgi.extensions().ratchet_tree().is_none() || vgi.extensions().external_pub().is_none() {
+        return Err(err(ErrorCode::InvalidGroupInfo, "the GroupInfo lacks the ratchet_tree or external_pub extension"));
+    }
+    // GroupInfo (RFC 9420 §12.4.3) after the MLSMessage's version and wire
+    // format: group_context, extensions, then confirmation_tag.
+    let at = 4 + vgi.group_context().tls_serialized_len() + vgi.extensions().tls_serialized_len();
+    let commit_tag = commit_tag.ok_or_else(|| err(ErrorCode::InvalidCommit, "the Commit has no confirmation tag"))?;
+    if bytes.get(at..at + commit_tag.len()) != Some(commit_tag) {
+        return Err(err(
+            ErrorCode::InvalidCommit,
+            "the Commit's confirmation tag is not the one in its GroupInfo: no member could process it",
+        ));
+    }
+    Ok(Some(bytes.clone()))
+}
+
+/// The GroupInfo of a resent Commit that started the group's current
+/// epoch, checked as when it was accepted. A sequencer that crashed after
+/// appending the Commit and before checkpointing lost it (the LOG keeps no
+/// GroupInfo); the committer's resend of the same bytes brings it back.
+pub fn group_info_of_current_epoch(state: &GroupState, bundle: &Bundle) -> Option<Vec<u8>> {
+    let pm = MlsMessageIn::tls_deserialize_exact(&bundle.message).ok()?.try_into_protocol_message().ok()?;
+    let ProtocolMessage::PublicMessage(p) = &pm else {
+        return None;
+    };
+    let tag = p.confirmation_tag().and_then(|t| t.tls_serialize_detached().ok())?;
+    check_group_info(state.public.group_context(), bundle, Some(&tag), Mode::Live).ok().flatten()
 }
 
 /// Applies a plan's effect after its LOG append succeeded.

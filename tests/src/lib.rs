@@ -599,7 +599,8 @@ impl Client {
                 | Event::Commit { group: g, position, .. }
                 | Event::Joined { group: g, position, .. }
                 | Event::Proposal { group: g, position }
-                | Event::Removed { group: g, position } => (g == group).then_some(*position),
+                | Event::Removed { group: g, position }
+                | Event::Rejoined { group: g, position, .. } => (g == group).then_some(*position),
                 Event::Failed { .. } | Event::KeyPackagesLow { .. } => None,
             })
             .collect()
@@ -769,7 +770,11 @@ pub mod raw {
 
         pub fn update_commit(&self, g: &mut MlsGroup) -> Vec<u8> {
             let b = g.self_update(&self.provider, &self.signer, LeafNodeParameters::default()).expect("update");
-            b.commit().tls_serialize_detached().expect("ser")
+            let mut out = b.commit().tls_serialize_detached().expect("ser");
+            if let Some(gi) = b.group_info() {
+                out.extend(MlsMessageOut::from(gi.clone()).tls_serialize_detached().expect("ser"));
+            }
+            out
         }
 
         pub fn group_info(&self, g: &MlsGroup) -> Vec<u8> {
@@ -900,7 +905,7 @@ pub mod bad_kp {
 
 impl raw::Local {
     /// A Commit adding the KeyPackage `kp` (MLSMessage bytes), followed by its
-    /// Welcome: a submission bundle.
+    /// Welcome and the new epoch's GroupInfo: a submission bundle.
     pub fn add(&self, g: &mut openmls::prelude::MlsGroup, kp: &[u8]) -> Vec<u8> {
         use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
         use openmls::prelude::*;
@@ -910,9 +915,12 @@ impl raw::Local {
             }
             _ => panic!("not a KeyPackage"),
         };
-        let (commit, welcome, _) = g.add_members(&self.provider, &self.signer, &[kp]).expect("add");
+        let (commit, welcome, group_info) = g.add_members(&self.provider, &self.signer, &[kp]).expect("add");
         let mut out = commit.tls_serialize_detached().expect("ser");
         out.extend(welcome.tls_serialize_detached().expect("ser"));
+        if let Some(gi) = group_info {
+            out.extend(MlsMessageOut::from(gi).tls_serialize_detached().expect("ser"));
+        }
         out
     }
 }

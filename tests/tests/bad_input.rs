@@ -88,6 +88,33 @@ async fn hostile_requests_get_typed_errors() -> anyhow::Result<()> {
         "sender_mismatch",
         post(&url, "/v1/messages", Some(&tb), commit.clone()).await,
     );
+    // The same Commit without the GroupInfo of the epoch it starts, with
+    // another group's, and with one bit of its confirmation tag flipped
+    // (the 32-byte MAC before the membership tag, RFC 9420 §6.2): the hub
+    // cannot verify the tag, but it must equal the GroupInfo's copy.
+    let n = first_len(&commit);
+    case(
+        "commit without its GroupInfo",
+        422,
+        "missing_group_info",
+        post(&url, "/v1/messages", Some(&ta), commit[..n].to_vec()).await,
+    );
+    let elsewhere_info =
+        alice_raw.group_info(&alice_raw.group("mimi://a.example/r/other", PURE_PLAINTEXT_WIRE_FORMAT_POLICY));
+    case(
+        "commit with another group's GroupInfo",
+        422,
+        "invalid_group_info",
+        post(&url, "/v1/messages", Some(&ta), [&commit[..n], &elsewhere_info[..]].concat()).await,
+    );
+    let mut flipped = commit.clone();
+    flipped[n - 33 - 8] ^= 0x01;
+    case(
+        "commit with a damaged confirmation tag",
+        422,
+        "invalid_commit",
+        post(&url, "/v1/messages", Some(&ta), flipped).await,
+    );
     alice.discard_pending(&g)?;
     // A Commit that adds a member but lost its Welcome.
     let carol = op.client("carol", "phone", 1).await?;

@@ -457,35 +457,6 @@ async fn incompatible_peers_get_a_clear_error() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A peer away longer than the outbox retention is marked for resync.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_beyond_retention_is_marked_for_resync() -> anyhow::Result<()> {
-    let mut fed = Federation::start(&[A, C], |d, c| {
-        if d == A {
-            c.federation.outbox_max_age_secs = 3;
-        }
-    })?;
-    let mut alice = fed.op(A).client("alice", "phone", 1).await?;
-    let mut carol = fed.op(C).client("carol", "phone", 2).await?;
-    let g = alice.create_group("resync").await?;
-    alice.add(&g, &[fed.op(C).user_id("carol")]).await?;
-    sync_until(&mut [&mut carol], Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
-    let gauge = "mlsfed_federation_peer_needs_resync{peer=\"c.example\"}";
-    assert_eq!(metric(fed.op(A), gauge).await, 0.0);
-    fed.nats_of(C).stop();
-    alice.send(&g, "into the void").await?;
-    let mut marked = false;
-    for _ in 0..80 {
-        if metric(fed.op(A), gauge).await == 1.0 {
-            marked = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(marked, "C was not marked for resync");
-    Ok(())
-}
-
 /// docs/federation.md shows the NATS accounts exactly as the tests run them
 /// (for the server of `a.example` peering with `b.example`).
 #[test]
