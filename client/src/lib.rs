@@ -139,7 +139,8 @@ struct Meta {
     /// last entry read).
     #[serde(default)]
     group_seqs: BTreeMap<String, u64>,
-    /// Plaintexts of own messages by (group, position), for the echo.
+    /// Plaintexts of own messages by a digest of the bytes sent, for the
+    /// echo.
     sent: BTreeMap<String, String>,
     /// Group id → the bytes of a Commit submitted without a verdict yet
     /// (a `timeout`): resent as they are to learn it, never rebuilt.
@@ -190,6 +191,19 @@ fn new_group(
     let gi = group.export_group_info(provider.crypto(), signer, true).map_err(mls)?;
     let bytes = gi.tls_serialize_detached().map_err(mls)?;
     Ok((gid, group, bytes))
+}
+
+/// Own messages whose echo has not come yet, kept at most: beyond, some
+/// lose their text (only an answer lost to an outage, for a message that
+/// was never accepted, leaves one unechoed for long).
+const MAX_UNECHOED: usize = 1024;
+
+/// The key of an own message's plaintext: a digest of the bytes sent,
+/// which its echo carries back.
+fn sent_key(message: &[u8]) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(message);
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A Commit as submitted: the Commit, its Welcome if it adds members, and
@@ -475,7 +489,7 @@ impl Device {
                 }
                 Err(e) if e.code() == Some(ErrorCode::WrongEpoch) => {
                     self.discard_pending(g)?;
-                    self.catch_up().await?;
+                    self.catch_up_to_epoch(g, &e).await?;
                 }
                 // Still undecided: keep it, and resend it next time.
                 Err(e) if undecided(&e) => return Err(e),
@@ -565,20 +579,62 @@ impl Device {
             let group = self.groups.get_mut(g).ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
             let out = group.create_message(provider, signer, text.as_bytes()).map_err(mls)?;
             let body = out.tls_serialize_detached().map_err(mls)?;
+            // Its echo is matched by these bytes, not by the position in the
+            // answer: an answer lost to an outage may still be an acceptance.
+            let key = sent_key(&body);
+            self.remember_sent(key.clone(), text);
             self.persist()?;
             match self.submit_resending(body).await {
-                Ok(a) => {
-                    self.meta.sent.insert(format!("{g} {}", a.position), text.to_owned());
-                    self.persist()?;
-                    return Ok(a.position);
-                }
+                Ok(a) => return Ok(a.position),
                 Err(e) if e.code() == Some(ErrorCode::WrongEpoch) => {
-                    self.catch_up().await?;
+                    self.meta.sent.remove(&key);
+                    self.catch_up_to_epoch(g, &e).await?;
                 }
-                Err(e) => return Err(e),
+                Err(e) if undecided(&e) => return Err(e),
+                Err(e) => {
+                    self.meta.sent.remove(&key);
+                    self.persist()?;
+                    return Err(e);
+                }
             }
         }
         Err(ClientError::Protocol("gave up after repeated wrong_epoch".into()))
+    }
+
+    fn remember_sent(&mut self, key: String, text: &str) {
+        while self.meta.sent.len() >= MAX_UNECHOED {
+            let Some(oldest) = self.meta.sent.keys().next().cloned() else { break };
+            self.meta.sent.remove(&oldest);
+        }
+        self.meta.sent.insert(key, text.to_owned());
+    }
+
+    /// After `wrong_epoch`: catches up until this device reached the epoch
+    /// the hub named (the winning Commit may take a while to arrive here,
+    /// from another operator or across a NATS failover), so that the retry
+    /// is built on it rather than on the same stale epoch again. Bounded:
+    /// the caller's retry finds out if the epoch never came.
+    async fn catch_up_to_epoch(&mut self, g: &str, refusal: &ClientError) -> Result<(), ClientError> {
+        let target = match refusal {
+            ClientError::Api(e) => e.current_epoch,
+            _ => None,
+        };
+        let mut wait = std::time::Duration::from_millis(20);
+        for _ in 0..40 {
+            self.catch_up().await?;
+            let reached = match (target, self.epoch(g)) {
+                (Some(t), Some(now)) => now >= t,
+                // Gone (removed, or rejoining failed): nothing to wait for.
+                (_, None) => true,
+                (None, Some(_)) => true,
+            };
+            if reached || self.meta.rejoin.contains_key(g) {
+                return Ok(());
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_millis(1000));
+        }
+        Ok(())
     }
 
     /// Syncs until the group has applied `position` (bounded).
@@ -955,7 +1011,7 @@ impl Device {
             return Ok(None);
         }
         if item.kind == "application" && item.own {
-            let text = self.meta.sent.remove(&format!("{g} {}", item.position)).unwrap_or_default();
+            let text = self.meta.sent.remove(&sent_key(&bytes)).unwrap_or_default();
             let sender = self.id.to_string();
             return Ok(Some(Event::Message { group: g, position: item.position, sender, text, own: true }));
         }

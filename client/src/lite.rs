@@ -12,7 +12,7 @@ use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use proto::DeviceId;
 
-use crate::{mls, new_group, ClientError, CIPHERSUITE};
+use crate::{commit_body, mls, new_group, ClientError, CIPHERSUITE};
 
 pub struct Lite {
     pub id: DeviceId,
@@ -49,20 +49,19 @@ impl Lite {
         Ok((gid.to_string(), bytes))
     }
 
-    /// A Commit adding `kps`, followed by its Welcome (one submission body).
+    /// A Commit adding `kps`, followed by its Welcome and the new epoch's
+    /// GroupInfo (one submission body).
     pub fn add(&mut self, g: &str, kps: &[KeyPackage]) -> Result<Vec<u8>, ClientError> {
         let group = self.groups.get_mut(g).ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
-        let (commit, welcome, _) = group.add_members(&self.provider, &self.signer, kps).map_err(mls)?;
-        let mut body = commit.tls_serialize_detached().map_err(mls)?;
-        body.extend(welcome.tls_serialize_detached().map_err(mls)?);
-        Ok(body)
+        let (commit, welcome, group_info) = group.add_members(&self.provider, &self.signer, kps).map_err(mls)?;
+        commit_body(&commit, Some(&welcome), group_info)
     }
 
-    /// A self-update Commit.
+    /// A self-update Commit, with the new epoch's GroupInfo.
     pub fn update(&mut self, g: &str) -> Result<Vec<u8>, ClientError> {
         let group = self.groups.get_mut(g).ok_or_else(|| ClientError::UnknownGroup(g.into()))?;
         let bundle = group.self_update(&self.provider, &self.signer, LeafNodeParameters::default()).map_err(mls)?;
-        bundle.commit().tls_serialize_detached().map_err(mls)
+        commit_body(bundle.commit(), None, bundle.group_info().cloned())
     }
 
     /// Merges our Commit once the hub accepted it.

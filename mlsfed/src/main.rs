@@ -66,6 +66,14 @@ enum Cmd {
         /// Run a conversation across both operators, then stop.
         #[arg(long)]
         check: bool,
+        /// Kill one process of each role and NATS nodes under traffic, check
+        /// that nothing was lost, doubled or reordered, print the report.
+        #[arg(long, conflicts_with = "check")]
+        chaos: bool,
+        /// Measure msgs/s with this many messages on the cluster and on one
+        /// nats-server (same processes), then stop.
+        #[arg(long, conflicts_with_all = ["check", "chaos"])]
+        throughput: Option<usize>,
         /// Keep configs, data and logs here instead of a temporary directory.
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -130,7 +138,15 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Demo => demo::run(cfg).await,
-        Cmd::Cluster { check, dir } => cluster::run(cfg, dir, check).await,
+        Cmd::Cluster { check, chaos, throughput, dir } => {
+            let mode = match (check, chaos, throughput) {
+                (_, _, Some(n)) => cluster::Mode::Throughput(n),
+                (true, _, _) => cluster::Mode::Check,
+                (_, true, _) => cluster::Mode::Chaos,
+                _ => cluster::Mode::Run,
+            };
+            cluster::run(cfg, dir, mode).await
+        }
         Cmd::Bench { messages, size, json, no_scale_out, in_flight, shared_connection, sync } => {
             let mut cfg = cfg;
             if let Some(s) = sync {

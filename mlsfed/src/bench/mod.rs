@@ -15,7 +15,7 @@
 //! per device); client crypto happens before the timed parts.
 
 mod fed;
-mod fleet;
+pub(crate) mod fleet;
 mod scale;
 
 use std::collections::HashMap;
@@ -80,7 +80,7 @@ async fn cost_of(js: &async_nats::jetstream::Context, before: (u64, i64), messag
     Ok(Cost { writes_per_msg: (after.0 - before.0) as f64 / n, bytes_per_msg: (after.1 - before.1) as f64 / n })
 }
 
-fn machine() -> serde_json::Value {
+pub(crate) fn machine() -> serde_json::Value {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     // Tooling, not behaviour: the CPU model names the machine in the report.
     let model = std::fs::read_to_string("/proc/cpuinfo")
