@@ -638,8 +638,15 @@ impl Device {
     }
 
     /// Syncs until the group has applied `position` (bounded).
+    /// An accepted entry reaches this device's operator within seconds
+    /// normally; across a NATS failover at the hub or on the way to a
+    /// follower it can take tens of seconds, hence the long bound.
     async fn sync_until(&mut self, g: &str, position: u64) -> Result<(), ClientError> {
-        for i in 0..200u32 {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        for i in 0u32.. {
+            if tokio::time::Instant::now() > deadline {
+                break;
+            }
             self.catch_up_mailbox().await?;
             if self.groups.contains_key(g) {
                 self.catch_up_group(g).await?;

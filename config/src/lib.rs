@@ -55,6 +55,7 @@ pub struct Config {
     pub streams: Streams,
     pub keydir: Keydir,
     pub federation: Federation,
+    pub tracing: Tracing,
     /// Peer operators we federate with (static; discovery is out of scope).
     pub peers: Vec<Peer>,
 }
@@ -155,6 +156,27 @@ impl std::fmt::Debug for Peer {
             .field("nats_ca_file", &self.nats_ca_file)
             .field("public_key", &self.public_key)
             .finish()
+    }
+}
+
+/// Message traces: one span per stage, linked through NATS headers
+/// (`proto::trace`), exported over OTLP/HTTP (JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tracing {
+    /// The collector's OTLP/HTTP traces URL, e.g.
+    /// `http://127.0.0.1:4318/v1/traces`. Empty: spans are not recorded.
+    pub otlp_endpoint: String,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Finished spans waiting for export, at most; beyond, new ones are
+    /// dropped and counted (`mlsfed_trace_spans_dropped_total`).
+    pub max_queued_spans: usize,
+}
+
+impl Default for Tracing {
+    fn default() -> Self {
+        Self { otlp_endpoint: String::new(), service_name: "mlsfed".into(), max_queued_spans: 8192 }
     }
 }
 
@@ -320,6 +342,7 @@ impl Default for Config {
             streams: Streams::default(),
             keydir: Keydir::default(),
             federation: Federation::default(),
+            tracing: Tracing::default(),
             peers: Vec::new(),
         }
     }
@@ -554,6 +577,15 @@ impl Config {
             return Err(LoadConfigError::Invalid(
                 "streams.duplicate_window_secs must not exceed the log and mailbox max ages".into(),
             ));
+        }
+        let otlp = &self.tracing.otlp_endpoint;
+        if !(otlp.is_empty() || otlp.starts_with("http://") || otlp.starts_with("https://")) {
+            return Err(LoadConfigError::Invalid(format!(
+                "tracing.otlp_endpoint {otlp:?} must be an http:// or https:// URL (OTLP/HTTP), or empty"
+            )));
+        }
+        if self.tracing.max_queued_spans == 0 {
+            return Err(LoadConfigError::Invalid("tracing.max_queued_spans must be at least 1".into()));
         }
         if !(1..=1024).contains(&self.streams.partitions) {
             return Err(LoadConfigError::Invalid("streams.partitions must be within 1..=1024".into()));

@@ -134,6 +134,9 @@ struct GroupFanout {
     cursor: Option<(Cursor, u64)>,
     /// The group's roster and its KV revision, cached the same way.
     roster: Option<(Roster, u64)>,
+    /// The trace of the entry being delivered, continued by what it hands
+    /// to peers' outboxes.
+    trace: Option<proto::trace::Context>,
 }
 
 /// A group's fan-out progress (KV `mlsfed_fanout`).
@@ -170,7 +173,7 @@ impl Fanout {
         let on_owned =
             proto::partitions::ownership_gauges(metrics.partitions_owned.clone(), metrics.partition_owned.clone());
         let ctx = self.ctx.clone();
-        let new_group = move || GroupFanout { ctx: ctx.clone(), cursor: None, roster: None };
+        let new_group = move || GroupFanout { ctx: ctx.clone(), cursor: None, roster: None, trace: None };
         let members = self.ctx.topo.members.clone();
         proto::partitions::serve(role, members, self.ctx.streams.clone(), new_group, on_owned, shutdown).await?;
         Ok(())
@@ -194,8 +197,16 @@ impl GroupHandler for GroupFanout {
             }
         };
         let log_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        match self.deliver(&entry.group, &entry, log_seq).await {
+        use proto::trace;
+        let mut span = trace::Span::child("fanout.deliver", trace::Context::from_headers(msg.headers.as_ref()));
+        trace::set(&mut span, "mlsfed.group", &entry.group);
+        trace::set(&mut span, "mlsfed.position", entry.position);
+        self.trace = trace::context(&span);
+        let step = self.deliver(&entry.group, &entry, log_seq).await;
+        self.trace = None;
+        match step {
             Ok(Step::Done) => {
+                trace::end(span);
                 if let Ok(info) = msg.info() {
                     let age = time::OffsetDateTime::now_utc() - info.published;
                     self.ctx.metrics.lag_seconds.observe(age.as_seconds_f64().max(0.0));
@@ -528,9 +539,12 @@ impl GroupFanout {
             };
             let id =
                 names::fed_msg_id("deliver", &[entry.group.as_bytes(), &entry.position.to_be_bytes(), peer.as_bytes()]);
-            let publish = PublishMessage::build()
+            let mut publish = PublishMessage::build()
                 .payload(Bytes::from(proto::wire::encode(&Payload::Deliver(part))))
                 .message_id(id);
+            if let Some(t) = self.trace {
+                publish = publish.header(proto::trace::HEADER, t.to_header().as_str());
+            }
             let ack = self
                 .ctx
                 .topo

@@ -10,6 +10,7 @@ use async_nats::jetstream::{kv, message::PublishMessage, AckKind};
 use bytes::Bytes;
 use proto::federation::{self as fed, Envelope, Mark, MarkCheck, Payload};
 use proto::names;
+use proto::trace;
 use proto::wire::Verdict;
 use tokio_util::sync::CancellationToken;
 
@@ -57,7 +58,7 @@ impl Bridge {
             else {
                 return Ok(());
             };
-            match self.receive(&msg.subject, &msg.payload).await {
+            match self.receive(&msg.subject, &msg.payload, msg.headers.as_ref()).await {
                 Ok(()) => {
                     let _ = msg.double_ack().await;
                 }
@@ -98,8 +99,16 @@ impl Bridge {
     }
 
     /// `Err(Ok(_))`: refused; `Err(Err(_))`: transient, retry.
-    async fn receive(&self, subject: &str, bytes: &[u8]) -> Result<(), Result<Refusal, String>> {
+    async fn receive(
+        &self,
+        subject: &str,
+        bytes: &[u8],
+        headers: Option<&async_nats::HeaderMap>,
+    ) -> Result<(), Result<Refusal, String>> {
         let env: Envelope = fed::open(bytes, &self.keys, &self.us).map_err(|e| Ok(Refusal::Open(e)))?;
+        // The traces of the records, continued here (ids only, outside the
+        // signed payload: a bad list is ignored, never trusted).
+        let traces = trace::parse_records_header(headers, env.payloads.len());
         if names::origin_of_fed_in(subject).as_deref() != Some(env.origin.as_str()) {
             return Err(Ok(Refusal::SubjectMismatch));
         }
@@ -140,20 +149,29 @@ impl Bridge {
         // A hub's entries are appended per group, each group's in order,
         // many at once in one atomic batch, and the groups concurrently:
         // catching up after an outage is not one round trip per entry.
-        let mut runs: Vec<(proto::GroupId, Vec<proto::wire::LogEntry>)> = Vec::new();
-        for payload in env.payloads {
+        let mut runs: Vec<(proto::GroupId, Vec<Traced>)> = Vec::new();
+        for (payload, parent) in env.payloads.into_iter().zip(traces) {
+            let mut span = trace::Span::child("bridge.receive", parent);
+            trace::set(&mut span, "mlsfed.peer", &origin);
             let outcome = match payload {
                 Payload::Deliver(entry) => match self.check_delivered(&origin, &entry) {
                     Ok(()) => {
-                        match runs.iter_mut().find(|(g, _)| *g == entry.group) {
-                            Some((_, run)) => run.push(entry),
-                            None => runs.push((entry.group.clone(), vec![entry])),
+                        trace::set(&mut span, "mlsfed.group", &entry.group);
+                        trace::set(&mut span, "mlsfed.position", entry.position);
+                        let traced = Traced { entry, span };
+                        match runs.iter_mut().find(|(g, _)| *g == traced.entry.group) {
+                            Some((_, run)) => run.push(traced),
+                            None => runs.push((traced.entry.group.clone(), vec![traced])),
                         }
                         continue;
                     }
                     Err(refusal) => Err(Ok(refusal)),
                 },
-                other => self.apply(&origin, other).await,
+                other => {
+                    let applied = self.apply(&origin, other, trace::context(&span)).await;
+                    trace::end(span);
+                    applied
+                }
             };
             match outcome {
                 Ok(()) => applied += 1,
@@ -169,11 +187,15 @@ impl Bridge {
         }
         // Bounded: the server keeps at most 50 atomic batches in flight
         // per stream.
-        for chunk in runs.chunks(CONCURRENT_APPENDS) {
+        while !runs.is_empty() {
+            let chunk: Vec<(proto::GroupId, Vec<Traced>)> = runs.drain(..runs.len().min(CONCURRENT_APPENDS)).collect();
             let appended = futures::future::join_all(chunk.iter().map(|(_, run)| self.append_delivered(run))).await;
             for (result, (_, run)) in appended.into_iter().zip(chunk) {
                 result.map_err(Err)?;
                 applied += run.len();
+                for t in run {
+                    trace::end(t.span);
+                }
             }
         }
         if applied == 0 {
@@ -218,8 +240,12 @@ impl Bridge {
         subject: String,
         payload: Vec<u8>,
         id: String,
+        trace: Option<trace::Context>,
     ) -> Result<(), Result<Refusal, String>> {
-        let publish = PublishMessage::build().payload(Bytes::from(payload)).message_id(id);
+        let mut publish = PublishMessage::build().payload(Bytes::from(payload)).message_id(id);
+        if let Some(t) = trace {
+            publish = publish.header(trace::HEADER, t.to_header().as_str());
+        }
         self.topo
             .js
             .send_publish(subject, publish)
@@ -230,7 +256,12 @@ impl Bridge {
         Ok(())
     }
 
-    async fn apply(&self, origin: &str, payload: Payload) -> Result<(), Result<Refusal, String>> {
+    async fn apply(
+        &self,
+        origin: &str,
+        payload: Payload,
+        trace: Option<trace::Context>,
+    ) -> Result<(), Result<Refusal, String>> {
         match payload {
             Payload::Submit(mut sub) => {
                 // A peer speaks only for its own devices, to groups we host.
@@ -242,7 +273,7 @@ impl Bridge {
                 }
                 sub.origin = Some(origin.to_owned());
                 let id = sub.id.clone();
-                self.publish_local(names::submit_subject(&sub.group), proto::wire::encode(&sub), id).await
+                self.publish_local(names::submit_subject(&sub.group), proto::wire::encode(&sub), id, trace).await
             }
             Payload::Verdict { submission_id, verdict } => {
                 // Only the hub we forwarded this submission to may answer
@@ -279,7 +310,9 @@ impl Bridge {
             }
             Payload::Deliver(entry) => {
                 self.check_delivered(origin, &entry).map_err(Ok)?;
-                self.append_delivered(std::slice::from_ref(&entry)).await.map_err(Err)
+                // `receive` batches deliveries itself, with their spans.
+                let traced = Traced { entry, span: None };
+                self.append_delivered(std::slice::from_ref(&traced)).await.map_err(Err)
             }
         }
     }
@@ -304,8 +337,8 @@ impl Bridge {
     /// position are resends, dropped. Several go in one atomic batch whose
     /// first message carries the compare-and-set, so they are stored all
     /// together after that entry or not at all.
-    async fn append_delivered(&self, entries: &[proto::wire::LogEntry]) -> Result<(), String> {
-        let Some(first) = entries.first() else {
+    async fn append_delivered(&self, entries: &[Traced]) -> Result<(), String> {
+        let Some(first) = entries.first().map(|t| &t.entry) else {
             return Ok(());
         };
         let subject = names::log_subject(&first.group, self.streams.partitions);
@@ -325,11 +358,11 @@ impl Bridge {
         // Strictly after what is stored, and strictly increasing: a resend
         // inside the run (after the dedup window) is dropped too.
         let mut highest = known;
-        let fresh: Vec<&proto::wire::LogEntry> = entries
+        let fresh: Vec<&Traced> = entries
             .iter()
-            .filter(|e| {
-                let newer = e.position > highest;
-                highest = highest.max(e.position);
+            .filter(|t| {
+                let newer = t.entry.position > highest;
+                highest = highest.max(t.entry.position);
                 newer
             })
             .collect();
@@ -337,7 +370,8 @@ impl Bridge {
             expected = if chunk.len() == 1 {
                 self.append_one(&subject, expected, chunk[0]).await?
             } else {
-                let messages = chunk.iter().map(|e| (Bytes::from(proto::wire::encode(*e)), entry_headers(e))).collect();
+                let messages =
+                    chunk.iter().map(|t| (Bytes::from(proto::wire::encode(&t.entry)), entry_headers(t))).collect();
                 // A lost compare-and-set means another inbox appended first:
                 // the retry reads the new last entry and drops these.
                 proto::batch::publish_atomic(&self.topo.js.client(), &subject, expected, messages)
@@ -349,13 +383,14 @@ impl Bridge {
     }
 
     /// Appends one entry after stream sequence `expected`; returns its own.
-    async fn append_one(&self, subject: &str, expected: u64, entry: &proto::wire::LogEntry) -> Result<u64, String> {
+    async fn append_one(&self, subject: &str, expected: u64, traced: &Traced) -> Result<u64, String> {
+        let entry = &traced.entry;
         let id = names::fed_msg_id("rlog", &[entry.group.as_bytes(), &entry.position.to_be_bytes()]);
         let mut publish = PublishMessage::build()
             .payload(Bytes::from(proto::wire::encode(entry)))
             .message_id(id)
             .expected_last_subject_sequence(expected);
-        for (name, value) in entry_headers(entry).iter() {
+        for (name, value) in entry_headers(traced).iter() {
             for v in value {
                 publish = publish.header(name.clone(), v.clone());
             }
@@ -372,11 +407,21 @@ impl Bridge {
     }
 }
 
-/// The headers every LOG entry carries.
-fn entry_headers(entry: &proto::wire::LogEntry) -> async_nats::HeaderMap {
+/// A hub's entry on its way into our LOG, with the span of its receipt.
+struct Traced {
+    entry: proto::wire::LogEntry,
+    span: Option<trace::Span>,
+}
+
+/// The headers every LOG entry carries, and the trace it continues.
+fn entry_headers(traced: &Traced) -> async_nats::HeaderMap {
+    let entry = &traced.entry;
     let mut h = async_nats::HeaderMap::new();
     h.insert(names::headers::POSITION, entry.position.to_string().as_str());
     h.insert(names::headers::EPOCH, entry.epoch.to_string().as_str());
     h.insert(names::headers::KIND, entry.kind.as_str());
+    if let Some(s) = &traced.span {
+        h.insert(trace::HEADER, s.context().to_header().as_str());
+    }
     h
 }

@@ -17,7 +17,7 @@ use async_nats::jetstream::{self, kv, message::PublishMessage, AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
 use proto::federation::{self as fed, Envelope, Payload};
-use proto::names;
+use proto::{names, trace};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -226,6 +226,19 @@ impl Bridge {
                 payloads,
             };
             let sealed = Bytes::from(fed::seal(&self.signer, &env));
+            // Each record's trace goes on: one span per record here, and
+            // its context in the envelope's headers for the peer.
+            let spans: Vec<Option<trace::Span>> = held
+                .iter()
+                .map(|m| {
+                    let mut s = trace::Span::child("bridge.send", trace::Context::from_headers(m.headers.as_ref()));
+                    trace::set(&mut s, "mlsfed.peer", &domain);
+                    s
+                })
+                .collect();
+            let traces = spans.iter().any(Option::is_some).then(|| {
+                trace::records_header(&spans.iter().map(|s| s.as_ref().map(|s| s.context())).collect::<Vec<_>>())
+            });
             // Hold the batch until the peer has it: nothing later is sent
             // before it, so the peer's high-water mark never skips anything.
             let mut attempt = 0u32;
@@ -242,7 +255,10 @@ impl Bridge {
                     // outbox reuses sequences that the peer's duplicate
                     // window still remembers.
                     let id = names::envelope_msg_id(&self.us, self.outbox_id, seq);
-                    let publish = PublishMessage::build().payload(sealed.clone()).message_id(id);
+                    let mut publish = PublishMessage::build().payload(sealed.clone()).message_id(id);
+                    if let Some(t) = &traces {
+                        publish = publish.header(trace::RECORDS_HEADER, t.as_str());
+                    }
                     match peer.js.send_publish(names::fed_in_subject(&self.us), publish).await {
                         Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
                         Err(e) => Err(e.to_string()),
@@ -253,6 +269,7 @@ impl Bridge {
                 };
                 match sent {
                     Ok(()) => {
+                        spans.into_iter().for_each(trace::end);
                         last_sent = seq;
                         last_batch = Some(tokio::time::Instant::now());
                         self.metrics.sent.with_label_values(&[&domain]).inc_by(held.len() as u64);

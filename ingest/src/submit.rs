@@ -99,8 +99,26 @@ pub async fn submit_message(
     Ok(json(AcceptedJson { group: group.to_string(), position, epoch }).into_response())
 }
 
-/// Queues a submission and waits for the sequencer's verdict.
+/// Queues a submission and waits for the sequencer's verdict: the first
+/// span of the message's trace, whose context travels with it.
 async fn await_verdict(api: &Shared, sub: Submission) -> Result<(u64, u64), Reject> {
+    use proto::trace;
+    let mut span = trace::Span::root("ingest.submit");
+    trace::set(&mut span, "mlsfed.group", &sub.group);
+    let decided = queue_and_wait(api, sub, trace::context(&span)).await;
+    match &decided {
+        Ok((position, _)) => trace::set(&mut span, "mlsfed.position", position),
+        Err(e) => trace::set(&mut span, "mlsfed.refused", e.0.code.as_str()),
+    }
+    trace::end(span);
+    decided
+}
+
+async fn queue_and_wait(
+    api: &Shared,
+    sub: Submission,
+    trace: Option<proto::trace::Context>,
+) -> Result<(u64, u64), Reject> {
     let client = api.topo.js.client();
     let unavailable = |e: String| Reject::new(ErrorCode::Unavailable, format!("queue unavailable: {e}"));
     // Wait before publishing so the verdict cannot be missed.
@@ -118,7 +136,10 @@ async fn await_verdict(api: &Shared, sub: Submission) -> Result<(u64, u64), Reje
         let record = proto::federation::Payload::Submit(sub.clone());
         (names::fed_out_subject(sub.group.hub()), proto::wire::encode(&record), id)
     };
-    let publish = PublishMessage::build().payload(Bytes::from(payload)).message_id(msg_id);
+    let mut publish = PublishMessage::build().payload(Bytes::from(payload)).message_id(msg_id);
+    if let Some(t) = trace {
+        publish = publish.header(proto::trace::HEADER, t.to_header().as_str());
+    }
     let ack = api
         .topo
         .js

@@ -5,6 +5,7 @@
 
 pub mod inspect;
 pub mod nats;
+mod otlp;
 pub mod status;
 
 use std::sync::Arc;
@@ -173,6 +174,7 @@ pub async fn run(
     }
     let shutdown_api = shutdown.clone();
     let shutdown = workers_stop;
+    otlp::start(&cfg.tracing, &registry, shutdown.clone())?;
     let status = status::Status::start(jetstream(nats.ingest.clone()), cfg.clone(), registry.clone(), shutdown.clone());
     if roles.sequencer {
         let seq = sequencer::Sequencer::new(

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::{kv, object_store};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt as _;
 
 use crate::{names, GroupId};
 
@@ -150,6 +149,7 @@ pub struct Reader {
     reads: Arc<tokio::sync::Semaphore>,
     pointers: kv::Store,
     objects: object_store::ObjectStore,
+    client: async_nats::Client,
 }
 
 impl Reader {
@@ -158,6 +158,7 @@ impl Reader {
             reads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_READS)),
             pointers: topo.groups.clone(),
             objects: topo.state.clone(),
+            client: topo.js.client(),
         }
     }
 
@@ -202,31 +203,60 @@ impl Reader {
         })
     }
 
+    /// Reads an object with direct gets: its metadata, then its chunks in
+    /// batches. The object store's own reader opens a consumer per read,
+    /// and a sequencer that takes over a thousand groups (a start, a
+    /// failover) ran into the server's consumer limit that way.
     async fn read(&self, object: &str) -> Result<Vec<u8>, ObjectRead> {
         let _permit =
             self.reads.acquire().await.map_err(|_| ObjectRead::Unavailable("checkpoint reads are closed".into()))?;
-        let mut found = match self.objects.get(object).await {
-            Ok(o) => o,
-            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Err(ObjectRead::Missing),
+        let info = match self.objects.info(object).await {
+            Ok(i) if i.deleted => return Err(ObjectRead::Missing),
+            Ok(i) => i,
+            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => return Err(ObjectRead::Missing),
             Err(e) => return Err(ObjectRead::Unavailable(e.to_string())),
         };
-        let size = found.info().size;
+        let subject = names::state_object_chunks_subject(&info.nuid);
         // Bounded, whatever the metadata says.
-        let mut bytes = Vec::with_capacity(size.min(64 << 20));
-        let read = tokio::time::timeout(READ_TIMEOUT, found.read_to_end(&mut bytes)).await;
-        let Ok(read) = read else {
-            return Err(ObjectRead::Unavailable("the object's chunks did not arrive in time".into()));
-        };
-        match read {
-            Ok(_) if bytes.len() == size => Ok(bytes),
-            Ok(_) => {
-                Err(ObjectRead::Corrupt(format!("the object has {} bytes, its metadata says {size}", bytes.len())))
+        let mut bytes = Vec::with_capacity(info.size.min(64 << 20));
+        let (mut chunks, mut from) = (0usize, 1u64);
+        let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+        while chunks < info.chunks {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(ObjectRead::Unavailable("the object's chunks did not arrive in time".into()));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(ObjectRead::Corrupt(e.to_string())),
-            // Chunks purged under the read (the object was replaced or
-            // deleted meanwhile), or a timeout.
-            Err(e) => Err(ObjectRead::Unavailable(e.to_string())),
+            let want = (info.chunks - chunks).min(crate::direct::MAX_BATCH);
+            let page = crate::direct::batch(&self.client, names::STATE_STREAM, &subject, from, want, None, left)
+                .await
+                .map_err(|e| ObjectRead::Unavailable(e.to_string()))?;
+            let Some(last) = page.last().map(|m| m.seq) else {
+                // Purged under the read: the object was replaced.
+                return Err(ObjectRead::Missing);
+            };
+            for m in page {
+                bytes.extend_from_slice(&m.payload);
+                chunks += 1;
+            }
+            from = last + 1;
         }
+        if bytes.len() != info.size {
+            return Err(ObjectRead::Corrupt(format!(
+                "the object has {} bytes, its metadata says {}",
+                bytes.len(),
+                info.size
+            )));
+        }
+        if let Some(want) = &info.digest {
+            use base64::Engine as _;
+            use sha2::Digest as _;
+            let got =
+                format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(sha2::Sha256::digest(&bytes)));
+            if &got != want {
+                return Err(ObjectRead::Corrupt("the object's digest does not match its metadata".into()));
+            }
+        }
+        Ok(bytes)
     }
 }
 

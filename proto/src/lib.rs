@@ -17,6 +17,7 @@ pub mod names;
 pub mod partitions;
 pub mod roster;
 pub mod streams;
+pub mod trace;
 pub mod wire;
 
 pub use error::{ApiError, ErrorCode};

@@ -196,6 +196,13 @@ pub fn state_object_meta_subject(object: &str) -> String {
     format!("$O.{STATE_BUCKET}.M.{}", base64::engine::general_purpose::URL_SAFE.encode(object))
 }
 
+/// The subject of one stored version of an object's chunks in
+/// [`STATE_BUCKET`] (`$O.<bucket>.C.<nuid>`), read by direct gets so that a
+/// read needs no consumer.
+pub fn state_object_chunks_subject(nuid: &str) -> String {
+    format!("$O.{STATE_BUCKET}.C.{nuid}")
+}
+
 /// KV key of a device (device groups bucket).
 pub fn device_key(d: &DeviceId) -> String {
     d.token()

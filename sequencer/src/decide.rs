@@ -30,6 +30,9 @@ pub(crate) struct GroupDecider {
     pub(crate) ctx: Arc<Ctx>,
     /// The group's public state, when loaded: a cache of its LOG.
     pub(crate) state: Option<GroupState>,
+    /// The trace of the submission being decided, continued by the LOG
+    /// entry it becomes.
+    pub(crate) trace: Option<proto::trace::Context>,
 }
 
 impl GroupDecider {
@@ -221,6 +224,10 @@ impl GroupDecider {
             .header(names::headers::POSITION, entry.position.to_string().as_str())
             .header(names::headers::EPOCH, entry.epoch.to_string().as_str())
             .header(names::headers::KIND, entry.kind.as_str());
+        let publish = match self.trace {
+            Some(t) => publish.header(proto::trace::HEADER, t.to_header().as_str()),
+            None => publish,
+        };
         let ack = match self
             .ctx
             .topo

@@ -97,7 +97,7 @@ impl Sequencer {
         let on_owned =
             proto::partitions::ownership_gauges(metrics.partitions_owned.clone(), metrics.partition_owned.clone());
         let ctx = self.ctx.clone();
-        let new_group = move || GroupDecider { ctx: ctx.clone(), state: None };
+        let new_group = move || GroupDecider { ctx: ctx.clone(), state: None, trace: None };
         let members = self.ctx.topo.members.clone();
         proto::partitions::serve(role, members, self.ctx.streams.clone(), new_group, on_owned, shutdown).await?;
         Ok(())
@@ -123,7 +123,19 @@ impl GroupHandler for GroupDecider {
                 return;
             }
         };
-        match self.decide_one(&sub).await {
+        use proto::trace;
+        let mut span = trace::Span::child("sequencer.decide", trace::Context::from_headers(msg.headers.as_ref()));
+        trace::set(&mut span, "mlsfed.group", &sub.group);
+        self.trace = trace::context(&span);
+        let decided = self.decide_one(&sub).await;
+        self.trace = None;
+        match &decided {
+            Ok(proto::wire::Verdict::Accepted { position, .. }) => trace::set(&mut span, "mlsfed.position", position),
+            Ok(proto::wire::Verdict::Rejected(e)) => trace::set(&mut span, "mlsfed.refused", e.code.as_str()),
+            Err(_) => trace::set(&mut span, "mlsfed.deferred", true),
+        }
+        trace::end(span);
+        match decided {
             Ok(verdict) => {
                 self.ctx.publish_verdict(&sub, &verdict).await;
                 // A lost ack only means a redelivery, which the cached

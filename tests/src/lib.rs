@@ -1127,3 +1127,87 @@ impl Drop for TlsProxy {
         self.task.abort();
     }
 }
+
+/// An OTLP/HTTP traces collector on 127.0.0.1 that keeps every span posted
+/// to it (JSON encoding), for tests of `tracing.otlp_endpoint`. Stopped on
+/// drop.
+pub struct OtlpCollector {
+    pub url: String,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OtlpCollector {
+    pub async fn start() -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/v1/traces", listener.local_addr()?);
+        let spans: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Default::default();
+        let kept = spans.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(Self::serve(conn, kept.clone()));
+            }
+        });
+        Ok(Self { url, spans, task })
+    }
+
+    /// HTTP/1.1 with keep-alive, as the exporter's client speaks it: one
+    /// POST after another, each answered 200 `{}`.
+    async fn serve(mut conn: tokio::net::TcpStream, kept: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut buf = Vec::new();
+        loop {
+            let head_end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let mut chunk = [0u8; 8192];
+                match conn.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                .unwrap_or(0);
+            while buf.len() < head_end + len {
+                let mut chunk = [0u8; 65536];
+                match conn.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let body: serde_json::Value = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
+            buf.drain(..head_end + len);
+            for rs in body["resourceSpans"].as_array().into_iter().flatten() {
+                let service = rs["resource"]["attributes"][0]["value"]["stringValue"].clone();
+                for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                    for span in ss["spans"].as_array().into_iter().flatten() {
+                        let mut span = span.clone();
+                        span["service"] = service.clone();
+                        if let Ok(mut k) = kept.lock() {
+                            k.push(span);
+                        }
+                    }
+                }
+            }
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+            if conn.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Every span received so far, each with its `service` added.
+    pub fn spans(&self) -> Vec<serde_json::Value> {
+        self.spans.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for OtlpCollector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -291,9 +291,15 @@ async fn commit_race(members: &mut [Member], g: &str) -> anyhow::Result<()> {
     bob.sync().await.ok();
     carol.sync().await.ok();
     let (b, c) = tokio::join!(bob.dev().update(g), carol.dev().update(g));
-    for r in [b, c] {
-        if let Err(e) = r {
-            anyhow::ensure!(undecided(&e), "a Commit failed for good: {e}");
+    for (who, r) in [("bob", b), ("carol", c)] {
+        match r {
+            Ok(()) => {}
+            // Refused for good: the hub would not take a Commit it should.
+            Err(e) if e.code().is_some_and(|c| !c.retryable()) => anyhow::bail!("{who}'s Commit refused: {e}"),
+            // Undecided, or accepted but not yet back at the device: the
+            // device settles it on its next sync, and the checks at the end
+            // see whether it did.
+            Err(e) => println!("  {who}'s Commit was not settled during the outage: {e}"),
         }
     }
     Ok(())
