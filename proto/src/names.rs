@@ -196,6 +196,16 @@ pub fn state_object_meta_subject(object: &str) -> String {
     format!("$O.{STATE_BUCKET}.M.{}", base64::engine::general_purpose::URL_SAFE.encode(object))
 }
 
+/// The stream JetStream keeps KV bucket `bucket` in.
+pub fn kv_stream(bucket: &str) -> String {
+    format!("{KV_STREAM_PREFIX}{bucket}")
+}
+
+/// The stream JetStream keeps object store `bucket` in.
+pub fn object_store_stream(bucket: &str) -> String {
+    format!("OBJ_{bucket}")
+}
+
 /// The subject of one stored version of an object's chunks in
 /// [`STATE_BUCKET`] (`$O.<bucket>.C.<nuid>`), read by direct gets so that a
 /// read needs no consumer.

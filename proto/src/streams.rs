@@ -26,6 +26,8 @@ pub enum EnsureStreamsError {
     Update { name: &'static str, source: jetstream::context::UpdateStreamError },
     #[error("cannot reopen stream {name} after its update: {source}")]
     Reopen { name: &'static str, source: jetstream::context::GetStreamError },
+    #[error("cannot read the stream of {name}: {source}")]
+    Inspect { name: &'static str, source: jetstream::context::GetStreamError },
     #[error("cannot create consumer {name}: {source}")]
     Consumer { name: &'static str, source: jetstream::stream::ConsumerError },
 }
@@ -58,6 +60,8 @@ pub struct Topology {
     pub kp_used: stream::Stream,
 }
 
+/// `name` labels errors (a peer's inbound stream has the prefix); the
+/// stream is `cfg.name`.
 async fn ensure_stream(
     js: &jetstream::Context,
     cfg: stream::Config,
@@ -100,9 +104,32 @@ async fn ensure_stream(
             ..current
         };
         js.update_stream(config).await.map_err(|source| EnsureStreamsError::Update { name, source })?;
-        stream = js.get_stream(name).await.map_err(|source| EnsureStreamsError::Reopen { name, source })?;
+        stream =
+            js.get_stream(wanted.name.as_str()).await.map_err(|source| EnsureStreamsError::Reopen { name, source })?;
     }
     Ok(stream)
+}
+
+/// A bucket's or object store's own stream takes the configured replicas
+/// and max age at start, as [`ensure_stream`] does for ours.
+async fn apply_to_backing_stream(
+    js: &jetstream::Context,
+    stream_name: &str,
+    replicas: usize,
+    max_age: Duration,
+    name: &'static str,
+) -> Result<(), EnsureStreamsError> {
+    let mut stream = js.get_stream(stream_name).await.map_err(|source| EnsureStreamsError::Inspect { name, source })?;
+    let current = stream.cached_info().config.clone();
+    if current.num_replicas.max(1) == replicas.max(1) && current.max_age == max_age {
+        return Ok(());
+    }
+    tracing::info!(bucket = name, "applying the configured replicas and age to an existing bucket");
+    let config = stream::Config { num_replicas: replicas, max_age, ..current };
+    js.update_stream(config).await.map_err(|source| EnsureStreamsError::Update { name, source })?;
+    // Refresh what later calls see.
+    let _ = stream.info().await;
+    Ok(())
 }
 
 async fn ensure_bucket(
@@ -110,8 +137,14 @@ async fn ensure_bucket(
     cfg: kv::Config,
     name: &'static str,
 ) -> Result<kv::Store, EnsureStreamsError> {
+    let (replicas, max_age) = (cfg.num_replicas, cfg.max_age);
     match js.get_key_value(name).await {
-        Ok(s) => Ok(s),
+        Ok(s) => {
+            // Boxed: inline, its future would grow every caller's (debug
+            // builds overflow a worker thread's stack).
+            Box::pin(apply_to_backing_stream(js, &names::kv_stream(name), replicas, max_age, name)).await?;
+            Ok(s)
+        }
         Err(_) => match js.create_key_value(cfg).await {
             Ok(s) => Ok(s),
             // Another worker created it between our get and our create.
@@ -125,8 +158,12 @@ async fn ensure_object_store(
     cfg: object_store::Config,
     name: &'static str,
 ) -> Result<object_store::ObjectStore, EnsureStreamsError> {
+    let (replicas, max_age) = (cfg.num_replicas, cfg.max_age);
     match js.get_object_store(name).await {
-        Ok(s) => Ok(s),
+        Ok(s) => {
+            Box::pin(apply_to_backing_stream(js, &names::object_store_stream(name), replicas, max_age, name)).await?;
+            Ok(s)
+        }
         Err(_) => match js.create_object_store(cfg).await {
             Ok(s) => Ok(s),
             // Another worker created it between our get and our create.
@@ -282,8 +319,9 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
     let mut fed_in = std::collections::HashMap::new();
     for peer in &all.peers {
         let name = names::fed_in_stream(&peer.domain);
-        let stream = js
-            .get_or_create_stream(stream::Config {
+        let stream = ensure_stream(
+            js,
+            stream::Config {
                 name: name.clone(),
                 subjects: vec![names::fed_in_subject(&peer.domain)],
                 retention: stream::RetentionPolicy::WorkQueue,
@@ -294,9 +332,10 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
                 duplicate_window: cfg.duplicate_window().min(Duration::from_secs(all.federation.outbox_max_age_secs)),
                 num_replicas: replicas,
                 ..Default::default()
-            })
-            .await
-            .map_err(|source| EnsureStreamsError::Stream { name: names::FED_IN_STREAM_PREFIX, source })?;
+            },
+            names::FED_IN_STREAM_PREFIX,
+        )
+        .await?;
         fed_in.insert(peer.domain.clone(), stream);
     }
     let federation = ensure_bucket(

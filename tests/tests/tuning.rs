@@ -27,6 +27,8 @@ async fn changed_retention_reaches_existing_streams_at_restart() -> anyhow::Resu
     assert_eq!(log.duplicate_window, Duration::from_secs(300));
     // What the code relies on is kept through the update.
     assert!(log.republish.is_some() && log.allow_atomic_publish && log.allow_direct);
+    // KV buckets whose age follows a setting take it too.
+    assert_eq!(max_age("KV_mlsfed_verdicts").await?, Duration::from_secs(300));
     // The operator still works on the updated streams.
     let mut alice = op.client("alice", "phone", 1).await?;
     let g = alice.create_group("tuned").await?;
