@@ -89,13 +89,22 @@ async fn sigkill_under_load_delivers_exactly_once() -> anyhow::Result<()> {
             let text = format!("r{round}m{i}");
             bodies.push((text.clone(), alice.encrypt_for_bench(&g, text.as_bytes())?));
         }
+        // The kill lands while submissions are in flight: after the first
+        // is accepted (however slow the machine), then a random moment.
+        let first = std::sync::Arc::new(tokio::sync::Notify::new());
+        let accepted_one = first.clone();
         let sender = tokio::spawn(async move {
             let mut out = Vec::new();
             for (text, body) in bodies {
-                out.push((text, http.submit(body, None).await.is_ok()));
+                let ok = http.submit(body, None).await.is_ok();
+                if ok {
+                    accepted_one.notify_one();
+                }
+                out.push((text, ok));
             }
             out
         });
+        let _ = tokio::time::timeout(Duration::from_secs(30), first.notified()).await;
         tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 60)).await;
         op.kill();
         for (text, ok) in sender.await? {

@@ -278,7 +278,11 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
             .await
             {
                 Ok(r) => {
-                    print_run(&format!("{k} sequencer + {k} fanout processes, 2 ingest processes"), &r, None);
+                    print_run(
+                        &format!("{k} sequencer + {k} fanout processes, {} ingest processes", scale::INGESTS),
+                        &r,
+                        None,
+                    );
                     report.insert(format!("sequencers_{k}_msgs_per_s"), json!(r.delivered_per_s()));
                     report.insert(format!("sequencers_{k}_accepted_msgs_per_s"), json!(r.accepted_per_s()));
                     report.insert(format!("sequencers_{k}_p99_ms"), json!(r.pct_ms(0.99)));
