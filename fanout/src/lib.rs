@@ -267,7 +267,10 @@ impl GroupFanout {
         let hub = group.hub() == self.ctx.domain;
         let mut lost = false;
         if entry.prev_position != cursor.done {
-            lost = !hub && entry.prev_position > cursor.done && self.predecessor_lost(group, entry, log_seq).await?;
+            lost = !hub
+                && entry.prev_position > cursor.done
+                && log_seq > 0
+                && self.predecessor_lost(group, entry, log_seq, cursor.done).await?;
             if !lost {
                 self.cursor = None;
                 self.roster = None;
@@ -358,10 +361,18 @@ impl GroupFanout {
 
     /// At a follower, whether the entry's predecessor will never arrive:
     /// the bridge appends a hub's entries to our LOG in the hub's order, so
-    /// if the group's last entry before this one in our LOG is not the
-    /// predecessor, the predecessor was lost on the way (it expired in the
-    /// hub's outbox while we were unreachable), not merely late.
-    async fn predecessor_lost(&self, group: &GroupId, entry: &LogEntry, log_seq: u64) -> Result<bool, String> {
+    /// if the group's last entry before this one in our LOG is already
+    /// delivered (`done`) and is not the predecessor, the predecessor was
+    /// lost on the way (it expired in the hub's outbox while we were
+    /// unreachable), not merely late. An earlier entry still undelivered
+    /// (redelivered after this one) means: wait for it.
+    async fn predecessor_lost(
+        &self,
+        group: &GroupId,
+        entry: &LogEntry,
+        log_seq: u64,
+        done: u64,
+    ) -> Result<bool, String> {
         if log_seq <= 1 {
             return Ok(true);
         }
@@ -379,7 +390,7 @@ impl GroupFanout {
             Some(stored) => proto::wire::decode::<LogEntry>(&stored.payload).map_err(|e| e.to_string())?.position,
             None => 0,
         };
-        Ok(previous < entry.prev_position)
+        Ok(previous <= done && previous < entry.prev_position)
     }
 
     async fn load_roster(&mut self, key: &str) -> Result<(Roster, u64), String> {

@@ -130,7 +130,7 @@ impl GroupDecider {
                     return Ok(Some(Verdict::Rejected(ApiError::new(ErrorCode::UnknownGroup, "no such group"))));
                 }
                 if let Some(v) = self.already(sub) {
-                    self.readopt_group_info(&bundle, &v);
+                    self.readopt_group_info(sub, &bundle, &v);
                     return Ok(Some(v));
                 }
                 let state = self.state.as_ref().ok_or_else(|| StepError::Transient("cache".into()))?;
@@ -167,6 +167,7 @@ impl GroupDecider {
                 let is_commit = entry.kind == EntryKind::Commit;
                 let changes_group = matches!(entry.kind, EntryKind::Commit | EntryKind::Proposal);
                 if is_commit {
+                    state.current_commit = Some((position, sub.device.clone(), message.clone()));
                     // The previous epoch's GroupInfo is of no use to anyone
                     // now; a Commit without one leaves none.
                     state.group_info = plan.group_info.map(|message| proto::checkpoint::PublishedGroupInfo {
@@ -193,10 +194,19 @@ impl GroupDecider {
     /// GroupInfo when the state lost it (see
     /// [`validate::group_info_of_current_epoch`]); it is checkpointed with
     /// the verdict.
-    fn readopt_group_info(&mut self, bundle: &proto::mls::Bundle, verdict: &Verdict) {
+    fn readopt_group_info(&mut self, sub: &Submission, bundle: &proto::mls::Bundle, verdict: &Verdict) {
         let Some(state) = self.state.as_mut() else { return };
         let Verdict::Accepted { position, epoch } = *verdict else { return };
         if state.group_info.is_some() || bundle.header.content != proto::mls::Content::Commit {
+            return;
+        }
+        // Exactly the Commit in the LOG, from its sender: a submission id
+        // alone (a reused Idempotency-Key, a peer's id) proves nothing.
+        let same = state
+            .current_commit
+            .as_ref()
+            .is_some_and(|(p, sender, message)| *p == position && *sender == sub.device && *message == bundle.message);
+        if !same {
             return;
         }
         if epoch + 1 != state.epoch() || state.winning_commit(epoch) != Some(position) {
@@ -377,6 +387,7 @@ impl GroupDecider {
                     // The LOG keeps no GroupInfo: the one uploaded with this
                     // Commit is lost unless a checkpoint holds it.
                     s.group_info = None;
+                    s.current_commit = Some((entry.position, entry.sender.clone(), entry.message.clone()));
                 }
                 s
             }

@@ -38,6 +38,10 @@ pub struct GroupState {
     /// The GroupInfo of the current epoch, when its Commit carried one:
     /// what members that cannot follow the group any more rejoin from.
     pub group_info: Option<PublishedGroupInfo>,
+    /// The Commit that started the current epoch, as (position, sender,
+    /// its bytes), while this process holds it (not checkpointed): a resend
+    /// of exactly that Commit may bring back a GroupInfo lost to a crash.
+    pub current_commit: Option<(u64, DeviceId, Vec<u8>)>,
     member_set: std::sync::OnceLock<std::collections::HashSet<Vec<u8>>>,
 }
 
@@ -54,6 +58,7 @@ impl GroupState {
             checkpointed: 0,
             changed: false,
             group_info: None,
+            current_commit: None,
             member_set: std::sync::OnceLock::new(),
         }
     }
@@ -149,6 +154,7 @@ impl GroupState {
             checkpointed: snap.position,
             changed: false,
             group_info: snap.group_info,
+            current_commit: None,
             member_set: std::sync::OnceLock::new(),
         })
     }

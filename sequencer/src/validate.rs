@@ -268,7 +268,10 @@ pub fn plan(
 /// no longer use (its history expired, or it could not process a Commit).
 /// Its new leaf names the submitting device, it removes its old leaf and no
 /// one else's, and it adds no one. Joining a group one was never invited
-/// to is not possible this way.
+/// to is not possible this way. The new leaf keeps the old leaf's
+/// signature key: the key the device's operator vouches for (RFC 9750
+/// §5.3), which members checked when it joined. A bearer token alone must
+/// not let someone else swap in a key of their own.
 fn check_rejoin(state: &GroupState, device: &DeviceId, sc: &StagedCommit, bundle: &Bundle) -> Result<(), ApiError> {
     let leaf = sc
         .update_path_leaf_node()
@@ -279,19 +282,22 @@ fn check_rejoin(state: &GroupState, device: &DeviceId, sc: &StagedCommit, bundle
     if bundle.welcome.is_some() || sc.add_proposals().next().is_some() {
         return Err(err(ErrorCode::InvalidCommit, "an external commit here adds no one"));
     }
+    let mut same_key = false;
     let mut removes_own = false;
     for r in sc.remove_proposals() {
-        let own = state
-            .public
-            .leaf(r.remove_proposal().removed())
-            .is_some_and(|l| l.credential().serialized_content() == device.as_bytes());
+        let old = state.public.leaf(r.remove_proposal().removed());
+        let own = old.is_some_and(|l| l.credential().serialized_content() == device.as_bytes());
         if !own {
             return Err(err(ErrorCode::InvalidCommit, "an external commit may remove only the device's own old leaf"));
         }
+        same_key |= old.is_some_and(|l| l.signature_key().as_slice() == leaf.signature_key().as_slice());
         removes_own = true;
     }
     if !removes_own {
         return Err(err(ErrorCode::InvalidCommit, "a rejoin must remove the device's old leaf"));
+    }
+    if !same_key {
+        return Err(err(ErrorCode::InvalidCommit, "a rejoin keeps the device's signature key"));
     }
     Ok(())
 }

@@ -768,6 +768,38 @@ pub mod raw {
                 .expect("ser")
         }
 
+        /// An external commit (RFC 9420 §12.4.3.2) into the group of
+        /// `group_info` (MLSMessage bytes, with the ratchet tree), with
+        /// this identity's key, followed by the new epoch's GroupInfo.
+        pub fn external_commit(&self, group_info: &[u8]) -> Vec<u8> {
+            use openmls::prelude::tls_codec::Deserialize as _;
+            let vgi = match MlsMessageIn::tls_deserialize_exact(group_info).expect("gi").extract() {
+                MlsMessageBodyIn::GroupInfo(vgi) => vgi,
+                _ => panic!("not a GroupInfo"),
+            };
+            let (_, bundle) = MlsGroup::external_commit_builder()
+                .with_config(
+                    MlsGroupJoinConfig::builder()
+                        .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
+                        .use_ratchet_tree_extension(true)
+                        .build(),
+                )
+                .build_group(&self.provider, vgi, self.cwk())
+                .expect("group")
+                .load_psks(self.provider.storage())
+                .expect("psks")
+                .build(self.provider.rand(), self.provider.crypto(), &self.signer, |_| true)
+                .expect("commit")
+                .finalize(&self.provider)
+                .expect("finalize");
+            let (commit, _, gi) = bundle.into_contents();
+            let mut out = commit.tls_serialize_detached().expect("ser");
+            if let Some(gi) = gi {
+                out.extend(MlsMessageOut::from(gi).tls_serialize_detached().expect("ser"));
+            }
+            out
+        }
+
         pub fn update_commit(&self, g: &mut MlsGroup) -> Vec<u8> {
             let b = g.self_update(&self.provider, &self.signer, LeafNodeParameters::default()).expect("update");
             let mut out = b.commit().tls_serialize_detached().expect("ser");
