@@ -51,6 +51,15 @@ struct Reader {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
+/// Groups of 10 made by [`Fleet::groups_of_ten`].
+pub struct Tens {
+    /// The groups of each device.
+    pub per_device: Vec<Vec<String>>,
+    pub sizes: HashMap<String, usize>,
+    /// Each group with its creator, who sends in it.
+    pub senders: Vec<(String, usize)>,
+}
+
 pub struct Fleet {
     pub members: Vec<Lite>,
     pub https: Vec<Http>,
@@ -162,6 +171,26 @@ impl Fleet {
             round += 1;
         }
         Ok(ids)
+    }
+
+    /// `n` groups of 10 (group i: device i and the nine after it, of all
+    /// the fleet's devices), created, and followed on every member device.
+    pub async fn groups_of_ten(&mut self, n: usize) -> anyhow::Result<Tens> {
+        let devices = self.members.len();
+        let specs: Vec<(String, usize, Vec<usize>)> =
+            (0..n).map(|i| (format!("g{i}"), i % devices, (1..10).map(|k| (i + k) % devices).collect())).collect();
+        let groups = self.create_groups(&specs).await?;
+        let mut per_device: Vec<Vec<String>> = vec![Vec::new(); devices];
+        for ((_, creator, members), g) in specs.iter().zip(&groups) {
+            per_device[*creator].push(g.clone());
+            for m in members {
+                per_device[*m].push(g.clone());
+            }
+        }
+        self.follow(&per_device).await?;
+        let sizes = groups.iter().map(|g| (g.clone(), 10)).collect();
+        let senders = groups.iter().cloned().zip(0..).map(|(g, i)| (g, i % devices)).collect();
+        Ok(Tens { per_device, sizes, senders })
     }
 
     /// Opens one WebSocket per device (once) and follows `groups[i]` on

@@ -141,20 +141,8 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
     let secret = cfg.token_secret.expose().as_bytes().to_vec();
     let mut fleet = Fleet::new(&cfg.domain, &secret, &url, DEVICES, "dev")?;
     let t_setup = Instant::now();
-    let specs: Vec<(String, usize, Vec<usize>)> =
-        (0..GROUPS).map(|i| (format!("g{i}"), i, (1..10).map(|k| (i + k) % DEVICES).collect())).collect();
-    let groups = fleet.create_groups(&specs).await?;
-    let mut per_device: Vec<Vec<String>> = vec![Vec::new(); DEVICES];
-    for ((_, creator, members), g) in specs.iter().zip(&groups) {
-        per_device[*creator].push(g.clone());
-        for m in members {
-            per_device[*m].push(g.clone());
-        }
-    }
-    fleet.follow(&per_device).await?;
+    let fleet::Tens { per_device, sizes, senders } = fleet.groups_of_ten(GROUPS).await?;
     println!("setup: {DEVICES} devices, {GROUPS} groups of 10, one WebSocket per device: {:?}", t_setup.elapsed());
-    let sizes: HashMap<String, usize> = groups.iter().map(|g| (g.clone(), 10)).collect();
-    let senders: Vec<(String, usize)> = groups.iter().cloned().zip(0..).collect();
 
     // 2a. 1000 groups × 10, closed loop.
     let bodies = fleet.messages(&senders, opts.messages, opts.size)?;

@@ -5,14 +5,13 @@
 //! counted at the member device it reached over its WebSocket, client
 //! crypto done before the timed part.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::json;
 
 use super::Topology;
-use crate::bench::fleet::{Fleet, Run};
+use crate::bench::fleet::{Fleet, Run, Tens};
 
 const DEVICES: usize = 500;
 const GROUPS: usize = 500;
@@ -68,19 +67,7 @@ async fn measure(topo: &Topology, messages: usize) -> anyhow::Result<Run> {
     let secret = op.cfg.token_secret.expose().as_bytes().to_vec();
     let mut fleet = Fleet::new(&op.cfg.domain, &secret, &op.ingest_urls[0], DEVICES, "dev")?;
     fleet.reconnect(&op.ingest_urls);
-    let specs: Vec<(String, usize, Vec<usize>)> =
-        (0..GROUPS).map(|i| (format!("g{i}"), i, (1..10).map(|k| (i + k) % DEVICES).collect())).collect();
-    let groups = fleet.create_groups(&specs).await?;
-    let mut per_device: Vec<Vec<String>> = vec![Vec::new(); DEVICES];
-    for ((_, creator, members), g) in specs.iter().zip(&groups) {
-        per_device[*creator].push(g.clone());
-        for m in members {
-            per_device[*m].push(g.clone());
-        }
-    }
-    fleet.follow(&per_device).await?;
-    let sizes: HashMap<String, usize> = groups.iter().map(|g| (g.clone(), 10)).collect();
-    let senders: Vec<(String, usize)> = groups.iter().cloned().zip(0..).collect();
+    let Tens { sizes, senders, .. } = fleet.groups_of_ten(GROUPS).await?;
     // Warm-up, untimed: every partition owned, every group's state loaded.
     let warm = fleet.messages(&senders, senders.len(), SIZE)?;
     fleet.run(warm, &sizes, IN_FLIGHT, None, Duration::from_secs(120)).await?;
