@@ -700,11 +700,17 @@ impl Device {
         Ok(())
     }
 
-    /// Drops every trace of group `g` from this device.
-    fn forget_group(&mut self, g: &str) -> Result<(), ClientError> {
+    /// Deletes this device's MLS state of group `g` (memory and storage).
+    fn drop_group_state(&mut self, g: &str) -> Result<(), ClientError> {
         if let Some(mut group) = self.groups.remove(g) {
             group.delete(self.provider.storage()).map_err(mls)?;
         }
+        Ok(())
+    }
+
+    /// Drops every trace of group `g` from this device.
+    fn forget_group(&mut self, g: &str) -> Result<(), ClientError> {
+        self.drop_group_state(g)?;
         self.meta.groups.remove(g);
         self.meta.group_seqs.remove(g);
         self.meta.rejoin.remove(g);
@@ -737,9 +743,7 @@ impl Device {
                 MlsMessageBodyIn::GroupInfo(vgi) => vgi,
                 _ => return Err(ClientError::Protocol("the operator's GroupInfo is not a GroupInfo".into())),
             };
-            if let Some(mut old) = self.groups.remove(g) {
-                old.delete(self.provider.storage()).map_err(mls)?;
-            }
+            self.drop_group_state(g)?;
             // openmls removes our old leaf itself: it finds our signature
             // key in the tree (a Remove proposal in the same Commit).
             let (group, bundle) = MlsGroup::external_commit_builder()
@@ -753,20 +757,11 @@ impl Device {
                 .finalize(&self.provider)
                 .map_err(mls)?;
             let (commit, _, group_info) = bundle.into_contents();
-            // Every member must hold the key its operator vouches for
-            // (RFC 9750 §5.3), as for a Welcome.
-            let own = self.id.as_bytes().to_vec();
-            let members: Vec<(Vec<u8>, Vec<u8>)> = group
-                .members()
-                .map(|m| (m.credential.serialized_content().to_vec(), m.signature_key))
-                .filter(|(id, _)| *id != own)
-                .collect();
+            let members: Vec<Member> = group.members().collect();
             self.groups.insert(g.to_owned(), group);
-            for (identity, key) in members {
-                if let Err(e) = self.verify_member(&identity, &key).await {
-                    self.forget_group(g)?;
-                    return Err(ClientError::Identity(format!("refused to rejoin: {e}")));
-                }
+            if let Err(e) = self.verify_members(members).await {
+                self.forget_group(g)?;
+                return Err(ClientError::Identity(format!("refused to rejoin: {e}")));
             }
             let body = commit_body(&commit, None, group_info)?;
             self.persist()?;
@@ -785,9 +780,7 @@ impl Device {
                     return Ok(Event::Rejoined { group: g.to_owned(), position: a.position, epoch });
                 }
                 Err(e) => {
-                    if let Some(mut group) = self.groups.remove(g) {
-                        group.delete(self.provider.storage()).map_err(mls)?;
-                    }
+                    self.drop_group_state(g)?;
                     self.persist()?;
                     if e.code() != Some(ErrorCode::WrongEpoch) {
                         return Err(e);
@@ -892,6 +885,17 @@ impl Device {
         serde_json::json!({ "follow": follow }).to_string()
     }
 
+    /// Before this device trusts a group (joined from a Welcome or
+    /// rejoined): every other member must hold the key its operator vouches
+    /// for (RFC 9750 §5.3).
+    async fn verify_members(&mut self, members: Vec<Member>) -> Result<(), ClientError> {
+        let own = self.id.as_bytes().to_vec();
+        for m in members.into_iter().filter(|m| m.credential.serialized_content() != own.as_slice()) {
+            self.verify_member(m.credential.serialized_content(), &m.signature_key).await?;
+        }
+        Ok(())
+    }
+
     /// Checks a member's credential and signature key against the binding
     /// its operator signed, fetched through our own server.
     pub async fn verify_member(&mut self, identity: &[u8], key: &[u8]) -> Result<(), ClientError> {
@@ -963,18 +967,8 @@ impl Device {
                 Ok(s) => s,
                 Err(e) => return fail(format!("cannot process Welcome: {e}")),
             };
-            // Every member must hold the key its operator vouches for
-            // (RFC 9750 §5.3) before this device trusts the group.
-            let own = self.id.as_bytes().to_vec();
-            let members: Vec<(Vec<u8>, Vec<u8>)> = staged
-                .members()
-                .map(|m| (m.credential.serialized_content().to_vec(), m.signature_key))
-                .filter(|(id, _)| *id != own)
-                .collect();
-            for (identity, key) in members {
-                if let Err(e) = self.verify_member(&identity, &key).await {
-                    return fail(format!("refused Welcome: {e}"));
-                }
+            if let Err(e) = self.verify_members(staged.members().collect()).await {
+                return fail(format!("refused Welcome: {e}"));
             }
             let group = staged.into_group(&self.provider).map_err(mls)?;
             let epoch = group.epoch().as_u64();

@@ -203,7 +203,7 @@ pub fn kv_stream(bucket: &str) -> String {
 
 /// The stream JetStream keeps object store `bucket` in.
 pub fn object_store_stream(bucket: &str) -> String {
-    format!("OBJ_{bucket}")
+    format!("{OBJ_STREAM_PREFIX}{bucket}")
 }
 
 /// The subject of one stored version of an object's chunks in
