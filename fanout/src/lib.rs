@@ -181,6 +181,77 @@ impl Fanout {
 }
 
 impl GroupHandler for GroupFanout {
+    /// A run of the group's entries that were waiting together: each is
+    /// handled as `handle` would, and the cursor moves once, past the last,
+    /// before any of them is acked. A crash before that redelivers them
+    /// all, which changes nothing (every write is idempotent). The first
+    /// entry that is not done (undecodable, waiting for its predecessor, a
+    /// failure), and everything after it, goes through `handle`.
+    async fn handle_batch(&mut self, msgs: Vec<jetstream::Message>) {
+        use proto::trace;
+        let mut handled = Vec::with_capacity(msgs.len());
+        let mut rest = Vec::new();
+        let mut moved: Option<(GroupId, Cursor, u64)> = None;
+        for msg in msgs {
+            if !rest.is_empty() {
+                rest.push(msg);
+                continue;
+            }
+            let Ok(entry) = proto::wire::decode::<LogEntry>(&msg.payload) else {
+                rest.push(msg);
+                continue;
+            };
+            let log_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+            let mut span = trace::Span::child("fanout.deliver", trace::Context::from_headers(msg.headers.as_ref()));
+            trace::set(&mut span, "mlsfed.group", &entry.group);
+            trace::set(&mut span, "mlsfed.position", entry.position);
+            self.trace = trace::context(&span);
+            let step = self.deliver(&entry.group, &entry, log_seq, false).await;
+            self.trace = None;
+            match (step, &self.cursor) {
+                (Ok(Step::Done), Some((cursor, revision))) if cursor.done == entry.position => {
+                    trace::end(span);
+                    moved = Some((entry.group.clone(), cursor.clone(), *revision));
+                    handled.push(msg);
+                }
+                (Ok(Step::Done), _) => {
+                    // Already delivered by another worker (its cursor is
+                    // past this entry): nothing to move.
+                    trace::end(span);
+                    handled.push(msg);
+                }
+                _ => rest.push(msg),
+            }
+        }
+        if let Some((group, cursor, revision)) = moved {
+            if let Err(e) = self.save_cursor(&names::group_key(&group), cursor, revision).await {
+                // Nothing acked: all of them come back, and are redone.
+                tracing::warn!(error = %e, "fanout failed; retrying later");
+                self.roster = None;
+                for msg in handled.drain(..).chain(rest.drain(..)) {
+                    self.retry(&msg, "transient", &e).await;
+                }
+                return;
+            }
+        }
+        let last = handled.len();
+        for (k, msg) in handled.into_iter().enumerate() {
+            if let Ok(info) = msg.info() {
+                let age = time::OffsetDateTime::now_utc() - info.published;
+                self.ctx.metrics.lag_seconds.observe(age.as_seconds_f64().max(0.0));
+            }
+            // Acks go in order on one connection: the last one confirmed
+            // means the server has them all.
+            let acked = if k + 1 == last { msg.double_ack().await } else { msg.ack().await };
+            if let Err(e) = acked {
+                tracing::warn!(error = %e, "ack failed; entry will be redelivered and deduplicated");
+            }
+        }
+        for msg in rest {
+            self.handle(msg).await;
+        }
+    }
+
     async fn handle(&mut self, msg: jetstream::Message) {
         let entry: LogEntry = match proto::wire::decode(&msg.payload) {
             Ok(e) => e,
@@ -202,7 +273,7 @@ impl GroupHandler for GroupFanout {
         trace::set(&mut span, "mlsfed.group", &entry.group);
         trace::set(&mut span, "mlsfed.position", entry.position);
         self.trace = trace::context(&span);
-        let step = self.deliver(&entry.group, &entry, log_seq).await;
+        let step = self.deliver(&entry.group, &entry, log_seq, true).await;
         self.trace = None;
         match step {
             Ok(Step::Done) => {
@@ -245,7 +316,16 @@ impl GroupFanout {
 }
 
 impl GroupFanout {
-    async fn deliver(&mut self, group: &GroupId, entry: &LogEntry, log_seq: u64) -> Result<Step, String> {
+    /// Handles one entry in its group's order. With `persist`, the cursor
+    /// is moved past it before this returns; without, only the cached
+    /// cursor is, and the caller saves it (once for a run of entries).
+    async fn deliver(
+        &mut self,
+        group: &GroupId,
+        entry: &LogEntry,
+        log_seq: u64,
+        persist: bool,
+    ) -> Result<Step, String> {
         let key = names::group_key(group);
         let (mut cursor, revision) = match &self.cursor {
             Some((c, rev)) if c.done == entry.prev_position => (c.clone(), *rev),
@@ -328,35 +408,50 @@ impl GroupFanout {
             self.forward(entry, &peers, &mut cursor).await?;
         }
         cursor.done = entry.position;
+        self.ctx.metrics.entries.inc();
+        if !persist {
+            // The caller moves the cursor once for the whole run.
+            self.cursor = Some((cursor, revision));
+            return Ok(Step::Done);
+        }
+        self.save_cursor(&key, cursor, revision).await?;
+        tracing::debug!(position = entry.position, "fanned out");
+        Ok(Step::Done)
+    }
+
+    /// Moves the group's cursor from `revision` (0: none stored yet). A lost
+    /// compare-and-set means another worker handled the same entries
+    /// concurrently (a redelivery race): every write before it is
+    /// idempotent, so that is success too.
+    async fn save_cursor(&mut self, key: &str, cursor: Cursor, revision: u64) -> Result<(), String> {
         let value = Bytes::from(serde_json::to_vec(&cursor).map_err(|e| e.to_string())?);
         let moved = if revision == 0 {
             self.ctx
                 .topo
                 .fanout
-                .create(key.as_str(), value)
+                .create(key, value)
                 .await
                 .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string()))
         } else {
             self.ctx
                 .topo
                 .fanout
-                .update(key.as_str(), value, revision)
+                .update(key, value, revision)
                 .await
                 .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string()))
         };
         match moved {
             Ok(rev) => self.cursor = Some((cursor, rev)),
-            // Another worker handled the same entry concurrently (a
-            // redelivery race); every write above is idempotent.
             Err((true, _)) => {
                 self.cursor = None;
                 self.roster = None;
             }
-            Err((false, e)) => return Err(e),
+            Err((false, e)) => {
+                self.cursor = None;
+                return Err(e);
+            }
         }
-        self.ctx.metrics.entries.inc();
-        tracing::debug!(position = entry.position, "fanned out");
-        Ok(Step::Done)
+        Ok(())
     }
 
     /// At a follower, whether the entry's predecessor will never arrive:

@@ -17,6 +17,13 @@ use mlsfed::nats::NatsProcess;
 use mlsfed::Roles;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc rather than glibc malloc: under load the allocator was about a
+/// seventh of the operator's CPU (docs/benchmarks.md), and the runtime's
+/// many small, short-lived buffers are what mimalloc's per-thread pages
+/// are made for.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "mlsfed", about = "Federated MLS delivery service", version)]
 struct Cli {

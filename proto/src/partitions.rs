@@ -180,11 +180,26 @@ pub struct Role {
     pub priority_group: &'static str,
 }
 
-/// One group's work: its messages, in stream order, one at a time. The
-/// handler acks, naks or terminates each message itself.
+/// One group's work: its messages, in stream order. The handler acks, naks
+/// or terminates each message itself.
 pub trait GroupHandler: Send + 'static {
     fn handle(&mut self, msg: jetstream::Message) -> impl Future<Output = ()> + Send;
+
+    /// Several of the group's messages that were waiting at once, in order
+    /// (at most [`MAX_BATCH`]). A handler that can do them for the price of
+    /// one (one append, one cursor write) overrides this; by default they
+    /// are handled one at a time.
+    fn handle_batch(&mut self, msgs: Vec<jetstream::Message>) -> impl Future<Output = ()> + Send {
+        async move {
+            for m in msgs {
+                self.handle(m).await;
+            }
+        }
+    }
 }
+
+/// Most messages a group task hands its handler at once.
+pub const MAX_BATCH: usize = 64;
 
 /// Told when this process takes (`true`) or hands over (`false`) a
 /// partition: for metrics.
@@ -395,7 +410,19 @@ async fn group_task<H: GroupHandler>(
             }
             return;
         };
-        handler.handle(msg).await;
+        // What queued while the last batch was handled goes together: under
+        // load a busy group pays one round trip for many messages.
+        let mut batch = vec![msg];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        match batch.len() {
+            1 => handler.handle(batch.remove(0)).await,
+            _ => handler.handle_batch(batch).await,
+        }
     }
 }
 

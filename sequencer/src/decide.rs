@@ -190,6 +190,179 @@ impl GroupDecider {
         }
     }
 
+    /// Decides a run of the group's submissions that were waiting together.
+    /// The application messages at its head are checked against the cached
+    /// state and appended with one atomic batch (ADR-50) behind one
+    /// compare-and-set on the group's last entry, so a busy group pays one
+    /// round trip for many messages. An application message changes no
+    /// public state, so each is checked exactly as `decide_one` would.
+    ///
+    /// Returns the verdicts of the first submissions, in order; the caller
+    /// decides the rest one at a time. It stops before the first Commit or
+    /// Proposal (which change the state), before a refusal (decided again on
+    /// a fresh state by `decide_one`), and returns nothing when the batch
+    /// was not stored: the state is dropped, and `decide_one` reloads it
+    /// from the LOG, so an append that was stored after all is found there.
+    pub(crate) async fn decide_run(&mut self, subs: &[(&Submission, Option<proto::trace::Context>)]) -> Vec<Verdict> {
+        let Some((first, _)) = subs.first() else {
+            return Vec::new();
+        };
+        let group = &first.group;
+        if group.hub() != self.ctx.domain || subs.iter().any(|(s, _)| s.group != *group) {
+            return Vec::new();
+        }
+        if !matches!(self.load(group, false).await, Ok(Some(()))) {
+            return Vec::new();
+        }
+        let timer = std::time::Instant::now();
+        let Some(state) = self.state.as_ref() else {
+            return Vec::new();
+        };
+        let mut verdicts = Vec::new();
+        let mut entries: Vec<(LogEntry, Option<proto::trace::Context>)> = Vec::new();
+        for (sub, trace) in subs {
+            let SubmissionKind::Message { message, welcome: None, group_info: None } = &sub.kind else {
+                break;
+            };
+            let bundle = match proto::mls::parse_bundle(message) {
+                Ok(b) => b,
+                Err(e) => {
+                    verdicts.push(Verdict::Rejected(e));
+                    continue;
+                }
+            };
+            if bundle.header.content != proto::mls::Content::Application {
+                break;
+            }
+            let earlier = entries.iter().find(|(e, _)| e.submission_id == sub.id).map(|(e, _)| (e.position, e.epoch));
+            if let Some((position, epoch)) = state.recent_verdict(&sub.id).or(earlier) {
+                verdicts.push(Verdict::Accepted { position, epoch });
+                continue;
+            }
+            let plan = match validate::plan(state, &self.ctx.crypto, &sub.device, &bundle, validate::Mode::Live) {
+                Ok(p) if p.kind == EntryKind::Application => p,
+                _ => break,
+            };
+            let position = state.position + 1 + entries.len() as u64;
+            verdicts.push(Verdict::Accepted { position, epoch: plan.epoch });
+            let entry = LogEntry {
+                group: sub.group.clone(),
+                position,
+                prev_position: position - 1,
+                epoch: plan.epoch,
+                kind: plan.kind,
+                sender: sub.device.clone(),
+                submission_id: sub.id.clone(),
+                message: message.clone(),
+                removed: Vec::new(),
+                welcome: None,
+                welcome_recipients: Vec::new(),
+            };
+            entries.push((entry, *trace));
+        }
+        let n = entries.len();
+        if n >= 2 {
+            let expected = state.last_subject_seq;
+            match self.append_batch(group, expected, &entries).await {
+                Ok(last) => {
+                    let Some(state) = self.state.as_mut() else {
+                        return Vec::new();
+                    };
+                    for (k, (e, _)) in entries.iter().enumerate() {
+                        // Stored together: the batch's sequences are consecutive.
+                        let seq = last - (n - 1 - k) as u64;
+                        state.record(&e.submission_id, e.position, e.epoch, seq, false);
+                    }
+                }
+                Err(lost) => {
+                    if lost {
+                        self.ctx.metrics.cas_conflicts.inc();
+                    }
+                    self.state = None;
+                    return Vec::new();
+                }
+            }
+        } else if n == 1 {
+            // One message: the plain append, with its duplicate detection.
+            let expected = state.last_subject_seq;
+            self.trace = entries[0].1;
+            let appended = self.append(group, expected, &entries[0].0).await;
+            self.trace = None;
+            let entry = &entries[0].0;
+            match appended {
+                Ok(Appended::At(seq)) => {
+                    if let Some(state) = self.state.as_mut() {
+                        state.record(&entry.submission_id, entry.position, entry.epoch, seq, false);
+                    }
+                }
+                Ok(Appended::Lost) => {
+                    self.ctx.metrics.cas_conflicts.inc();
+                    self.state = None;
+                    return Vec::new();
+                }
+                Ok(Appended::Already(_)) | Err(_) => {
+                    self.state = None;
+                    return Vec::new();
+                }
+            }
+        }
+        self.checkpoint_if_due().await;
+        let metrics = &self.ctx.metrics;
+        let each = timer.elapsed().as_secs_f64() / verdicts.len().max(1) as f64;
+        for v in &verdicts {
+            metrics.step_seconds.observe(each);
+            match v {
+                Verdict::Accepted { .. } => metrics.accepted.inc(),
+                Verdict::Rejected(e) => metrics.rejected.with_label_values(&[e.code.as_str()]).inc(),
+            }
+        }
+        verdicts
+    }
+
+    /// Appends `entries` (a run of application messages) as one atomic
+    /// batch if the group's last entry is still at `expected`; returns the
+    /// last one's stream sequence, or whether the compare-and-set was lost.
+    async fn append_batch(
+        &self,
+        group: &GroupId,
+        expected: u64,
+        entries: &[(LogEntry, Option<proto::trace::Context>)],
+    ) -> Result<u64, bool> {
+        // The server takes few batches in flight per stream (50): each
+        // process sends only a few at once; the rest wait their turn.
+        let Ok(_permit) = self.ctx.batches.acquire().await else {
+            return Err(false);
+        };
+        let messages = entries
+            .iter()
+            .map(|(e, trace)| {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(async_nats::header::NATS_MESSAGE_ID, names::log_msg_id(&e.submission_id).as_str());
+                headers.insert(names::headers::POSITION, e.position.to_string().as_str());
+                headers.insert(names::headers::EPOCH, e.epoch.to_string().as_str());
+                headers.insert(names::headers::KIND, e.kind.as_str());
+                if let Some(t) = trace {
+                    headers.insert(proto::trace::HEADER, t.to_header().as_str());
+                }
+                (Bytes::from(proto::wire::encode(e)), headers)
+            })
+            .collect();
+        let subject = names::log_subject(group, self.ctx.streams.partitions);
+        match proto::batch::publish_atomic(&self.ctx.topo.js.client(), &subject, expected, messages).await {
+            Ok(last) => {
+                self.ctx.metrics.append_entries.observe(entries.len() as f64);
+                Ok(last)
+            }
+            Err(proto::batch::PublishAtomicError::WrongLastSequence) => Err(true),
+            Err(e) => {
+                // A duplicate among them (a redelivery), the server's batch
+                // limits, or trouble: `decide_one` takes them one by one.
+                tracing::debug!(error = %e, entries = entries.len(), "batch append not stored");
+                Err(false)
+            }
+        }
+    }
+
     /// A resent Commit that started the current epoch brings back its
     /// GroupInfo when the state lost it (see
     /// [`validate::group_info_of_current_epoch`]); it is checkpointed with
@@ -269,7 +442,10 @@ impl GroupDecider {
                 self.ctx.metrics.duplicates.inc();
                 Ok(Appended::Already(Verdict::Accepted { position: first.position, epoch: first.epoch }))
             }
-            Ok(ack) => Ok(Appended::At(ack.sequence)),
+            Ok(ack) => {
+                self.ctx.metrics.append_entries.observe(1.0);
+                Ok(Appended::At(ack.sequence))
+            }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Appended::Lost),
             Err(e) => Err(StepError::Transient(e.to_string())),
         }

@@ -71,7 +71,13 @@ pub(crate) struct Ctx {
     checkpoints: checkpoint::Checkpoints,
     /// Partitions (LOG subjects name the group's) and delivery bounds.
     streams: config::Streams,
+    /// Atomic batch appends this process has in flight at once: nats-server
+    /// takes at most 50 per stream, from every writer together.
+    batches: tokio::sync::Semaphore,
 }
+
+/// Atomic batch appends in flight per sequencer process.
+const BATCHES_IN_FLIGHT: usize = 8;
 
 pub struct Sequencer {
     ctx: Arc<Ctx>,
@@ -80,7 +86,9 @@ pub struct Sequencer {
 impl Sequencer {
     pub fn new(topo: Topology, domain: String, cfg: config::Streams, metrics: Metrics) -> Self {
         let checkpoints = checkpoint::Checkpoints::new(&topo, metrics.checkpoint_cleanup_failures.clone());
-        Self { ctx: Arc::new(Ctx { topo, domain, crypto: RustCrypto::default(), metrics, checkpoints, streams: cfg }) }
+        let batches = tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT);
+        let crypto = RustCrypto::default();
+        Self { ctx: Arc::new(Ctx { topo, domain, crypto, metrics, checkpoints, streams: cfg, batches }) }
     }
 
     /// Joins the sequencers of this operator and orders the partitions it
@@ -105,6 +113,60 @@ impl Sequencer {
 }
 
 impl GroupHandler for GroupDecider {
+    async fn handle_batch(&mut self, msgs: Vec<jetstream::Message>) {
+        use proto::trace;
+        let mut subs = Vec::with_capacity(msgs.len());
+        let mut rest = Vec::new();
+        for msg in msgs {
+            // Anything out of the ordinary (undecodable) goes the usual way,
+            // after the run: `handle` sets it aside.
+            match proto::wire::decode::<Submission>(&msg.payload) {
+                Ok(sub) if rest.is_empty() => subs.push((msg, sub)),
+                _ => rest.push(msg),
+            }
+        }
+        let mut spans: Vec<Option<trace::Span>> = subs
+            .iter()
+            .map(|(msg, sub)| {
+                let mut span =
+                    trace::Span::child("sequencer.decide", trace::Context::from_headers(msg.headers.as_ref()));
+                trace::set(&mut span, "mlsfed.group", &sub.group);
+                span
+            })
+            .collect();
+        let run: Vec<(&Submission, Option<trace::Context>)> =
+            subs.iter().zip(&spans).map(|((_, sub), span)| (sub, trace::context(span))).collect();
+        let verdicts = self.decide_run(&run).await;
+        drop(run);
+        let decided = verdicts.len();
+        for (span, v) in spans.iter_mut().zip(&verdicts) {
+            match v {
+                Verdict::Accepted { position, .. } => trace::set(span, "mlsfed.position", position),
+                Verdict::Rejected(e) => trace::set(span, "mlsfed.refused", e.code.as_str()),
+            }
+        }
+        for span in spans.drain(..decided) {
+            trace::end(span);
+        }
+        drop(spans);
+        // Every verdict announced at once, then every submission acked.
+        let ctx = self.ctx.clone();
+        futures::future::join_all(subs.iter().zip(&verdicts).map(|((_, sub), v)| ctx.publish_verdict(sub, v))).await;
+        let mut undecided = Vec::new();
+        for (k, (msg, _)) in subs.into_iter().enumerate() {
+            if k < decided {
+                if let Err(e) = msg.ack().await {
+                    tracing::warn!(error = %e, "ack of submission failed; it will be redelivered");
+                }
+            } else {
+                undecided.push(msg);
+            }
+        }
+        for msg in undecided.into_iter().chain(rest) {
+            self.handle(msg).await;
+        }
+    }
+
     async fn handle(&mut self, msg: jetstream::Message) {
         let sub: Submission = match proto::wire::decode(&msg.payload) {
             Ok(s) => s,

@@ -11,6 +11,9 @@ pub struct Metrics {
     pub dead_letters: IntCounter,
     pub duplicates: IntCounter,
     pub step_seconds: Histogram,
+    /// Entries per LOG append: above 1 when a busy group's waiting
+    /// submissions went in one atomic batch.
+    pub append_entries: Histogram,
     pub checkpoint_bytes: Histogram,
     pub checkpoint_seconds: Histogram,
     pub checkpoint_failures: IntCounter,
@@ -48,6 +51,13 @@ impl Metrics {
             step_seconds: Histogram::with_opts(
                 HistogramOpts::new("mlsfed_sequencer_step_seconds", "Time to decide one submission.")
                     .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16)?),
+            )?,
+            append_entries: Histogram::with_opts(
+                HistogramOpts::new(
+                    "mlsfed_sequencer_append_entries",
+                    "Entries per LOG append (a busy group's waiting application messages go in one atomic batch).",
+                )
+                .buckets(prometheus::exponential_buckets(1.0, 2.0, 8)?),
             )?,
             checkpoint_bytes: Histogram::with_opts(
                 HistogramOpts::new(
@@ -100,6 +110,7 @@ impl Metrics {
         registry.register(Box::new(m.dead_letters.clone()))?;
         registry.register(Box::new(m.duplicates.clone()))?;
         registry.register(Box::new(m.step_seconds.clone()))?;
+        registry.register(Box::new(m.append_entries.clone()))?;
         registry.register(Box::new(m.checkpoint_bytes.clone()))?;
         registry.register(Box::new(m.checkpoint_seconds.clone()))?;
         registry.register(Box::new(m.checkpoint_failures.clone()))?;

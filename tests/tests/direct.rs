@@ -83,6 +83,23 @@ async fn atomic_batches_store_all_or_nothing_after_the_expected_entry() -> anyho
         .map(|m| m.payload[0])
         .collect();
     assert_eq!(stored, [0, 1, 2, 9, 3, 4, 5, 6, 7]);
+    // A batch holding a message already stored (same Nats-Msg-Id, as a
+    // sequencer's redelivered submission has) is refused whole: the
+    // sequencer counts on a stored batch being all of it, consecutively.
+    let with_ids = |ids: &[&str]| -> Vec<(bytes::Bytes, async_nats::HeaderMap)> {
+        ids.iter()
+            .map(|id| {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert(async_nats::header::NATS_MESSAGE_ID, *id);
+                (bytes::Bytes::from(id.as_bytes().to_vec()), h)
+            })
+            .collect()
+    };
+    let end = publish_atomic(&client, "b.g", end, with_ids(&["x", "y"])).await?;
+    assert_eq!(end, 11);
+    let refused = publish_atomic(&client, "b.g", end, with_ids(&["z", "y"])).await;
+    assert!(refused.is_err(), "a batch with a duplicate was stored: {refused:?}");
+    assert_eq!(stream.info().await?.state.messages, 11, "nothing of a refused batch is stored");
     // A stream that does not allow batches says so.
     js.create_stream(async_nats::jetstream::stream::Config {
         name: "N".into(),

@@ -1,0 +1,104 @@
+//! A busy group: its waiting application messages are appended to LOG in
+//! atomic batches and fanned out with one cursor write per run, and every
+//! member still gets every message once, in hub order, with positions that
+//! leave no gap. A Commit in the middle of the traffic ends a batch and is
+//! decided on its own.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use tests::{settle, sync_until, NatsServer, Operator};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_groups_messages_go_in_batches_once_and_in_order() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let op = Operator::start(&nats, "a.example")?;
+    let mut alice = op.client("alice", "phone", 2).await?;
+    let mut bob = op.client("bob", "phone", 2).await?;
+    let mut carol = op.client("carol", "phone", 2).await?;
+    let g = alice.create_group("busy").await?;
+    alice.add(&g, &[op.user_id("bob"), op.user_id("carol")]).await?;
+    settle(&mut [&mut alice, &mut bob, &mut carol]).await?;
+
+    // Two senders, 150 messages each, pre-encrypted and submitted with 48
+    // in flight per sender: far more than one decision at a time, so the
+    // group's submissions queue up behind each other.
+    let mut tasks = Vec::new();
+    for (who, c) in [("a", &mut alice), ("b", &mut bob)] {
+        let bodies: Vec<Vec<u8>> =
+            (0..150).map(|i| c.encrypt_for_bench(&g, format!("{who}{i}").as_bytes())).collect::<Result<_, _>>()?;
+        let http = c.http().clone();
+        tasks.push(tokio::spawn(async move {
+            futures::stream::iter(bodies.into_iter().map(|b| {
+                let http = http.clone();
+                async move { http.submit(b, None).await }
+            }))
+            .buffer_unordered(48)
+            .collect::<Vec<_>>()
+            .await
+        }));
+    }
+    let mut positions = Vec::new();
+    for t in tasks {
+        for r in t.await? {
+            positions.push(r?.position);
+        }
+    }
+    // Every submission got a position of its own, and together they fill
+    // the LOG after the group's first entries without a gap.
+    positions.sort_unstable();
+    let first = positions[0];
+    assert_eq!(positions, (first..first + 300).collect::<Vec<_>>(), "positions are not one run");
+
+    // A Commit while a third sender keeps going.
+    let bodies: Vec<Vec<u8>> =
+        (0..40).map(|i| carol.encrypt_for_bench(&g, format!("c{i}").as_bytes())).collect::<Result<_, _>>()?;
+    let http = carol.http().clone();
+    let burst = tokio::spawn(async move {
+        futures::stream::iter(bodies.into_iter().map(|b| {
+            let http = http.clone();
+            async move { http.submit(b, None).await }
+        }))
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+    });
+    bob.update(&g).await?;
+    let mut accepted = 0;
+    let mut refused = 0;
+    for r in burst.await? {
+        match r {
+            Ok(_) => accepted += 1,
+            // Sent in the epoch the Commit ended: refused, never reordered.
+            Err(e) if e.code() == Some(tests::proto::ErrorCode::WrongEpoch) => refused += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    assert_eq!(accepted + refused, 40);
+    let last = alice.send(&g, "after the commit").await?;
+    sync_until(&mut [&mut alice, &mut bob, &mut carol], Duration::from_secs(60), |c| {
+        c.positions(&g).last().is_some_and(|p| *p >= last)
+    })
+    .await?;
+
+    // Every member saw the same messages at the same positions, each once
+    // and in order.
+    let reference: Vec<u64> = carol.messages(&g).iter().map(|m| m.0).collect();
+    assert_eq!(reference.len(), 300 + accepted + 1, "carol saw {} messages", reference.len());
+    for c in [&alice, &bob, &carol] {
+        let ps = c.positions(&g);
+        assert!(ps.windows(2).all(|w| w[0] < w[1]), "{} out of order or twice: {ps:?}", c.id());
+        let mine: Vec<u64> = c.messages(&g).iter().map(|m| m.0).collect();
+        assert_eq!(mine, reference, "{} saw other messages", c.id());
+        assert!(c.failures().is_empty(), "{:?}", c.failures());
+    }
+    assert_eq!(alice.epoch_authenticator(&g), carol.epoch_authenticator(&g));
+
+    // And they did go in batches: more entries than appends.
+    let entries = tests::metric(&op, "mlsfed_sequencer_append_entries_sum").await;
+    let appends = tests::metric(&op, "mlsfed_sequencer_append_entries_count").await;
+    assert!(entries > appends, "{entries} entries in {appends} appends: nothing was batched");
+    let fanned = tests::metric(&op, "mlsfed_fanout_entries_total").await;
+    assert!(fanned >= entries, "fanout handled {fanned} of {entries} entries");
+    Ok(())
+}
