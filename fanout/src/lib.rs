@@ -234,16 +234,12 @@ impl GroupHandler for GroupFanout {
                 return;
             }
         }
-        let last = handled.len();
-        for (k, msg) in handled.into_iter().enumerate() {
+        for msg in handled {
             if let Ok(info) = msg.info() {
                 let age = time::OffsetDateTime::now_utc() - info.published;
                 self.ctx.metrics.lag_seconds.observe(age.as_seconds_f64().max(0.0));
             }
-            // Acks go in order on one connection: the last one confirmed
-            // means the server has them all.
-            let acked = if k + 1 == last { msg.double_ack().await } else { msg.ack().await };
-            if let Err(e) = acked {
+            if let Err(e) = msg.ack().await {
                 tracing::warn!(error = %e, "ack failed; entry will be redelivered and deduplicated");
             }
         }
@@ -282,7 +278,9 @@ impl GroupHandler for GroupFanout {
                     let age = time::OffsetDateTime::now_utc() - info.published;
                     self.ctx.metrics.lag_seconds.observe(age.as_seconds_f64().max(0.0));
                 }
-                if let Err(e) = msg.double_ack().await {
+                // Not waited for: a lost ack only brings the entry back,
+                // and the cursor says it is done.
+                if let Err(e) = msg.ack().await {
                     tracing::warn!(error = %e, "ack failed; entry will be redelivered and deduplicated");
                 }
             }
