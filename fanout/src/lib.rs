@@ -201,13 +201,7 @@ impl GroupHandler for GroupFanout {
                 rest.push(msg);
                 continue;
             };
-            let log_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-            let mut span = trace::Span::child("fanout.deliver", trace::Context::from_headers(msg.headers.as_ref()));
-            trace::set(&mut span, "mlsfed.group", &entry.group);
-            trace::set(&mut span, "mlsfed.position", entry.position);
-            self.trace = trace::context(&span);
-            let step = self.deliver(&entry.group, &entry, log_seq, false).await;
-            self.trace = None;
+            let (step, span) = self.deliver_traced(&msg, &entry, false).await;
             match (step, &self.cursor) {
                 (Ok(Step::Done), Some((cursor, revision))) if cursor.done == entry.position => {
                     trace::end(span);
@@ -235,10 +229,7 @@ impl GroupHandler for GroupFanout {
             }
         }
         for msg in handled {
-            if let Ok(info) = msg.info() {
-                let age = time::OffsetDateTime::now_utc() - info.published;
-                self.ctx.metrics.lag_seconds.observe(age.as_seconds_f64().max(0.0));
-            }
+            self.observe_lag(&msg);
             if let Err(e) = msg.ack().await {
                 tracing::warn!(error = %e, "ack failed; entry will be redelivered and deduplicated");
             }
@@ -263,21 +254,11 @@ impl GroupHandler for GroupFanout {
                 return;
             }
         };
-        let log_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        use proto::trace;
-        let mut span = trace::Span::child("fanout.deliver", trace::Context::from_headers(msg.headers.as_ref()));
-        trace::set(&mut span, "mlsfed.group", &entry.group);
-        trace::set(&mut span, "mlsfed.position", entry.position);
-        self.trace = trace::context(&span);
-        let step = self.deliver(&entry.group, &entry, log_seq, true).await;
-        self.trace = None;
+        let (step, span) = self.deliver_traced(&msg, &entry, true).await;
         match step {
             Ok(Step::Done) => {
-                trace::end(span);
-                if let Ok(info) = msg.info() {
-                    let age = time::OffsetDateTime::now_utc() - info.published;
-                    self.ctx.metrics.lag_seconds.observe(age.as_seconds_f64().max(0.0));
-                }
+                proto::trace::end(span);
+                self.observe_lag(&msg);
                 // Not waited for: a lost ack only brings the entry back,
                 // and the cursor says it is done.
                 if let Err(e) = msg.ack().await {
@@ -303,6 +284,33 @@ impl GroupHandler for GroupFanout {
 }
 
 impl GroupFanout {
+    /// `deliver`, in a span of the entry's trace, which continues into what
+    /// it hands to peers' outboxes.
+    async fn deliver_traced(
+        &mut self,
+        msg: &jetstream::Message,
+        entry: &LogEntry,
+        persist: bool,
+    ) -> (Result<Step, String>, Option<proto::trace::Span>) {
+        use proto::trace;
+        let log_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let mut span = trace::Span::child("fanout.deliver", trace::Context::from_headers(msg.headers.as_ref()));
+        trace::set(&mut span, "mlsfed.group", &entry.group);
+        trace::set(&mut span, "mlsfed.position", entry.position);
+        self.trace = trace::context(&span);
+        let step = self.deliver(&entry.group, entry, log_seq, persist).await;
+        self.trace = None;
+        (step, span)
+    }
+
+    /// Time from the entry's append to its delivery here.
+    fn observe_lag(&self, msg: &jetstream::Message) {
+        if let Ok(info) = msg.info() {
+            let age = time::OffsetDateTime::now_utc() - info.published;
+            self.ctx.metrics.lag_seconds.observe(age.as_seconds_f64().max(0.0));
+        }
+    }
+
     async fn retry(&self, msg: &jetstream::Message, reason: &'static str, detail: &str) {
         let ctx = &self.ctx;
         let outcome =

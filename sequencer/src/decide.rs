@@ -134,25 +134,14 @@ impl GroupDecider {
                     return Ok(Some(v));
                 }
                 let state = self.state.as_ref().ok_or_else(|| StepError::Transient("cache".into()))?;
-                let plan = match validate::plan(state, &self.ctx.crypto, &sub.device, &bundle, validate::Mode::Live) {
+                let mut plan = match validate::plan(state, &self.ctx.crypto, &sub.device, &bundle, validate::Mode::Live)
+                {
                     Ok(p) => p,
                     Err(e) => return Ok(Some(Verdict::Rejected(e))),
                 };
                 let position = state.position + 1;
                 let expected = state.last_subject_seq;
-                let entry = LogEntry {
-                    group: sub.group.clone(),
-                    position,
-                    prev_position: position - 1,
-                    epoch: plan.epoch,
-                    kind: plan.kind,
-                    sender: sub.device.clone(),
-                    submission_id: sub.id.clone(),
-                    message: message.clone(),
-                    removed: plan.removed,
-                    welcome: plan.welcome,
-                    welcome_recipients: plan.welcome_recipients,
-                };
+                let entry = entry_of(sub, position, message, &mut plan);
                 let seq = match self.append(&sub.group, expected, &entry).await? {
                     Appended::At(seq) => seq,
                     Appended::Lost => return Ok(None),
@@ -239,26 +228,13 @@ impl GroupDecider {
                 verdicts.push(Verdict::Accepted { position, epoch });
                 continue;
             }
-            let plan = match validate::plan(state, &self.ctx.crypto, &sub.device, &bundle, validate::Mode::Live) {
+            let mut plan = match validate::plan(state, &self.ctx.crypto, &sub.device, &bundle, validate::Mode::Live) {
                 Ok(p) if p.kind == EntryKind::Application => p,
                 _ => break,
             };
             let position = state.position + 1 + entries.len() as u64;
             verdicts.push(Verdict::Accepted { position, epoch: plan.epoch });
-            let entry = LogEntry {
-                group: sub.group.clone(),
-                position,
-                prev_position: position - 1,
-                epoch: plan.epoch,
-                kind: plan.kind,
-                sender: sub.device.clone(),
-                submission_id: sub.id.clone(),
-                message: message.clone(),
-                removed: Vec::new(),
-                welcome: None,
-                welcome_recipients: Vec::new(),
-            };
-            entries.push((entry, *trace));
+            entries.push((entry_of(sub, position, message, &mut plan), *trace));
         }
         let n = entries.len();
         if n >= 2 {
@@ -619,5 +595,23 @@ impl GroupDecider {
             .await
             .map_err(|e| StepError::Transient(format!("cannot read the group's fanout cursor: {e}")))?;
         Ok(stored.and_then(|b| serde_json::from_slice::<FanoutCursor>(&b).ok()).map(|c| c.done).unwrap_or(0))
+    }
+}
+
+/// The LOG entry an accepted submission becomes at `position`; takes what
+/// the plan says the entry names (removed devices, the Welcome).
+fn entry_of(sub: &Submission, position: u64, message: &[u8], plan: &mut validate::Plan) -> LogEntry {
+    LogEntry {
+        group: sub.group.clone(),
+        position,
+        prev_position: position - 1,
+        epoch: plan.epoch,
+        kind: plan.kind,
+        sender: sub.device.clone(),
+        submission_id: sub.id.clone(),
+        message: message.to_vec(),
+        removed: std::mem::take(&mut plan.removed),
+        welcome: plan.welcome.take(),
+        welcome_recipients: std::mem::take(&mut plan.welcome_recipients),
     }
 }

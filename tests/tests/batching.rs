@@ -9,6 +9,21 @@ use std::time::Duration;
 use futures::StreamExt;
 use tests::{settle, sync_until, NatsServer, Operator};
 
+/// Submits `bodies` with `in_flight` at once; the answers, in any order.
+async fn submit_all(
+    http: tests::client::Http,
+    bodies: Vec<Vec<u8>>,
+    in_flight: usize,
+) -> Vec<Result<tests::client::Accepted, tests::client::ClientError>> {
+    futures::stream::iter(bodies.into_iter().map(|b| {
+        let http = http.clone();
+        async move { http.submit(b, None).await }
+    }))
+    .buffer_unordered(in_flight)
+    .collect()
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_groups_messages_go_in_batches_once_and_in_order() -> anyhow::Result<()> {
     let nats = NatsServer::start()?;
@@ -27,16 +42,7 @@ async fn a_busy_groups_messages_go_in_batches_once_and_in_order() -> anyhow::Res
     for (who, c) in [("a", &mut alice), ("b", &mut bob)] {
         let bodies: Vec<Vec<u8>> =
             (0..150).map(|i| c.encrypt_for_bench(&g, format!("{who}{i}").as_bytes())).collect::<Result<_, _>>()?;
-        let http = c.http().clone();
-        tasks.push(tokio::spawn(async move {
-            futures::stream::iter(bodies.into_iter().map(|b| {
-                let http = http.clone();
-                async move { http.submit(b, None).await }
-            }))
-            .buffer_unordered(48)
-            .collect::<Vec<_>>()
-            .await
-        }));
+        tasks.push(tokio::spawn(submit_all(c.http().clone(), bodies, 48)));
     }
     let mut positions = Vec::new();
     for t in tasks {
@@ -53,16 +59,7 @@ async fn a_busy_groups_messages_go_in_batches_once_and_in_order() -> anyhow::Res
     // A Commit while a third sender keeps going.
     let bodies: Vec<Vec<u8>> =
         (0..40).map(|i| carol.encrypt_for_bench(&g, format!("c{i}").as_bytes())).collect::<Result<_, _>>()?;
-    let http = carol.http().clone();
-    let burst = tokio::spawn(async move {
-        futures::stream::iter(bodies.into_iter().map(|b| {
-            let http = http.clone();
-            async move { http.submit(b, None).await }
-        }))
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await
-    });
+    let burst = tokio::spawn(submit_all(carol.http().clone(), bodies, 16));
     bob.update(&g).await?;
     let mut accepted = 0;
     let mut refused = 0;
