@@ -132,11 +132,30 @@ struct GroupFanout {
     /// read while this task streams the group. A stale one only costs a
     /// failed compare-and-set or a wait, never a wrong delivery.
     cursor: Option<(Cursor, u64)>,
-    /// The group's roster and its KV revision, cached the same way.
-    roster: Option<(Roster, u64)>,
+    /// The group's roster, cached the same way.
+    roster: Option<CachedRoster>,
     /// The trace of the entry being delivered, continued by what it hands
     /// to peers' outboxes.
     trace: Option<proto::trace::Context>,
+}
+
+/// A group's roster as this task last read or wrote it, shared rather than
+/// copied: an application message must not cost a walk over, or a copy of,
+/// a 1000-member roster.
+#[derive(Clone)]
+struct CachedRoster {
+    roster: Arc<Roster>,
+    /// Its KV revision (0: none stored yet).
+    revision: u64,
+    /// The peer operators with members in it, worked out once per version.
+    peers: Arc<Vec<String>>,
+}
+
+impl CachedRoster {
+    fn new(roster: Roster, revision: u64, us: &str) -> Self {
+        let peers = Arc::new(roster.peers(us));
+        Self { roster: Arc::new(roster), revision, peers }
+    }
 }
 
 /// A group's fan-out progress (KV `mlsfed_fanout`).
@@ -370,30 +389,26 @@ impl GroupFanout {
             );
             tracing::debug!(%group, position = entry.position, "lost predecessors");
         }
-        let (mut roster, mut roster_rev) = self.load_roster(&key).await?;
-        if lost && roster.epoch < entry.epoch {
+        let mut cached = self.load_roster(&key).await?;
+        if lost && cached.roster.epoch < entry.epoch {
             // Commits were among what was lost: the group is at this
             // entry's epoch at least, or its entries would wait forever for
             // a roster that applied Commits it will never see. Who those
             // Commits added or removed is unknown here; the members that
             // rejoin are in the roster already.
-            let mut next = roster.clone();
+            let mut next = (*cached.roster).clone();
             next.epoch = entry.epoch;
-            roster_rev = self.save_roster(&key, &next, roster_rev).await?;
-            roster = next;
-            self.roster = Some((roster.clone(), roster_rev));
+            cached = self.save_roster(&key, next, cached.revision).await?;
         }
-        let mut peers = if hub { roster.peers(&self.ctx.domain) } else { Vec::new() };
+        let mut peers = if hub { cached.peers.to_vec() } else { Vec::new() };
         if matches!(entry.kind, EntryKind::Created | EntryKind::Commit) {
             // The roster first, so a Welcome never names a group its device
             // cannot read yet; then what is addressed to single devices. A
             // crash in between repeats those idempotent writes (the cursor
             // has not moved), whether or not the roster already has them.
-            let mut next = roster.clone();
+            let mut next = (*cached.roster).clone();
             if next.apply(entry).is_some() {
-                let rev = self.save_roster(&key, &next, roster_rev).await?;
-                roster = next;
-                self.roster = Some((roster.clone(), rev));
+                cached = self.save_roster(&key, next, cached.revision).await?;
             }
             self.addressed(group, entry, log_seq, &Change::of(entry)).await?;
             if hub {
@@ -401,7 +416,7 @@ impl GroupFanout {
                 // whether or not the roster already shows it applied (a
                 // retry after a failure finds it applied, and the peers of
                 // removed devices gone from it).
-                peers.extend(roster.peers(&self.ctx.domain));
+                peers.extend(cached.peers.iter().cloned());
                 let named = entry.removed.iter().chain(&entry.welcome_recipients).map(|d| d.domain());
                 peers.extend(named.filter(|d| *d != self.ctx.domain).map(str::to_owned));
                 peers.sort_unstable();
@@ -494,30 +509,42 @@ impl GroupFanout {
         Ok(previous <= done && previous < entry.prev_position)
     }
 
-    async fn load_roster(&mut self, key: &str) -> Result<(Roster, u64), String> {
+    async fn load_roster(&mut self, key: &str) -> Result<CachedRoster, String> {
         if let Some(cached) = &self.roster {
             return Ok(cached.clone());
         }
         let stored = self.ctx.topo.rosters.entry(key).await.map_err(|e| e.to_string())?;
-        let loaded = match stored {
+        let (roster, revision) = match stored {
             Some(e) if e.operation == kv::Operation::Put => {
                 (serde_json::from_slice(&e.value).map_err(|e| format!("roster unreadable: {e}"))?, e.revision)
             }
             Some(e) => (Roster::default(), e.revision),
             None => (Roster::default(), 0),
         };
+        let loaded = CachedRoster::new(roster, revision, &self.ctx.domain);
         self.roster = Some(loaded.clone());
         Ok(loaded)
     }
 
-    async fn save_roster(&mut self, key: &str, roster: &Roster, revision: u64) -> Result<u64, String> {
-        let value = Bytes::from(serde_json::to_vec(roster).map_err(|e| e.to_string())?);
+    /// Stores `roster` over `revision` (0: none yet) and caches it.
+    async fn save_roster(&mut self, key: &str, roster: Roster, revision: u64) -> Result<CachedRoster, String> {
+        let value = Bytes::from(serde_json::to_vec(&roster).map_err(|e| e.to_string())?);
         let saved = if revision == 0 {
             self.ctx.topo.rosters.create(key, value).await.map_err(|e| e.to_string())
         } else {
             self.ctx.topo.rosters.update(key, value, revision).await.map_err(|e| e.to_string())
         };
-        saved.inspect_err(|_| self.roster = None)
+        match saved {
+            Ok(revision) => {
+                let cached = CachedRoster::new(roster, revision, &self.ctx.domain);
+                self.roster = Some(cached.clone());
+                Ok(cached)
+            }
+            Err(e) => {
+                self.roster = None;
+                Err(e)
+            }
+        }
     }
 
     /// What a membership entry addresses to single local devices: each
