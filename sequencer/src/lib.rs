@@ -74,7 +74,14 @@ pub(crate) struct Ctx {
     /// Atomic batch appends this process has in flight at once: nats-server
     /// takes at most 50 per stream, from every writer together.
     batches: tokio::sync::Semaphore,
+    /// Decided submissions whose verdicts are being announced (`settle`).
+    settling: Arc<tokio::sync::Semaphore>,
+    settlers: tokio_util::task::TaskTracker,
 }
+
+/// Decided submissions per process whose verdicts may be in the making at
+/// once, beyond which deciding waits.
+const SETTLING: usize = 4096;
 
 /// Atomic batch appends in flight per sequencer process.
 const BATCHES_IN_FLIGHT: usize = 8;
@@ -88,7 +95,10 @@ impl Sequencer {
         let checkpoints = checkpoint::Checkpoints::new(&topo, metrics.checkpoint_cleanup_failures.clone());
         let batches = tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT);
         let crypto = RustCrypto::default();
-        Self { ctx: Arc::new(Ctx { topo, domain, crypto, metrics, checkpoints, streams: cfg, batches }) }
+        let settling = Arc::new(tokio::sync::Semaphore::new(SETTLING));
+        let settlers = tokio_util::task::TaskTracker::new();
+        let ctx = Ctx { topo, domain, crypto, metrics, checkpoints, streams: cfg, batches, settling, settlers };
+        Self { ctx: Arc::new(ctx) }
     }
 
     /// Joins the sequencers of this operator and orders the partitions it
@@ -107,7 +117,15 @@ impl Sequencer {
         let ctx = self.ctx.clone();
         let new_group = move || GroupDecider { ctx: ctx.clone(), state: None, trace: None };
         let members = self.ctx.topo.members.clone();
-        proto::partitions::serve(role, members, self.ctx.streams.clone(), new_group, on_owned, shutdown).await?;
+        let served =
+            proto::partitions::serve(role, members, self.ctx.streams.clone(), new_group, on_owned, shutdown).await;
+        // Verdicts being announced go out before the process ends, so their
+        // submitters hear them now rather than after a redelivery.
+        self.ctx.settlers.close();
+        if tokio::time::timeout(std::time::Duration::from_secs(10), self.ctx.settlers.wait()).await.is_err() {
+            tracing::warn!("verdicts still being announced at shutdown; their submissions will be redelivered");
+        }
+        served?;
         Ok(())
     }
 }
@@ -149,19 +167,16 @@ impl GroupHandler for GroupDecider {
             trace::end(span);
         }
         drop(spans);
-        // Every verdict announced at once, then every submission acked.
-        let ctx = self.ctx.clone();
-        futures::future::join_all(subs.iter().zip(&verdicts).map(|((_, sub), v)| ctx.publish_verdict(sub, v))).await;
+        let mut settled = Vec::with_capacity(decided);
         let mut undecided = Vec::new();
-        for (k, (msg, _)) in subs.into_iter().enumerate() {
-            if k < decided {
-                if let Err(e) = msg.ack().await {
-                    tracing::warn!(error = %e, "ack of submission failed; it will be redelivered");
-                }
-            } else {
-                undecided.push(msg);
+        for ((msg, sub), verdict) in subs.into_iter().zip(verdicts.into_iter().map(Some).chain(std::iter::repeat(None)))
+        {
+            match verdict {
+                Some(v) => settled.push((msg, sub, v)),
+                None => undecided.push(msg),
             }
         }
+        self.ctx.settle(settled).await;
         for msg in undecided.into_iter().chain(rest) {
             self.handle(msg).await;
         }
@@ -198,14 +213,7 @@ impl GroupHandler for GroupDecider {
         }
         trace::end(span);
         match decided {
-            Ok(verdict) => {
-                self.ctx.publish_verdict(&sub, &verdict).await;
-                // A lost ack only means a redelivery, which the cached
-                // recent verdicts or the LOG answer the same way.
-                if let Err(e) = msg.ack().await {
-                    tracing::warn!(error = %e, "ack of submission failed; it will be redelivered");
-                }
-            }
+            Ok(verdict) => self.ctx.settle(vec![(msg, sub, verdict)]).await,
             Err(StepError::Transient(e)) => {
                 tracing::warn!(error = %e, "submission deferred");
                 self.state = None;
@@ -228,6 +236,34 @@ impl GroupHandler for GroupDecider {
 }
 
 impl Ctx {
+    /// Announces the verdicts of decided submissions and then acks them, in
+    /// a task of its own: the group goes on to its next submission at once
+    /// instead of after the verdict's record is stored. Bounded: at most
+    /// [`SETTLING`] submissions per process wait for this at once, and a
+    /// stopping process waits for them (`run`). A crash before the ack
+    /// redelivers the submission, which the cached recent verdicts or the
+    /// LOG answer the same way, and the verdict is announced again.
+    async fn settle(self: &Arc<Self>, decided: Vec<(jetstream::Message, Submission, Verdict)>) {
+        if decided.is_empty() {
+            return;
+        }
+        let n = u32::try_from(decided.len()).unwrap_or(u32::MAX).min(SETTLING as u32);
+        let Ok(permit) = self.settling.clone().acquire_many_owned(n).await else {
+            return;
+        };
+        let ctx = self.clone();
+        self.settlers.spawn(async move {
+            futures::future::join_all(decided.iter().map(|(_, sub, v)| ctx.publish_verdict(sub, v))).await;
+            for (msg, _, _) in decided {
+                // A lost ack only means a redelivery (see above).
+                if let Err(e) = msg.ack().await {
+                    tracing::warn!(error = %e, "ack of submission failed; it will be redelivered");
+                }
+            }
+            drop(permit);
+        });
+    }
+
     /// Records the verdict (for clients that retry) and announces it (for
     /// the waiting ingest), concurrently.
     async fn publish_verdict(&self, sub: &Submission, verdict: &Verdict) {
