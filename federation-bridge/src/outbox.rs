@@ -89,8 +89,10 @@ pub(crate) struct ControlState {
     ctl: PeerControl,
 }
 
-/// How long the first record of an envelope waits for others to join it.
-const GATHER: Duration = Duration::from_millis(2);
+/// How long the first record of an envelope may wait for others to join it.
+const GATHER: Duration = Duration::from_millis(20);
+/// An envelope is sent once no record joined it for this long.
+const GATHER_GAP: Duration = Duration::from_millis(2);
 /// How often a paused outbox tells JetStream it still holds its batch
 /// (well within the outbox consumer's 30 s ack wait).
 const HOLD_PROGRESS: Duration = Duration::from_secs(2);
@@ -149,16 +151,18 @@ impl Bridge {
                 },
             };
             // A bounded batch: whatever else is ready now, in stream order,
-            // within both bounds. The wait for more is bounded as a whole,
-            // not per record: records trickling in at one a millisecond
-            // must not keep the first waiting until the envelope is full.
+            // within both bounds. Records that keep coming join it (the
+            // peer pays per envelope: a mark, a signature, an append), but
+            // for no longer than GATHER in all: at a steady trickle the
+            // first record must not wait for the envelope to fill.
             let mut bytes = first.payload.len();
             let mut batch = vec![first];
             let gather_until = tokio::time::Instant::now() + GATHER;
             while batch.len() < BATCH {
+                let wait = (tokio::time::Instant::now() + GATHER_GAP).min(gather_until);
                 let next = match carried.pop_front() {
                     Some(m) => m,
-                    None => match tokio::time::timeout_at(gather_until, messages.next()).await {
+                    None => match tokio::time::timeout_at(wait, messages.next()).await {
                         Ok(Some(Ok(m))) => m,
                         _ => break,
                     },
