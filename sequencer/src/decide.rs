@@ -444,7 +444,7 @@ impl GroupDecider {
             Ok(()) => {
                 timer.observe_duration();
                 metrics.checkpoint_bytes.observe(bytes.len() as f64);
-                state.checkpoint_stored();
+                state.checkpoint_stored(bytes.len());
             }
             Err(e) => {
                 timer.stop_and_discard();

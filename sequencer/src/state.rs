@@ -14,6 +14,9 @@ use proto::{DeviceId, GroupId};
 /// Accepted submissions remembered per group, so that a redelivered
 /// submission gets its original verdict instead of a spurious `wrong_epoch`.
 const RECENT: usize = 512;
+/// Stored checkpoint bytes per position of application messages between
+/// two checkpoints, past the first `CHECKPOINT_EVERY` (see `checkpoint_due`).
+const CHECKPOINT_BYTES_PER_POSITION: usize = 2048;
 /// Commit positions remembered per group, to name the winner in `wrong_epoch`.
 const RECENT_COMMITS: usize = 64;
 
@@ -31,6 +34,8 @@ pub struct GroupState {
     pub commits: VecDeque<(u64, u64)>,
     /// Position of the last durable checkpoint of this state (0: none).
     pub checkpointed: u64,
+    /// Size of that checkpoint (0: none stored by this process yet).
+    pub checkpoint_bytes: usize,
     /// The `PublicGroup` changed since that checkpoint (a creation, Commit
     /// or Proposal): the next checkpoint is due now, not in a while, since
     /// the LOG entry that made the change may expire.
@@ -56,6 +61,7 @@ impl GroupState {
             recent: VecDeque::new(),
             commits: VecDeque::new(),
             checkpointed: 0,
+            checkpoint_bytes: 0,
             changed: false,
             group_info: None,
             current_commit: None,
@@ -106,14 +112,22 @@ impl GroupState {
     /// Whether a checkpoint is due: after every change to the public group,
     /// and after `every` positions of application messages (those change
     /// only the place in the LOG, which the entries after a checkpoint
-    /// restore, and keep the replay after a checkpoint short).
+    /// restore, and keep the replay after a checkpoint short). A large
+    /// state waits longer between those, one position per
+    /// [`CHECKPOINT_BYTES_PER_POSITION`] of its size: a 1000-member group's
+    /// few hundred KiB rewritten every 32 messages cost more than the
+    /// messages themselves, while replaying an application entry only
+    /// notes its position.
     pub fn checkpoint_due(&self, every: u64) -> bool {
+        let every = every.max((self.checkpoint_bytes / CHECKPOINT_BYTES_PER_POSITION) as u64);
         self.changed || self.position >= self.checkpointed.saturating_add(every)
     }
 
-    /// Notes that a checkpoint of this state, as it is now, is stored.
-    pub fn checkpoint_stored(&mut self) {
+    /// Notes that a checkpoint of this state, as it is now, is stored
+    /// (`bytes` long).
+    pub fn checkpoint_stored(&mut self, bytes: usize) {
         self.checkpointed = self.position;
+        self.checkpoint_bytes = bytes;
         self.changed = false;
     }
 
@@ -152,6 +166,7 @@ impl GroupState {
             recent: snap.recent.into(),
             commits: snap.commits.into(),
             checkpointed: snap.position,
+            checkpoint_bytes: bytes.len(),
             changed: false,
             group_info: snap.group_info,
             current_commit: None,
