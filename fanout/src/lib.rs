@@ -203,58 +203,62 @@ impl GroupHandler for GroupFanout {
     /// A run of the group's entries that were waiting together: each is
     /// handled as `handle` would, and the cursor moves once, past the last,
     /// before any of them is acked. A crash before that redelivers them
-    /// all, which changes nothing (every write is idempotent). The first
-    /// entry that is not done (undecodable, waiting for its predecessor, a
-    /// failure), and everything after it, goes through `handle`.
+    /// all, which changes nothing (every write is idempotent, and no
+    /// membership change is among them: see below). The first entry that
+    /// is not done (undecodable, waiting for its predecessor, a failure),
+    /// the first Created or Commit entry, and everything after it go
+    /// through `handle`, one at a time: a Commit's roster is stored at
+    /// once, so the entries before it must be recorded as done first, or
+    /// a redo would hand them to peers by the roster after it.
     async fn handle_batch(&mut self, msgs: Vec<jetstream::Message>) {
         use proto::trace;
-        let mut handled = Vec::with_capacity(msgs.len());
+        let mut run = Run::default();
         let mut rest = Vec::new();
-        let mut moved: Option<(GroupId, Cursor, u64)> = None;
         for msg in msgs {
             if !rest.is_empty() {
                 rest.push(msg);
                 continue;
             }
-            let Ok(entry) = proto::wire::decode::<LogEntry>(&msg.payload) else {
-                rest.push(msg);
-                continue;
+            let entry = match proto::wire::decode::<LogEntry>(&msg.payload) {
+                Ok(e) if !matches!(e.kind, EntryKind::Created | EntryKind::Commit) => e,
+                _ => {
+                    rest.push(msg);
+                    continue;
+                }
             };
             let (step, span) = self.deliver_traced(&msg, &entry, false).await;
             match (step, &self.cursor) {
                 (Ok(Step::Done), Some((cursor, revision))) if cursor.done == entry.position => {
                     trace::end(span);
-                    moved = Some((entry.group.clone(), cursor.clone(), *revision));
-                    handled.push(msg);
+                    if run.moved.as_ref().is_none_or(|(_, m, _)| m.done < cursor.done) {
+                        run.moved = Some((entry.group.clone(), cursor.clone(), *revision));
+                    }
+                    run.fanned += 1;
+                    run.handled.push((msg, entry.position));
                 }
                 (Ok(Step::Done), _) => {
-                    // Already delivered by another worker (its cursor is
-                    // past this entry): nothing to move.
+                    // Delivered before (by us, or by another worker whose
+                    // cursor is past it): nothing to move.
                     trace::end(span);
-                    handled.push(msg);
+                    run.handled.push((msg, entry.position));
                 }
                 _ => rest.push(msg),
             }
         }
-        if let Some((group, cursor, revision)) = moved {
-            if let Err(e) = self.save_cursor(&names::group_key(&group), cursor, revision).await {
+        match self.finish_run(run).await {
+            Ok(redo) => {
+                for msg in redo.into_iter().chain(rest) {
+                    self.handle(msg).await;
+                }
+            }
+            Err((e, handled)) => {
                 // Nothing acked: all of them come back, and are redone.
                 tracing::warn!(error = %e, "fanout failed; retrying later");
                 self.roster = None;
-                for msg in handled.drain(..).chain(rest.drain(..)) {
+                for msg in handled.into_iter().chain(rest) {
                     self.retry(&msg, "transient", &e).await;
                 }
-                return;
             }
-        }
-        for msg in handled {
-            self.observe_lag(&msg);
-            if let Err(e) = msg.ack().await {
-                tracing::warn!(error = %e, "ack failed; entry will be redelivered and deduplicated");
-            }
-        }
-        for msg in rest {
-            self.handle(msg).await;
         }
     }
 
@@ -302,7 +306,57 @@ impl GroupHandler for GroupFanout {
     }
 }
 
+/// Entries of one group handled in a batch, not acked yet.
+#[derive(Default)]
+struct Run {
+    /// Each with its position.
+    handled: Vec<(jetstream::Message, u64)>,
+    /// The cursor past the last of them, and the revision it was read at.
+    moved: Option<(GroupId, Cursor, u64)>,
+    /// How many of them this run fanned out (not found done already).
+    fanned: u64,
+}
+
 impl GroupFanout {
+    /// Saves a run's cursor, then acks what it covers. Returns the entries
+    /// to hand to `handle` again: after a lost compare-and-set, another
+    /// worker moved the cursor, perhaps not as far as ours, so only the
+    /// entries at or below its position are done; the others are redone one
+    /// at a time. On a failure, nothing is acked, and every entry comes
+    /// back with the error.
+    async fn finish_run(&mut self, run: Run) -> Result<Vec<jetstream::Message>, (String, Vec<jetstream::Message>)> {
+        let Run { handled, moved, fanned } = run;
+        let covered = match moved {
+            None => u64::MAX,
+            Some((group, cursor, revision)) => {
+                let key = names::group_key(&group);
+                match self.save_cursor(&key, cursor, revision).await {
+                    Ok(true) => {
+                        self.ctx.metrics.entries.inc_by(fanned);
+                        u64::MAX
+                    }
+                    Ok(false) => match self.ctx.topo.fanout.entry(key.as_str()).await {
+                        Ok(Some(e)) => serde_json::from_slice::<Cursor>(&e.value).map(|c| c.done).unwrap_or(0),
+                        _ => 0,
+                    },
+                    Err(e) => return Err((e, handled.into_iter().map(|(m, _)| m).collect())),
+                }
+            }
+        };
+        let mut redo = Vec::new();
+        for (msg, position) in handled {
+            if position > covered {
+                redo.push(msg);
+                continue;
+            }
+            self.observe_lag(&msg);
+            if let Err(e) = msg.ack().await {
+                tracing::warn!(error = %e, "ack failed; entry will be redelivered and deduplicated");
+            }
+        }
+        Ok(redo)
+    }
+
     /// `deliver`, in a span of the entry's trace, which continues into what
     /// it hands to peers' outboxes.
     async fn deliver_traced(
@@ -352,6 +406,12 @@ impl GroupFanout {
         persist: bool,
     ) -> Result<Step, String> {
         let key = names::group_key(group);
+        if self.cursor.as_ref().is_some_and(|(c, _)| entry.position <= c.done) {
+            // Done by this task already (a copy redelivered while the first
+            // waited in our queue): the stored cursor may not show it yet,
+            // inside a batch, and must not be taken for the truth.
+            return Ok(Step::Done);
+        }
         let (mut cursor, revision) = match &self.cursor {
             Some((c, rev)) if c.done == entry.prev_position => (c.clone(), *rev),
             _ => {
@@ -429,22 +489,23 @@ impl GroupFanout {
             self.forward(entry, &peers, &mut cursor).await?;
         }
         cursor.done = entry.position;
-        self.ctx.metrics.entries.inc();
         if !persist {
             // The caller moves the cursor once for the whole run.
             self.cursor = Some((cursor, revision));
             return Ok(Step::Done);
         }
         self.save_cursor(&key, cursor, revision).await?;
+        self.ctx.metrics.entries.inc();
         tracing::debug!(position = entry.position, "fanned out");
         Ok(Step::Done)
     }
 
-    /// Moves the group's cursor from `revision` (0: none stored yet). A lost
-    /// compare-and-set means another worker handled the same entries
-    /// concurrently (a redelivery race): every write before it is
-    /// idempotent, so that is success too.
-    async fn save_cursor(&mut self, key: &str, cursor: Cursor, revision: u64) -> Result<(), String> {
+    /// Moves the group's cursor from `revision` (0: none stored yet);
+    /// `Ok(false)` when the compare-and-set was lost: another worker moved
+    /// it meanwhile (a redelivery race). For one entry that means it was
+    /// handled, and every write before is idempotent, so that is success
+    /// too; a run must check how far the other worker got (`finish_run`).
+    async fn save_cursor(&mut self, key: &str, cursor: Cursor, revision: u64) -> Result<bool, String> {
         let value = Bytes::from(serde_json::to_vec(&cursor).map_err(|e| e.to_string())?);
         let moved = if revision == 0 {
             self.ctx
@@ -462,17 +523,20 @@ impl GroupFanout {
                 .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string()))
         };
         match moved {
-            Ok(rev) => self.cursor = Some((cursor, rev)),
+            Ok(rev) => {
+                self.cursor = Some((cursor, rev));
+                Ok(true)
+            }
             Err((true, _)) => {
                 self.cursor = None;
                 self.roster = None;
+                Ok(false)
             }
             Err((false, e)) => {
                 self.cursor = None;
-                return Err(e);
+                Err(e)
             }
         }
-        Ok(())
     }
 
     /// At a follower, whether the entry's predecessor will never arrive:

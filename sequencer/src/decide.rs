@@ -16,6 +16,16 @@ use crate::checkpoint::Found;
 use crate::state::GroupState;
 use crate::{validate, Ctx, StepError, CAS_RETRIES, CHECKPOINT_EVERY};
 
+/// Why a batch append was not stored.
+enum BatchFailed {
+    /// Another entry took the position first.
+    Lost,
+    /// The server refused it whole: nothing of it is stored.
+    Refused,
+    /// No answer, or not one we understand: it may have been stored.
+    Unknown,
+}
+
 /// What an append did.
 enum Appended {
     /// Stored at this stream sequence.
@@ -250,10 +260,16 @@ impl GroupDecider {
                         state.record(&e.submission_id, e.position, e.epoch, seq, false);
                     }
                 }
-                Err(lost) => {
-                    if lost {
-                        self.ctx.metrics.cas_conflicts.inc();
+                Err(failed) => {
+                    match failed {
+                        BatchFailed::Lost => self.ctx.metrics.cas_conflicts.inc(),
+                        // Nothing was stored, and nothing moved: the cached
+                        // state is still the group's.
+                        BatchFailed::Refused => return Vec::new(),
+                        BatchFailed::Unknown => {}
                     }
+                    // Behind the LOG, or unsure whether the batch was
+                    // stored: `decide_one` reloads.
                     self.state = None;
                     return Vec::new();
                 }
@@ -297,17 +313,17 @@ impl GroupDecider {
 
     /// Appends `entries` (a run of application messages) as one atomic
     /// batch if the group's last entry is still at `expected`; returns the
-    /// last one's stream sequence, or whether the compare-and-set was lost.
+    /// last one's stream sequence.
     async fn append_batch(
         &self,
         group: &GroupId,
         expected: u64,
         entries: &[(LogEntry, Option<proto::trace::Context>)],
-    ) -> Result<u64, bool> {
+    ) -> Result<u64, BatchFailed> {
         // The server takes few batches in flight per stream (50): each
         // process sends only a few at once; the rest wait their turn.
         let Ok(_permit) = self.ctx.batches.acquire().await else {
-            return Err(false);
+            return Err(BatchFailed::Refused);
         };
         let messages = entries
             .iter()
@@ -329,12 +345,16 @@ impl GroupDecider {
                 self.ctx.metrics.append_entries.observe(entries.len() as f64);
                 Ok(last)
             }
-            Err(proto::batch::PublishAtomicError::WrongLastSequence) => Err(true),
+            Err(proto::batch::PublishAtomicError::WrongLastSequence) => Err(BatchFailed::Lost),
+            Err(e @ (proto::batch::PublishAtomicError::Refused { .. } | proto::batch::PublishAtomicError::Size(_))) => {
+                // A duplicate among them (a redelivery) or the server's
+                // batch limits: `decide_one` takes them one by one.
+                tracing::debug!(error = %e, entries = entries.len(), "batch append refused");
+                Err(BatchFailed::Refused)
+            }
             Err(e) => {
-                // A duplicate among them (a redelivery), the server's batch
-                // limits, or trouble: `decide_one` takes them one by one.
-                tracing::debug!(error = %e, entries = entries.len(), "batch append not stored");
-                Err(false)
+                tracing::debug!(error = %e, entries = entries.len(), "batch append not confirmed");
+                Err(BatchFailed::Unknown)
             }
         }
     }

@@ -125,6 +125,11 @@ impl Sequencer {
         if tokio::time::timeout(std::time::Duration::from_secs(10), self.ctx.settlers.wait()).await.is_err() {
             tracing::warn!("verdicts still being announced at shutdown; their submissions will be redelivered");
         }
+        // Their announcements and acks may still sit in the client's buffer.
+        let flushed = tokio::time::timeout(std::time::Duration::from_secs(5), self.ctx.topo.js.client().flush()).await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            tracing::debug!("NATS flush at shutdown did not complete");
+        }
         served?;
         Ok(())
     }

@@ -9,15 +9,16 @@ use std::time::Duration;
 use futures::StreamExt;
 use tests::{settle, sync_until, NatsServer, Operator};
 
-/// Submits `bodies` with `in_flight` at once; the answers, in any order.
+/// Submits `bodies` with `in_flight` at once; each answer with the index of
+/// its body, in the order they came.
 async fn submit_all(
     http: tests::client::Http,
     bodies: Vec<Vec<u8>>,
     in_flight: usize,
-) -> Vec<Result<tests::client::Accepted, tests::client::ClientError>> {
-    futures::stream::iter(bodies.into_iter().map(|b| {
+) -> Vec<(usize, Result<tests::client::Accepted, tests::client::ClientError>)> {
+    futures::stream::iter(bodies.into_iter().enumerate().map(|(i, b)| {
         let http = http.clone();
-        async move { http.submit(b, None).await }
+        async move { (i, http.submit(b, None).await) }
     }))
     .buffer_unordered(in_flight)
     .collect()
@@ -44,12 +45,14 @@ async fn a_busy_groups_messages_go_in_batches_once_and_in_order() -> anyhow::Res
             (0..150).map(|i| c.encrypt_for_bench(&g, format!("{who}{i}").as_bytes())).collect::<Result<_, _>>()?;
         tasks.push(tokio::spawn(submit_all(c.http().clone(), bodies, 48)));
     }
-    let mut positions = Vec::new();
-    for t in tasks {
-        for r in t.await? {
-            positions.push(r?.position);
+    // Which text each accepted position must hold.
+    let mut sent: std::collections::BTreeMap<u64, String> = Default::default();
+    for (who, t) in ["a", "b"].into_iter().zip(tasks) {
+        for (i, r) in t.await? {
+            sent.insert(r?.position, format!("{who}{i}"));
         }
     }
+    let mut positions: Vec<u64> = sent.keys().copied().collect();
     // Every submission got a position of its own, and together they fill
     // the LOG after the group's first entries without a gap.
     positions.sort_unstable();
@@ -63,9 +66,12 @@ async fn a_busy_groups_messages_go_in_batches_once_and_in_order() -> anyhow::Res
     bob.update(&g).await?;
     let mut accepted = 0;
     let mut refused = 0;
-    for r in burst.await? {
+    for (i, r) in burst.await? {
         match r {
-            Ok(_) => accepted += 1,
+            Ok(a) => {
+                sent.insert(a.position, format!("c{i}"));
+                accepted += 1;
+            }
             // Sent in the epoch the Commit ended: refused, never reordered.
             Err(e) if e.code() == Some(tests::proto::ErrorCode::WrongEpoch) => refused += 1,
             Err(e) => return Err(e.into()),
@@ -90,12 +96,25 @@ async fn a_busy_groups_messages_go_in_batches_once_and_in_order() -> anyhow::Res
         assert!(c.failures().is_empty(), "{:?}", c.failures());
     }
     assert_eq!(alice.epoch_authenticator(&g), carol.epoch_authenticator(&g));
+    // Each verdict named the position of its own message: what the other
+    // members decrypted there is the text that was sent (a sender's own
+    // pre-encrypted messages come back without plaintext).
+    let mut checked = std::collections::BTreeSet::new();
+    for c in [&alice, &bob, &carol] {
+        for (p, _, text) in c.messages(&g) {
+            if let (Some(want), false) = (sent.get(&p), text.is_empty()) {
+                assert_eq!(&text, want, "{} at position {p}", c.id());
+                checked.insert(p);
+            }
+        }
+    }
+    assert_eq!(checked.len(), sent.len(), "positions nobody could check");
 
     // And they did go in batches: more entries than appends.
     let entries = tests::metric(&op, "mlsfed_sequencer_append_entries_sum").await;
     let appends = tests::metric(&op, "mlsfed_sequencer_append_entries_count").await;
     assert!(entries > appends, "{entries} entries in {appends} appends: nothing was batched");
-    let fanned = tests::metric(&op, "mlsfed_fanout_entries_total").await;
-    assert!(fanned >= entries, "fanout handled {fanned} of {entries} entries");
+    // Fanout got through all of them too (members may read ahead of it).
+    tests::wait_metric(&op, "mlsfed_fanout_entries_total", Duration::from_secs(30), |v| v >= entries).await?;
     Ok(())
 }
