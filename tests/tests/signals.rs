@@ -73,6 +73,12 @@ async fn sigterm_under_load_exits_zero_stops_nats_and_loses_nothing() -> anyhow:
         assert_eq!(got.iter().filter(|x| *x == p).count(), 1, "position {p} delivered {} times", got.len());
     }
     assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+    // Stopped the way it was started, so its embedded nats-server goes
+    // too: dropping the fixture would SIGKILL mlsfed and orphan it.
+    let nats_pid = embedded_nats_pid(&op)?;
+    let status = tokio::task::block_in_place(|| op.terminate())?;
+    assert_eq!(status.code(), Some(0), "mlsfed run exited with {status}");
+    assert!(!alive(nats_pid), "the restarted operator's nats-server outlived it");
     Ok(())
 }
 
