@@ -281,12 +281,7 @@ impl GroupHandler for GroupFanout {
         match step {
             Ok(Step::Done) => {
                 proto::trace::end(span);
-                self.observe_lag(&msg);
-                // Not waited for: a lost ack only brings the entry back,
-                // and the cursor says it is done.
-                if let Err(e) = msg.ack().await {
-                    tracing::warn!(error = %e, "ack failed; entry will be redelivered and deduplicated");
-                }
+                self.done(&msg).await;
             }
             Ok(Step::NotYet) => {
                 // Its predecessor is not delivered yet (being retried, or at
@@ -349,12 +344,22 @@ impl GroupFanout {
                 redo.push(msg);
                 continue;
             }
-            self.observe_lag(&msg);
-            if let Err(e) = msg.ack().await {
-                tracing::warn!(error = %e, "ack failed; entry will be redelivered and deduplicated");
-            }
+            self.done(&msg).await;
         }
         Ok(redo)
+    }
+
+    /// Acks an entry the cursor has passed, and notes how long it took.
+    /// Not waited for: a lost ack only brings the entry back, and the
+    /// cursor says it is done.
+    async fn done(&self, msg: &jetstream::Message) {
+        if let Ok(info) = msg.info() {
+            let age = time::OffsetDateTime::now_utc() - info.published;
+            self.ctx.metrics.lag_seconds.observe(age.as_seconds_f64().max(0.0));
+        }
+        if let Err(e) = msg.ack().await {
+            tracing::warn!(error = %e, "ack failed; entry will be redelivered and deduplicated");
+        }
     }
 
     /// `deliver`, in a span of the entry's trace, which continues into what
@@ -374,14 +379,6 @@ impl GroupFanout {
         let step = self.deliver(&entry.group, entry, log_seq, persist).await;
         self.trace = None;
         (step, span)
-    }
-
-    /// Time from the entry's append to its delivery here.
-    fn observe_lag(&self, msg: &jetstream::Message) {
-        if let Ok(info) = msg.info() {
-            let age = time::OffsetDateTime::now_utc() - info.published;
-            self.ctx.metrics.lag_seconds.observe(age.as_seconds_f64().max(0.0));
-        }
     }
 
     async fn retry(&self, msg: &jetstream::Message, reason: &'static str, detail: &str) {

@@ -58,10 +58,7 @@ impl GroupDecider {
         }
         timer.observe_duration();
         if let Ok(v) = &verdict {
-            match v {
-                Verdict::Accepted { .. } => self.ctx.metrics.accepted.inc(),
-                Verdict::Rejected(e) => self.ctx.metrics.rejected.with_label_values(&[e.code.as_str()]).inc(),
-            }
+            self.ctx.metrics.count(v);
         }
         verdict
     }
@@ -200,8 +197,10 @@ impl GroupDecider {
     /// decides the rest one at a time. It stops before the first Commit or
     /// Proposal (which change the state), before a refusal (decided again on
     /// a fresh state by `decide_one`), and returns nothing when the batch
-    /// was not stored: the state is dropped, and `decide_one` reloads it
-    /// from the LOG, so an append that was stored after all is found there.
+    /// was not stored. Then the state is kept if the server refused the
+    /// batch whole, and dropped otherwise (a lost race, or no answer), so
+    /// `decide_one` reloads it from the LOG and finds an append that was
+    /// stored after all.
     pub(crate) async fn decide_run(&mut self, subs: &[(&Submission, Option<proto::trace::Context>)]) -> Vec<Verdict> {
         let Some((first, _)) = subs.first() else {
             return Vec::new();
@@ -303,10 +302,7 @@ impl GroupDecider {
         let each = timer.elapsed().as_secs_f64() / verdicts.len().max(1) as f64;
         for v in &verdicts {
             metrics.step_seconds.observe(each);
-            match v {
-                Verdict::Accepted { .. } => metrics.accepted.inc(),
-                Verdict::Rejected(e) => metrics.rejected.with_label_values(&[e.code.as_str()]).inc(),
-            }
+            metrics.count(v);
         }
         verdicts
     }
@@ -325,20 +321,8 @@ impl GroupDecider {
         let Ok(_permit) = self.ctx.batches.acquire().await else {
             return Err(BatchFailed::Refused);
         };
-        let messages = entries
-            .iter()
-            .map(|(e, trace)| {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert(async_nats::header::NATS_MESSAGE_ID, names::log_msg_id(&e.submission_id).as_str());
-                headers.insert(names::headers::POSITION, e.position.to_string().as_str());
-                headers.insert(names::headers::EPOCH, e.epoch.to_string().as_str());
-                headers.insert(names::headers::KIND, e.kind.as_str());
-                if let Some(t) = trace {
-                    headers.insert(proto::trace::HEADER, t.to_header().as_str());
-                }
-                (Bytes::from(proto::wire::encode(e)), headers)
-            })
-            .collect();
+        let messages =
+            entries.iter().map(|(e, trace)| (Bytes::from(proto::wire::encode(e)), log_headers(e, *trace))).collect();
         let subject = names::log_subject(group, self.ctx.streams.partitions);
         match proto::batch::publish_atomic(&self.ctx.topo.js.client(), &subject, expected, messages).await {
             Ok(last) => {
@@ -398,15 +382,8 @@ impl GroupDecider {
     async fn append(&self, group: &GroupId, expected: u64, entry: &LogEntry) -> Result<Appended, StepError> {
         let publish = PublishMessage::build()
             .payload(Bytes::from(proto::wire::encode(entry)))
-            .message_id(names::log_msg_id(&entry.submission_id))
-            .expected_last_subject_sequence(expected)
-            .header(names::headers::POSITION, entry.position.to_string().as_str())
-            .header(names::headers::EPOCH, entry.epoch.to_string().as_str())
-            .header(names::headers::KIND, entry.kind.as_str());
-        let publish = match self.trace {
-            Some(t) => publish.header(proto::trace::HEADER, t.to_header().as_str()),
-            None => publish,
-        };
+            .headers(log_headers(entry, self.trace))
+            .expected_last_subject_sequence(expected);
         let ack = match self
             .ctx
             .topo
@@ -634,4 +611,19 @@ fn entry_of(sub: &Submission, position: u64, message: &[u8], plan: &mut validate
         welcome: plan.welcome.take(),
         welcome_recipients: std::mem::take(&mut plan.welcome_recipients),
     }
+}
+
+/// The headers every LOG entry is stored with, alone or in a batch: its
+/// dedup id (from its submission), what readers route on without decoding
+/// it, and its trace.
+fn log_headers(entry: &LogEntry, trace: Option<proto::trace::Context>) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, names::log_msg_id(&entry.submission_id).as_str());
+    headers.insert(names::headers::POSITION, entry.position.to_string().as_str());
+    headers.insert(names::headers::EPOCH, entry.epoch.to_string().as_str());
+    headers.insert(names::headers::KIND, entry.kind.as_str());
+    if let Some(t) = trace {
+        headers.insert(proto::trace::HEADER, t.to_header().as_str());
+    }
+    headers
 }

@@ -148,25 +148,14 @@ impl GroupHandler for GroupDecider {
                 _ => rest.push(msg),
             }
         }
-        let mut spans: Vec<Option<trace::Span>> = subs
-            .iter()
-            .map(|(msg, sub)| {
-                let mut span =
-                    trace::Span::child("sequencer.decide", trace::Context::from_headers(msg.headers.as_ref()));
-                trace::set(&mut span, "mlsfed.group", &sub.group);
-                span
-            })
-            .collect();
+        let mut spans: Vec<Option<trace::Span>> = subs.iter().map(|(msg, sub)| decide_span(msg, sub)).collect();
         let run: Vec<(&Submission, Option<trace::Context>)> =
             subs.iter().zip(&spans).map(|((_, sub), span)| (sub, trace::context(span))).collect();
         let verdicts = self.decide_run(&run).await;
         drop(run);
         let decided = verdicts.len();
         for (span, v) in spans.iter_mut().zip(&verdicts) {
-            match v {
-                Verdict::Accepted { position, .. } => trace::set(span, "mlsfed.position", position),
-                Verdict::Rejected(e) => trace::set(span, "mlsfed.refused", e.code.as_str()),
-            }
+            note_verdict(span, v);
         }
         for span in spans.drain(..decided) {
             trace::end(span);
@@ -174,9 +163,9 @@ impl GroupHandler for GroupDecider {
         drop(spans);
         let mut settled = Vec::with_capacity(decided);
         let mut undecided = Vec::new();
-        for ((msg, sub), verdict) in subs.into_iter().zip(verdicts.into_iter().map(Some).chain(std::iter::repeat(None)))
-        {
-            match verdict {
+        let mut verdicts = verdicts.into_iter();
+        for (msg, sub) in subs {
+            match verdicts.next() {
                 Some(v) => settled.push((msg, sub, v)),
                 None => undecided.push(msg),
             }
@@ -206,14 +195,12 @@ impl GroupHandler for GroupDecider {
             }
         };
         use proto::trace;
-        let mut span = trace::Span::child("sequencer.decide", trace::Context::from_headers(msg.headers.as_ref()));
-        trace::set(&mut span, "mlsfed.group", &sub.group);
+        let mut span = decide_span(&msg, &sub);
         self.trace = trace::context(&span);
         let decided = self.decide_one(&sub).await;
         self.trace = None;
         match &decided {
-            Ok(proto::wire::Verdict::Accepted { position, .. }) => trace::set(&mut span, "mlsfed.position", position),
-            Ok(proto::wire::Verdict::Rejected(e)) => trace::set(&mut span, "mlsfed.refused", e.code.as_str()),
+            Ok(v) => note_verdict(&mut span, v),
             Err(_) => trace::set(&mut span, "mlsfed.deferred", true),
         }
         trace::end(span);
@@ -237,6 +224,22 @@ impl GroupHandler for GroupDecider {
                 }
             }
         }
+    }
+}
+
+/// The span of one submission's decision, in the trace its ingest began.
+fn decide_span(msg: &jetstream::Message, sub: &Submission) -> Option<proto::trace::Span> {
+    use proto::trace;
+    let mut span = trace::Span::child("sequencer.decide", trace::Context::from_headers(msg.headers.as_ref()));
+    trace::set(&mut span, "mlsfed.group", &sub.group);
+    span
+}
+
+/// What the decision was, on its span.
+fn note_verdict(span: &mut Option<proto::trace::Span>, verdict: &Verdict) {
+    match verdict {
+        Verdict::Accepted { position, .. } => proto::trace::set(span, "mlsfed.position", position),
+        Verdict::Rejected(e) => proto::trace::set(span, "mlsfed.refused", e.code.as_str()),
     }
 }
 

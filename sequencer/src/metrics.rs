@@ -25,6 +25,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counts a decided submission by its verdict.
+    pub(crate) fn count(&self, verdict: &proto::wire::Verdict) {
+        match verdict {
+            proto::wire::Verdict::Accepted { .. } => self.accepted.inc(),
+            proto::wire::Verdict::Rejected(e) => self.rejected.with_label_values(&[e.code.as_str()]).inc(),
+        }
+    }
+
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let m = Self {
             accepted: IntCounter::new("mlsfed_sequencer_accepted_total", "Submissions appended to a group log.")?,
