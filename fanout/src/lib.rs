@@ -137,7 +137,14 @@ struct GroupFanout {
     /// The trace of the entry being delivered, continued by what it hands
     /// to peers' outboxes.
     trace: Option<proto::trace::Context>,
+    /// What a run hands to peers' outboxes, put there at once (one atomic
+    /// batch) before its cursor moves: a peer's steady stream of one group
+    /// is not one awaited publish per entry.
+    forwards: Vec<Forward>,
 }
+
+/// One Deliver record for a peer's outbox: subject, payload, headers.
+type Forward = (String, Bytes, async_nats::HeaderMap);
 
 /// A group's roster as this task last read or wrote it, shared rather than
 /// copied: an application message must not cost a walk over, or a copy of,
@@ -192,7 +199,8 @@ impl Fanout {
         let on_owned =
             proto::partitions::ownership_gauges(metrics.partitions_owned.clone(), metrics.partition_owned.clone());
         let ctx = self.ctx.clone();
-        let new_group = move || GroupFanout { ctx: ctx.clone(), cursor: None, roster: None, trace: None };
+        let new_group =
+            move || GroupFanout { ctx: ctx.clone(), cursor: None, roster: None, trace: None, forwards: Vec::new() };
         let members = self.ctx.topo.members.clone();
         proto::partitions::serve(role, members, self.ctx.streams.clone(), new_group, on_owned, shutdown).await?;
         Ok(())
@@ -321,6 +329,11 @@ impl GroupFanout {
     /// back with the error.
     async fn finish_run(&mut self, run: Run) -> Result<Vec<jetstream::Message>, (String, Vec<jetstream::Message>)> {
         let Run { handled, moved, fanned } = run;
+        if let Err(e) = self.flush_forwards().await {
+            // The cursor stays behind them: the run is redone.
+            self.cursor = None;
+            return Err((e, handled.into_iter().map(|(m, _)| m).collect()));
+        }
         let covered = match moved {
             None => u64::MAX,
             Some((group, cursor, revision)) => {
@@ -483,7 +496,7 @@ impl GroupFanout {
         // At the hub: hand the entry to each peer operator with members in
         // it, once per peer however many of its devices are members.
         if hub && !peers.is_empty() {
-            self.forward(entry, &peers, &mut cursor).await?;
+            self.forward(entry, &peers, &mut cursor, !persist).await?;
         }
         cursor.done = entry.position;
         if !persist {
@@ -724,9 +737,15 @@ impl GroupFanout {
     }
 
     /// Puts one Deliver record per peer domain with recipients into our
-    /// outbox; the bridge signs and sends it.
-    async fn forward(&self, entry: &LogEntry, peers: &[String], cursor: &mut Cursor) -> Result<(), String> {
-        let mut acks = Vec::new();
+    /// outbox; the bridge signs and sends it. With `defer`, the records wait
+    /// in `forwards` for the end of the run (`flush_forwards`).
+    async fn forward(
+        &mut self,
+        entry: &LogEntry,
+        peers: &[String],
+        cursor: &mut Cursor,
+        defer: bool,
+    ) -> Result<(), String> {
         for peer in peers.iter().map(String::as_str) {
             let mine = |ds: &[DeviceId]| ds.iter().filter(|d| d.domain() == peer).cloned().collect::<Vec<_>>();
             let welcome_recipients = mine(&entry.welcome_recipients);
@@ -739,25 +758,56 @@ impl GroupFanout {
             };
             let id =
                 names::fed_msg_id("deliver", &[entry.group.as_bytes(), &entry.position.to_be_bytes(), peer.as_bytes()]);
-            let mut publish = PublishMessage::build()
-                .payload(Bytes::from(proto::wire::encode(&Payload::Deliver(part))))
-                .message_id(id);
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
             if let Some(t) = self.trace {
-                publish = publish.header(proto::trace::HEADER, t.to_header().as_str());
+                headers.insert(proto::trace::HEADER, t.to_header().as_str());
             }
-            let ack = self
-                .ctx
-                .topo
-                .js
-                .send_publish(names::fed_out_subject(peer), publish)
-                .await
-                .map_err(|e| e.to_string())?;
-            acks.push(ack);
+            let payload = Bytes::from(proto::wire::encode(&Payload::Deliver(part)));
+            self.forwards.push((names::fed_out_subject(peer), payload, headers));
             cursor.peers.insert(peer.to_owned(), entry.position);
         }
-        for ack in acks {
-            ack.await.map_err(|e| e.to_string())?;
-            self.ctx.metrics.forwarded.inc();
+        if defer {
+            return Ok(());
+        }
+        self.flush_forwards().await
+    }
+
+    /// Puts the records waiting in `forwards` into our outbox, in order, as
+    /// atomic batches: all of a batch is stored or none of it, so a peer can
+    /// never get an entry whose predecessor is missing from the outbox. A
+    /// batch the stream refuses (one holding a record stored before, when a
+    /// run is redone after a crash) goes one awaited record at a time,
+    /// which JetStream deduplicates one by one.
+    async fn flush_forwards(&mut self) -> Result<(), String> {
+        let mut records = std::mem::take(&mut self.forwards);
+        while !records.is_empty() {
+            let rest = records.split_off(records.len().min(proto::batch::MAX_MESSAGES));
+            let n = records.len() as u64;
+            let client = self.ctx.topo.js.client();
+            let batched = if n == 1 {
+                Err(String::new())
+            } else {
+                proto::batch::publish_batch(&client, None, records.clone()).await.map_err(|e| e.to_string())
+            };
+            if let Err(e) = batched {
+                if !e.is_empty() {
+                    tracing::debug!(error = %e, "outbox batch refused; putting its records one at a time");
+                }
+                for (subject, payload, headers) in records {
+                    let publish = PublishMessage::build().payload(payload).headers(headers);
+                    self.ctx
+                        .topo
+                        .js
+                        .send_publish(subject, publish)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            self.ctx.metrics.forwarded.inc_by(n);
+            records = rest;
         }
         Ok(())
     }

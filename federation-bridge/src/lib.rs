@@ -16,7 +16,8 @@
 //!   request/reply, signed both ways, with a timeout and replay protection
 //!   (a nonce within a window that tolerates clock skew).
 //!
-//! One file per job: `outbox.rs`, `inbox.rs`, `requests.rs`; this one holds
+//! One file per job: `outbox.rs`, `inbox.rs`, `requests.rs`, `takeover.rs`
+//! (a pinned consumer taken over from a dead bridge); this one holds
 //! the shared state and the peer connections.
 #![forbid(unsafe_code)]
 
@@ -24,6 +25,7 @@ mod inbox;
 mod metrics;
 mod outbox;
 mod requests;
+mod takeover;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::takeover::{self, stream_seq, Takeover};
 use crate::{time_now, unix_now, Bridge, Peer, PeerVersion, RunBridgeError, BATCH, BATCH_BYTES};
 
 /// An operator's instructions to our outbox for one peer (JSON, in KV
@@ -90,9 +91,12 @@ pub(crate) struct ControlState {
 }
 
 /// How long the first record of an envelope may wait for others to join it.
-const GATHER: Duration = Duration::from_millis(20);
+/// Short: under load envelopes fill by themselves with what arrives while
+/// the previous one is on its way, and the peer's inbox applies whatever
+/// envelopes it finds waiting in one round.
+const GATHER: Duration = Duration::from_millis(4);
 /// An envelope is sent once no record joined it for this long.
-const GATHER_GAP: Duration = Duration::from_millis(2);
+const GATHER_GAP: Duration = Duration::from_millis(1);
 /// How often a paused outbox tells JetStream it still holds its batch
 /// (well within the outbox consumer's 30 s ack wait).
 const HOLD_PROGRESS: Duration = Duration::from_secs(2);
@@ -178,9 +182,23 @@ impl Bridge {
                 // Perhaps the bridge that sent before us died holding
                 // records older than ours: nothing newer may reach the peer
                 // before them, or its high-water mark would pass them.
-                if !self.await_predecessor(&domain, &mut consumer, &mut messages, &mut batch, &carried, &shutdown).await
+                match takeover::await_predecessor(
+                    "outbox",
+                    &domain,
+                    &mut consumer,
+                    &mut messages,
+                    &mut batch,
+                    &carried,
+                    &shutdown,
+                )
+                .await
                 {
-                    return Ok(());
+                    Takeover::Shutdown => return Ok(()),
+                    Takeover::Waited(waited) => {
+                        self.metrics.takeovers.with_label_values(&[&domain]).inc();
+                        self.metrics.takeover_seconds.observe(waited.as_secs_f64());
+                    }
+                    Takeover::Nothing => {}
                 }
                 // Everything held goes back in outbox order, and the
                 // envelopes are cut from it with the usual bounds.
@@ -351,70 +369,6 @@ impl Bridge {
         }
     }
 
-    /// After this bridge may have taken a peer's outbox over: waits until
-    /// every record the consumer has out is one this bridge holds (in
-    /// `batch` or `carried`). What a dead owner held comes back once its ack
-    /// wait ran out, and joins `batch`. No time limit: sending before they
-    /// are back would let the peer's high-water mark pass them. `false` on
-    /// shutdown.
-    async fn await_predecessor(
-        &self,
-        domain: &str,
-        consumer: &mut jetstream::consumer::PullConsumer,
-        messages: &mut jetstream::consumer::pull::Stream,
-        batch: &mut Vec<jetstream::Message>,
-        carried: &VecDeque<jetstream::Message>,
-        shutdown: &CancellationToken,
-    ) -> bool {
-        let t0 = tokio::time::Instant::now();
-        let mut progressed = t0;
-        let mut told = t0;
-        let mut waited = false;
-        loop {
-            let mut held: Vec<u64> = batch.iter().chain(carried.iter()).map(stream_seq).collect();
-            held.sort_unstable();
-            held.dedup();
-            match consumer.info().await {
-                Ok(info) if info.num_ack_pending <= held.len() => break,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(peer = %domain, error = %e, "cannot read the outbox consumer; asking again");
-                }
-            }
-            if !waited {
-                tracing::info!(peer = %domain, "taking the outbox over; waiting for what its previous owner held");
-                waited = true;
-            }
-            if told.elapsed() > Duration::from_secs(30) {
-                told = tokio::time::Instant::now();
-                tracing::warn!(
-                    peer = %domain,
-                    waited = ?t0.elapsed(),
-                    "still waiting for records another bridge holds; nothing newer is sent before them"
-                );
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                m = tokio::time::timeout(Duration::from_millis(200), messages.next()) => {
-                    if let Ok(Some(Ok(m))) = m {
-                        batch.push(m);
-                    }
-                }
-            }
-            if progressed.elapsed() > Duration::from_secs(1) {
-                progressed = tokio::time::Instant::now();
-                for m in batch.iter().chain(carried.iter()) {
-                    let _ = m.ack_with(AckKind::Progress).await;
-                }
-            }
-        }
-        if waited {
-            self.metrics.takeovers.with_label_values(&[domain]).inc();
-            self.metrics.takeover_seconds.observe(t0.elapsed().as_secs_f64());
-        }
-        true
-    }
-
     /// Holds `held` while an operator keeps the peer paused, telling
     /// JetStream we still have it; `false` on shutdown.
     async fn hold_paused(
@@ -556,10 +510,6 @@ impl Bridge {
 }
 
 /// A record's outbox (stream) sequence.
-fn stream_seq(m: &jetstream::Message) -> u64 {
-    m.info().map(|i| i.stream_sequence).unwrap_or(0)
-}
-
 /// How long a record sent to an outbox owner may go unacknowledged before
 /// it is offered again: the owner tells JetStream it still holds records
 /// well within it, and a new owner waits at most this long for a dead

@@ -107,6 +107,9 @@ enum Cmd {
         /// instead of one each (to measure what that costs).
         #[arg(long)]
         shared_connection: bool,
+        /// Only the ceiling and the federation runs (for tuning a link).
+        #[arg(long)]
+        federation_only: bool,
         /// The bench nats-server's `sync_interval` ("always", "1s", or ""
         /// for nats-server's 2-minute default); default: streams.sync_interval.
         #[arg(long)]
@@ -154,12 +157,16 @@ async fn main() -> anyhow::Result<()> {
             };
             cluster::run(cfg, dir, mode).await
         }
-        Cmd::Bench { messages, size, json, no_scale_out, in_flight, shared_connection, sync } => {
+        Cmd::Bench { messages, size, json, no_scale_out, in_flight, shared_connection, federation_only, sync } => {
             let mut cfg = cfg;
             if let Some(s) = sync {
                 cfg.streams.sync_interval = s;
             }
-            bench::run(cfg, bench::Options { messages, size, json, no_scale_out, in_flight, shared_connection }).await
+            bench::run(
+                cfg,
+                bench::Options { messages, size, json, no_scale_out, in_flight, shared_connection, federation_only },
+            )
+            .await
         }
     }
 }

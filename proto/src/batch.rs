@@ -72,23 +72,35 @@ pub async fn publish_atomic(
     expected: u64,
     messages: Vec<(Bytes, HeaderMap)>,
 ) -> Result<u64, PublishAtomicError> {
+    let messages = messages.into_iter().map(|(payload, headers)| (subject.to_owned(), payload, headers)).collect();
+    publish_batch(client, Some(expected), messages).await
+}
+
+/// Publishes `messages` (subject, payload and headers; every subject in one
+/// stream) as one atomic batch, with a compare-and-set on the first one's
+/// subject when `expected` is given; returns the last one's sequence.
+pub async fn publish_batch(
+    client: &async_nats::Client,
+    expected: Option<u64>,
+    messages: Vec<(String, Bytes, HeaderMap)>,
+) -> Result<u64, PublishAtomicError> {
     let n = messages.len();
     if n == 0 || n > MAX_MESSAGES {
         return Err(PublishAtomicError::Size(n));
     }
     let id = hex::encode(rand::random::<[u8; 16]>());
-    for (i, (payload, mut headers)) in messages.into_iter().enumerate() {
+    for (i, (subject, payload, mut headers)) in messages.into_iter().enumerate() {
         let seq = i + 1;
         headers.insert(NATS_BATCH_ID, id.as_str());
         headers.insert(NATS_BATCH_SEQUENCE, seq.to_string().as_str());
-        if seq == 1 {
+        if let Some(expected) = expected.filter(|_| seq == 1) {
             headers.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, expected.to_string().as_str());
         }
         if seq == n {
             headers.insert(NATS_BATCH_COMMIT, NATS_BATCH_COMMIT_FINAL);
         }
         if seq == 1 || seq == n {
-            let reply = request(client, subject, headers, payload).await?;
+            let reply = request(client, &subject, headers, payload).await?;
             if seq == n {
                 if reply.batch != id || reply.count != n as u64 {
                     return Err(PublishAtomicError::InvalidAck(format!(
@@ -100,7 +112,7 @@ pub async fn publish_atomic(
             }
         } else {
             client
-                .publish_with_headers(subject.to_owned(), headers, payload)
+                .publish_with_headers(subject, headers, payload)
                 .await
                 .map_err(|e| PublishAtomicError::Transport(e.to_string()))?;
         }

@@ -306,6 +306,9 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
             // JetStream refuses a duplicate window longer than the max age.
             duplicate_window: cfg.duplicate_window().min(Duration::from_secs(all.federation.outbox_max_age_secs)),
             num_replicas: replicas,
+            // A run of a group's entries is handed to its peers at once
+            // (`proto::batch`), stored all together or not at all.
+            allow_atomic_publish: true,
             ..Default::default()
         },
         names::FED_OUT_STREAM,
@@ -571,10 +574,15 @@ pub async fn retry_or_dead_letter(
     if delivered as i64 >= cfg.max_deliver && dead_letter(topo, role, reason, detail, msg).await {
         return Retry::DeadLettered;
     }
-    let exp = (delivered - 1).min(16) as u32;
-    let wait = Duration::from_millis(cfg.retry_base_ms.max(1).saturating_mul(1u64 << exp)).min(Duration::from_secs(30));
-    let _ = msg.ack_with(jetstream::AckKind::Nak(Some(wait))).await;
+    let _ = msg.ack_with(jetstream::AckKind::Nak(Some(retry_wait(cfg, delivered)))).await;
     Retry::Later
+}
+
+/// How long a message that failed on its `attempt`th try (from 1) waits
+/// for the next: `retry_base_ms` doubling, capped at 30 s.
+pub fn retry_wait(cfg: &config::Streams, attempt: u64) -> Duration {
+    let exp = (attempt.max(1) - 1).min(16) as u32;
+    Duration::from_millis(cfg.retry_base_ms.max(1).saturating_mul(1u64 << exp)).min(Duration::from_secs(30))
 }
 
 /// Moves `msg` to `MLSFED_DEAD` with `reason` now (a record no retry can

@@ -148,3 +148,73 @@ async fn a_long_outage_keeps_the_outbox_with_its_owner() -> anyhow::Result<()> {
 async fn sent_or(bridge: &Operator, metric: &str) -> f64 {
     try_metric(bridge, metric).await.unwrap_or(0.0)
 }
+
+/// The receiving side: B runs two bridges, and the one applying A's
+/// envelopes freezes (SIGSTOP) holding what it was handed, then dies. The
+/// other takes B's inbox over and gets newer envelopes at once, but applies
+/// none of them before the dead one's come back to it: otherwise B's mark
+/// for A would pass them, and they would be dropped as replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_bridge_hands_the_inbox_to_another() -> anyhow::Result<()> {
+    let received = format!("mlsfed_federation_received_total{{peer=\"{A}\"}}");
+    let fed = Federation::start_roles(
+        &[A, B],
+        |_| "ingest",
+        |_, c| {
+            c.metrics_listen = "127.0.0.1:0".into();
+            c.limits.submit_timeout_ms = 5000;
+        },
+    )?;
+    let (a, b) = (fed.op(A), fed.op(B));
+    let _workers =
+        [a.worker("sequencer")?, a.worker("fanout")?, a.worker("bridge")?, b.worker("sequencer")?, b.worker("fanout")?];
+    let mut inbox = [b.worker("bridge")?, b.worker("bridge")?];
+    let mut alice = a.client("alice", "phone", 2).await?;
+    let mut bob = b.client("bob", "phone", 2).await?;
+    let g = alice.create_group("inbox-failover").await?;
+    alice.add(&g, &[b.user_id("bob")]).await?;
+    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
+
+    let mut want = Vec::new();
+    let mut last = 0;
+    for i in 0..5 {
+        let t = format!("before {i}");
+        last = alice.send(&g, &t).await?;
+        want.push(t);
+    }
+    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.positions(&g).last().is_some_and(|p| *p >= last))
+        .await?;
+    let r0 = try_metric(&inbox[0], &received).await.unwrap_or(0.0);
+    let r1 = try_metric(&inbox[1], &received).await.unwrap_or(0.0);
+    anyhow::ensure!((r0 > 0.0) != (r1 > 0.0), "both or neither of B's bridges applied A's envelopes: {r0} and {r1}");
+    let (owner, standby) = if r0 > 0.0 { (0, 1) } else { (1, 0) };
+
+    // Frozen, the owner still holds its pull requests for a moment: what A
+    // sends now is handed to it and stays unacked.
+    inbox[owner].signal("STOP")?;
+    let frozen = Instant::now();
+    while frozen.elapsed() < Duration::from_secs(1) {
+        let t = format!("held by the frozen bridge {}", want.len());
+        alice.send(&g, &t).await?;
+        want.push(t);
+    }
+    inbox[owner].kill();
+    // The standby gets these as soon as the inbox is pinned to it, seconds
+    // before the dead bridge's come back after their ack wait.
+    for i in 0..20 {
+        let t = format!("after the kill {i}");
+        last = alice.send(&g, &t).await?;
+        want.push(t);
+    }
+    sync_until(&mut [&mut bob], Duration::from_secs(60), |c| c.positions(&g).last().is_some_and(|p| *p >= last))
+        .await?;
+    assert_eq!(texts(&bob, &g), want, "every message once, in order, at the peer");
+    let ps = bob.positions(&g);
+    assert!(ps.windows(2).all(|p| p[0] < p[1]), "{ps:?}");
+    assert!(bob.failures().is_empty(), "{:?}", bob.failures());
+    assert!(
+        try_metric(&inbox[standby], &received).await.unwrap_or(0.0) > 0.0,
+        "the standby bridge never applied an envelope"
+    );
+    Ok(())
+}

@@ -14,6 +14,7 @@ pub struct Figures {
     pub link: f64,
     pub two_links: f64,
     pub catch_up: f64,
+    pub link_p50_half_load_ms: f64,
     pub link_p99_half_load_ms: f64,
 }
 
@@ -89,12 +90,13 @@ async fn submit_all(
     }
 }
 
-fn p99_ms(starts: &[(u64, Instant)], arrivals: &[(u64, Instant)]) -> f64 {
+/// The `q` quantile (0..=1) of submit→read latency, in ms.
+fn pct_ms(starts: &[(u64, Instant)], arrivals: &[(u64, Instant)], q: f64) -> f64 {
     let starts: std::collections::HashMap<u64, Instant> = starts.iter().copied().collect();
     let mut lat: Vec<Duration> =
         arrivals.iter().filter_map(|(p, at)| starts.get(p).map(|s| at.saturating_duration_since(*s))).collect();
     lat.sort_unstable();
-    lat.get(((lat.len() as f64 - 1.0) * 0.99).round().max(0.0) as usize)
+    lat.get(((lat.len() as f64 - 1.0) * q).round().max(0.0) as usize)
         .map(|d| d.as_secs_f64() * 1000.0)
         .unwrap_or(f64::NAN)
 }
@@ -162,8 +164,9 @@ pub async fn run(mut cfg: config::Config, dir: &std::path::Path, n: usize) -> an
     let mut arrivals = Vec::new();
     read_until(bob.http(), &g1, &mut bob1, m, limit, &mut arrivals).await?;
     let starts = send.await??;
-    let link_p99 = p99_ms(&starts, &arrivals);
-    println!("across one link, open loop at {half:.0} msgs/s: p99 {link_p99:.1} ms");
+    let link_p99 = pct_ms(&starts, &arrivals, 0.99);
+    let link_p50 = pct_ms(&starts, &arrivals, 0.5);
+    println!("across one link, open loop at {half:.0} msgs/s: p50 {link_p50:.1} ms, p99 {link_p99:.1} ms");
 
     let (mut bob2, mut carol2) = (bob.group_cursor(&g2), carol.group_cursor(&g2));
     let b = bodies(&mut alice, &g2, n)?;
@@ -201,7 +204,7 @@ pub async fn run(mut cfg: config::Config, dir: &std::path::Path, n: usize) -> an
         t1.elapsed()
     );
     running.stop().await;
-    Ok(Figures { link, two_links, catch_up, link_p99_half_load_ms: link_p99 })
+    Ok(Figures { link, two_links, catch_up, link_p99_half_load_ms: link_p99, link_p50_half_load_ms: link_p50 })
 }
 
 /// Uploads `per_device` KeyPackages for each of `users` devices, then claims

@@ -42,6 +42,8 @@ pub struct Options {
     pub in_flight: usize,
     /// The in-process operator's roles share one NATS connection.
     pub shared_connection: bool,
+    /// Only the ceiling and the federation runs.
+    pub federation_only: bool,
 }
 
 const DEVICES: usize = 1000;
@@ -119,163 +121,172 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
     report.insert("raw_publish_msgs_per_s".into(), json!(publish));
     report.insert("raw_consume_msgs_per_s".into(), json!(consume));
 
-    // 2. One operator, in this process.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let shutdown = CancellationToken::new();
-    let registry = prometheus::Registry::new();
-    let connections = if opts.shared_connection {
-        mlsfed::Connections::shared(nats.clone())
-    } else {
-        mlsfed::Connections::open(&cfg.nats_url, &cfg.nats_ca_file, mlsfed::Roles::ALL, nats.clone()).await?
-    };
-    report.insert("shared_connection".into(), json!(opts.shared_connection));
-    let server = tokio::spawn(mlsfed::run(
-        cfg.clone(),
-        mlsfed::Roles::ALL,
-        connections,
-        Some(listener),
-        registry.clone(),
-        shutdown.clone(),
-    ));
-    let secret = cfg.token_secret.expose().as_bytes().to_vec();
-    let mut fleet = Fleet::new(&cfg.domain, &secret, &url, DEVICES, "dev")?;
-    let t_setup = Instant::now();
-    let fleet::Tens { per_device, sizes, senders } = fleet.groups_of_ten(GROUPS).await?;
-    println!("setup: {DEVICES} devices, {GROUPS} groups of 10, one WebSocket per device: {:?}", t_setup.elapsed());
-
-    // 2a. 1000 groups × 10, closed loop.
-    let bodies = fleet.messages(&senders, opts.messages, opts.size)?;
-    // Profilers start on this line: what follows is the timed run.
-    println!("sending {} messages over {GROUPS} groups", bodies.len());
-    let before = js_totals(&js).await?;
-    let stages_before = stages(&registry);
-    let in_flight = opts.in_flight.max(1);
-    let a = fleet.run(bodies, &sizes, in_flight, None, Duration::from_secs(90)).await?;
-    let cost = cost_of(&js, before, a.messages).await?;
-    print_run(&format!("1000 groups x 10 members, {in_flight} submits in flight"), &a, Some(&cost));
-    report.insert("in_flight".into(), json!(in_flight));
-    // Where a submit's time goes, from the operator's own histograms: the
-    // HTTP handler (auth to verdict), and the sequencer's decision.
-    let stages_after = stages(&registry);
-    for (name, (sum, count)) in &stages_after {
-        let (s0, c0) = stages_before.get(name).copied().unwrap_or((0.0, 0));
-        let n = count.saturating_sub(c0);
-        if n > 0 {
-            let mean_ms = (sum - s0) / n as f64 * 1000.0;
-            println!("  operator: {name} mean {mean_ms:.2} ms over {n}");
-            report.insert(format!("stage_{name}_mean_ms"), json!(mean_ms));
+    // Sections 2 and 3 are skipped with `--federation-only`.
+    'operator: {
+        if opts.federation_only {
+            break 'operator;
         }
-    }
-    report.insert("end_to_end_msgs_per_s".into(), json!(a.delivered_per_s()));
-    report.insert("end_to_end_accepted_msgs_per_s".into(), json!(a.accepted_per_s()));
-    report.insert("end_to_end_deliveries_per_s".into(), json!(a.deliveries_per_s()));
-    report.insert("end_to_end_p50_ms".into(), json!(a.pct_ms(0.5)));
-    report.insert("end_to_end_p99_ms".into(), json!(a.pct_ms(0.99)));
-    report.insert("end_to_end_p999_ms".into(), json!(a.pct_ms(0.999)));
-    report.insert("end_to_end_writes_per_msg".into(), json!(cost.writes_per_msg));
-    report.insert("end_to_end_bytes_per_msg".into(), json!(cost.bytes_per_msg));
-    report.insert("end_to_end_duplicates".into(), json!(a.duplicates));
+        // 2. One operator, in this process.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let shutdown = CancellationToken::new();
+        let registry = prometheus::Registry::new();
+        let connections = if opts.shared_connection {
+            mlsfed::Connections::shared(nats.clone())
+        } else {
+            mlsfed::Connections::open(&cfg.nats_url, &cfg.nats_ca_file, mlsfed::Roles::ALL, nats.clone()).await?
+        };
+        report.insert("shared_connection".into(), json!(opts.shared_connection));
+        let server = tokio::spawn(mlsfed::run(
+            cfg.clone(),
+            mlsfed::Roles::ALL,
+            connections,
+            Some(listener),
+            registry.clone(),
+            shutdown.clone(),
+        ));
+        let secret = cfg.token_secret.expose().as_bytes().to_vec();
+        let mut fleet = Fleet::new(&cfg.domain, &secret, &url, DEVICES, "dev")?;
+        let t_setup = Instant::now();
+        let fleet::Tens { per_device, sizes, senders } = fleet.groups_of_ten(GROUPS).await?;
+        println!("setup: {DEVICES} devices, {GROUPS} groups of 10, one WebSocket per device: {:?}", t_setup.elapsed());
 
-    // 2a'. Open loop at half the measured rate.
-    let half = (a.delivered_per_s() / 2.0).max(10.0);
-    let n = ((half * 5.0) as usize).clamp(200, 20_000);
-    let bodies = fleet.messages(&senders, n, opts.size)?;
-    let o = fleet.run(bodies, &sizes, 0, Some(half), Duration::from_secs(60)).await?;
-    print_run(&format!("open loop at {half:.0} msgs/s (half the maximum)"), &o, None);
-    report.insert("half_load_msgs_per_s".into(), json!(half));
-    report.insert("p50_half_load_ms".into(), json!(o.pct_ms(0.5)));
-    report.insert("p99_half_load_ms".into(), json!(o.pct_ms(0.99)));
-    report.insert("p999_half_load_ms".into(), json!(o.pct_ms(0.999)));
-
-    // 2c. Commits across 1000 groups (one self-update each), then on one.
-    let mut updates = Vec::new();
-    for (g, who) in &senders {
-        updates.push((*who, fleet.members[*who].update(g)?, false));
-    }
-    let t0 = Instant::now();
-    fleet::submit_all(&fleet.https, updates, 256).await?;
-    let commits_many = GROUPS as f64 / t0.elapsed().as_secs_f64();
-    for (g, who) in &senders {
-        fleet.members[*who].merge(g)?;
-    }
-
-    // 2b. One group each of 2, 10, 100 and 1000 members, one sender.
-    let mut by_size = Vec::new();
-    for size in [2usize, 10, 100, 1000] {
-        let spec = (format!("size{size}"), 0usize, (1..size).collect::<Vec<_>>());
-        let g = fleet.create_groups(std::slice::from_ref(&spec)).await?.remove(0);
-        let mut follow: Vec<Vec<String>> = vec![Vec::new(); DEVICES];
-        for f in follow.iter_mut().take(size) {
-            f.push(g.clone());
-        }
-        fleet.follow(&follow).await?;
-        let n = if size >= 1000 { opts.messages / 20 } else { opts.messages / 10 }.max(50);
-        let bodies = fleet.messages(&[(g.clone(), 0)], n, opts.size)?;
-        let sizes = HashMap::from([(g.clone(), size)]);
+        // 2a. 1000 groups × 10, closed loop.
+        let bodies = fleet.messages(&senders, opts.messages, opts.size)?;
+        // Profilers start on this line: what follows is the timed run.
+        println!("sending {} messages over {GROUPS} groups", bodies.len());
         let before = js_totals(&js).await?;
-        let r = fleet.run(bodies, &sizes, 32, None, Duration::from_secs(90)).await?;
-        let cost = cost_of(&js, before, r.messages).await?;
-        print_run(&format!("one group of {size}, one sender, 32 submits in flight"), &r, Some(&cost));
-        report.insert(format!("group_{size}_msgs_per_s"), json!(r.delivered_per_s()));
-        report.insert(format!("group_{size}_deliveries_per_s"), json!(r.deliveries_per_s()));
-        report.insert(format!("group_{size}_bytes_per_msg"), json!(cost.bytes_per_msg));
-        report.insert(format!("group_{size}_writes_per_msg"), json!(cost.writes_per_msg));
-        report.insert(format!("group_{size}_p99_ms"), json!(r.pct_ms(0.99)));
-        by_size.push((size, g));
-    }
-    // Commits on one group are serial by nature: each waits for the last.
-    let g2 = &by_size[0].1;
-    let mut serial = Duration::ZERO;
-    let rounds = 100;
-    for _ in 0..rounds {
-        let body = fleet.members[0].update(g2)?;
-        let t = Instant::now();
-        fleet.https[0].submit(body, None).await?;
-        serial += t.elapsed();
-        fleet.members[0].merge(g2)?;
-    }
-    let commits_one = f64::from(rounds) / serial.as_secs_f64();
-    println!("commits: {commits_one:.0}/s on one group (serial), {commits_many:.0}/s across {GROUPS} groups");
-    report.insert("commits_one_group_per_s".into(), json!(commits_one));
-    report.insert("commits_1000_groups_per_s".into(), json!(commits_many));
-    anyhow::ensure!(fleet.duplicates.load(std::sync::atomic::Ordering::Relaxed) == 0, "a device got an entry twice");
-    fleet.close();
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+        let stages_before = stages(&registry);
+        let in_flight = opts.in_flight.max(1);
+        let a = fleet.run(bodies, &sizes, in_flight, None, Duration::from_secs(90)).await?;
+        let cost = cost_of(&js, before, a.messages).await?;
+        print_run(&format!("1000 groups x 10 members, {in_flight} submits in flight"), &a, Some(&cost));
+        report.insert("in_flight".into(), json!(in_flight));
+        // Where a submit's time goes, from the operator's own histograms: the
+        // HTTP handler (auth to verdict), and the sequencer's decision.
+        let stages_after = stages(&registry);
+        for (name, (sum, count)) in &stages_after {
+            let (s0, c0) = stages_before.get(name).copied().unwrap_or((0.0, 0));
+            let n = count.saturating_sub(c0);
+            if n > 0 {
+                let mean_ms = (sum - s0) / n as f64 * 1000.0;
+                println!("  operator: {name} mean {mean_ms:.2} ms over {n}");
+                report.insert(format!("stage_{name}_mean_ms"), json!(mean_ms));
+            }
+        }
+        report.insert("end_to_end_msgs_per_s".into(), json!(a.delivered_per_s()));
+        report.insert("end_to_end_accepted_msgs_per_s".into(), json!(a.accepted_per_s()));
+        report.insert("end_to_end_deliveries_per_s".into(), json!(a.deliveries_per_s()));
+        report.insert("end_to_end_p50_ms".into(), json!(a.pct_ms(0.5)));
+        report.insert("end_to_end_p99_ms".into(), json!(a.pct_ms(0.99)));
+        report.insert("end_to_end_p999_ms".into(), json!(a.pct_ms(0.999)));
+        report.insert("end_to_end_writes_per_msg".into(), json!(cost.writes_per_msg));
+        report.insert("end_to_end_bytes_per_msg".into(), json!(cost.bytes_per_msg));
+        report.insert("end_to_end_duplicates".into(), json!(a.duplicates));
 
-    // 3. Scale-out with separate processes, against the same nats-server.
-    // A stage that fails is reported and the run goes on: one broken figure
-    // should not cost the others.
-    if !opts.no_scale_out {
-        let n = opts.messages;
-        for k in [1usize, 2, 4] {
-            match scale::run(
-                &js,
-                &cfg,
-                tmp.path(),
-                &mut fleet,
-                &per_device,
-                &senders,
-                &sizes,
-                k,
-                n,
-                opts.size,
-                in_flight,
-            )
-            .await
-            {
-                Ok(r) => {
-                    print_run(
-                        &format!("{k} sequencer + {k} fanout processes, {} ingest processes", scale::INGESTS),
-                        &r,
-                        None,
-                    );
-                    report.insert(format!("sequencers_{k}_msgs_per_s"), json!(r.delivered_per_s()));
-                    report.insert(format!("sequencers_{k}_accepted_msgs_per_s"), json!(r.accepted_per_s()));
-                    report.insert(format!("sequencers_{k}_p99_ms"), json!(r.pct_ms(0.99)));
+        // 2a'. Open loop at half the measured rate.
+        let half = (a.delivered_per_s() / 2.0).max(10.0);
+        let n = ((half * 5.0) as usize).clamp(200, 20_000);
+        let bodies = fleet.messages(&senders, n, opts.size)?;
+        let o = fleet.run(bodies, &sizes, 0, Some(half), Duration::from_secs(60)).await?;
+        print_run(&format!("open loop at {half:.0} msgs/s (half the maximum)"), &o, None);
+        report.insert("half_load_msgs_per_s".into(), json!(half));
+        report.insert("p50_half_load_ms".into(), json!(o.pct_ms(0.5)));
+        report.insert("p99_half_load_ms".into(), json!(o.pct_ms(0.99)));
+        report.insert("p999_half_load_ms".into(), json!(o.pct_ms(0.999)));
+
+        // 2c. Commits across 1000 groups (one self-update each), then on one.
+        let mut updates = Vec::new();
+        for (g, who) in &senders {
+            updates.push((*who, fleet.members[*who].update(g)?, false));
+        }
+        let t0 = Instant::now();
+        fleet::submit_all(&fleet.https, updates, 256).await?;
+        let commits_many = GROUPS as f64 / t0.elapsed().as_secs_f64();
+        for (g, who) in &senders {
+            fleet.members[*who].merge(g)?;
+        }
+
+        // 2b. One group each of 2, 10, 100 and 1000 members, one sender.
+        let mut by_size = Vec::new();
+        for size in [2usize, 10, 100, 1000] {
+            let spec = (format!("size{size}"), 0usize, (1..size).collect::<Vec<_>>());
+            let g = fleet.create_groups(std::slice::from_ref(&spec)).await?.remove(0);
+            let mut follow: Vec<Vec<String>> = vec![Vec::new(); DEVICES];
+            for f in follow.iter_mut().take(size) {
+                f.push(g.clone());
+            }
+            fleet.follow(&follow).await?;
+            let n = if size >= 1000 { opts.messages / 20 } else { opts.messages / 10 }.max(50);
+            let bodies = fleet.messages(&[(g.clone(), 0)], n, opts.size)?;
+            let sizes = HashMap::from([(g.clone(), size)]);
+            let before = js_totals(&js).await?;
+            let r = fleet.run(bodies, &sizes, 32, None, Duration::from_secs(90)).await?;
+            let cost = cost_of(&js, before, r.messages).await?;
+            print_run(&format!("one group of {size}, one sender, 32 submits in flight"), &r, Some(&cost));
+            report.insert(format!("group_{size}_msgs_per_s"), json!(r.delivered_per_s()));
+            report.insert(format!("group_{size}_deliveries_per_s"), json!(r.deliveries_per_s()));
+            report.insert(format!("group_{size}_bytes_per_msg"), json!(cost.bytes_per_msg));
+            report.insert(format!("group_{size}_writes_per_msg"), json!(cost.writes_per_msg));
+            report.insert(format!("group_{size}_p99_ms"), json!(r.pct_ms(0.99)));
+            by_size.push((size, g));
+        }
+        // Commits on one group are serial by nature: each waits for the last.
+        let g2 = &by_size[0].1;
+        let mut serial = Duration::ZERO;
+        let rounds = 100;
+        for _ in 0..rounds {
+            let body = fleet.members[0].update(g2)?;
+            let t = Instant::now();
+            fleet.https[0].submit(body, None).await?;
+            serial += t.elapsed();
+            fleet.members[0].merge(g2)?;
+        }
+        let commits_one = f64::from(rounds) / serial.as_secs_f64();
+        println!("commits: {commits_one:.0}/s on one group (serial), {commits_many:.0}/s across {GROUPS} groups");
+        report.insert("commits_one_group_per_s".into(), json!(commits_one));
+        report.insert("commits_1000_groups_per_s".into(), json!(commits_many));
+        anyhow::ensure!(
+            fleet.duplicates.load(std::sync::atomic::Ordering::Relaxed) == 0,
+            "a device got an entry twice"
+        );
+        fleet.close();
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+
+        // 3. Scale-out with separate processes, against the same nats-server.
+        // A stage that fails is reported and the run goes on: one broken figure
+        // should not cost the others.
+        if !opts.no_scale_out {
+            let n = opts.messages;
+            for k in [1usize, 2, 4] {
+                match scale::run(
+                    &js,
+                    &cfg,
+                    tmp.path(),
+                    &mut fleet,
+                    &per_device,
+                    &senders,
+                    &sizes,
+                    k,
+                    n,
+                    opts.size,
+                    in_flight,
+                )
+                .await
+                {
+                    Ok(r) => {
+                        print_run(
+                            &format!("{k} sequencer + {k} fanout processes, {} ingest processes", scale::INGESTS),
+                            &r,
+                            None,
+                        );
+                        report.insert(format!("sequencers_{k}_msgs_per_s"), json!(r.delivered_per_s()));
+                        report.insert(format!("sequencers_{k}_accepted_msgs_per_s"), json!(r.accepted_per_s()));
+                        report.insert(format!("sequencers_{k}_p99_ms"), json!(r.pct_ms(0.99)));
+                    }
+                    Err(e) => println!("scale-out with {k} processes failed: {e:#}"),
                 }
-                Err(e) => println!("scale-out with {k} processes failed: {e:#}"),
             }
         }
     }
@@ -288,12 +299,18 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
             report.insert("two_links_msgs_per_s".into(), json!(f.two_links));
             report.insert("catch_up_msgs_per_s".into(), json!(f.catch_up));
             report.insert("link_p99_half_load_ms".into(), json!(f.link_p99_half_load_ms));
+            report.insert("link_p50_half_load_ms".into(), json!(f.link_p50_half_load_ms));
         }
         Err(e) => println!("federation failed: {e:#}"),
     }
 
     // 5. KeyPackage claims per backend.
-    for backend in [config::KeydirBackend::Sled, config::KeydirBackend::Jetstream] {
+    let backends = if opts.federation_only {
+        &[][..]
+    } else {
+        &[config::KeydirBackend::Sled, config::KeydirBackend::Jetstream][..]
+    };
+    for &backend in backends {
         let mut kcfg = cfg.clone();
         kcfg.keydir.backend = backend;
         kcfg.keydir.claims_per_minute_per_requester = 1_000_000;
