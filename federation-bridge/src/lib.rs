@@ -44,8 +44,9 @@ pub use metrics::Metrics;
 pub use outbox::{ControlApplied, PeerControl};
 
 /// Most outbox records carried by one envelope: a peer catching up after
-/// an outage gets them a few hundred per round trip.
-const BATCH: usize = 256;
+/// an outage gets up to a thousand per round trip (and its inbox appends
+/// each group's share of them as one atomic batch, at most 1000).
+const BATCH: usize = 1000;
 /// An envelope stops growing past this many bytes of records, well under
 /// NATS' 1 MiB payload limit (one record alone may still be larger: it
 /// goes alone).

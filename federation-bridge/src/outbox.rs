@@ -110,10 +110,12 @@ impl Bridge {
     ) -> Result<(), RunBridgeError> {
         let domain = peer.cfg.domain.clone();
         let name = names::bridge_out_consumer(&domain);
-        // One batch in flight keeps envelopes in order for the peer's
-        // high-water mark; one bridge at a time (pinned) sends them, the
-        // others stand by. No bound on deliveries: the outbox holds
-        // messages on purpose while the peer is away.
+        // One envelope in flight keeps envelopes in order for the peer's
+        // high-water mark; the records of the next one are handed to us
+        // meanwhile (two envelopes' worth unacked), so a catch-up does not
+        // wait a round trip for them. One bridge at a time (pinned) sends
+        // them, the others stand by. No bound on deliveries: the outbox
+        // holds messages on purpose while the peer is away.
         let filter = names::fed_out_subject(&domain);
         let failover = self.failover();
         let ack_wait = outbox_ack_wait(failover);
@@ -122,7 +124,7 @@ impl Bridge {
             &name,
             &filter,
             names::BRIDGE_PRIORITY_GROUP,
-            BATCH as i64,
+            2 * BATCH as i64,
             ack_wait,
             0,
             failover,

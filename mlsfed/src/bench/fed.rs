@@ -15,6 +15,8 @@ pub struct Figures {
     pub two_links: f64,
     pub catch_up: f64,
     pub link_p50_half_load_ms: f64,
+    /// The catch-up as stored in the peer's LOG (JetStream timestamps).
+    pub catch_up_appended: Option<f64>,
     pub link_p99_half_load_ms: f64,
 }
 
@@ -88,6 +90,31 @@ async fn submit_all(
             Ok(out)
         }
     }
+}
+
+/// Entries per second over the last `n` entries of `group` in an operator's
+/// LOG, from the first one's JetStream timestamp to the last one's.
+async fn appended_per_s(cfg: &config::Config, group: &str, n: usize) -> anyhow::Result<f64> {
+    use async_nats::jetstream::consumer::pull::OrderedConfig;
+    let js = mlsfed::jetstream(mlsfed::connect(&cfg.nats_url, &cfg.nats_ca_file).await?);
+    let subject = proto::names::log_subject(&proto::GroupId::parse(group)?, cfg.streams.partitions);
+    let stream = js.get_stream(proto::names::LOG_STREAM).await?;
+    let consumer = stream.create_consumer(OrderedConfig { filter_subject: subject, ..Default::default() }).await?;
+    let mut messages = consumer.messages().await?;
+    let mut stored = Vec::new();
+    // Bounded: the subject holds what the bench put there, and each read
+    // waits at most a few seconds.
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
+        let m = m?;
+        let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        stored.push(info.published);
+        if info.pending == 0 {
+            break;
+        }
+    }
+    anyhow::ensure!(stored.len() >= n && n > 1, "{} entries in the LOG, expected at least {n}", stored.len());
+    let span = (stored[stored.len() - 1] - stored[stored.len() - n]).as_seconds_f64();
+    Ok(n as f64 / span.max(1e-3))
 }
 
 /// The `q` quantile (0..=1) of submit→read latency, in ms.
@@ -203,8 +230,27 @@ pub async fn run(mut cfg: config::Config, dir: &std::path::Path, n: usize) -> an
         "catch-up after B's nats-server was down: {caught}/{n} queued msgs, {catch_up:.0} msgs/s once B was back ({:?} including its restart)",
         t1.elapsed()
     );
+    // The same catch-up seen in B's LOG, before any device reads it: one
+    // device reading pages of 256 can be slower than the link.
+    let appended = match appended_per_s(&running.configs[1], &g1, n).await {
+        Ok(rate) => {
+            println!("  the same in B's LOG: {rate:.0} msgs/s from the first to the last entry stored");
+            Some(rate)
+        }
+        Err(e) => {
+            println!("  cannot read B's LOG for the catch-up: {e:#}");
+            None
+        }
+    };
     running.stop().await;
-    Ok(Figures { link, two_links, catch_up, link_p99_half_load_ms: link_p99, link_p50_half_load_ms: link_p50 })
+    Ok(Figures {
+        link,
+        two_links,
+        catch_up,
+        link_p99_half_load_ms: link_p99,
+        link_p50_half_load_ms: link_p50,
+        catch_up_appended: appended,
+    })
 }
 
 /// Uploads `per_device` KeyPackages for each of `users` devices, then claims

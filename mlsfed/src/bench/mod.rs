@@ -300,6 +300,7 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
             report.insert("catch_up_msgs_per_s".into(), json!(f.catch_up));
             report.insert("link_p99_half_load_ms".into(), json!(f.link_p99_half_load_ms));
             report.insert("link_p50_half_load_ms".into(), json!(f.link_p50_half_load_ms));
+            report.insert("catch_up_appended_msgs_per_s".into(), json!(f.catch_up_appended));
         }
         Err(e) => println!("federation failed: {e:#}"),
     }
