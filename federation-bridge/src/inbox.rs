@@ -3,7 +3,7 @@
 //! mark, and applied: a forwarded submission goes into SUBMIT, a verdict to
 //! the waiting ingest, a delivery into our LOG for local fan-out.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ const CONCURRENT_APPENDS: usize = 16;
 /// together. A peer's steady trickle costs a round trip per envelope no
 /// longer, and its outbox need not hold records back to fill envelopes.
 const ROUND: usize = 64;
+/// A round also stops growing past this many bytes of envelopes.
+const ROUND_BYTES: usize = 8 << 20;
 
 /// A hub's entries per group, each group's in its order.
 type Runs = Vec<(proto::GroupId, Vec<Traced>)>;
@@ -36,15 +38,16 @@ struct Round {
     /// Per envelope: acked, terminated or dead-lettered; nothing is left to
     /// do with it.
     settled: Vec<bool>,
-    /// Why the first envelope not settled could not be applied now.
-    stalled: Option<String>,
+    /// The first envelope not settled (its stream sequence), and why it
+    /// could not be applied now.
+    stalled: Option<(u64, String)>,
 }
 
 /// What became of one envelope in a round.
 enum Received {
     /// Records were applied (or are appended with the round): the mark
     /// moves to this envelope once they are.
-    Applied { mark: Mark, check: MarkCheck },
+    Applied { mark: Mark, check: MarkCheck, groups: Vec<proto::GroupId> },
     /// Opened and current, but every record in it was refused: acked, and
     /// the mark stays where it was.
     Unused,
@@ -90,13 +93,18 @@ impl Bridge {
         )
         .await
         .map_err(RunBridgeError::Setup)?;
-        // Envelopes in hand, in stream order: none is acked before every
+        // Envelopes in hand, in stream order: none is settled before every
         // one before it was applied or refused for good, and a failure is
         // retried here, in place, so nothing after it can pass it.
         let mut held: Vec<jetstream::Message> = Vec::new();
-        // Failed rounds in a row with the same first envelope.
+        // The envelope that failed last (its stream sequence), and how many
+        // rounds in a row it failed.
+        let mut stalled_at: Option<u64> = None;
         let mut failures = 0u64;
-        let mut last_round: Option<tokio::time::Instant> = None;
+        // The stream sequence of the last envelope settled here: FED_IN holds
+        // one subject, so its sequences are consecutive, and a hole before
+        // or among what we hold is an envelope out with another bridge.
+        let mut last_settled: Option<u64> = None;
         loop {
             if held.is_empty() {
                 let Some(m) = proto::streams::next_message(&mut messages, &shutdown, "bridge inbox")
@@ -107,16 +115,23 @@ impl Bridge {
                 };
                 held.push(m);
             }
-            while held.len() < ROUND {
+            let mut bytes: usize = held.iter().map(|m| m.payload.len()).sum();
+            while held.len() < ROUND && bytes < ROUND_BYTES {
                 match messages.next().now_or_never() {
-                    Some(Some(Ok(m))) => held.push(m),
+                    Some(Some(Ok(m))) => {
+                        bytes += m.payload.len();
+                        held.push(m);
+                    }
                     _ => break,
                 }
             }
-            if last_round.is_none_or(|t| t.elapsed() > failover) {
-                // Perhaps the bridge that had the inbox before died holding
-                // older envelopes: applying a newer one first would move
-                // the mark past them, and they would be dropped as replays.
+            held.sort_by_key(stream_seq);
+            held.dedup_by_key(|m| stream_seq(m));
+            if has_hole(&held, last_settled) {
+                // Perhaps a bridge that had the inbox before (dead, or
+                // alive and pinned until just now) holds older envelopes:
+                // applying a newer one first would move the mark past them,
+                // and they would be dropped as replays.
                 let none = VecDeque::new();
                 match takeover::await_predecessor(
                     "inbox",
@@ -125,25 +140,36 @@ impl Bridge {
                     &mut messages,
                     &mut held,
                     &none,
+                    ack_wait * 2 + failover,
                     &shutdown,
                 )
                 .await
                 {
                     Takeover::Shutdown => return Ok(()),
+                    Takeover::Closed => return Err(RunBridgeError::Setup("bridge inbox consumer closed".into())),
+                    Takeover::Released => {
+                        // Handed back for the bridge the inbox is pinned to.
+                        held.clear();
+                        last_settled = None;
+                        continue;
+                    }
                     Takeover::Waited(waited) => tracing::info!(peer = %peer, ?waited, "took the inbox over"),
                     Takeover::Nothing => {}
                 }
+                held.sort_by_key(stream_seq);
+                held.dedup_by_key(|m| stream_seq(m));
             }
-            held.sort_by_key(stream_seq);
-            held.dedup_by_key(|m| stream_seq(m));
-            let first = stream_seq(&held[0]);
-            // Pull on while the round runs: a pinned client that stops
-            // pulling loses the inbox to a standby.
+            // Pull on while the round runs (a pinned client that stops
+            // pulling loses the inbox to a standby), and tell JetStream the
+            // envelopes are still in hand (a long round must not see them
+            // come back).
             let mut arrived = Vec::new();
             let round = {
                 let round = self.receive_round(&peer, &held);
                 tokio::pin!(round);
                 let mut open = true;
+                let mut progress = tokio::time::interval(ack_wait / 3);
+                progress.reset();
                 loop {
                     tokio::select! {
                         r = &mut round => break r,
@@ -152,29 +178,41 @@ impl Bridge {
                             Some(Err(_)) => {}
                             None => open = false,
                         },
+                        _ = progress.tick() => {
+                            for m in &held {
+                                let _ = m.ack_with(AckKind::Progress).await;
+                            }
+                        }
                     }
                 }
             };
-            last_round = Some(tokio::time::Instant::now());
+            // What was settled is a prefix of `held`.
+            if let Some(last) = held.iter().zip(&round.settled).filter(|(_, s)| **s).map(|(m, _)| stream_seq(m)).last()
+            {
+                last_settled = Some(last);
+            }
             let mut settled = round.settled.into_iter();
             held.retain(|_| !settled.next().unwrap_or(false));
             held.extend(arrived);
-            let Some(e) = round.stalled else {
+            let Some((seq, e)) = round.stalled else {
+                stalled_at = None;
                 failures = 0;
                 continue;
             };
-            // `held` still starts with the envelope that failed (or one
-            // before it whose records were not appended yet).
-            held.sort_by_key(stream_seq);
-            failures = if held.first().map(stream_seq) == Some(first) { failures + 1 } else { 1 };
+            failures = if stalled_at == Some(seq) { failures + 1 } else { 1 };
+            stalled_at = Some(seq);
             tracing::warn!(peer = %peer, error = %e, failures, "inbound envelope deferred");
-            if failures >= self.streams.max_deliver.max(1) as u64
-                && proto::streams::dead_letter(&self.topo, "bridge", "transient", &e, &held[0]).await
-            {
-                self.metrics.dead_letters.with_label_values(&[&peer]).inc();
-                held.remove(0);
-                failures = 0;
-                continue;
+            if failures >= self.streams.max_deliver.max(1) as u64 {
+                if let Some(i) = held.iter().position(|m| stream_seq(m) == seq) {
+                    if proto::streams::dead_letter(&self.topo, "bridge", "transient", &e, &held[i]).await {
+                        self.metrics.dead_letters.with_label_values(&[&peer]).inc();
+                        held.remove(i);
+                        last_settled = Some(seq);
+                        stalled_at = None;
+                        failures = 0;
+                        continue;
+                    }
+                }
             }
             let wait = proto::streams::retry_wait(&self.streams, failures);
             if !hold(&mut held, &mut messages, wait, ack_wait, &shutdown).await {
@@ -184,10 +222,15 @@ impl Bridge {
     }
 
     /// Applies `held` (in stream order) as far as it can: the peer's mark is
-    /// read once, each envelope is checked against it as it moves, and the
-    /// mark is written once, after every record of the round was applied.
+    /// read once, each envelope is judged against it as the round moves it,
+    /// every group's entries are appended, and then, up to the first
+    /// envelope that could not be applied, everything is settled in order
+    /// and the mark is written once. Nothing after that envelope is settled:
+    /// it is judged again with it, against the mark as it then stands.
     async fn receive_round(&self, peer: &str, held: &[jetstream::Message]) -> Round {
-        let mut settled = vec![false; held.len()];
+        let n = held.len();
+        let mut settled = vec![false; n];
+        let stalled = |i: usize, e: String| Some((stream_seq(&held[i]), e));
         // The per-peer high-water mark makes a replay harmless even after
         // JetStream's duplicate window has passed. It moves only when records
         // were applied, by a bounded step, so a signed envelope whose records
@@ -198,67 +241,102 @@ impl Bridge {
             Ok(Some(e)) if e.operation == kv::Operation::Put => (Mark::decode(&e.value), e.revision),
             Ok(Some(e)) => (None, e.revision),
             Ok(None) => (None, 0),
-            Err(e) => return Round { settled, stalled: Some(e.to_string()) },
+            Err(e) => return Round { settled, stalled: stalled(0, e.to_string()) },
         };
         let mut runs: Runs = Vec::new();
-        let mut applied: Vec<(usize, MarkCheck, u64)> = Vec::new();
-        let mut stalled = None;
+        // The first envelope that gave entries to each group.
+        let mut feeders: HashMap<proto::GroupId, usize> = HashMap::new();
+        let mut outcomes = Vec::with_capacity(n);
+        // Envelopes from `stop` on are left for the next round.
+        let (mut stop, mut why) = (n, String::new());
         for (i, msg) in held.iter().enumerate() {
-            match self.receive(peer, msg, mark.as_ref(), &mut runs).await {
-                Received::Applied { mark: m, check } => {
-                    applied.push((i, check, m.seq));
-                    mark = Some(m);
+            let outcome = self.receive(peer, msg, mark.as_ref(), &mut runs).await;
+            match &outcome {
+                Received::Applied { mark: m, groups, .. } => {
+                    for g in groups {
+                        feeders.entry(g.clone()).or_insert(i);
+                    }
+                    mark = Some(*m);
                 }
-                Received::Unused | Received::Replay => {
+                Received::Failed(e) => {
+                    (stop, why) = (i, e.clone());
+                    break;
+                }
+                _ => {}
+            }
+            outcomes.push(outcome);
+        }
+        // Every group is tried; a group that cannot be appended now holds
+        // back only the envelopes from the first one with entries for it.
+        // Appending entries of later envelopes to other groups meanwhile
+        // is harmless: they are idempotent, and their envelopes come again.
+        if let Err((failed, e)) = self.append_runs(runs).await {
+            if let Some(first) = failed.iter().filter_map(|g| feeders.get(g)).min().copied().filter(|f| *f < stop) {
+                (stop, why) = (first, e);
+            }
+        }
+        let mut committed: Option<Mark> = None;
+        let mut applied = Vec::new();
+        for (i, outcome) in outcomes.into_iter().enumerate().take(stop) {
+            let msg = &held[i];
+            match outcome {
+                Received::Applied { mark, check, .. } => {
+                    match check {
+                        MarkCheck::ApplyRestarted => {
+                            self.metrics.outbox_restarts.with_label_values(&[peer]).inc();
+                            tracing::warn!(
+                                peer,
+                                seq = mark.seq,
+                                "peer's outbox began anew; following its new sequence"
+                            );
+                        }
+                        MarkCheck::ApplyAfterReset => {
+                            self.metrics.mark_resets.with_label_values(&[peer]).inc();
+                            tracing::warn!(peer, seq = mark.seq, "peer's high-water mark was reset by an operator");
+                        }
+                        _ => {}
+                    }
+                    committed = Some(mark);
+                    applied.push(i);
+                }
+                Received::Unused => {
+                    let _ = msg.ack().await;
+                    settled[i] = true;
+                }
+                Received::Replay => {
+                    self.metrics.replays.with_label_values(&[peer]).inc();
                     let _ = msg.ack().await;
                     settled[i] = true;
                 }
                 Received::Refused(refusal) => {
-                    // Forged, misaddressed or misattributed.
+                    // Forged, misaddressed or misattributed: never applied,
+                    // never retried.
                     self.metrics.refused.with_label_values(&[refusal.label()]).inc();
                     tracing::warn!(reason = refusal.label(), "inbound envelope refused");
                     let _ = msg.ack_with(AckKind::Term).await;
                     settled[i] = true;
                 }
                 Received::TooFarAhead => {
-                    // Kept in the dead letters (not dropped) for an operator
-                    // who resets the mark and requeues it.
-                    self.metrics.refused.with_label_values(&[Refusal::SeqJump.label()]).inc();
+                    // Signed by the peer, but too far ahead: kept in the dead
+                    // letters (not dropped) for an operator who resets the
+                    // mark and requeues it.
                     let detail = "envelope too far ahead of the peer's high-water mark";
                     if !proto::streams::dead_letter(&self.topo, "bridge", "seq_jump", detail, msg).await {
-                        stalled = Some("cannot dead-letter an envelope too far ahead".to_owned());
+                        (stop, why) = (i, "cannot dead-letter an envelope too far ahead".to_owned());
                         break;
                     }
+                    self.metrics.refused.with_label_values(&[Refusal::SeqJump.label()]).inc();
                     settled[i] = true;
                 }
-                Received::Failed(e) => {
-                    stalled = Some(e);
-                    break;
-                }
+                Received::Failed(_) => {}
             }
         }
-        // Re-applying records is harmless (they are idempotent), so if an
-        // append fails, every envelope with records in the round is retried.
-        if let Err(e) = self.append_runs(runs).await {
-            return Round { settled, stalled: Some(e) };
-        }
-        let Some(&(_, _, seq)) = applied.last() else {
+        let stalled = if stop < n { stalled(stop, why) } else { None };
+        let Some(mark) = committed else {
             return Round { settled, stalled };
         };
-        for &(_, check, seq) in &applied {
-            match check {
-                MarkCheck::ApplyRestarted => {
-                    self.metrics.outbox_restarts.with_label_values(&[peer]).inc();
-                    tracing::warn!(peer, seq, "peer's outbox began anew; following its new sequence");
-                }
-                MarkCheck::ApplyAfterReset => {
-                    self.metrics.mark_resets.with_label_values(&[peer]).inc();
-                    tracing::warn!(peer, seq, "peer's high-water mark was reset by an operator");
-                }
-                _ => {}
-            }
-        }
-        let value = mark.map(|m| m.encode()).unwrap_or_default();
+        let seq = mark.seq;
+        let value = mark.encode();
         let stored = if rev == 0 {
             self.topo.federation.create(key.as_str(), value.into()).await.map(|_| ()).map_err(|e| e.to_string())
         } else {
@@ -275,7 +353,7 @@ impl Bridge {
                 tracing::warn!(error = %e, "cannot store high-water mark");
             }
         }
-        for &(i, _, _) in &applied {
+        for &i in &applied {
             let _ = held[i].ack().await;
             settled[i] = true;
         }
@@ -304,10 +382,7 @@ impl Bridge {
         }
         let check = Mark::check(mark, env.outbox, env.seq, self.fed.max_seq_jump);
         match check {
-            MarkCheck::Replay => {
-                self.metrics.replays.with_label_values(&[&origin]).inc();
-                return Received::Replay;
-            }
+            MarkCheck::Replay => return Received::Replay,
             MarkCheck::TooFarAhead => {
                 tracing::error!(
                     peer = %origin,
@@ -359,28 +434,43 @@ impl Bridge {
             // Nothing of it was used: the mark stays where it was.
             return Received::Unused;
         }
+        let groups = mine.iter().map(|(g, _)| g.clone()).collect();
         for (_, run) in mine {
             for t in run {
                 add_to_runs(runs, t);
             }
         }
-        Received::Applied { mark: Mark { v: Mark::VERSION, outbox: env.outbox, seq: env.seq, reset: false }, check }
+        Received::Applied {
+            mark: Mark { v: Mark::VERSION, outbox: env.outbox, seq: env.seq, reset: false },
+            check,
+            groups,
+        }
     }
 
-    /// Appends every group's run, some groups at once. Bounded: the server
-    /// keeps at most 50 atomic batches in flight per stream.
-    async fn append_runs(&self, mut runs: Runs) -> Result<(), String> {
+    /// Appends every group's run, some groups at once (bounded: the server
+    /// keeps at most 50 atomic batches in flight per stream). Every group is
+    /// tried; those that could not be appended are returned with the first
+    /// error.
+    async fn append_runs(&self, mut runs: Runs) -> Result<(), (Vec<proto::GroupId>, String)> {
+        let mut failed = Vec::new();
+        let mut first = None;
         while !runs.is_empty() {
             let chunk: Runs = runs.drain(..runs.len().min(CONCURRENT_APPENDS)).collect();
             let appended = futures::future::join_all(chunk.iter().map(|(_, run)| self.append_delivered(run))).await;
-            for (result, (_, run)) in appended.into_iter().zip(chunk) {
-                result?;
-                for t in run {
-                    trace::end(t.span);
+            for (result, (group, run)) in appended.into_iter().zip(chunk) {
+                match result {
+                    Ok(()) => run.into_iter().for_each(|t| trace::end(t.span)),
+                    Err(e) => {
+                        first.get_or_insert(e);
+                        failed.push(group);
+                    }
                 }
             }
         }
-        Ok(())
+        match first {
+            None => Ok(()),
+            Some(e) => Err((failed, e)),
+        }
     }
 
     async fn publish_local(
@@ -618,4 +708,15 @@ async fn hold(
             },
         }
     }
+}
+
+/// Whether an envelope between the last one settled here and the last one
+/// held is missing from `held` (sorted): out with another bridge, or not
+/// handed to us yet. Before the first round, anything may be.
+fn has_hole(held: &[jetstream::Message], last_settled: Option<u64>) -> bool {
+    let Some(settled) = last_settled else {
+        return true;
+    };
+    // Copies of envelopes settled before (an ack that was lost) are no hole.
+    (settled + 1..).zip(held.iter().map(stream_seq).filter(|s| *s > settled)).any(|(expect, seq)| seq != expect)
 }

@@ -191,11 +191,19 @@ impl Bridge {
                     &mut messages,
                     &mut batch,
                     &carried,
+                    ack_wait * 2 + failover,
                     &shutdown,
                 )
                 .await
                 {
                     Takeover::Shutdown => return Ok(()),
+                    Takeover::Closed => return Err(RunBridgeError::Setup("bridge outbox consumer closed".into())),
+                    Takeover::Released => {
+                        // Handed back for the bridge the outbox is pinned to.
+                        carried.clear();
+                        last_batch = None;
+                        continue;
+                    }
                     Takeover::Waited(waited) => {
                         self.metrics.takeovers.with_label_values(&[&domain]).inc();
                         self.metrics.takeover_seconds.observe(waited.as_secs_f64());

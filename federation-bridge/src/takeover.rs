@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 /// What waiting for a predecessor's messages came to.
@@ -22,6 +22,12 @@ pub(crate) enum Takeover {
     Waited(Duration),
     /// Shut down while waiting.
     Shutdown,
+    /// The consumer's message stream ended.
+    Closed,
+    /// Waited past the limit: probably another bridge is pinned now and
+    /// waits for what we hold. Everything held was handed back (nak) for
+    /// whoever is pinned; the caller holds nothing any more.
+    Released,
 }
 
 /// The message's sequence in its stream (0 if it carries no JetStream info).
@@ -32,8 +38,12 @@ pub(crate) fn stream_seq(m: &jetstream::Message) -> u64 {
 /// After this bridge may have taken `consumer` over: waits until every
 /// message the consumer has out is one this bridge holds (in `batch` or
 /// `carried`). What a dead owner held joins `batch` as it comes back. No
-/// time limit: acting before they are back would let a high-water mark pass
-/// them. `what` names the consumer in logs ("outbox", "inbox").
+/// acting before they are back would let a high-water mark pass them. After
+/// `give_up` (well past the ack wait, by when a dead bridge's messages are
+/// back), two bridges may each be waiting for the other's: the pin moved
+/// while both held messages. Then everything held is handed back, so that it
+/// flows to the pinned bridge. `what` names the consumer in logs.
+#[allow(clippy::too_many_arguments)] // The consumer's parts and the caller's holdings, all needed.
 pub(crate) async fn await_predecessor(
     what: &str,
     peer: &str,
@@ -41,6 +51,7 @@ pub(crate) async fn await_predecessor(
     messages: &mut jetstream::consumer::pull::Stream,
     batch: &mut Vec<jetstream::Message>,
     carried: &VecDeque<jetstream::Message>,
+    give_up: Duration,
     shutdown: &CancellationToken,
 ) -> Takeover {
     let t0 = tokio::time::Instant::now();
@@ -48,6 +59,10 @@ pub(crate) async fn await_predecessor(
     let mut told = t0;
     let mut waited = false;
     loop {
+        // What is already here counts before we ask.
+        while let Some(Some(Ok(m))) = messages.next().now_or_never() {
+            batch.push(m);
+        }
         let mut held: Vec<u64> = batch.iter().chain(carried.iter()).map(stream_seq).collect();
         held.sort_unstable();
         held.dedup();
@@ -62,6 +77,18 @@ pub(crate) async fn await_predecessor(
             tracing::info!(peer, consumer = what, "taking over; waiting for what the previous owner held");
             waited = true;
         }
+        if t0.elapsed() > give_up {
+            tracing::warn!(
+                peer,
+                consumer = what,
+                waited = ?t0.elapsed(),
+                "gave up waiting for messages another bridge holds; handing ours back"
+            );
+            for m in batch.drain(..).chain(carried.iter().cloned()) {
+                let _ = m.ack_with(AckKind::Nak(None)).await;
+            }
+            return Takeover::Released;
+        }
         if told.elapsed() > Duration::from_secs(30) {
             told = tokio::time::Instant::now();
             tracing::warn!(
@@ -73,10 +100,10 @@ pub(crate) async fn await_predecessor(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Takeover::Shutdown,
-            m = tokio::time::timeout(Duration::from_millis(200), messages.next()) => {
-                if let Ok(Some(Ok(m))) = m {
-                    batch.push(m);
-                }
+            m = tokio::time::timeout(Duration::from_millis(200), messages.next()) => match m {
+                Ok(Some(Ok(m))) => batch.push(m),
+                Ok(None) => return Takeover::Closed,
+                _ => {}
             }
         }
         if progressed.elapsed() > Duration::from_secs(1) {

@@ -157,7 +157,7 @@ async fn sent_or(bridge: &Operator, metric: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_bridge_hands_the_inbox_to_another() -> anyhow::Result<()> {
     let received = format!("mlsfed_federation_received_total{{peer=\"{A}\"}}");
-    let fed = Federation::start_roles(
+    let mut fed = Federation::start_roles(
         &[A, B],
         |_| "ingest",
         |_, c| {
@@ -165,6 +165,7 @@ async fn a_killed_bridge_hands_the_inbox_to_another() -> anyhow::Result<()> {
             c.limits.submit_timeout_ms = 5000;
         },
     )?;
+    let b_nats = tests::nats_connect(&fed.nats_of(B).url()).await?;
     let (a, b) = (fed.op(A), fed.op(B));
     let _workers =
         [a.worker("sequencer")?, a.worker("fanout")?, a.worker("bridge")?, b.worker("sequencer")?, b.worker("fanout")?];
@@ -198,6 +199,11 @@ async fn a_killed_bridge_hands_the_inbox_to_another() -> anyhow::Result<()> {
         alice.send(&g, &t).await?;
         want.push(t);
     }
+    // The frozen owner was handed envelopes it never acked: the standby
+    // must wait for them.
+    let fed_in = async_nats::jetstream::new(b_nats).get_stream(proto::names::fed_in_stream(A)).await?;
+    let pending = fed_in.consumer_info(proto::names::bridge_in_consumer(A)).await?.num_ack_pending;
+    anyhow::ensure!(pending > 0, "the frozen bridge held no envelope");
     inbox[owner].kill();
     // The standby gets these as soon as the inbox is pinned to it, seconds
     // before the dead bridge's come back after their ack wait.
