@@ -512,3 +512,73 @@ async fn one_peers_poison_never_delays_another() -> anyhow::Result<()> {
     assert!(alice.failures().is_empty(), "{:?}", alice.failures());
     Ok(())
 }
+
+/// Envelopes that reach our inbox together are applied together, but a
+/// group we cannot append to holds back only the envelope with its entries
+/// (and what follows it), never one before it: the envelope before is
+/// applied and acked, the poisoned one alone is dead-lettered after its
+/// bounded tries, and the one after it is applied then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_group_dead_letters_only_its_own_envelope() -> anyhow::Result<()> {
+    let b_dead = "mlsfed_federation_dead_letters_total{peer=\"b.example\"}";
+    let mut fed = Federation::start_roles(
+        &[A, B],
+        |d| if d == A { "ingest" } else { "run" },
+        |_, c| {
+            c.metrics_listen = "127.0.0.1:0".into();
+            c.limits.submit_timeout_ms = 5000;
+            c.streams.max_deliver = 3;
+            c.streams.retry_base_ms = 200;
+        },
+    )?;
+    let a_nats = tests::nats_connect(&fed.nats_of(A).url()).await?;
+    let a = fed.op(A);
+    let _workers = [a.worker("sequencer")?, a.worker("fanout")?];
+    let bridge = a.worker("bridge")?;
+    let mut alice = a.client("alice", "phone", 4).await?;
+    let mut bob = fed.op(B).client("bob", "phone", 2).await?;
+    let healthy = bob.create_group("healthy").await?;
+    bob.add(&healthy, &[a.user_id("alice")]).await?;
+    let poisoned = bob.create_group("poisoned").await?;
+    bob.add(&poisoned, &[a.user_id("alice")]).await?;
+    sync_until(&mut [&mut alice], Duration::from_secs(30), |c| {
+        c.groups().contains(&healthy) && c.groups().contains(&poisoned)
+    })
+    .await?;
+
+    // Our LOG's last entry of one group is unreadable: its entries from B
+    // cannot be appended.
+    let js = async_nats::jetstream::new(a_nats);
+    let partitions = tests::config::Config::default().streams.partitions;
+    let subject = tests::proto::names::log_subject(&tests::proto::GroupId::parse(&poisoned)?, partitions);
+    js.publish(subject, b"not a record of ours".to_vec().into()).await?.await?;
+
+    // Three envelopes wait in our inbox while the bridge is frozen, then
+    // come to it at once.
+    bridge.signal("STOP")?;
+    bob.send(&healthy, "before the poison").await?;
+    bob.send(&poisoned, "poisoned").await?;
+    let last = bob.send(&healthy, "after the poison").await?;
+    bridge.signal("CONT")?;
+
+    sync_until(&mut [&mut alice], Duration::from_secs(30), |c| {
+        c.positions(&healthy).last().is_some_and(|p| *p >= last)
+    })
+    .await?;
+    tests::wait_metric(&bridge, b_dead, Duration::from_secs(60), |v| v >= 1.0).await?;
+    // Everything from B is settled: nothing is left to dead-letter later.
+    let fed_in = js.get_stream(tests::proto::names::fed_in_stream(B)).await?;
+    let t0 = std::time::Instant::now();
+    loop {
+        let c = fed_in.consumer_info(tests::proto::names::bridge_in_consumer(B)).await?;
+        if c.num_pending == 0 && c.num_ack_pending == 0 {
+            break;
+        }
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(30), "B's envelopes never settled: {c:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&bridge, b_dead).await, 1.0, "only the poisoned envelope is dead-lettered");
+    assert_eq!(texts(&alice, &healthy), ["before the poison", "after the poison"]);
+    assert!(texts(&alice, &poisoned).is_empty());
+    Ok(())
+}
