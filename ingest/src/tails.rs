@@ -107,6 +107,11 @@ fn start(client: async_nats::Client, subject: String) -> Arc<Tail> {
                 Ok(last) => last.first().map_or(0, |m| m.seq),
                 Err(_) => 0,
             };
+        // Where the tail starts, told to the sockets that already follow:
+        // one whose own read stopped before it (an entry stored between
+        // that read and ours) reads again, rather than wait for the next
+        // entry or its periodic re-read to find what it missed.
+        let _ = sender.send(Arc::new(Batch { after: cursor, next: cursor, entries: Vec::new() }));
         loop {
             let mut arrived = Vec::new();
             tokio::select! {

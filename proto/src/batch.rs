@@ -5,8 +5,9 @@
 //!
 //! async-nats has the header names but no helper; the protocol is small:
 //! every message carries `Nats-Batch-Id` and its `Nats-Batch-Sequence` from
-//! 1, the first is sent as a request (the server answers it at once, with
-//! an error if the batch cannot start), the middle ones are plain
+//! 1, the first is sent with a reply subject (the server answers it at once,
+//! with an error if the batch cannot start; we do not wait for that: a batch
+//! that did not start fails at its commit too), the middle ones are plain
 //! publishes, and the last, marked `Nats-Batch-Commit: 1`, is a request
 //! answered with the whole batch's acknowledgement. A compare-and-set
 //! (`Nats-Expected-Last-Subject-Sequence`) is allowed on the first message:
@@ -99,17 +100,24 @@ pub async fn publish_batch(
         if seq == n {
             headers.insert(NATS_BATCH_COMMIT, NATS_BATCH_COMMIT_FINAL);
         }
-        if seq == 1 || seq == n {
+        if seq == n {
             let reply = request(client, &subject, headers, payload).await?;
-            if seq == n {
-                if reply.batch != id || reply.count != n as u64 {
-                    return Err(PublishAtomicError::InvalidAck(format!(
-                        "batch {:?} of {} for {id:?} of {n}",
-                        reply.batch, reply.count
-                    )));
-                }
-                return Ok(reply.seq);
+            if reply.batch != id || reply.count != n as u64 {
+                return Err(PublishAtomicError::InvalidAck(format!(
+                    "batch {:?} of {} for {id:?} of {n}",
+                    reply.batch, reply.count
+                )));
             }
+            return Ok(reply.seq);
+        } else if seq == 1 {
+            // The batch starts with a request, but its answer is not
+            // awaited: the server checks everything at the commit, and a
+            // batch that did not start makes the commit fail too. One round
+            // trip per batch, not two.
+            client
+                .publish_with_reply_and_headers(subject, client.new_inbox(), headers, payload)
+                .await
+                .map_err(|e| PublishAtomicError::Transport(e.to_string()))?;
         } else {
             client
                 .publish_with_headers(subject, headers, payload)

@@ -100,13 +100,16 @@ async fn atomic_batches_store_all_or_nothing_after_the_expected_entry() -> anyho
     let refused = publish_atomic(&client, "b.g", end, with_ids(&["z", "y"])).await;
     assert!(refused.is_err(), "a batch with a duplicate was stored: {refused:?}");
     assert_eq!(stream.info().await?.state.messages, 11, "nothing of a refused batch is stored");
-    // A stream that does not allow batches says so.
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "N".into(),
-        subjects: vec!["n.*".into()],
-        ..Default::default()
-    })
-    .await?;
-    assert!(matches!(publish_atomic(&client, "n.g", 0, batch(0, 2)).await, Err(PublishAtomicError::Refused { .. })));
+    // A stream that does not allow batches says so, at the commit (the
+    // first message's answer is not awaited), and stores none of it.
+    let mut plain = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "N".into(),
+            subjects: vec!["n.*".into()],
+            ..Default::default()
+        })
+        .await?;
+    assert!(matches!(publish_atomic(&client, "n.g", 0, batch(0, 3)).await, Err(PublishAtomicError::Refused { .. })));
+    assert_eq!(plain.info().await?.state.messages, 0, "a refused batch left messages behind");
     Ok(())
 }
