@@ -47,10 +47,12 @@ struct Round {
 enum Received {
     /// Records were applied (or are appended with the round): the mark
     /// moves to this envelope once they are.
-    Applied { mark: Mark, check: MarkCheck, groups: Vec<proto::GroupId> },
+    /// `refused`: the records in it refused one by one, counted when the
+    /// envelope is settled (not each time it is judged).
+    Applied { mark: Mark, check: MarkCheck, groups: Vec<proto::GroupId>, refused: Vec<Refusal> },
     /// Opened and current, but every record in it was refused: acked, and
     /// the mark stays where it was.
-    Unused,
+    Unused { refused: Vec<Refusal> },
     /// At or below the mark: applied before.
     Replay,
     /// Never applied, never retried.
@@ -279,6 +281,12 @@ impl Bridge {
         let mut applied = Vec::new();
         for (i, outcome) in outcomes.into_iter().enumerate().take(stop) {
             let msg = &held[i];
+            if let Received::Applied { refused, .. } | Received::Unused { refused } = &outcome {
+                for refusal in refused {
+                    self.metrics.refused.with_label_values(&[refusal.label()]).inc();
+                    tracing::warn!(reason = refusal.label(), "inbound record refused");
+                }
+            }
             match outcome {
                 Received::Applied { mark, check, .. } => {
                     match check {
@@ -299,7 +307,7 @@ impl Bridge {
                     committed = Some(mark);
                     applied.push(i);
                 }
-                Received::Unused => {
+                Received::Unused { .. } => {
                     let _ = msg.ack().await;
                     settled[i] = true;
                 }
@@ -395,6 +403,7 @@ impl Bridge {
             MarkCheck::Apply | MarkCheck::ApplyRestarted | MarkCheck::ApplyAfterReset => {}
         }
         let mut applied = 0usize;
+        let mut refused = Vec::new();
         // A hub's entries are appended per group, each group's in order,
         // many at once in one atomic batch, and the groups concurrently:
         // catching up after an outage is not one round trip per entry.
@@ -421,10 +430,7 @@ impl Bridge {
             match outcome {
                 Ok(()) => applied += 1,
                 // One bad record does not spoil the others in the envelope.
-                Err(Ok(refusal)) => {
-                    self.metrics.refused.with_label_values(&[refusal.label()]).inc();
-                    tracing::warn!(reason = refusal.label(), "inbound record refused");
-                }
+                Err(Ok(refusal)) => refused.push(refusal),
                 // Re-applying the records before it is harmless (they are
                 // idempotent), so the whole envelope is retried.
                 Err(Err(e)) => return Received::Failed(e),
@@ -432,7 +438,7 @@ impl Bridge {
         }
         if applied == 0 && mine.is_empty() {
             // Nothing of it was used: the mark stays where it was.
-            return Received::Unused;
+            return Received::Unused { refused };
         }
         let groups = mine.iter().map(|(g, _)| g.clone()).collect();
         for (_, run) in mine {
@@ -444,6 +450,7 @@ impl Bridge {
             mark: Mark { v: Mark::VERSION, outbox: env.outbox, seq: env.seq, reset: false },
             check,
             groups,
+            refused,
         }
     }
 
