@@ -644,6 +644,23 @@ pub async fn settle(clients: &mut [&mut Client]) -> anyhow::Result<()> {
     bail!("clients did not settle")
 }
 
+/// `who` adds `users` to `group`, retrying (for at most 30 s) while the
+/// claim of their KeyPackages gets a retryable refusal: a peer's bridge
+/// started a moment ago may not answer requests yet (`peer_unreachable`).
+/// A failed claim changes nothing, so trying again is safe.
+pub async fn add_when_reachable(who: &mut Client, group: &str, users: &[UserId]) -> anyhow::Result<()> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match who.add(group, users).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.code().is_some_and(|c| c.retryable()) && t0.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Syncs `clients` until `done` holds for every one of them, or `limit` passes.
 pub async fn sync_until(
     clients: &mut [&mut Client],

@@ -173,7 +173,8 @@ async fn a_killed_bridge_hands_the_inbox_to_another() -> anyhow::Result<()> {
     let mut alice = a.client("alice", "phone", 2).await?;
     let mut bob = b.client("bob", "phone", 2).await?;
     let g = alice.create_group("inbox-failover").await?;
-    alice.add(&g, &[b.user_id("bob")]).await?;
+    // Both operators' bridges are processes of their own, started a moment ago.
+    tests::add_when_reachable(&mut alice, &g, &[b.user_id("bob")]).await?;
     sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
 
     let mut want = Vec::new();

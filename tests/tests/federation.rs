@@ -538,7 +538,8 @@ async fn a_poisoned_group_dead_letters_only_its_own_envelope() -> anyhow::Result
     let mut alice = a.client("alice", "phone", 4).await?;
     let mut bob = fed.op(B).client("bob", "phone", 2).await?;
     let healthy = bob.create_group("healthy").await?;
-    bob.add(&healthy, &[a.user_id("alice")]).await?;
+    // A's bridge is a process of its own, started a moment ago.
+    tests::add_when_reachable(&mut bob, &healthy, &[a.user_id("alice")]).await?;
     let poisoned = bob.create_group("poisoned").await?;
     bob.add(&poisoned, &[a.user_id("alice")]).await?;
     sync_until(&mut [&mut alice], Duration::from_secs(30), |c| {
