@@ -45,7 +45,8 @@ async fn world(tweak: impl Fn(&mut tests::config::Config)) -> anyhow::Result<Wor
     let mut alice = a.client("alice", "phone", 2).await?;
     let mut bob = fed.op(B).client("bob", "phone", 2).await?;
     let g = alice.create_group("failover").await?;
-    alice.add(&g, &[fed.op(B).user_id("bob")]).await?;
+    // A's bridges are processes of their own, started a moment ago.
+    tests::add_when_reachable(&mut alice, &g, &[fed.op(B).user_id("bob")]).await?;
     sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
     Ok(World { fed, bridges, _workers: workers, alice, bob, g })
 }
