@@ -275,6 +275,13 @@ pub struct Streams {
     /// bound on its in-flight work (and on its cached groups, with
     /// `group_idle_secs`).
     pub max_in_flight_per_partition: u32,
+    /// Atomic batches (a busy group's waiting messages in one LOG append)
+    /// one sequencer process has in flight at once. nats-server holds at
+    /// most 50 per stream (`jetstream.limits.batch.max_inflight_per_stream`)
+    /// for all processes together: with many sequencer processes, keep
+    /// their sum under it. A run that finds none free is appended one entry
+    /// at a time instead of waiting.
+    pub max_batches_in_flight: u32,
     /// A sequencer forgets a group's cached state after this long idle.
     pub group_idle_secs: u64,
     /// Most groups one process keeps a task (and a cached state) for, per
@@ -374,6 +381,7 @@ impl Default for Streams {
             ack_wait_secs: 30,
             partitions: 16,
             max_in_flight_per_partition: 256,
+            max_batches_in_flight: 8,
             group_idle_secs: 60,
             max_groups_per_partition: 1024,
             partition_failover_secs: 5,

@@ -180,11 +180,7 @@ impl Bridge {
                             Some(Err(_)) => {}
                             None => open = false,
                         },
-                        _ = progress.tick() => {
-                            for m in &held {
-                                let _ = m.ack_with(AckKind::Progress).await;
-                            }
-                        }
+                        _ = progress.tick() => still_working(&held).await,
                     }
                 }
             };
@@ -421,8 +417,13 @@ impl Bridge {
                     }
                     Err(refusal) => Err(Ok(refusal)),
                 },
-                other => {
-                    let applied = self.apply(&origin, other, trace::context(&span)).await;
+                Payload::Submit(sub) => {
+                    let applied = self.apply_submit(&origin, sub, trace::context(&span)).await;
+                    trace::end(span);
+                    applied
+                }
+                Payload::Verdict { submission_id, verdict } => {
+                    let applied = self.apply_verdict(&origin, &submission_id, verdict).await;
                     trace::end(span);
                     applied
                 }
@@ -501,65 +502,64 @@ impl Bridge {
         Ok(())
     }
 
-    async fn apply(
+    /// A peer's device submits to a group we host: into our SUBMIT, where
+    /// our sequencer decides it like a local one.
+    async fn apply_submit(
         &self,
         origin: &str,
-        payload: Payload,
+        mut sub: proto::wire::Submission,
         trace: Option<trace::Context>,
     ) -> Result<(), Result<Refusal, String>> {
-        match payload {
-            Payload::Submit(mut sub) => {
-                // A peer speaks only for its own devices, to groups we host.
-                if sub.device.domain() != origin {
-                    return Err(Ok(Refusal::SenderNotOrigin));
-                }
-                if sub.group.hub() != self.us {
-                    return Err(Ok(Refusal::NotHub));
-                }
-                sub.origin = Some(origin.to_owned());
-                let id = sub.id.clone();
-                self.publish_local(names::submit_subject(&sub.group), proto::wire::encode(&sub), id, trace).await
-            }
-            Payload::Verdict { submission_id, verdict } => {
-                // Only the hub we forwarded this submission to may answer
-                // it, and only once: a peer cannot decide our devices'
-                // local submissions, nor rewrite an answer already given.
-                let hub = self.topo.forwarded.get(&submission_id).await.map_err(|e| Err(e.to_string()))?;
-                match hub {
-                    None => return Err(Ok(Refusal::UnsolicitedVerdict)),
-                    Some(hub) if hub.as_ref() != origin.as_bytes() => return Err(Ok(Refusal::NotHub)),
-                    Some(_) => {}
-                }
-                let bytes = Bytes::from(verdict.to_bytes());
-                match self.topo.verdicts.create(&submission_id, bytes.clone()).await {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                        let known = self.topo.verdicts.get(&submission_id).await.map_err(|e| Err(e.to_string()))?;
-                        if known.as_deref() != Some(bytes.as_ref()) {
-                            return Err(Ok(Refusal::VerdictConflict));
-                        }
-                        // The same answer again (a resend): harmless.
-                    }
-                    Err(e) => return Err(Err(e.to_string())),
-                }
-                self.topo
-                    .js
-                    .client()
-                    .publish(names::verdict_subject(&submission_id), bytes)
-                    .await
-                    .map_err(|e| Err(e.to_string()))?;
-                if let Verdict::Rejected(_) = verdict {
-                    self.metrics.remote_rejections.with_label_values(&[origin]).inc();
-                }
-                Ok(())
-            }
-            Payload::Deliver(entry) => {
-                self.check_delivered(origin, &entry).map_err(Ok)?;
-                // `receive` batches deliveries itself, with their spans.
-                let traced = Traced { entry, span: None };
-                self.append_delivered(std::slice::from_ref(&traced)).await.map_err(Err)
-            }
+        // A peer speaks only for its own devices, to groups we host.
+        if sub.device.domain() != origin {
+            return Err(Ok(Refusal::SenderNotOrigin));
         }
+        if sub.group.hub() != self.us {
+            return Err(Ok(Refusal::NotHub));
+        }
+        sub.origin = Some(origin.to_owned());
+        let id = sub.id.clone();
+        self.publish_local(names::submit_subject(&sub.group), proto::wire::encode(&sub), id, trace).await
+    }
+
+    /// A hub answers a submission we forwarded to it.
+    async fn apply_verdict(
+        &self,
+        origin: &str,
+        submission_id: &str,
+        verdict: Verdict,
+    ) -> Result<(), Result<Refusal, String>> {
+        // Only the hub we forwarded this submission to may answer it, and
+        // only once: a peer cannot decide our devices' local submissions,
+        // nor rewrite an answer already given.
+        let hub = self.topo.forwarded.get(submission_id).await.map_err(|e| Err(e.to_string()))?;
+        match hub {
+            None => return Err(Ok(Refusal::UnsolicitedVerdict)),
+            Some(hub) if hub.as_ref() != origin.as_bytes() => return Err(Ok(Refusal::NotHub)),
+            Some(_) => {}
+        }
+        let bytes = Bytes::from(verdict.to_bytes());
+        match self.topo.verdicts.create(submission_id, bytes.clone()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let known = self.topo.verdicts.get(submission_id).await.map_err(|e| Err(e.to_string()))?;
+                if known.as_deref() != Some(bytes.as_ref()) {
+                    return Err(Ok(Refusal::VerdictConflict));
+                }
+                // The same answer again (a resend): harmless.
+            }
+            Err(e) => return Err(Err(e.to_string())),
+        }
+        self.topo
+            .js
+            .client()
+            .publish(names::verdict_subject(submission_id), bytes)
+            .await
+            .map_err(|e| Err(e.to_string()))?;
+        if let Verdict::Rejected(_) = verdict {
+            self.metrics.remote_rejections.with_label_values(&[origin]).inc();
+        }
+        Ok(())
     }
 
     /// A peer delivers only entries of groups it hosts, naming only our
@@ -679,6 +679,16 @@ fn add_to_runs(runs: &mut Runs, traced: Traced) {
     }
 }
 
+/// Tells JetStream this bridge still holds `held` (an envelope waiting in a
+/// round, or behind a failed one), so none is redelivered to another bridge
+/// while its turn has not come. A lost Progress ack only risks that
+/// redelivery, which the mark makes harmless.
+async fn still_working(held: &[jetstream::Message]) {
+    for m in held {
+        let _ = m.ack_with(AckKind::Progress).await;
+    }
+}
+
 /// Holds the envelopes of a failed round for `wait` before they are tried
 /// again: JetStream is told they are still in hand (so none comes back to
 /// another bridge meanwhile), and pulling goes on (so this bridge keeps the
@@ -701,9 +711,7 @@ async fn hold(
         }
         if now >= progress_at {
             progress_at = now + ack_wait / 3;
-            for m in held.iter() {
-                let _ = m.ack_with(AckKind::Progress).await;
-            }
+            still_working(held).await;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return false,

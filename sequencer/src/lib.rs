@@ -83,9 +83,6 @@ pub(crate) struct Ctx {
 /// once, beyond which deciding waits.
 const SETTLING: usize = 4096;
 
-/// Atomic batch appends in flight per sequencer process.
-const BATCHES_IN_FLIGHT: usize = 8;
-
 pub struct Sequencer {
     ctx: Arc<Ctx>,
 }
@@ -93,7 +90,7 @@ pub struct Sequencer {
 impl Sequencer {
     pub fn new(topo: Topology, domain: String, cfg: config::Streams, metrics: Metrics) -> Self {
         let checkpoints = checkpoint::Checkpoints::new(&topo, metrics.checkpoint_cleanup_failures.clone());
-        let batches = tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT);
+        let batches = tokio::sync::Semaphore::new(cfg.max_batches_in_flight.max(1) as usize);
         let crypto = RustCrypto::default();
         let settling = Arc::new(tokio::sync::Semaphore::new(SETTLING));
         let settlers = tokio_util::task::TaskTracker::new();

@@ -14,6 +14,9 @@ pub struct Metrics {
     /// Entries per LOG append: above 1 when a busy group's waiting
     /// submissions went in one atomic batch.
     pub append_entries: Histogram,
+    /// Runs appended one entry at a time because the process already had
+    /// `max_batches_in_flight` atomic batches in flight.
+    pub batches_busy: IntCounter,
     pub checkpoint_bytes: Histogram,
     pub checkpoint_seconds: Histogram,
     pub checkpoint_failures: IntCounter,
@@ -59,6 +62,10 @@ impl Metrics {
             step_seconds: Histogram::with_opts(
                 HistogramOpts::new("mlsfed_sequencer_step_seconds", "Time to decide one submission.")
                     .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16)?),
+            )?,
+            batches_busy: IntCounter::new(
+                "mlsfed_sequencer_batches_busy_total",
+                "Runs of waiting messages appended one at a time: the process had its atomic batches in flight.",
             )?,
             append_entries: Histogram::with_opts(
                 HistogramOpts::new(
@@ -119,6 +126,7 @@ impl Metrics {
         registry.register(Box::new(m.duplicates.clone()))?;
         registry.register(Box::new(m.step_seconds.clone()))?;
         registry.register(Box::new(m.append_entries.clone()))?;
+        registry.register(Box::new(m.batches_busy.clone()))?;
         registry.register(Box::new(m.checkpoint_bytes.clone()))?;
         registry.register(Box::new(m.checkpoint_seconds.clone()))?;
         registry.register(Box::new(m.checkpoint_failures.clone()))?;

@@ -118,3 +118,72 @@ async fn a_busy_groups_messages_go_in_batches_once_and_in_order() -> anyhow::Res
     tests::wait_metric(&op, "mlsfed_fanout_entries_total", Duration::from_secs(30), |v| v >= entries).await?;
     Ok(())
 }
+
+/// More busy groups at once than the process may have atomic batches in
+/// flight (here one): a run that finds none free is appended one entry at
+/// a time instead of waiting its turn, and nothing is lost, doubled or
+/// reordered either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_groups_beyond_the_batch_limit_are_appended_one_by_one() -> anyhow::Result<()> {
+    const GROUPS: usize = 6;
+    const EACH: usize = 60;
+    let nats = NatsServer::start()?;
+    let op = Operator::start_with(&nats, "a.example", "run", |c| c.streams.max_batches_in_flight = 1)?;
+    let mut alice = op.client("alice", "phone", 2).await?;
+    let mut bob = op.client("bob", "phone", GROUPS + 2).await?;
+    let mut groups = Vec::new();
+    for i in 0..GROUPS {
+        let g = alice.create_group(&format!("busy{i}")).await?;
+        alice.add(&g, &[op.user_id("bob")]).await?;
+        groups.push(g);
+    }
+    settle(&mut [&mut alice, &mut bob]).await?;
+
+    // Every group's messages at once, 24 in flight per group; again (at
+    // most 5 rounds) until some run found the one batch in flight, which
+    // takes two runs overlapping within a round trip.
+    let mut sent: Vec<std::collections::BTreeMap<u64, String>> = vec![Default::default(); GROUPS];
+    for round in 0..5 {
+        let mut tasks = Vec::new();
+        for g in &groups {
+            let bodies: Vec<Vec<u8>> = (0..EACH)
+                .map(|i| alice.encrypt_for_bench(g, format!("r{round}m{i}").as_bytes()))
+                .collect::<Result<_, _>>()?;
+            tasks.push(tokio::spawn(submit_all(alice.http().clone(), bodies, 24)));
+        }
+        for (t, at) in tasks.into_iter().zip(&mut sent) {
+            let mut this: std::collections::BTreeMap<u64, String> = Default::default();
+            for (i, r) in t.await? {
+                this.insert(r?.position, format!("r{round}m{i}"));
+            }
+            // This round's messages took the positions after the last
+            // round's, without a gap.
+            let first = at.keys().last().map_or_else(|| *this.keys().next().unwrap_or(&0), |p| p + 1);
+            let positions: Vec<u64> = this.keys().copied().collect();
+            assert_eq!(positions, (first..first + EACH as u64).collect::<Vec<_>>(), "a round is not one run");
+            at.extend(this);
+        }
+        if tests::metric(&op, "mlsfed_sequencer_batches_busy_total").await > 0.0 {
+            break;
+        }
+    }
+    sync_until(&mut [&mut bob], Duration::from_secs(60), |c| {
+        groups.iter().zip(&sent).all(|(g, at)| c.positions(g).last() >= at.keys().last())
+    })
+    .await?;
+    for (g, at) in groups.iter().zip(&sent) {
+        // Each message once, in order, and the text sent at each position.
+        let got: Vec<(u64, String)> =
+            bob.messages(g).into_iter().filter(|(p, _, _)| at.contains_key(p)).map(|(p, _, t)| (p, t)).collect();
+        let want: Vec<(u64, String)> = at.iter().map(|(p, t)| (*p, t.clone())).collect();
+        assert_eq!(got, want, "bob's messages in {g}");
+    }
+    assert!(bob.failures().is_empty(), "{:?}", bob.failures());
+    // Both ways of appending were taken.
+    let busy = tests::metric(&op, "mlsfed_sequencer_batches_busy_total").await;
+    assert!(busy > 0.0, "no run found the batch in flight: the one-by-one path went untested");
+    let entries = tests::metric(&op, "mlsfed_sequencer_append_entries_sum").await;
+    let appends = tests::metric(&op, "mlsfed_sequencer_append_entries_count").await;
+    assert!(entries > appends, "{entries} entries in {appends} appends: nothing was batched");
+    Ok(())
+}
