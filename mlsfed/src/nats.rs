@@ -115,6 +115,11 @@ impl NatsProcess {
         self.port
     }
 
+    /// The running server's process id (for tools that measure it).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }

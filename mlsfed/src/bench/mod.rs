@@ -14,6 +14,7 @@
 //! Every delivery is counted at the member device it reached (one WebSocket
 //! per device); client crypto happens before the timed parts.
 
+mod cpu;
 mod fed;
 pub(crate) mod fleet;
 mod scale;
@@ -158,9 +159,18 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
         let before = js_totals(&js).await?;
         let stages_before = stages(&registry);
         let in_flight = opts.in_flight.max(1);
+        let clock = cpu::Clock::start(vec![
+            cpu::Group::new("bench process (operator and devices)", [std::process::id()]),
+            cpu::Group::new("nats-server", embedded.pid()),
+        ]);
         let a = fleet.run(bodies, &sizes, in_flight, None, Duration::from_secs(90)).await?;
+        let used = clock.stop();
         let cost = cost_of(&js, before, a.messages).await?;
         print_run(&format!("1000 groups x 10 members, {in_flight} submits in flight"), &a, Some(&cost));
+        if let Some((line, obj)) = cpu::report(&used) {
+            println!("{line}");
+            report.insert("end_to_end_cpu_cores".into(), obj);
+        }
         report.insert("in_flight".into(), json!(in_flight));
         // Where a submit's time goes, from the operator's own histograms: the
         // HTTP handler (auth to verdict), and the sequencer's decision.
@@ -221,9 +231,18 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
             let bodies = fleet.messages(&[(g.clone(), 0)], n, opts.size)?;
             let sizes = HashMap::from([(g.clone(), size)]);
             let before = js_totals(&js).await?;
+            let clock = cpu::Clock::start(vec![
+                cpu::Group::new("bench process", [std::process::id()]),
+                cpu::Group::new("nats-server", embedded.pid()),
+            ]);
             let r = fleet.run(bodies, &sizes, 32, None, Duration::from_secs(90)).await?;
+            let used = clock.stop();
             let cost = cost_of(&js, before, r.messages).await?;
             print_run(&format!("one group of {size}, one sender, 32 submits in flight"), &r, Some(&cost));
+            if let Some((line, obj)) = cpu::report(&used) {
+                println!("{line}");
+                report.insert(format!("group_{size}_cpu_cores"), obj);
+            }
             report.insert(format!("group_{size}_msgs_per_s"), json!(r.delivered_per_s()));
             report.insert(format!("group_{size}_deliveries_per_s"), json!(r.deliveries_per_s()));
             report.insert(format!("group_{size}_bytes_per_msg"), json!(cost.bytes_per_msg));
@@ -272,15 +291,20 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
                     n,
                     opts.size,
                     in_flight,
+                    embedded.pid(),
                 )
                 .await
                 {
-                    Ok(r) => {
+                    Ok((r, used)) => {
                         print_run(
                             &format!("{k} sequencer + {k} fanout processes, {} ingest processes", scale::INGESTS),
                             &r,
                             None,
                         );
+                        if let Some((line, obj)) = cpu::report(&used) {
+                            println!("{line}");
+                            report.insert(format!("sequencers_{k}_cpu_cores"), obj);
+                        }
                         report.insert(format!("sequencers_{k}_msgs_per_s"), json!(r.delivered_per_s()));
                         report.insert(format!("sequencers_{k}_accepted_msgs_per_s"), json!(r.accepted_per_s()));
                         report.insert(format!("sequencers_{k}_p99_ms"), json!(r.pct_ms(0.99)));

@@ -53,21 +53,27 @@ pub async fn run(
     messages: usize,
     size: usize,
     in_flight: usize,
-) -> anyhow::Result<Run> {
+    nats_pid: Option<u32>,
+) -> anyhow::Result<(Run, Vec<(String, f64)>)> {
     let dir = tmp.join(format!("scale-{k}"));
     std::fs::create_dir_all(&dir)?;
     let mut base = cfg.clone();
     base.metrics_listen = "127.0.0.1:0".into();
     let mut procs = Procs(Vec::new());
     let mut urls = Vec::new();
+    let mut pids: [Vec<u32>; 3] = Default::default();
     for i in 0..INGESTS {
         let (child, url) = spawn_listening(&base, &dir, &format!("ingest{i}"), "ingest")?;
+        pids[0].push(child.id());
         procs.0.push(child);
         urls.push(url);
     }
     for i in 0..k {
-        procs.0.push(spawn(&base, &dir, &format!("sequencer{i}"), "sequencer")?);
-        procs.0.push(spawn(&base, &dir, &format!("fanout{i}"), "fanout")?);
+        for (role, ids) in [("sequencer", 1), ("fanout", 2)] {
+            let child = spawn(&base, &dir, &format!("{role}{i}"), role)?;
+            pids[ids].push(child.id());
+            procs.0.push(child);
+        }
     }
     let http = reqwest::Client::new();
     for u in &urls {
@@ -90,11 +96,20 @@ pub async fn run(
     let warm = fleet.messages(senders, senders.len(), size)?;
     fleet.run(warm, sizes, in_flight, None, Duration::from_secs(90)).await?;
     let bodies = fleet.messages(senders, messages, size)?;
+    let [ingests, sequencers, fanouts] = pids;
+    let clock = super::cpu::Clock::start(vec![
+        super::cpu::Group::new("devices (bench process)", [std::process::id()]),
+        super::cpu::Group::new("nats-server", nats_pid),
+        super::cpu::Group::new("ingest", ingests),
+        super::cpu::Group::new("sequencer", sequencers),
+        super::cpu::Group::new("fanout", fanouts),
+    ]);
     let r = fleet.run(bodies, sizes, in_flight, None, Duration::from_secs(90)).await?;
+    let used = clock.stop();
     fleet.close();
     procs.stop();
     report_worker_logs(&dir);
-    Ok(r)
+    Ok((r, used))
 }
 
 /// Prints how many warnings and errors each worker logged, with the first
