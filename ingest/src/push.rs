@@ -95,22 +95,32 @@ struct Followed {
     /// Stopped at a membership change: read the roster again first.
     held: bool,
     /// Kept so the group's shared tail lives while this socket follows it.
-    _tail: Arc<Tail>,
+    tail: Arc<Tail>,
 }
 
-/// A tail's batches, tagged with the group's subject; `None` when this
-/// socket fell behind the tail's backlog and must read for itself.
-type Batches = BoxStream<'static, (String, Option<Arc<Batch>>)>;
+/// What a group's tail hands a socket.
+enum Tailed {
+    Batch(Arc<Batch>),
+    /// This socket fell behind the tail's backlog: read for itself.
+    Lagged,
+    /// The tail stopped (its subscription ended): read for itself, and
+    /// take the group's current tail.
+    Ended,
+}
+
+/// A tail's batches, tagged with the group's subject.
+type Batches = BoxStream<'static, (String, Tailed)>;
 
 fn batches(subject: String, rx: tokio::sync::broadcast::Receiver<Arc<Batch>>) -> Batches {
-    futures::stream::unfold((subject, rx), |(subject, mut rx)| async move {
+    futures::stream::unfold(Some((subject, rx)), |state| async move {
         use tokio::sync::broadcast::error::RecvError;
-        let item = match rx.recv().await {
-            Ok(b) => Some(b),
-            Err(RecvError::Lagged(_)) => None,
-            Err(RecvError::Closed) => return None,
-        };
-        Some(((subject.clone(), item), (subject, rx)))
+        let (subject, mut rx) = state?;
+        match rx.recv().await {
+            Ok(b) => Some(((subject.clone(), Tailed::Batch(b)), Some((subject, rx)))),
+            Err(RecvError::Lagged(_)) => Some(((subject.clone(), Tailed::Lagged), Some((subject, rx)))),
+            // Said once; the stream ends after it.
+            Err(RecvError::Closed) => Some(((subject, Tailed::Ended), None)),
+        }
     })
     .boxed()
 }
@@ -152,9 +162,10 @@ impl Socket {
         let mut mailbox_announced = false;
         let mut mailbox_tries = 0u32;
         let mut due: HashSet<String> = HashSet::new();
-        let mut ticks = 0u32;
-        let mut recheck = tokio::time::interval(RECHECK);
-        recheck.reset();
+        // Each socket keeps its own phase: sockets opened together (a
+        // restart, a reconnect storm) must not all read at once.
+        let mut recheck =
+            tokio::time::interval_at(tokio::time::Instant::now() + proto::streams::spread(RECHECK), RECHECK);
         loop {
             if mailbox_due {
                 match self.push_mailbox(&mut tx).await {
@@ -196,12 +207,18 @@ impl Socket {
                     let mut taken = 0;
                     while let Some((subject, batch)) = next.take() {
                         match batch {
-                            Some(b) => match self.push_batch(&subject, &b, &mut tx).await {
+                            Tailed::Batch(b) => match self.push_batch(&subject, &b, &mut tx).await {
                                 Ok(true) => {}
                                 Ok(false) => { due.insert(subject); }
                                 Err(()) => return,
                             },
-                            None => { due.insert(subject); }
+                            Tailed::Lagged => { due.insert(subject); }
+                            Tailed::Ended => {
+                                if let Some(rx) = self.retail(&subject) {
+                                    tails.push(batches(subject.clone(), rx));
+                                }
+                                due.insert(subject);
+                            }
                         }
                         taken += 1;
                         if taken < COALESCE {
@@ -219,10 +236,13 @@ impl Socket {
                         let _ = tx.send(Message::Close(None)).await;
                         return;
                     }
-                    ticks += 1;
+                    // A lost mailbox wake-up costs at most this period. A
+                    // group needs no such re-read: its tail finds a lost
+                    // republish by itself, a lagging socket reads at once,
+                    // and a socket whose tail ended takes the new one.
+                    // Only a group held at a membership change is polled.
                     mailbox_due = true;
-                    let every = ticks % 6 == 0;
-                    due.extend(self.follows.iter().filter(|(_, f)| every || f.held).map(|(s, _)| s.clone()));
+                    due.extend(self.follows.iter().filter(|(_, f)| f.held).map(|(s, _)| s.clone()));
                 }
                 frame = rx.next() => match frame {
                     Some(Ok(Message::Text(t))) => {
@@ -272,7 +292,7 @@ impl Socket {
         }
         let access = groups::access(&self.api, &self.device, &g).await?;
         let (tail, rx) = match self.follows.remove(&subject) {
-            Some(f) => (f._tail, None),
+            Some(f) => (f.tail, None),
             None => {
                 let t = self.api.tails.get(&self.api.topo.js.client(), &subject);
                 // One receiver per group per socket, however often the
@@ -281,9 +301,23 @@ impl Socket {
                 (t, rx)
             }
         };
-        let f = Followed { access, after: from.after, position: from.position, held: false, _tail: tail };
+        let f = Followed { access, after: from.after, position: from.position, held: false, tail };
         self.follows.insert(subject.clone(), f);
         Ok((subject, rx))
+    }
+
+    /// Takes the group's current tail after ours ended (`Tails::get`
+    /// starts a new one); `None` when the socket no longer follows it (a
+    /// later `follow` then subscribes afresh).
+    fn retail(&mut self, subject: &str) -> Option<tokio::sync::broadcast::Receiver<Arc<Batch>>> {
+        let Some(f) = self.follows.get_mut(subject) else {
+            self.receiving.remove(subject);
+            return None;
+        };
+        let t = self.api.tails.get(&self.api.topo.js.client(), subject);
+        let rx = t.subscribe();
+        f.tail = t;
+        Some(rx)
     }
 
     /// Sends what a tail batch holds for this device. `Ok(false)`: the batch

@@ -44,7 +44,9 @@ pub struct Read {
 }
 
 pub struct Tail {
-    tx: broadcast::Sender<Arc<Batch>>,
+    /// Weak: the task holds the only sender, so its receivers see the
+    /// channel close when the task ends, and take a new tail.
+    tx: broadcast::WeakSender<Arc<Batch>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -55,8 +57,13 @@ impl Drop for Tail {
 }
 
 impl Tail {
+    /// A receiver of the tail's batches; one that is closed already when
+    /// the tail's task has ended (its holder then takes a new tail).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Batch>> {
-        self.tx.subscribe()
+        match self.tx.upgrade() {
+            Some(tx) => tx.subscribe(),
+            None => broadcast::channel(1).1,
+        }
     }
 }
 
@@ -86,8 +93,8 @@ impl Tails {
 }
 
 fn start(client: async_nats::Client, subject: String) -> Arc<Tail> {
-    let (tx, _) = broadcast::channel(BACKLOG);
-    let sender = tx.clone();
+    let (sender, _) = broadcast::channel(BACKLOG);
+    let tx = sender.downgrade();
     let task = tokio::spawn(async move {
         // LOG republishes each stored entry with its sequence and the
         // sequence of the group's previous entry: an entry that follows our
@@ -117,7 +124,7 @@ fn start(client: async_nats::Client, subject: String) -> Arc<Tail> {
             tokio::select! {
                 w = wake.next() => match w { Some(m) => arrived.push(m), None => return },
                 // Nothing for a while: look anyway, for a lost republish.
-                _ = tokio::time::sleep(RECHECK) => {}
+                _ = tokio::time::sleep(proto::streams::spread(RECHECK)) => {}
             }
             // Take what queued meanwhile too: one batch carries it all.
             while let Some(Some(m)) = futures::FutureExt::now_or_never(wake.next()) {

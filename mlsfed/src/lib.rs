@@ -54,6 +54,18 @@ pub async fn connect(url: &str, ca_file: &str) -> anyhow::Result<async_nats::Cli
     opts.retry_on_initial_connect()
         .max_reconnects(None)
         .name("mlsfed")
+        // A lost connection fails every request in flight on it, and a
+        // full subscription drops messages: both must show in the log, or
+        // a burst of timeouts elsewhere has no cause anyone can see.
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("NATS connection (re)established"),
+                async_nats::Event::SlowConsumer(sid) => {
+                    tracing::warn!(subscription = sid, "NATS subscription full: a message to it was dropped")
+                }
+                other => tracing::warn!(event = %other, "NATS connection event"),
+            }
+        })
         .connect(addrs)
         .await
         .with_context(|| format!("cannot connect to NATS at {shown}"))

@@ -578,6 +578,16 @@ pub async fn retry_or_dead_letter(
     Retry::Later
 }
 
+/// A period drawn at random between half and one and a half times
+/// `period`: timers of many sockets or tails started together (a restart,
+/// a reconnect storm) then stay apart instead of all reading JetStream in
+/// the same instant. Ten thousand re-reads fired together made every read
+/// of the stream wait past its timeout in `mlsfed bench`.
+pub fn spread(period: Duration) -> Duration {
+    let ms = period.as_millis().max(2) as u64;
+    Duration::from_millis(ms / 2 + rand::random::<u64>() % ms)
+}
+
 /// How long a message that failed on its `attempt`th try (from 1) waits
 /// for the next: `retry_base_ms` doubling, capped at 30 s.
 pub fn retry_wait(cfg: &config::Streams, attempt: u64) -> Duration {
