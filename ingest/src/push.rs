@@ -4,8 +4,10 @@
 //! for every socket here; a socket that is behind, or missed a batch, reads
 //! the group itself by cursor. A mailbox publish is only a wake-up: items
 //! are read from the stream by cursor. Either way nothing is skipped or sent
-//! twice on one socket, and a wake-up lost to a NATS reconnect costs at most
-//! the periodic re-read.
+//! twice on one socket, and a mailbox wake-up lost to a NATS reconnect costs
+//! at most the socket's periodic mailbox check. A group is re-read on that
+//! timer only while it needs it (held at a membership change, or its last
+//! read failed); otherwise its tail says when there is something to read.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -24,8 +26,9 @@ use crate::mailbox::{next_seq, own_mailbox, purge};
 use crate::tails::{Batch, Tail};
 use crate::{Reject, Shared};
 
-/// How often a socket re-reads what it follows without a wake-up, and checks
-/// that its device was not removed.
+/// How often a socket checks its mailbox without a wake-up, re-reads the
+/// groups that need it (held, or a failed read), and checks that its device
+/// was not removed.
 const RECHECK: Duration = Duration::from_secs(5);
 /// A socket's read buffer: device frames are small (acks, follows).
 const READ_BUFFER: usize = 4096;
@@ -94,6 +97,9 @@ struct Followed {
     position: Option<u64>,
     /// Stopped at a membership change: read the roster again first.
     held: bool,
+    /// The last read failed (NATS unavailable): read again at the next
+    /// check, whether or not the group's tail brings anything.
+    retry: bool,
     /// Kept so the group's shared tail lives while this socket follows it.
     tail: Arc<Tail>,
 }
@@ -240,9 +246,10 @@ impl Socket {
                     // group needs no such re-read: its tail finds a lost
                     // republish by itself, a lagging socket reads at once,
                     // and a socket whose tail ended takes the new one.
-                    // Only a group held at a membership change is polled.
+                    // Only a group held at a membership change, or whose
+                    // last read failed, is read again here.
                     mailbox_due = true;
-                    due.extend(self.follows.iter().filter(|(_, f)| f.held).map(|(s, _)| s.clone()));
+                    due.extend(self.follows.iter().filter(|(_, f)| f.held || f.retry).map(|(s, _)| s.clone()));
                 }
                 frame = rx.next() => match frame {
                     Some(Ok(Message::Text(t))) => {
@@ -301,7 +308,7 @@ impl Socket {
                 (t, rx)
             }
         };
-        let f = Followed { access, after: from.after, position: from.position, held: false, tail };
+        let f = Followed { access, after: from.after, position: from.position, held: false, retry: false, tail };
         self.follows.insert(subject.clone(), f);
         Ok((subject, rx))
     }
@@ -405,14 +412,18 @@ impl Socket {
         if f.held {
             match groups::access(&self.api, &self.device, &f.access.group).await {
                 Ok(a) => f.access = a,
-                Err(e) if e.0.code == ErrorCode::Unavailable => return Err(()),
+                Err(e) if e.0.code == ErrorCode::Unavailable => {
+                    f.retry = true;
+                    return Err(());
+                }
                 Err(e) => return self.unfollow(subject, &e, tx).await,
             }
         }
         let page = match groups::read(&self.api, &self.device, &f.access, f.after, f.position, limit).await {
             Ok(p) => p,
             Err(e) if e.0.code == ErrorCode::Unavailable => {
-                tracing::warn!(error = %e.0.message, "socket read of a group failed; retried at the next wake-up");
+                tracing::warn!(error = %e.0.message, "socket read of a group failed; retried at the next check");
+                f.retry = true;
                 return Err(());
             }
             Err(e) => return self.unfollow(subject, &e, tx).await,
@@ -423,6 +434,7 @@ impl Socket {
         }
         f.after = page.next;
         f.held = page.held;
+        f.retry = false;
         let served = page.entries.len() as u64;
         for entry in page.entries {
             let Ok(text) = serde_json::to_string(&entry) else { continue };

@@ -8,7 +8,7 @@ pub mod nats;
 mod otlp;
 pub mod status;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use prometheus::Registry;
@@ -51,24 +51,58 @@ pub async fn connect(url: &str, ca_file: &str) -> anyhow::Result<async_nats::Cli
     if !ca_file.is_empty() {
         opts = opts.add_root_certificates(ca_file.into()).require_tls(true);
     }
+    let dropped = Arc::new(Mutex::new(DroppedMessages::default()));
     opts.retry_on_initial_connect()
         .max_reconnects(None)
         .name("mlsfed")
         // A lost connection fails every request in flight on it, and a
         // full subscription drops messages: both must show in the log, or
         // a burst of timeouts elsewhere has no cause anyone can see.
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::info!("NATS connection (re)established"),
-                async_nats::Event::SlowConsumer(sid) => {
-                    tracing::warn!(subscription = sid, "NATS subscription full: a message to it was dropped")
-                }
-                other => tracing::warn!(event = %other, "NATS connection event"),
-            }
+        .event_callback(move |event| {
+            let dropped = dropped.clone();
+            async move { log_nats_event(event, &dropped) }
         })
         .connect(addrs)
         .await
         .with_context(|| format!("cannot connect to NATS at {shown}"))
+}
+
+/// Messages async-nats dropped because a subscription was full, since the
+/// last line that said so.
+#[derive(Default)]
+struct DroppedMessages {
+    since: u64,
+    said_at: Option<tokio::time::Instant>,
+}
+
+/// Logs one connection event. async-nats reports every message it drops
+/// for a full subscription: the first is logged, then at most one line per
+/// 10 s with the count. A server error's text may name subjects, which
+/// hold group and device ids, so only that it happened is logged above
+/// debug.
+fn log_nats_event(event: async_nats::Event, dropped: &Mutex<DroppedMessages>) {
+    match event {
+        async_nats::Event::Connected => tracing::info!("NATS connection (re)established"),
+        async_nats::Event::SlowConsumer(_) => {
+            let say = dropped.lock().ok().and_then(|mut d| {
+                d.since += 1;
+                let now = tokio::time::Instant::now();
+                let due = d.said_at.is_none_or(|t| now - t >= std::time::Duration::from_secs(10));
+                due.then(|| {
+                    d.said_at = Some(now);
+                    std::mem::take(&mut d.since)
+                })
+            });
+            if let Some(n) = say {
+                tracing::warn!(dropped = n, "NATS subscription full: messages to it were dropped");
+            }
+        }
+        async_nats::Event::ServerError(e) => {
+            tracing::warn!("NATS server error (its text is logged at debug)");
+            tracing::debug!(error = %e, "NATS server error");
+        }
+        other => tracing::warn!(event = %other, "NATS connection event"),
+    }
 }
 
 /// The NATS connections of one process, one per role it runs. A connection

@@ -58,7 +58,7 @@ impl Clock {
     pub fn stop(&self) -> Vec<(String, f64)> {
         let secs = self.t0.elapsed().as_secs_f64().max(1e-9);
         let mut out = Vec::new();
-        for (g, before) in &self.groups {
+        for (g, before) in self.groups.iter().filter(|(g, _)| !g.pids.is_empty()) {
             let now: Option<f64> = g.pids.iter().map(|p| cpu_secs(*p)).sum();
             if let Some(now) = now {
                 out.push((g.name.clone(), (now - before) / secs));
