@@ -81,12 +81,10 @@ impl Tails {
             // tail of its own.
             return start(client.clone(), subject.to_owned());
         };
-        // A tail whose task ended (its subscription closed) is replaced:
-        // its sender is gone before the task counts as finished, so both
-        // are checked.
-        if let Some(t) =
-            live.get(subject).and_then(Weak::upgrade).filter(|t| !t.task.is_finished() && t.tx.upgrade().is_some())
-        {
+        // A tail whose task ended (its subscription closed) is replaced.
+        // Its task held the only sender, which is gone as soon as the task
+        // stops (before the task counts as finished).
+        if let Some(t) = live.get(subject).and_then(Weak::upgrade).filter(|t| t.tx.upgrade().is_some()) {
             return t;
         }
         live.retain(|_, t| t.strong_count() > 0);

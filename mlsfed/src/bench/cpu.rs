@@ -68,14 +68,15 @@ impl Clock {
     }
 }
 
-/// One line for the table, and an object for the JSON.
-pub fn report(cores: &[(String, f64)]) -> Option<(String, serde_json::Value)> {
+/// Prints one line for the table and records the same figures under
+/// `key` in the JSON report; nothing where `/proc` gave nothing.
+pub fn note(report: &mut serde_json::Map<String, serde_json::Value>, key: &str, cores: &[(String, f64)]) {
     if cores.is_empty() {
-        return None;
+        return;
     }
     let machine = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let parts: Vec<String> = cores.iter().map(|(n, c)| format!("{n} {c:.2}")).collect();
-    let line = format!("  CPU in cores (of {machine}): {}", parts.join(", "));
+    println!("  CPU in cores (of {machine}): {}", parts.join(", "));
     let obj: serde_json::Map<String, serde_json::Value> = cores.iter().map(|(n, c)| (n.clone(), json!(c))).collect();
-    Some((line, serde_json::Value::Object(obj)))
+    report.insert(key.to_owned(), serde_json::Value::Object(obj));
 }

@@ -167,10 +167,7 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
         let used = clock.stop();
         let cost = cost_of(&js, before, a.messages).await?;
         print_run(&format!("1000 groups x 10 members, {in_flight} submits in flight"), &a, Some(&cost));
-        if let Some((line, obj)) = cpu::report(&used) {
-            println!("{line}");
-            report.insert("end_to_end_cpu_cores".into(), obj);
-        }
+        cpu::note(&mut report, "end_to_end_cpu_cores", &used);
         report.insert("in_flight".into(), json!(in_flight));
         // Where a submit's time goes, from the operator's own histograms: the
         // HTTP handler (auth to verdict), and the sequencer's decision.
@@ -239,10 +236,7 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
             let used = clock.stop();
             let cost = cost_of(&js, before, r.messages).await?;
             print_run(&format!("one group of {size}, one sender, 32 submits in flight"), &r, Some(&cost));
-            if let Some((line, obj)) = cpu::report(&used) {
-                println!("{line}");
-                report.insert(format!("group_{size}_cpu_cores"), obj);
-            }
+            cpu::note(&mut report, &format!("group_{size}_cpu_cores"), &used);
             report.insert(format!("group_{size}_msgs_per_s"), json!(r.delivered_per_s()));
             report.insert(format!("group_{size}_deliveries_per_s"), json!(r.deliveries_per_s()));
             report.insert(format!("group_{size}_bytes_per_msg"), json!(cost.bytes_per_msg));
@@ -301,10 +295,7 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
                             &r,
                             None,
                         );
-                        if let Some((line, obj)) = cpu::report(&used) {
-                            println!("{line}");
-                            report.insert(format!("sequencers_{k}_cpu_cores"), obj);
-                        }
+                        cpu::note(&mut report, &format!("sequencers_{k}_cpu_cores"), &used);
                         report.insert(format!("sequencers_{k}_msgs_per_s"), json!(r.delivered_per_s()));
                         report.insert(format!("sequencers_{k}_accepted_msgs_per_s"), json!(r.accepted_per_s()));
                         report.insert(format!("sequencers_{k}_p99_ms"), json!(r.pct_ms(0.99)));
