@@ -52,7 +52,36 @@ pub struct Item {
 pub enum Frame {
     Mailbox(Item),
     Entry(Item),
-    Error { group: Option<String>, code: ErrorCode, message: String },
+    /// A submission sent on the socket ([`submit_frame`]) was accepted.
+    Accepted {
+        #[serde(rename = "ref")]
+        reference: u64,
+        group: String,
+        position: u64,
+        epoch: u64,
+    },
+    /// With `reference`: the answer to that submission (never naming a
+    /// group). With `group`: the socket no longer follows that group.
+    Error {
+        group: Option<String>,
+        code: ErrorCode,
+        message: String,
+        #[serde(default, rename = "ref")]
+        reference: Option<u64>,
+        #[serde(default)]
+        current_epoch: Option<u64>,
+        #[serde(default)]
+        winning_commit_position: Option<u64>,
+    },
+}
+
+/// The binary WebSocket frame that submits `bundle` (what `POST
+/// /v1/messages` takes) under `reference`, which the answer frame repeats.
+pub fn submit_frame(reference: u64, bundle: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(8 + bundle.len());
+    frame.extend_from_slice(&reference.to_be_bytes());
+    frame.extend_from_slice(bundle);
+    frame
 }
 
 /// One read of a group's entries.

@@ -241,6 +241,9 @@ pub struct Limits {
     pub max_websockets: usize,
     /// Most groups one WebSocket follows (and one sync request reports).
     pub max_followed_groups: usize,
+    /// Most submissions one WebSocket has waiting for their verdicts; one
+    /// more is answered `unavailable` on the socket at once.
+    pub max_socket_submits: usize,
     /// Most open client connections per ingest process (keep it under the
     /// process's file-descriptor limit); one more gets a 503 and is closed.
     pub max_connections: usize,
@@ -363,6 +366,7 @@ impl Default for Limits {
             max_fetch: 256,
             max_websockets: 10_000,
             max_followed_groups: 1024,
+            max_socket_submits: 64,
             max_connections: 512,
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,

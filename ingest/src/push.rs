@@ -8,6 +8,9 @@
 //! at most the socket's periodic mailbox check. A group is re-read on that
 //! timer only while it needs it (held at a membership change, or its last
 //! read failed); otherwise its tail says when there is something to read.
+//! The device may also submit on its socket: a binary frame carries its ref
+//! and a bundle, worked on like `POST /v1/messages` (at most
+//! `limits.max_socket_submits` at once) and answered by ref.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -16,13 +19,15 @@ use std::time::Duration;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use futures::stream::{BoxStream, SelectAll};
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, FuturesUnordered, SelectAll};
 use futures::{SinkExt, StreamExt};
 use proto::{names, DeviceId, ErrorCode};
 use serde::Deserialize;
 
 use crate::groups::{self, Access};
 use crate::mailbox::{next_seq, own_mailbox, purge};
+use crate::submit::AcceptedJson;
 use crate::tails::{Batch, Tail};
 use crate::{Reject, Shared};
 
@@ -34,6 +39,15 @@ const RECHECK: Duration = Duration::from_secs(5);
 const READ_BUFFER: usize = 4096;
 /// Most tail batches one socket writes with a single flush.
 const COALESCE: usize = 64;
+/// A submission frame starts with the device's ref for it (big-endian u64).
+const SUBMIT_REF_BYTES: usize = 8;
+/// The route label of submissions over a socket in the API's metrics.
+const SUBMIT_ROUTE: &str = "ws:submit";
+/// How long a stopping socket waits for its submissions' verdicts.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// A submission's outcome, with the device's ref and when it arrived.
+type Submitted = (u64, std::time::Instant, Result<AcceptedJson, Reject>);
 
 #[derive(Deserialize)]
 pub struct PushQuery {
@@ -61,8 +75,13 @@ pub async fn websocket(
     // tungstenite zeroes its whole read buffer before every read (128 KiB
     // by default): with thousands of sockets that memset was the largest
     // single cost of pushing. A device sends only small frames.
+    // A submission's frame is its 8-byte ref and a bundle of at most
+    // `max_body_bytes`; a larger frame closes the socket (1009).
+    let max_frame = api.cfg.limits.max_body_bytes.saturating_add(SUBMIT_REF_BYTES);
     Ok(ws
         .read_buffer_size(READ_BUFFER)
+        .max_message_size(max_frame)
+        .max_frame_size(max_frame)
         .on_upgrade(move |socket| async move {
             Socket::new(api, device, q.after).run(socket).await;
             drop(permit);
@@ -162,6 +181,7 @@ impl Socket {
             return;
         };
         let mut tails: SelectAll<Batches> = SelectAll::new();
+        let mut submits: FuturesUnordered<BoxFuture<'static, Submitted>> = FuturesUnordered::new();
         let mut mailbox_due = true;
         // A wake-up can come before its item is readable: a read that finds
         // nothing after one is retried a few times, briefly.
@@ -203,7 +223,36 @@ impl Socket {
                 continue;
             }
             tokio::select! {
-                _ = self.api.shutdown.cancelled() => { let _ = tx.send(Message::Close(None)).await; return; }
+                _ = self.api.shutdown.cancelled() => {
+                    // Submissions already queued get their verdicts first;
+                    // one cut off is learnt by sending the same bytes again.
+                    let _ = tokio::time::timeout(DRAIN, async {
+                        while let Some(done) = submits.next().await {
+                            if self.answer(done, &mut tx).await.is_err() {
+                                return;
+                            }
+                        }
+                    })
+                    .await;
+                    let _ = tx.send(Message::Close(None)).await;
+                    return;
+                }
+                Some(first) = submits.next(), if !submits.is_empty() => {
+                    // Verdicts that are ready together go in one write.
+                    let mut next = Some(first);
+                    let mut revoked = false;
+                    while let Some(done) = next.take() {
+                        revoked |= matches!(&done.2, Err(e) if e.0.code == ErrorCode::DeviceRevoked);
+                        if self.answer(done, &mut tx).await.is_err() {
+                            return;
+                        }
+                        next = futures::FutureExt::now_or_never(submits.next()).flatten();
+                    }
+                    if tx.flush().await.is_err() || revoked {
+                        let _ = tx.send(Message::Close(None)).await;
+                        return;
+                    }
+                }
                 _ = mail_wake.next() => { mailbox_due = true; mailbox_announced = true; }
                 Some(first) = tails.next(), if !tails.is_empty() => {
                     // Whatever else the tails hold already goes in the same
@@ -273,11 +322,99 @@ impl Socket {
                             }
                         }
                     }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Binary(_))) => {}
+                    Some(Ok(Message::Binary(frame))) => {
+                        if let Err(RefReject(reference, e)) = self.take_submission(&frame, &mut submits) {
+                            let frame = error_frame(reference, None, &e).to_string();
+                            if tx.send(Message::Text(frame.into())).await.is_err() { return; }
+                        }
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     _ => return,
                 },
             }
         }
+    }
+
+    /// Starts the submission a binary frame carries (its ref, then the
+    /// bundle `POST /v1/messages` takes). A refusal before it starts is
+    /// answered here; the verdict comes back through `submits`.
+    fn take_submission(
+        &self,
+        frame: &[u8],
+        submits: &mut FuturesUnordered<BoxFuture<'static, Submitted>>,
+    ) -> Result<(), RefReject> {
+        let at = std::time::Instant::now();
+        let Some((head, body)) = frame.split_first_chunk::<SUBMIT_REF_BYTES>() else {
+            let e = Reject::new(ErrorCode::InvalidRequest, "a submission frame starts with an 8-byte ref");
+            self.observe(at, Err(e.0.code));
+            return Err(RefReject(None, e));
+        };
+        let reference = u64::from_be_bytes(*head);
+        if submits.len() >= self.api.cfg.limits.max_socket_submits {
+            let e = Reject::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "this socket has {} submissions waiting for verdicts; retry when one is answered",
+                    submits.len()
+                ),
+            );
+            self.observe(at, Err(e.0.code));
+            return Err(RefReject(Some(reference), e));
+        }
+        let (api, device, body) = (self.api.clone(), self.device.clone(), body.to_vec());
+        submits.push(Box::pin(async move {
+            // As over HTTP, a removed device is refused at once, not only
+            // at the socket's next revocation check.
+            let outcome = match api.keydir.is_revoked(&device).await {
+                Ok(true) => Err(Reject::new(ErrorCode::DeviceRevoked, "this device was removed")),
+                Ok(false) => crate::submit::submit(&api, device, &body, None).await,
+                Err(e) => Err(Reject(e.to_api())),
+            };
+            (reference, at, outcome)
+        }));
+        Ok(())
+    }
+
+    /// Queues a submission's answer frame (the caller flushes).
+    async fn answer<S>(&self, (reference, at, outcome): Submitted, tx: &mut S) -> Result<(), ()>
+    where
+        S: futures::Sink<Message> + Unpin,
+    {
+        let frame = match outcome {
+            Ok(a) => {
+                self.observe(at, Ok(()));
+                serde_json::json!({
+                    "type": "accepted",
+                    "ref": reference,
+                    "group": a.group,
+                    "position": a.position,
+                    "epoch": a.epoch,
+                })
+            }
+            Err(e) => {
+                self.observe(at, Err(e.0.code));
+                error_frame(Some(reference), None, &e)
+            }
+        };
+        tx.feed(Message::Text(frame.to_string().into())).await.map_err(|_| ())
+    }
+
+    /// Counts a socket submission like an HTTP one: latency by the status
+    /// its outcome has over HTTP, refusals by code.
+    fn observe(&self, at: std::time::Instant, outcome: Result<(), ErrorCode>) {
+        let status = match outcome {
+            Ok(()) => 200,
+            Err(code) => {
+                self.api.metrics.errors.with_label_values(&[code.as_str()]).inc();
+                code.http_status()
+            }
+        };
+        let status = status.to_string();
+        self.api
+            .metrics
+            .requests
+            .with_label_values(&[SUBMIT_ROUTE, status.as_str()])
+            .observe(at.elapsed().as_secs_f64());
     }
 
     /// Follows a group from the device's cursor; returns its subject and,
@@ -465,16 +602,40 @@ impl Socket {
     }
 }
 
-/// An error frame: `{"type": "error", "group": ..., "code": ..., "message": ...}`.
-async fn send_error<S>(tx: &mut S, group: Option<&str>, e: &Reject) -> Result<(), ()>
-where
-    S: futures::Sink<Message> + Unpin,
-{
-    let frame = serde_json::json!({
+/// A refusal of a submission frame, with its ref when it had one.
+struct RefReject(Option<u64>, Reject);
+
+/// An error frame: `{"type": "error", "group": ..., "code": ..., "message": ...}`,
+/// with `ref` when it answers a submission (and then never a group: a
+/// frame naming a group says the socket stopped following it), and the
+/// `wrong_epoch` fields when they apply.
+fn error_frame(reference: Option<u64>, group: Option<&str>, e: &Reject) -> serde_json::Value {
+    let mut frame = serde_json::json!({
         "type": "error",
         "group": group,
         "code": e.0.code,
         "message": e.0.message,
+        "retryable": e.0.retryable,
     });
+    let extra = [
+        ("ref", reference),
+        ("current_epoch", e.0.current_epoch),
+        ("winning_commit_position", e.0.winning_commit_position),
+    ];
+    if let Some(map) = frame.as_object_mut() {
+        for (key, value) in extra {
+            if let Some(v) = value {
+                map.insert(key.into(), v.into());
+            }
+        }
+    }
+    frame
+}
+
+async fn send_error<S>(tx: &mut S, group: Option<&str>, e: &Reject) -> Result<(), ()>
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    let frame = error_frame(None, group, e);
     tx.send(Message::Text(frame.to_string().into())).await.map_err(|_| ())
 }

@@ -13,10 +13,10 @@ use serde::Serialize;
 use crate::{json, read_body, AuthDevice, Reject, Shared};
 
 #[derive(Serialize)]
-struct AcceptedJson {
-    group: String,
-    position: u64,
-    epoch: u64,
+pub(crate) struct AcceptedJson {
+    pub group: String,
+    pub position: u64,
+    pub epoch: u64,
 }
 
 pub async fn create_group(
@@ -61,7 +61,23 @@ pub async fn submit_message(
     body: Body,
 ) -> Result<Response, Reject> {
     let body = read_body(&api, body).await?;
-    let bundle = proto::mls::parse_bundle(&body)?;
+    let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(k)) if !k.is_empty() && k.len() <= 128 => Some(k),
+        Some(_) => return Err(Reject::new(ErrorCode::InvalidRequest, "Idempotency-Key must be 1..=128 bytes")),
+    };
+    Ok(json(submit(&api, device, &body, key).await?).into_response())
+}
+
+/// Submits one message bundle (`POST /v1/messages`, or a binary frame on
+/// the device's WebSocket) and waits for its verdict.
+pub(crate) async fn submit(
+    api: &Shared,
+    device: proto::DeviceId,
+    body: &[u8],
+    key: Option<&str>,
+) -> Result<AcceptedJson, Reject> {
+    let bundle = proto::mls::parse_bundle(body)?;
     let group = bundle.header.group.clone();
     // A group hosted elsewhere: the submission goes to its hub through our
     // outbox (only the bridge talks to other operators).
@@ -70,10 +86,9 @@ pub async fn submit_message(
     }
     // A client idempotency key makes a retry of a re-encrypted message (new
     // bytes, same intent) dedupe too; by default the bytes are the key.
-    let id = match headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
-        Some(k) if !k.is_empty() && k.len() <= 128 => proto::wire::submission_id(&device, &[b"key", k.as_bytes()]),
-        Some(_) => return Err(Reject::new(ErrorCode::InvalidRequest, "Idempotency-Key must be 1..=128 bytes")),
-        None => proto::wire::submission_id(&device, &[b"msg", &body]),
+    let id = match key {
+        Some(k) => proto::wire::submission_id(&device, &[b"key", k.as_bytes()]),
+        None => proto::wire::submission_id(&device, &[b"msg", body]),
     };
     let welcome_refs = match &bundle.welcome {
         Some(w) => proto::mls::welcome_recipients(w)?,
@@ -90,13 +105,13 @@ pub async fn submit_message(
         },
         origin: None,
     };
-    let (position, epoch) = await_verdict(&api, sub).await?;
+    let (position, epoch) = await_verdict(api, sub).await?;
     // The accepted Welcome used these KeyPackages: settle their reservations
     // (best effort; an unsettled one would only return to its pool later).
     if let Err(e) = api.keydir.consumed(&welcome_refs).await {
         tracing::warn!(error = %e, "cannot settle KeyPackage reservations");
     }
-    Ok(json(AcceptedJson { group: group.to_string(), position, epoch }).into_response())
+    Ok(AcceptedJson { group: group.to_string(), position, epoch })
 }
 
 /// Queues a submission and waits for the sequencer's verdict: the first

@@ -108,8 +108,11 @@ enum Cmd {
         #[arg(long)]
         shared_connection: bool,
         /// Only the ceiling and the federation runs (for tuning a link).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "groups_only")]
         federation_only: bool,
+        /// Only the ceiling and the one-group runs (for tuning delivery).
+        #[arg(long)]
+        groups_only: bool,
         /// The bench nats-server's `sync_interval` ("always", "1s", or ""
         /// for nats-server's 2-minute default); default: streams.sync_interval.
         #[arg(long)]
@@ -157,14 +160,33 @@ async fn main() -> anyhow::Result<()> {
             };
             cluster::run(cfg, dir, mode).await
         }
-        Cmd::Bench { messages, size, json, no_scale_out, in_flight, shared_connection, federation_only, sync } => {
+        Cmd::Bench {
+            messages,
+            size,
+            json,
+            no_scale_out,
+            in_flight,
+            shared_connection,
+            federation_only,
+            groups_only,
+            sync,
+        } => {
             let mut cfg = cfg;
             if let Some(s) = sync {
                 cfg.streams.sync_interval = s;
             }
             bench::run(
                 cfg,
-                bench::Options { messages, size, json, no_scale_out, in_flight, shared_connection, federation_only },
+                bench::Options {
+                    messages,
+                    size,
+                    json,
+                    no_scale_out,
+                    in_flight,
+                    shared_connection,
+                    federation_only,
+                    groups_only,
+                },
             )
             .await
         }

@@ -109,3 +109,120 @@ async fn pushed_in_order_and_resumed_from_the_cursor() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Reads frames until every ref in `refs` has its answer; returns them by
+/// ref. An entry or mailbox frame on the way is skipped; an answer twice,
+/// or to a ref never sent, fails.
+async fn answers<S>(ws: &mut S, refs: &[u64]) -> anyhow::Result<std::collections::BTreeMap<u64, Frame>>
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let mut got = std::collections::BTreeMap::new();
+    while got.len() < refs.len() {
+        let frame = next_frame(ws).await?;
+        let reference = match &frame {
+            Frame::Accepted { reference, .. } => *reference,
+            Frame::Error { reference: Some(r), .. } => *r,
+            Frame::Error { reference: None, .. } => anyhow::bail!("an error frame without a ref: {frame:?}"),
+            _ => continue,
+        };
+        anyhow::ensure!(refs.contains(&reference), "an answer to ref {reference}, never sent: {frame:?}");
+        anyhow::ensure!(got.insert(reference, frame).is_none(), "ref {reference} answered twice");
+    }
+    Ok(got)
+}
+
+/// A device submits on its own socket: each binary frame (ref, bundle) is
+/// answered by ref, as `POST /v1/messages` would answer it; refusals carry
+/// their stable code, and a socket with too many submissions waiting
+/// refuses one more at once with `unavailable` instead of stalling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_on_the_socket_are_answered_by_ref() -> anyhow::Result<()> {
+    use tests::client::http::submit_frame;
+    use tests::proto::ErrorCode;
+    let nats = NatsServer::start()?;
+    let op = Operator::start_with(&nats, "a.example", "run", |c| c.limits.max_socket_submits = 2)?;
+    let mut alice = op.client("alice", "phone", 2).await?;
+    let mut bob = op.client("bob", "phone", 2).await?;
+    let g = alice.create_group("ws-submit").await?;
+    // Encrypted in epoch 0, sent after the add moved the group to epoch 1.
+    let stale = alice.encrypt_for_bench(&g, b"stale")?;
+    alice.add(&g, &[op.user_id("bob")]).await?;
+    settle(&mut [&mut bob]).await?;
+    let mut bob_ws = bob.http().websocket(bob.cursor()).await?;
+    bob_ws.send(Message::Text(bob.follow_frame().into())).await?;
+    let mut ws = alice.http().websocket(alice.cursor()).await?;
+
+    // Accepted, answered by ref; the same bytes again are the same
+    // submission (the bytes are its idempotency key), at the same position.
+    let m0 = alice.encrypt_for_bench(&g, b"m0")?;
+    ws.send(Message::Binary(submit_frame(1, &m0).into())).await?;
+    ws.send(Message::Binary(submit_frame(2, &m0).into())).await?;
+    let got = answers(&mut ws, &[1, 2]).await?;
+    let position = |f: &Frame| match f {
+        Frame::Accepted { position, group, epoch, .. } if *group == g && *epoch == 1 => Ok(*position),
+        other => Err(anyhow::anyhow!("expected an acceptance in epoch 1 of {g}, got {other:?}")),
+    };
+    let p0 = position(&got[&1])?;
+    assert_eq!(position(&got[&2])?, p0, "a resend was stored twice");
+    // The member gets it pushed, once, and reads the text.
+    let pushed = next_entries(&mut bob_ws, 1).await?;
+    assert_eq!(pushed[0].position, p0);
+    match bob.apply_entry(&pushed[0]).await? {
+        Some(tests::client::Event::Message { text, .. }) => assert_eq!(text, "m0"),
+        other => panic!("the pushed entry did not apply as m0: {other:?}"),
+    }
+
+    // Refusals: by ref with the stable code (and the epoch fields of
+    // `wrong_epoch`), never naming a group, and the socket goes on.
+    ws.send(Message::Binary(submit_frame(3, &stale).into())).await?;
+    // A real message cut short: it no longer decodes.
+    ws.send(Message::Binary(submit_frame(4, &m0[..12]).into())).await?;
+    let got = answers(&mut ws, &[3, 4]).await?;
+    match &got[&3] {
+        Frame::Error { code: ErrorCode::WrongEpoch, current_epoch: Some(1), group: None, .. } => {}
+        other => panic!("expected wrong_epoch at epoch 1, got {other:?}"),
+    }
+    match &got[&4] {
+        Frame::Error { code: ErrorCode::MalformedMessage, group: None, .. } => {}
+        other => panic!("expected malformed_message, got {other:?}"),
+    }
+    // A frame too short to hold a ref is answered without one.
+    ws.send(Message::Binary(vec![0, 1, 2].into())).await?;
+    match next_frame(&mut ws).await? {
+        Frame::Error { code: ErrorCode::InvalidRequest, reference: None, group: None, .. } => {}
+        other => panic!("expected invalid_request without a ref, got {other:?}"),
+    }
+
+    // Twelve at once on a socket that holds two: every one is answered
+    // once, some with `unavailable`, and the accepted ones are stored once
+    // each and pushed to the member.
+    let refs: Vec<u64> = (10..22).collect();
+    for &r in &refs {
+        let body = alice.encrypt_for_bench(&g, format!("burst {r}").as_bytes())?;
+        ws.feed(Message::Binary(submit_frame(r, &body).into())).await?;
+    }
+    ws.flush().await?;
+    let got = answers(&mut ws, &refs).await?;
+    let mut accepted = Vec::new();
+    let mut busy = 0;
+    for frame in got.values() {
+        match frame {
+            Frame::Accepted { .. } => accepted.push(position(frame)?),
+            Frame::Error { code: ErrorCode::Unavailable, .. } => busy += 1,
+            other => panic!("expected an acceptance or unavailable, got {other:?}"),
+        }
+    }
+    assert!(busy > 0, "twelve submissions fit a socket that holds two");
+    assert!(!accepted.is_empty(), "none of twelve was accepted");
+    accepted.sort_unstable();
+    let pushed: Vec<u64> = next_entries(&mut bob_ws, accepted.len()).await?.iter().map(|e| e.position).collect();
+    assert_eq!(pushed, accepted, "the member got other entries than those accepted");
+
+    // Counted like HTTP requests: by route and status, refusals by code.
+    let ok = tests::metric(&op, r#"mlsfed_api_request_seconds_count{route="ws:submit",status="200"}"#).await;
+    assert!(ok >= 1.0 + accepted.len() as f64, "accepted socket submissions counted {ok}");
+    assert!(tests::metric(&op, r#"mlsfed_api_errors_total{code="wrong_epoch"}"#).await >= 1.0);
+    assert!(tests::metric(&op, r#"mlsfed_api_errors_total{code="unavailable"}"#).await >= busy as f64);
+    Ok(())
+}

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use client::lite::Lite;
 use client::Http;
 use futures::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::unix_now;
@@ -45,8 +45,21 @@ impl Groups {
     }
 }
 
+/// A submission's answer on a device's socket.
+type Answer = Result<client::Accepted, proto::ApiError>;
+
+/// How the fleet's devices submit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// `POST /v1/messages`, one request each.
+    Http,
+    /// A binary frame on the device's own WebSocket.
+    Socket,
+}
+
 struct Reader {
     follow: mpsc::UnboundedSender<Vec<(String, u64)>>,
+    submit: mpsc::UnboundedSender<(Vec<u8>, oneshot::Sender<Answer>)>,
     arrivals: Arc<Mutex<Vec<Arrival>>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -69,6 +82,8 @@ pub struct Fleet {
     pub delivered: Arc<AtomicU64>,
     /// Entries pushed twice to one device (must stay 0).
     pub duplicates: Arc<AtomicU64>,
+    /// How [`Fleet::run`] submits.
+    pub via: Via,
 }
 
 /// What one closed- or open-loop run measured.
@@ -125,6 +140,7 @@ impl Fleet {
             readers: Vec::new(),
             delivered: Arc::default(),
             duplicates: Arc::default(),
+            via: Via::Http,
         })
     }
 
@@ -230,6 +246,7 @@ impl Fleet {
     async fn open_reader(&self, i: usize) -> anyhow::Result<Reader> {
         let mut ws = self.https[i].websocket(0).await?;
         let (follow, mut rx) = mpsc::unbounded_channel::<Vec<(String, u64)>>();
+        let (submit, mut submits) = mpsc::unbounded_channel::<(Vec<u8>, oneshot::Sender<Answer>)>();
         let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::default();
         let (arr, groups, delivered) = (arrivals.clone(), self.groups.clone(), self.delivered.clone());
         let task = tokio::spawn(async move {
@@ -242,8 +259,15 @@ impl Fleet {
                 #[serde(default)]
                 position: u64,
                 #[serde(default)]
+                epoch: u64,
+                #[serde(default)]
                 kind: &'a str,
+                #[serde(default, rename = "ref")]
+                reference: Option<u64>,
             }
+            // Submissions sent on this socket, by ref, until answered.
+            let mut pending: HashMap<u64, oneshot::Sender<Answer>> = HashMap::new();
+            let mut next_ref = 0u64;
             loop {
                 tokio::select! {
                     f = rx.recv() => {
@@ -252,18 +276,39 @@ impl Fleet {
                             gs.into_iter().map(|(g, after)| (g, serde_json::json!({ "after": after }))).collect();
                         ws.send(Message::Text(serde_json::json!({ "follow": follow }).to_string().into())).await?;
                     }
+                    Some((body, answer)) = submits.recv() => {
+                        next_ref += 1;
+                        pending.insert(next_ref, answer);
+                        ws.send(Message::Binary(client::http::submit_frame(next_ref, &body).into())).await?;
+                    }
                     m = ws.next() => {
                         let Some(m) = m else { return Ok(()) };
                         if let Message::Text(t) = m? {
                             let at = Instant::now();
                             let f: Frame<'_> = serde_json::from_str(&t)?;
-                            match f.frame {
-                                "entry" if f.kind == "application" => {
+                            match (f.frame, f.reference) {
+                                ("entry", _) if f.kind == "application" => {
                                     let g = groups.index(f.group.unwrap_or_default());
                                     arr.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push((g, f.position, at));
                                     delivered.fetch_add(1, Ordering::Relaxed);
                                 }
-                                "error" => anyhow::bail!("reader {i}: {t}"),
+                                ("accepted", Some(r)) => {
+                                    let a = client::Accepted {
+                                        group: f.group.unwrap_or_default().to_owned(),
+                                        position: f.position,
+                                        epoch: f.epoch,
+                                    };
+                                    if let Some(tx) = pending.remove(&r) {
+                                        let _ = tx.send(Ok(a));
+                                    }
+                                }
+                                ("error", Some(r)) => {
+                                    let e: proto::ApiError = serde_json::from_str(&t)?;
+                                    if let Some(tx) = pending.remove(&r) {
+                                        let _ = tx.send(Err(e));
+                                    }
+                                }
+                                ("error", None) => anyhow::bail!("reader {i}: {t}"),
                                 _ => {}
                             }
                         }
@@ -271,7 +316,7 @@ impl Fleet {
                 }
             }
         });
-        Ok(Reader { follow, arrivals, task })
+        Ok(Reader { follow, submit, arrivals, task })
     }
 
     /// Sends `bodies` with `in_flight` submits at a time (closed loop), or
@@ -293,9 +338,16 @@ impl Fleet {
         let t0 = Instant::now();
         let send = |(g, who, body): Outgoing| {
             let (http, starts, gi) = (self.https[who].clone(), starts.clone(), self.groups.index(&g));
+            let socket = match self.via {
+                Via::Socket => self.readers.get(who).map(|r| r.submit.clone()),
+                Via::Http => None,
+            };
             async move {
                 let s = Instant::now();
-                let a = submit(&http, body).await?;
+                let a = match socket {
+                    Some(socket) => submit_on_socket(&socket, body).await?,
+                    None => submit(&http, body).await?,
+                };
                 starts.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert((gi, a.position), s);
                 anyhow::Ok(())
             }
@@ -400,6 +452,25 @@ pub async fn submit_all(https: &[Http], bodies: Vec<(usize, Vec<u8>, bool)>, in_
     .await;
     results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
     Ok(())
+}
+
+/// Submits `body` on a device's socket, resending the same bytes while the
+/// answer is retryable, as [`submit`] does over HTTP.
+async fn submit_on_socket(
+    socket: &mpsc::UnboundedSender<(Vec<u8>, oneshot::Sender<Answer>)>,
+    body: Vec<u8>,
+) -> anyhow::Result<client::Accepted> {
+    let mut last = None;
+    for _ in 0..6 {
+        let (tx, rx) = oneshot::channel();
+        socket.send((body.clone(), tx)).ok().context("the device's socket is gone")?;
+        match rx.await.context("the device's socket closed before answering")? {
+            Ok(a) => return Ok(a),
+            Err(e) if e.code.retryable() && e.code != proto::ErrorCode::WrongEpoch => last = Some(e),
+            Err(e) => anyhow::bail!("{:?}: {}", e.code, e.message),
+        }
+    }
+    Err(last.map(|e| anyhow::anyhow!("{:?}: {}", e.code, e.message)).unwrap_or_else(|| anyhow::anyhow!("no verdict")))
 }
 
 /// Submits `body`, resending the same bytes while the answer is retryable

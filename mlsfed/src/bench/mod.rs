@@ -29,7 +29,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::embedded_nats;
-use fleet::{Fleet, Run};
+use fleet::{Fleet, Run, Via};
 
 pub struct Options {
     /// Messages of the 1000 groups × 10 members run (other runs scale from it).
@@ -45,6 +45,8 @@ pub struct Options {
     pub shared_connection: bool,
     /// Only the ceiling and the federation runs.
     pub federation_only: bool,
+    /// Only the ceiling and the one-group runs (for tuning delivery).
+    pub groups_only: bool,
 }
 
 const DEVICES: usize = 1000;
@@ -148,70 +150,98 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
         ));
         let secret = cfg.token_secret.expose().as_bytes().to_vec();
         let mut fleet = Fleet::new(&cfg.domain, &secret, &url, DEVICES, "dev")?;
-        let t_setup = Instant::now();
-        let fleet::Tens { per_device, sizes, senders } = fleet.groups_of_ten(GROUPS).await?;
-        println!("setup: {DEVICES} devices, {GROUPS} groups of 10, one WebSocket per device: {:?}", t_setup.elapsed());
-
-        // 2a. 1000 groups × 10, closed loop.
-        let bodies = fleet.messages(&senders, opts.messages, opts.size)?;
-        // Profilers start on this line: what follows is the timed run.
-        println!("sending {} messages over {GROUPS} groups", bodies.len());
-        let before = js_totals(&js).await?;
-        let stages_before = stages(&registry);
         let in_flight = opts.in_flight.max(1);
-        let clock = cpu::Clock::start(vec![
-            cpu::Group::new("bench process (operator and devices)", [std::process::id()]),
-            cpu::Group::new("nats-server", embedded.pid()),
-        ]);
-        let a = fleet.run(bodies, &sizes, in_flight, None, Duration::from_secs(90)).await?;
-        let used = clock.stop();
-        let cost = cost_of(&js, before, a.messages).await?;
-        print_run(&format!("1000 groups x 10 members, {in_flight} submits in flight"), &a, Some(&cost));
-        cpu::note(&mut report, "end_to_end_cpu_cores", &used);
-        report.insert("in_flight".into(), json!(in_flight));
-        // Where a submit's time goes, from the operator's own histograms: the
-        // HTTP handler (auth to verdict), and the sequencer's decision.
-        let stages_after = stages(&registry);
-        for (name, (sum, count)) in &stages_after {
-            let (s0, c0) = stages_before.get(name).copied().unwrap_or((0.0, 0));
-            let n = count.saturating_sub(c0);
-            if n > 0 {
-                let mean_ms = (sum - s0) / n as f64 * 1000.0;
-                println!("  operator: {name} mean {mean_ms:.2} ms over {n}");
-                report.insert(format!("stage_{name}_mean_ms"), json!(mean_ms));
+        let tens = if opts.groups_only {
+            None
+        } else {
+            let t_setup = Instant::now();
+            let tens = fleet.groups_of_ten(GROUPS).await?;
+            println!(
+                "setup: {DEVICES} devices, {GROUPS} groups of 10, one WebSocket per device: {:?}",
+                t_setup.elapsed()
+            );
+            Some(tens)
+        };
+        if let Some(fleet::Tens { sizes, senders, .. }) = &tens {
+            // 2a. 1000 groups × 10, closed loop: submitted over HTTP, then
+            // on each sender's own socket (the headline figures).
+            let mut socket_run = None;
+            for via in [Via::Http, Via::Socket] {
+                fleet.via = via;
+                let (label, prefix) = match via {
+                    Via::Http => ("POST /v1/messages", "end_to_end_http_"),
+                    Via::Socket => ("the sender's WebSocket", "end_to_end_"),
+                };
+                let key = |k: &str| format!("{prefix}{k}");
+                let bodies = fleet.messages(senders, opts.messages, opts.size)?;
+                // Profilers start on this line: what follows is the timed run.
+                println!("sending {} messages over {GROUPS} groups through {label}", bodies.len());
+                let before = js_totals(&js).await?;
+                let stages_before = stages(&registry);
+                let clock = cpu::Clock::start(vec![
+                    cpu::Group::new("bench process (operator and devices)", [std::process::id()]),
+                    cpu::Group::new("nats-server", embedded.pid()),
+                ]);
+                let a = fleet.run(bodies, sizes, in_flight, None, Duration::from_secs(90)).await?;
+                let used = clock.stop();
+                let cost = cost_of(&js, before, a.messages).await?;
+                print_run(
+                    &format!("1000 groups x 10 members, {in_flight} submits in flight through {label}"),
+                    &a,
+                    Some(&cost),
+                );
+                cpu::note(&mut report, &key("cpu_cores"), &used);
+                // Where a submit's time goes, from the operator's own
+                // histograms: the submit (auth to verdict), and the
+                // sequencer's decision.
+                let stages_after = stages(&registry);
+                for (name, (sum, count)) in &stages_after {
+                    let (s0, c0) = stages_before.get(name).copied().unwrap_or((0.0, 0));
+                    let n = count.saturating_sub(c0);
+                    if n > 0 {
+                        let mean_ms = (sum - s0) / n as f64 * 1000.0;
+                        println!("  operator: {name} mean {mean_ms:.2} ms over {n}");
+                        report.insert(format!("{prefix}stage_{name}_mean_ms"), json!(mean_ms));
+                    }
+                }
+                report.insert(key("msgs_per_s"), json!(a.delivered_per_s()));
+                report.insert(key("accepted_msgs_per_s"), json!(a.accepted_per_s()));
+                report.insert(key("deliveries_per_s"), json!(a.deliveries_per_s()));
+                report.insert(key("p50_ms"), json!(a.pct_ms(0.5)));
+                report.insert(key("p99_ms"), json!(a.pct_ms(0.99)));
+                report.insert(key("p999_ms"), json!(a.pct_ms(0.999)));
+                report.insert(key("writes_per_msg"), json!(cost.writes_per_msg));
+                report.insert(key("bytes_per_msg"), json!(cost.bytes_per_msg));
+                report.insert(key("duplicates"), json!(a.duplicates));
+                socket_run = Some(a);
             }
-        }
-        report.insert("end_to_end_msgs_per_s".into(), json!(a.delivered_per_s()));
-        report.insert("end_to_end_accepted_msgs_per_s".into(), json!(a.accepted_per_s()));
-        report.insert("end_to_end_deliveries_per_s".into(), json!(a.deliveries_per_s()));
-        report.insert("end_to_end_p50_ms".into(), json!(a.pct_ms(0.5)));
-        report.insert("end_to_end_p99_ms".into(), json!(a.pct_ms(0.99)));
-        report.insert("end_to_end_p999_ms".into(), json!(a.pct_ms(0.999)));
-        report.insert("end_to_end_writes_per_msg".into(), json!(cost.writes_per_msg));
-        report.insert("end_to_end_bytes_per_msg".into(), json!(cost.bytes_per_msg));
-        report.insert("end_to_end_duplicates".into(), json!(a.duplicates));
+            report.insert("in_flight".into(), json!(in_flight));
+            let a = socket_run.context("no closed-loop run")?;
 
-        // 2a'. Open loop at half the measured rate.
-        let half = (a.delivered_per_s() / 2.0).max(10.0);
-        let n = ((half * 5.0) as usize).clamp(200, 20_000);
-        let bodies = fleet.messages(&senders, n, opts.size)?;
-        let o = fleet.run(bodies, &sizes, 0, Some(half), Duration::from_secs(60)).await?;
-        print_run(&format!("open loop at {half:.0} msgs/s (half the maximum)"), &o, None);
-        report.insert("half_load_msgs_per_s".into(), json!(half));
-        report.insert("p50_half_load_ms".into(), json!(o.pct_ms(0.5)));
-        report.insert("p99_half_load_ms".into(), json!(o.pct_ms(0.99)));
-        report.insert("p999_half_load_ms".into(), json!(o.pct_ms(0.999)));
+            // 2a'. Open loop at half the measured rate.
+            let half = (a.delivered_per_s() / 2.0).max(10.0);
+            let n = ((half * 5.0) as usize).clamp(200, 20_000);
+            let bodies = fleet.messages(senders, n, opts.size)?;
+            let o = fleet.run(bodies, sizes, 0, Some(half), Duration::from_secs(60)).await?;
+            print_run(&format!("open loop at {half:.0} msgs/s (half the maximum)"), &o, None);
+            report.insert("half_load_msgs_per_s".into(), json!(half));
+            report.insert("p50_half_load_ms".into(), json!(o.pct_ms(0.5)));
+            report.insert("p99_half_load_ms".into(), json!(o.pct_ms(0.99)));
+            report.insert("p999_half_load_ms".into(), json!(o.pct_ms(0.999)));
 
-        // 2c. Commits across 1000 groups (one self-update each), then on one.
-        let mut updates = Vec::new();
-        for (g, who) in &senders {
-            updates.push((*who, fleet.members[*who].update(g)?, false));
-        }
-        let t0 = Instant::now();
-        fleet::submit_all(&fleet.https, updates, 256).await?;
-        let commits_many = GROUPS as f64 / t0.elapsed().as_secs_f64();
-        for (g, who) in &senders {
-            fleet.members[*who].merge(g)?;
+            // 2c. Commits across 1000 groups (one self-update each), then on one.
+            let mut updates = Vec::new();
+            for (g, who) in senders {
+                updates.push((*who, fleet.members[*who].update(g)?, false));
+            }
+            let t0 = Instant::now();
+            fleet::submit_all(&fleet.https, updates, 256).await?;
+            let commits_many = GROUPS as f64 / t0.elapsed().as_secs_f64();
+            for (g, who) in senders {
+                fleet.members[*who].merge(g)?;
+            }
+            println!("commits: {commits_many:.0}/s across {GROUPS} groups");
+            report.insert("commits_1000_groups_per_s".into(), json!(commits_many));
         }
 
         // 2b. One group each of 2, 10, 100 and 1000 members, one sender.
@@ -232,6 +262,7 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
                 cpu::Group::new("bench process", [std::process::id()]),
                 cpu::Group::new("nats-server", embedded.pid()),
             ]);
+            println!("sending {n} messages to one group of {size}");
             let r = fleet.run(bodies, &sizes, 32, None, Duration::from_secs(90)).await?;
             let used = clock.stop();
             let cost = cost_of(&js, before, r.messages).await?;
@@ -256,9 +287,8 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
             fleet.members[0].merge(g2)?;
         }
         let commits_one = f64::from(rounds) / serial.as_secs_f64();
-        println!("commits: {commits_one:.0}/s on one group (serial), {commits_many:.0}/s across {GROUPS} groups");
+        println!("commits: {commits_one:.0}/s on one group (serial)");
         report.insert("commits_one_group_per_s".into(), json!(commits_one));
-        report.insert("commits_1000_groups_per_s".into(), json!(commits_many));
         anyhow::ensure!(
             fleet.duplicates.load(std::sync::atomic::Ordering::Relaxed) == 0,
             "a device got an entry twice"
@@ -270,7 +300,7 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
         // 3. Scale-out with separate processes, against the same nats-server.
         // A stage that fails is reported and the run goes on: one broken figure
         // should not cost the others.
-        if !opts.no_scale_out {
+        if let (false, Some(fleet::Tens { per_device, sizes, senders })) = (opts.no_scale_out, &tens) {
             let n = opts.messages;
             for k in [1usize, 2, 4] {
                 match scale::run(
@@ -278,9 +308,9 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
                     &cfg,
                     tmp.path(),
                     &mut fleet,
-                    &per_device,
-                    &senders,
-                    &sizes,
+                    per_device,
+                    senders,
+                    sizes,
                     k,
                     n,
                     opts.size,
@@ -308,6 +338,9 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
     drop(embedded);
 
     // 4. Federation.
+    if opts.groups_only {
+        return finish(report, started, opts.json.as_deref());
+    }
     match fed::run(cfg.clone(), tmp.path(), (opts.messages / 4).max(200)).await {
         Ok(f) => {
             report.insert("link_msgs_per_s".into(), json!(f.link));
@@ -343,10 +376,19 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
             Err(e) => println!("claims on {backend:?} failed: {e:#}"),
         }
     }
+    finish(report, started, opts.json.as_deref())
+}
+
+/// Prints the report as JSON, and writes it to `json` when asked.
+fn finish(
+    mut report: serde_json::Map<String, serde_json::Value>,
+    started: Instant,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     report.insert("bench_secs".into(), json!(started.elapsed().as_secs_f64()));
     let out = serde_json::Value::Object(report);
     println!("{}", serde_json::to_string_pretty(&out)?);
-    if let Some(path) = &opts.json {
+    if let Some(path) = json {
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
@@ -364,7 +406,7 @@ fn stages(registry: &prometheus::Registry) -> HashMap<String, (f64, u64)> {
         }
         for m in family.get_metric() {
             let route = m.get_label().iter().find(|l| l.name() == "route").map(|l| l.value().to_owned());
-            if name == "mlsfed_api_request_seconds" && route.as_deref() != Some("/v1/messages") {
+            if name == "mlsfed_api_request_seconds" && !matches!(route.as_deref(), Some("/v1/messages" | "ws:submit")) {
                 continue;
             }
             let h = m.get_histogram();
