@@ -52,6 +52,11 @@ pub struct Item {
 pub enum Frame {
     Mailbox(Item),
     Entry(Item),
+    /// Several entries in one frame, in order (a socket opened with
+    /// [`Http::websocket_batched`]).
+    Entries {
+        entries: Vec<Item>,
+    },
     /// A submission sent on the socket ([`submit_frame`]) was accepted.
     Accepted {
         #[serde(rename = "ref")]
@@ -83,6 +88,9 @@ pub fn submit_frame(reference: u64, bundle: &[u8]) -> Vec<u8> {
     frame.extend_from_slice(bundle);
     frame
 }
+
+/// A device's WebSocket to its operator.
+pub type WebSocket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// One read of a group's entries.
 #[derive(Debug, Clone, Deserialize)]
@@ -393,14 +401,25 @@ impl Http {
 
     /// Opens the WebSocket push channel from mailbox cursor `after`; send
     /// a `follow` frame for the groups to push.
-    pub async fn websocket(
-        &self,
-        after: u64,
-    ) -> Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, ClientError>
-    {
+    pub async fn websocket(&self, after: u64) -> Result<WebSocket, ClientError> {
+        self.open_websocket(after, false).await
+    }
+
+    /// As [`Http::websocket`], with the entries at hand gathered into
+    /// [`Frame::Entries`] frames.
+    pub async fn websocket_batched(&self, after: u64) -> Result<WebSocket, ClientError> {
+        self.open_websocket(after, true).await
+    }
+
+    async fn open_websocket(&self, after: u64, batch: bool) -> Result<WebSocket, ClientError> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-        let url = format!("{}/v1/devices/{}/ws?after={after}", self.base, encode_segment(self.device.as_str()))
-            .replacen("http", "ws", 1);
+        let url = format!(
+            "{}/v1/devices/{}/ws?after={after}{}",
+            self.base,
+            encode_segment(self.device.as_str()),
+            if batch { "&batch=true" } else { "" }
+        )
+        .replacen("http", "ws", 1);
         let mut req = url.into_client_request().map_err(|e| ClientError::Protocol(e.to_string()))?;
         let auth = format!("Bearer {}", self.token)
             .parse()

@@ -39,6 +39,8 @@ const RECHECK: Duration = Duration::from_secs(5);
 const READ_BUFFER: usize = 4096;
 /// Most tail batches one socket writes with a single flush.
 const COALESCE: usize = 64;
+/// Most bytes of entries gathered into one `entries` frame.
+const BATCH_BYTES: usize = 256 << 10;
 /// A submission frame starts with the device's ref for it (big-endian u64).
 const SUBMIT_REF_BYTES: usize = 8;
 /// The route label of submissions over a socket in the API's metrics.
@@ -54,6 +56,9 @@ pub struct PushQuery {
     /// Mailbox cursor to push from.
     #[serde(default)]
     after: u64,
+    /// Gather the entries at hand into `entries` frames.
+    #[serde(default)]
+    batch: bool,
 }
 
 /// `GET /v1/devices/{device}/ws?after=<mailbox seq>` (WebSocket upgrade).
@@ -83,7 +88,7 @@ pub async fn websocket(
         .max_message_size(max_frame)
         .max_frame_size(max_frame)
         .on_upgrade(move |socket| async move {
-            Socket::new(api, device, q.after).run(socket).await;
+            Socket::new(api, device, q.after, q.batch).run(socket).await;
             drop(permit);
         })
         .into_response())
@@ -161,6 +166,61 @@ struct Socket {
     /// Groups this socket holds a tail receiver for (followed now or
     /// before): bounded like `follows`.
     receiving: HashSet<String>,
+    /// How entries go out: a frame each, or gathered.
+    entries: EntryFrames,
+}
+
+/// Writes entry frames: one WebSocket frame each, or, on a socket opened
+/// with `batch=true`, the entries at hand gathered into
+/// `{"type": "entries", "entries": [...]}` frames of at most
+/// [`BATCH_BYTES`] (an entry larger than that goes alone). A device then
+/// decodes, and can persist, many entries at once; under load that is most
+/// of the cost of delivering to a large group.
+struct EntryFrames {
+    batch: bool,
+    gathered: Vec<axum::extract::ws::Utf8Bytes>,
+    bytes: usize,
+}
+
+impl EntryFrames {
+    /// Queues one rendered entry (the caller calls [`Self::close`] before
+    /// it flushes, so nothing stays gathered across a write).
+    async fn put<S>(&mut self, frame: axum::extract::ws::Utf8Bytes, tx: &mut S) -> Result<(), ()>
+    where
+        S: futures::Sink<Message> + Unpin,
+    {
+        if !self.batch {
+            return tx.feed(Message::Text(frame)).await.map_err(|_| ());
+        }
+        if !self.gathered.is_empty() && self.bytes + frame.len() > BATCH_BYTES {
+            self.close(tx).await?;
+        }
+        self.bytes += frame.len() + 1;
+        self.gathered.push(frame);
+        Ok(())
+    }
+
+    /// Queues what is gathered as one `entries` frame.
+    async fn close<S>(&mut self, tx: &mut S) -> Result<(), ()>
+    where
+        S: futures::Sink<Message> + Unpin,
+    {
+        if self.gathered.is_empty() {
+            return Ok(());
+        }
+        const HEAD: &str = r#"{"type":"entries","entries":["#;
+        let mut text = String::with_capacity(HEAD.len() + self.bytes + 2);
+        text.push_str(HEAD);
+        for (i, entry) in self.gathered.drain(..).enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str(entry.as_str());
+        }
+        text.push_str("]}");
+        self.bytes = 0;
+        tx.feed(Message::Text(text.into())).await.map_err(|_| ())
+    }
 }
 
 enum Sent {
@@ -169,9 +229,17 @@ enum Sent {
 }
 
 impl Socket {
-    fn new(api: Shared, device: DeviceId, after: u64) -> Self {
+    fn new(api: Shared, device: DeviceId, after: u64, batch: bool) -> Self {
         let served = api.metrics.entries_served.with_label_values(&["push"]);
-        Self { api, device, served, mailbox_cursor: after, follows: HashMap::new(), receiving: HashSet::new() }
+        Self {
+            api,
+            device,
+            served,
+            mailbox_cursor: after,
+            follows: HashMap::new(),
+            receiving: HashSet::new(),
+            entries: EntryFrames { batch, gathered: Vec::new(), bytes: 0 },
+        }
     }
 
     async fn run(mut self, socket: WebSocket) {
@@ -280,7 +348,7 @@ impl Socket {
                             next = futures::FutureExt::now_or_never(tails.next()).flatten();
                         }
                     }
-                    if tx.flush().await.is_err() {
+                    if self.entries.close(&mut tx).await.is_err() || tx.flush().await.is_err() {
                         return;
                     }
                 }
@@ -513,13 +581,11 @@ impl Socket {
             f.after = f.after.max(batch.next);
         }
         let served = frames.len() as u64;
-        // Queued only: written when the caller flushes.
+        // Queued only: written when the caller closes the gathered frame
+        // and flushes, once for every batch it had at hand.
         for frame in frames {
-            if tx.feed(Message::Text(frame)).await.is_err() {
-                return Err(());
-            }
+            self.entries.put(frame, tx).await?;
         }
-        // The caller flushes, once for every batch it had at hand.
         self.served.inc_by(served);
         Ok(fits)
     }
@@ -575,9 +641,12 @@ impl Socket {
         let served = page.entries.len() as u64;
         for entry in page.entries {
             let Ok(text) = serde_json::to_string(&entry) else { continue };
-            if tx.send(Message::Text(text.into())).await.is_err() {
+            if self.entries.put(text.into(), tx).await.is_err() {
                 return Ok((Sent::Closed, false));
             }
+        }
+        if self.entries.close(tx).await.is_err() || tx.flush().await.is_err() {
+            return Ok((Sent::Closed, false));
         }
         self.served.inc_by(served);
         Ok((Sent::Ok, full))

@@ -226,3 +226,54 @@ async fn submissions_on_the_socket_are_answered_by_ref() -> anyhow::Result<()> {
     assert!(tests::metric(&op, r#"mlsfed_api_errors_total{code="unavailable"}"#).await >= busy as f64);
     Ok(())
 }
+
+/// A socket opened with `batch=true` gathers the entries at hand into
+/// `entries` frames: a device that follows a group with a backlog gets the
+/// whole page in one frame, then new entries as they come, each once and in
+/// order, and they apply as the texts sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_socket_gathers_entries_into_frames() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let op = Operator::start(&nats, "a.example")?;
+    let mut alice = op.client("alice", "phone", 2).await?;
+    let mut bob = op.client("bob", "phone", 2).await?;
+    let g = alice.create_group("batched").await?;
+    alice.add(&g, &[op.user_id("bob")]).await?;
+    settle(&mut [&mut bob]).await?;
+    let mut positions = Vec::new();
+    for i in 0..30 {
+        positions.push(alice.send(&g, &format!("m{i}")).await?);
+    }
+
+    let mut ws = bob.http().websocket_batched(bob.cursor()).await?;
+    ws.send(Message::Text(bob.follow_frame().into())).await?;
+    // The backlog is one read of the group: one frame.
+    let backlog = match next_frame(&mut ws).await? {
+        Frame::Entries { entries } => entries,
+        other => panic!("expected one entries frame with the backlog, got {other:?}"),
+    };
+    let mut got: Vec<Item> = backlog.into_iter().filter(|e| e.kind == "application").collect();
+    assert_eq!(got.len(), 30, "the backlog came in more than one frame");
+    for i in 30..36 {
+        positions.push(alice.send(&g, &format!("m{i}")).await?);
+    }
+    while got.len() < positions.len() {
+        match next_frame(&mut ws).await? {
+            Frame::Entries { entries } => got.extend(entries.into_iter().filter(|e| e.kind == "application")),
+            Frame::Entry(e) => panic!("a batched socket sent a lone entry frame: {e:?}"),
+            Frame::Error { code, message, .. } => anyhow::bail!("error frame {code:?}: {message}"),
+            _ => {}
+        }
+    }
+    assert_eq!(got.iter().map(|e| e.position).collect::<Vec<_>>(), positions);
+    for (i, item) in got.iter().enumerate() {
+        match bob.apply_entry(item).await? {
+            Some(tests::client::Event::Message { text, .. }) => assert_eq!(text, format!("m{i}")),
+            other => panic!("entry {i} did not apply as a message: {other:?}"),
+        }
+    }
+    // Nothing more comes: each entry was pushed once.
+    let extra = tokio::time::timeout(Duration::from_millis(700), next_frame(&mut ws)).await;
+    assert!(extra.is_err(), "more was pushed: {extra:?}");
+    Ok(())
+}

@@ -244,12 +244,21 @@ impl Fleet {
     }
 
     async fn open_reader(&self, i: usize) -> anyhow::Result<Reader> {
-        let mut ws = self.https[i].websocket(0).await?;
+        // Entries gathered into frames: a device of a busy group decodes
+        // (and would persist) many at once.
+        let mut ws = self.https[i].websocket_batched(0).await?;
         let (follow, mut rx) = mpsc::unbounded_channel::<Vec<(String, u64)>>();
         let (submit, mut submits) = mpsc::unbounded_channel::<(Vec<u8>, oneshot::Sender<Answer>)>();
         let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::default();
         let (arr, groups, delivered) = (arrivals.clone(), self.groups.clone(), self.delivered.clone());
         let task = tokio::spawn(async move {
+            #[derive(serde::Deserialize)]
+            struct Entry<'a> {
+                #[serde(borrow)]
+                group: &'a str,
+                position: u64,
+                kind: &'a str,
+            }
             #[derive(serde::Deserialize)]
             struct Frame<'a> {
                 #[serde(rename = "type")]
@@ -264,6 +273,8 @@ impl Fleet {
                 kind: &'a str,
                 #[serde(default, rename = "ref")]
                 reference: Option<u64>,
+                #[serde(default, borrow)]
+                entries: Vec<Entry<'a>>,
             }
             // Submissions sent on this socket, by ref, until answered.
             let mut pending: HashMap<u64, oneshot::Sender<Answer>> = HashMap::new();
@@ -291,6 +302,22 @@ impl Fleet {
                                     let g = groups.index(f.group.unwrap_or_default());
                                     arr.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push((g, f.position, at));
                                     delivered.fetch_add(1, Ordering::Relaxed);
+                                }
+                                ("entries", _) => {
+                                    let mut arr = arr.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                                    let mut n = 0;
+                                    // Consecutive entries are mostly of one group.
+                                    let mut last: Option<(&str, u32)> = None;
+                                    for e in f.entries.iter().filter(|e| e.kind == "application") {
+                                        let g = match last {
+                                            Some((name, g)) if name == e.group => g,
+                                            _ => groups.index(e.group),
+                                        };
+                                        last = Some((e.group, g));
+                                        arr.push((g, e.position, at));
+                                        n += 1;
+                                    }
+                                    delivered.fetch_add(n, Ordering::Relaxed);
                                 }
                                 ("accepted", Some(r)) => {
                                     let a = client::Accepted {
