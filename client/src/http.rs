@@ -430,7 +430,9 @@ impl Http {
         // before every read; most frames are a few hundred bytes, and a
         // larger one still arrives whole.
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 << 10);
-        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(req, Some(config), false, Some(connector))
+        // Nagle off: a submission frame sent right after another would
+        // otherwise wait for the operator's delayed ACK (40 ms on Linux).
+        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(req, Some(config), true, Some(connector))
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok(ws)

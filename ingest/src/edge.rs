@@ -131,6 +131,12 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, api: Shared) ->
                 }
             },
         };
+        // Pushed frames and answers are small writes in quick succession:
+        // with Nagle's algorithm each one after the first would wait for
+        // the device's delayed ACK (40 ms on Linux).
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             api.metrics.errors.with_label_values(&[ErrorCode::Unavailable.as_str()]).inc();
             tokio::spawn(async move {

@@ -101,6 +101,9 @@ fn log_nats_event(event: async_nats::Event, dropped: &Mutex<DroppedMessages>) {
             tracing::warn!("NATS server error (its text is logged at debug)");
             tracing::debug!(error = %e, "NATS server error");
         }
+        // Reconnects are unlimited, so a close is always this process's
+        // own (it is stopping), not trouble.
+        async_nats::Event::Closed => tracing::info!("NATS connection closed"),
         other => tracing::warn!(event = %other, "NATS connection event"),
     }
 }
