@@ -10,20 +10,26 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{oneshot, OnceCell};
 
-/// Submit handlers waiting for a verdict, by submission id.
-type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Bytes>>>>;
+/// Submit handlers waiting for a verdict, by submission id. One id may
+/// have several: a device that resends a submission (the same bytes, or
+/// the same idempotency key) before the first send was answered waits for
+/// the same verdict, and each must get it.
+type Waiting = Arc<Mutex<HashMap<String, Vec<(u64, oneshot::Sender<Bytes>)>>>>;
 
 #[derive(Default)]
 pub struct Verdicts {
     waiting: Waiting,
+    /// Tells apart the waits for one id.
+    next: std::sync::atomic::AtomicU64,
     /// Subscribed once, on the first submission.
     started: OnceCell<()>,
 }
 
 /// A registered wait; dropping it (a timeout, a cancelled request) forgets
-/// it, so the map holds no more than the requests in flight.
+/// it and only it, so the map holds no more than the requests in flight.
 pub struct Wait {
     id: String,
+    token: u64,
     rx: Option<oneshot::Receiver<Bytes>>,
     waiting: Waiting,
 }
@@ -31,7 +37,12 @@ pub struct Wait {
 impl Drop for Wait {
     fn drop(&mut self) {
         if let Ok(mut w) = self.waiting.lock() {
-            w.remove(&self.id);
+            if let Some(waiters) = w.get_mut(&self.id) {
+                waiters.retain(|(t, _)| *t != self.token);
+                if waiters.is_empty() {
+                    w.remove(&self.id);
+                }
+            }
         }
     }
 }
@@ -53,9 +64,9 @@ impl Verdicts {
                 tokio::spawn(async move {
                     while let Some(m) = sub.next().await {
                         let Some(id) = m.subject.as_str().rsplit('.').next() else { continue };
-                        let waiter = waiting.lock().ok().and_then(|mut w| w.remove(id));
-                        if let Some(tx) = waiter {
-                            let _ = tx.send(m.payload);
+                        let waiters = waiting.lock().ok().and_then(|mut w| w.remove(id)).unwrap_or_default();
+                        for (_, tx) in waiters {
+                            let _ = tx.send(m.payload.clone());
                         }
                     }
                 });
@@ -63,9 +74,10 @@ impl Verdicts {
             })
             .await?;
         let (tx, rx) = oneshot::channel();
+        let token = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut w) = self.waiting.lock() {
-            w.insert(id.to_owned(), tx);
+            w.entry(id.to_owned()).or_default().push((token, tx));
         }
-        Ok(Wait { id: id.to_owned(), rx: Some(rx), waiting: self.waiting.clone() })
+        Ok(Wait { id: id.to_owned(), token, rx: Some(rx), waiting: self.waiting.clone() })
     }
 }
