@@ -164,7 +164,45 @@ pub async fn remove_device(
         return Err(Reject::new(ErrorCode::ForbiddenDevice, "a device may remove only itself"));
     }
     api.keydir.remove_device(&device, now_unix()).await.map_err(|e| Reject(e.to_api()))?;
+    // Every ingest process closes the device's sockets at once; one that
+    // misses this still finds the removal at its sockets' periodic check.
+    let client = api.topo.js.client();
+    if let Err(e) = client.publish(names::REVOKED_SUBJECT, Bytes::from(device.as_str().to_owned())).await {
+        tracing::warn!(error = %e, "cannot announce a device removal; its sockets close at their next check");
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Hands the device removals every ingest process announces to this
+/// process's sockets. A removal missed (this process was disconnected) is
+/// found by the sockets' periodic check.
+pub(crate) async fn hear_revocations(api: Shared) {
+    let client = api.topo.js.client();
+    loop {
+        let mut sub = match client.subscribe(names::REVOKED_SUBJECT).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot subscribe to device removals; retrying");
+                tokio::select! {
+                    _ = api.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let m = tokio::select! {
+                _ = api.shutdown.cancelled() => return,
+                m = futures::StreamExt::next(&mut sub) => match m { Some(m) => m, None => break },
+            };
+            // Only our own processes publish here (peers live in other NATS
+            // accounts); still, a malformed id is ignored.
+            let Some(device) = std::str::from_utf8(&m.payload).ok().and_then(|d| DeviceId::parse(d).ok()) else {
+                continue;
+            };
+            // No socket listening is fine: nothing to close.
+            let _ = api.revocations.send(device);
+        }
+    }
 }
 
 /// Asks a peer operator through our bridge (request/reply).

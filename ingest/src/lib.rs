@@ -102,6 +102,9 @@ pub struct Api {
     pub tails: tails::Tails,
     /// This process's one subscription to verdicts.
     pub verdicts: verdicts::Verdicts,
+    /// Devices removed at any ingest process (from `mlsfed.revoked`), for
+    /// this process's sockets.
+    pub revocations: tokio::sync::broadcast::Sender<DeviceId>,
     /// The operator's status page (`/status`), served beside `/metrics`.
     pub status_page: Router,
     /// Reads groups' checkpoints (for their current GroupInfo).
@@ -109,6 +112,9 @@ pub struct Api {
 }
 
 pub type Shared = Arc<Api>;
+
+/// Removals a slow socket may fall behind on before it asks the store.
+pub const REVOCATIONS_BACKLOG: usize = 1024;
 
 pub fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -245,6 +251,7 @@ pub async fn serve(listener: TcpListener, api: Shared) -> std::io::Result<()> {
     tokio::spawn(release_reservations(api.clone()));
     tokio::spawn(keys::serve_keydir_requests(api.clone()));
     tokio::spawn(keys::settle_consumed(api.clone()));
+    tokio::spawn(keys::hear_revocations(api.clone()));
     edge::serve(listener, router(api.clone()), api).await
 }
 

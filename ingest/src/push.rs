@@ -5,9 +5,11 @@
 //! the group itself by cursor. A mailbox publish is only a wake-up: items
 //! are read from the stream by cursor. Either way nothing is skipped or sent
 //! twice on one socket, and a mailbox wake-up lost to a NATS reconnect costs
-//! at most the socket's periodic mailbox check. A group is re-read on that
-//! timer only while it needs it (held at a membership change, or its last
-//! read failed); otherwise its tail says when there is something to read.
+//! at most the socket's next look at its connection (5 s). A group is
+//! re-read on that timer only while it needs it (held at a membership
+//! change, or its last read failed); otherwise its tail says when there is
+//! something to read. A removed device's sockets close when its removal is
+//! announced (`mlsfed.revoked`); reads on a long timer are only the backstop.
 //! The device may also submit on its socket: a binary frame carries its ref
 //! and a bundle, worked on like `POST /v1/messages` (at most
 //! `limits.max_socket_submits` at once) and answered by ref.
@@ -31,10 +33,16 @@ use crate::submit::AcceptedJson;
 use crate::tails::{Batch, Tail};
 use crate::{Reject, Shared};
 
-/// How often a socket checks its mailbox without a wake-up, re-reads the
-/// groups that need it (held, or a failed read), and checks that its device
-/// was not removed.
+/// How often a socket re-reads the groups that need it (held at a
+/// membership change, or a failed read), and looks whether its NATS
+/// connection was re-established (a wake-up or a removal announced while
+/// it was down was lost: the mailbox and the revocation are read then).
 const RECHECK: Duration = Duration::from_secs(5);
+/// How often a socket reads its mailbox and checks its device's revocation
+/// with nothing telling it to: the backstop for a wake-up or a removal
+/// announcement lost without a reconnect. Rare on purpose: with many
+/// thousands of sockets per process, these reads are all the idle load.
+const BACKSTOP: Duration = Duration::from_secs(60);
 /// A socket's read buffer: device frames are small (acks, follows).
 const READ_BUFFER: usize = 4096;
 /// Most tail batches one socket writes with a single flush.
@@ -260,6 +268,11 @@ impl Socket {
         // restart, a reconnect storm) must not all read at once.
         let mut recheck =
             tokio::time::interval_at(tokio::time::Instant::now() + proto::streams::spread(RECHECK), RECHECK);
+        let mut backstop =
+            tokio::time::interval_at(tokio::time::Instant::now() + proto::streams::spread(BACKSTOP), BACKSTOP);
+        let mut revocations = self.api.revocations.subscribe();
+        let statistics = client.statistics();
+        let mut connects = statistics.connects.load(std::sync::atomic::Ordering::Relaxed);
         loop {
             if mailbox_due {
                 match self.push_mailbox(&mut tx).await {
@@ -352,20 +365,44 @@ impl Socket {
                         return;
                     }
                 }
-                _ = recheck.tick() => {
-                    // A device removed while connected loses its socket within
-                    // seconds: revocation outlives every credential.
+                removed = revocations.recv() => {
+                    use tokio::sync::broadcast::error::RecvError;
+                    // A device removed while connected loses its socket at
+                    // once: revocation outlives every credential.
+                    let gone = match removed {
+                        Ok(d) => d == self.device,
+                        Err(RecvError::Lagged(_)) => self.api.keydir.is_revoked(&self.device).await.unwrap_or(false),
+                        Err(RecvError::Closed) => false,
+                    };
+                    if gone {
+                        let _ = tx.send(Message::Close(None)).await;
+                        return;
+                    }
+                }
+                _ = backstop.tick() => {
                     if self.api.keydir.is_revoked(&self.device).await.unwrap_or(false) {
                         let _ = tx.send(Message::Close(None)).await;
                         return;
                     }
-                    // A lost mailbox wake-up costs at most this period. A
-                    // group needs no such re-read: its tail finds a lost
-                    // republish by itself, a lagging socket reads at once,
-                    // and a socket whose tail ended takes the new one.
+                    mailbox_due = true;
+                }
+                _ = recheck.tick() => {
+                    // Reconnected since the last look: a mailbox wake-up or
+                    // a removal announced meanwhile may be lost.
+                    let now = statistics.connects.load(std::sync::atomic::Ordering::Relaxed);
+                    if now != connects {
+                        connects = now;
+                        if self.api.keydir.is_revoked(&self.device).await.unwrap_or(false) {
+                            let _ = tx.send(Message::Close(None)).await;
+                            return;
+                        }
+                        mailbox_due = true;
+                    }
+                    // A group needs no re-read on a timer: its tail finds a
+                    // lost republish by itself, a lagging socket reads at
+                    // once, and a socket whose tail ended takes the new one.
                     // Only a group held at a membership change, or whose
                     // last read failed, is read again here.
-                    mailbox_due = true;
                     due.extend(self.follows.iter().filter(|(_, f)| f.held || f.retry).map(|(s, _)| s.clone()));
                 }
                 frame = rx.next() => match frame {

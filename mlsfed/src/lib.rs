@@ -289,6 +289,7 @@ pub async fn run(
             websockets: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_websockets)),
             tails: Default::default(),
             verdicts: Default::default(),
+            revocations: tokio::sync::broadcast::channel(ingest::REVOCATIONS_BACKLOG).0,
             status_page: status.router(),
         });
         let done = api_done.clone();

@@ -170,6 +170,11 @@ pub fn mailbox_subject(d: &DeviceId) -> String {
 /// Every verdict subject: one subscription per ingest process hears them.
 pub const VERDICT_WILDCARD: &str = "mlsfed.verdict.*";
 
+/// Core NATS (no stream): a removed device's id, published by the ingest
+/// process that removed it, so every ingest process closes its sockets at
+/// once instead of at their next periodic check.
+pub const REVOKED_SUBJECT: &str = "mlsfed.revoked";
+
 /// Core-NATS subject on which the sequencer announces a submission's verdict.
 pub fn verdict_subject(submission_id: &str) -> String {
     format!("{PREFIX}.verdict.{submission_id}")

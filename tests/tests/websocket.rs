@@ -277,3 +277,41 @@ async fn a_batched_socket_gathers_entries_into_frames() -> anyhow::Result<()> {
     assert!(extra.is_err(), "more was pushed: {extra:?}");
     Ok(())
 }
+
+/// A removed device's sockets close as soon as the removal is announced,
+/// at every ingest process: here the socket is held by another process
+/// than the one that removed the device, and closes long before the
+/// sockets' periodic backstop (60 s) would find the removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_devices_socket_closes_at_once_at_every_ingest() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    // Two processes share the key directory only on JetStream.
+    let op = Operator::start_with(&nats, "a.example", "run", |c| {
+        c.keydir.backend = tests::config::KeydirBackend::Jetstream
+    })?;
+    let other = op.worker("ingest")?;
+    let alice = op.client("alice", "phone", 1).await?;
+    let token = op.token(alice.id());
+    let on_other = tests::client::Http::new(&other.url, &token, alice.id().clone());
+    let mut ws = on_other.websocket(0).await?;
+    // The socket is up once it answers a frame.
+    ws.send(Message::Text("not json".into())).await?;
+    match next_frame(&mut ws).await? {
+        Frame::Error { code: tests::proto::ErrorCode::InvalidRequest, .. } => {}
+        other => panic!("expected invalid_request, got {other:?}"),
+    }
+    let path = format!("/v1/devices/{}", tests::client::http::encode_segment(alice.id().as_str()));
+    let (status, body) = tests::send(tests::http().delete(format!("{}{path}", op.url)), Some(&token)).await;
+    assert_eq!(status, 204, "{body}");
+    let closed = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the removed device's socket at another ingest stayed open");
+    Ok(())
+}
