@@ -253,6 +253,7 @@ pub struct Limits {
     /// Longest a request may take, body upload included (408 beyond).
     pub request_timeout_ms: u64,
     /// Requests worked on at once per ingest process; beyond, 503 at once.
+    /// Submissions sent on sockets have a pool of the same size of their own.
     pub max_in_flight_requests: usize,
 }
 

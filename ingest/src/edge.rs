@@ -180,5 +180,15 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, api: Shared) ->
     if tokio::time::timeout(Duration::from_secs(20), graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open after 20 s; closing them");
     }
+    // An upgraded connection leaves hyper at the upgrade: its socket runs
+    // in a task of its own, which answers the submissions it holds before
+    // closing. Wait for every socket to hand its permit back (the workers
+    // that decide those submissions stop only after this returns).
+    let sockets = u32::try_from(api.cfg.limits.max_websockets).unwrap_or(u32::MAX);
+    let drained =
+        tokio::time::timeout(crate::push::DRAIN + Duration::from_secs(1), api.websockets.acquire_many(sockets));
+    if drained.await.is_err() {
+        tracing::warn!("push sockets still open after their drain time; closing them");
+    }
     Ok(())
 }

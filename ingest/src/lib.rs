@@ -105,6 +105,11 @@ pub struct Api {
     /// Devices removed at any ingest process (from `mlsfed.revoked`), for
     /// this process's sockets.
     pub revocations: tokio::sync::broadcast::Sender<DeviceId>,
+    /// Submissions sent on sockets and not answered yet, in the whole
+    /// process (`limits.max_in_flight_requests`, like HTTP requests): the
+    /// per-socket limit alone would let one device with many sockets pin
+    /// any number of bodies.
+    pub socket_submits: Arc<tokio::sync::Semaphore>,
     /// The operator's status page (`/status`), served beside `/metrics`.
     pub status_page: Router,
     /// Reads groups' checkpoints (for their current GroupInfo).
@@ -123,6 +128,11 @@ pub fn now_unix() -> u64 {
 /// The authenticated device of a request (`Authorization: Bearer <token>`).
 pub struct AuthDevice(pub DeviceId);
 
+/// When the request's token expires (unix seconds), set by [`AuthDevice`]
+/// for the handlers that outlive the request (the WebSocket).
+#[derive(Clone, Copy)]
+pub struct TokenExpiry(pub u64);
+
 impl FromRequestParts<Shared> for AuthDevice {
     type Rejection = Reject;
 
@@ -135,8 +145,10 @@ impl FromRequestParts<Shared> for AuthDevice {
         let token = header
             .strip_prefix("Bearer ")
             .ok_or_else(|| Reject::new(ErrorCode::Unauthenticated, "expected a bearer token"))?;
-        let device = proto::auth::verify(api.cfg.token_secret.expose().as_bytes(), token.trim(), now_unix())
-            .map_err(|e| Reject::new(ErrorCode::Unauthenticated, e.to_string()))?;
+        let (device, expires) =
+            proto::auth::verify_until(api.cfg.token_secret.expose().as_bytes(), token.trim(), now_unix())
+                .map_err(|e| Reject::new(ErrorCode::Unauthenticated, e.to_string()))?;
+        parts.extensions.insert(TokenExpiry(expires));
         if device.domain() != api.cfg.domain {
             return Err(Reject::new(ErrorCode::Unauthenticated, "token is for a device of another operator"));
         }

@@ -54,7 +54,7 @@ const SUBMIT_REF_BYTES: usize = 8;
 /// The route label of submissions over a socket in the API's metrics.
 const SUBMIT_ROUTE: &str = "ws:submit";
 /// How long a stopping socket waits for its submissions' verdicts.
-const DRAIN: Duration = Duration::from_secs(5);
+pub(crate) const DRAIN: Duration = Duration::from_secs(5);
 
 /// A submission's outcome, with the device's ref and when it arrived.
 type Submitted = (u64, std::time::Instant, Result<AcceptedJson, Reject>);
@@ -73,6 +73,7 @@ pub struct PushQuery {
 pub async fn websocket(
     State(api): State<Shared>,
     crate::AuthDevice(device): crate::AuthDevice,
+    axum::Extension(crate::TokenExpiry(expires)): axum::Extension<crate::TokenExpiry>,
     Path(path): Path<String>,
     Query(q): Query<PushQuery>,
     ws: WebSocketUpgrade,
@@ -89,14 +90,14 @@ pub async fn websocket(
     // by default): with thousands of sockets that memset was the largest
     // single cost of pushing. A device sends only small frames.
     // A submission's frame is its 8-byte ref and a bundle of at most
-    // `max_body_bytes`; a larger frame closes the socket (1009).
+    // `max_body_bytes`; a larger frame closes the connection.
     let max_frame = api.cfg.limits.max_body_bytes.saturating_add(SUBMIT_REF_BYTES);
     Ok(ws
         .read_buffer_size(READ_BUFFER)
         .max_message_size(max_frame)
         .max_frame_size(max_frame)
         .on_upgrade(move |socket| async move {
-            Socket::new(api, device, q.after, q.batch).run(socket).await;
+            Socket::new(api, device, expires, q.after, q.batch).run(socket).await;
             drop(permit);
         })
         .into_response())
@@ -166,6 +167,8 @@ fn batches(subject: String, rx: tokio::sync::broadcast::Receiver<Arc<Batch>>) ->
 struct Socket {
     api: Shared,
     device: DeviceId,
+    /// When the token that opened the socket expires (unix seconds).
+    expires: u64,
     /// `mlsfed_api_entries_served_total{via="push"}`, looked up once.
     served: prometheus::IntCounter,
     mailbox_cursor: u64,
@@ -237,11 +240,12 @@ enum Sent {
 }
 
 impl Socket {
-    fn new(api: Shared, device: DeviceId, after: u64, batch: bool) -> Self {
+    fn new(api: Shared, device: DeviceId, expires: u64, after: u64, batch: bool) -> Self {
         let served = api.metrics.entries_served.with_label_values(&["push"]);
         Self {
             api,
             device,
+            expires,
             served,
             mailbox_cursor: after,
             follows: HashMap::new(),
@@ -263,6 +267,13 @@ impl Socket {
         // nothing after one is retried a few times, briefly.
         let mut mailbox_announced = false;
         let mut mailbox_tries = 0u32;
+        // The last mailbox read failed, or a wake-up's item never became
+        // readable: read again at the next check, not only at the backstop.
+        let mut mailbox_retry = false;
+        // The token that opened the socket bounds it: a device reconnects
+        // with a fresh one (and submits nothing on an expired one).
+        let expiry = tokio::time::sleep(Duration::from_secs(self.expires.saturating_sub(crate::now_unix())));
+        tokio::pin!(expiry);
         let mut due: HashSet<String> = HashSet::new();
         // Each socket keeps its own phase: sockets opened together (a
         // restart, a reconnect storm) must not all read at once.
@@ -280,13 +291,17 @@ impl Socket {
                         mailbox_tries += 1;
                         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
                     }
-                    Ok((Sent::Ok, _, full)) => {
+                    Ok((Sent::Ok, n, full)) => {
+                        mailbox_retry = mailbox_announced && n == 0;
                         mailbox_due = full;
                         mailbox_announced = false;
                         mailbox_tries = 0;
                     }
                     Ok((Sent::Closed, _, _)) => return,
-                    Err(()) => mailbox_due = false,
+                    Err(()) => {
+                        mailbox_due = false;
+                        mailbox_retry = true;
+                    }
                 }
             }
             for subject in std::mem::take(&mut due) {
@@ -300,10 +315,26 @@ impl Socket {
                     Err(()) => {}
                 }
             }
-            if mailbox_due || !due.is_empty() {
+            if (mailbox_due || !due.is_empty()) && !self.api.shutdown.is_cancelled() {
+                // A long catch-up must not hold back the answers to the
+                // device's submissions: those ready go out between pages.
+                let mut answered = false;
+                while let Some(done) = futures::FutureExt::now_or_never(submits.next()).flatten() {
+                    if self.answer(done, &mut tx).await.is_err() {
+                        return;
+                    }
+                    answered = true;
+                }
+                if answered && tx.flush().await.is_err() {
+                    return;
+                }
                 continue;
             }
             tokio::select! {
+                _ = &mut expiry => {
+                    let _ = tx.send(Message::Close(None)).await;
+                    return;
+                }
                 _ = self.api.shutdown.cancelled() => {
                     // Submissions already queued get their verdicts first;
                     // one cut off is learnt by sending the same bytes again.
@@ -389,6 +420,9 @@ impl Socket {
                 _ = recheck.tick() => {
                     // Reconnected since the last look: a mailbox wake-up or
                     // a removal announced meanwhile may be lost.
+                    if std::mem::take(&mut mailbox_retry) {
+                        mailbox_due = true;
+                    }
                     let now = statistics.connects.load(std::sync::atomic::Ordering::Relaxed);
                     if now != connects {
                         connects = now;
@@ -428,7 +462,7 @@ impl Socket {
                         }
                     }
                     Some(Ok(Message::Binary(frame))) => {
-                        if let Err(RefReject(reference, e)) = self.take_submission(&frame, &mut submits) {
+                        if let Err(RefReject(reference, e)) = self.take_submission(frame, &mut submits) {
                             let frame = error_frame(reference, None, &e).to_string();
                             if tx.send(Message::Text(frame.into())).await.is_err() { return; }
                         }
@@ -445,29 +479,32 @@ impl Socket {
     /// answered here; the verdict comes back through `submits`.
     fn take_submission(
         &self,
-        frame: &[u8],
+        frame: bytes::Bytes,
         submits: &mut FuturesUnordered<BoxFuture<'static, Submitted>>,
     ) -> Result<(), RefReject> {
         let at = std::time::Instant::now();
-        let Some((head, body)) = frame.split_first_chunk::<SUBMIT_REF_BYTES>() else {
+        let Some(head) = frame.first_chunk::<SUBMIT_REF_BYTES>() else {
             let e = Reject::new(ErrorCode::InvalidRequest, "a submission frame starts with an 8-byte ref");
             self.observe(at, Err(e.0.code));
             return Err(RefReject(None, e));
         };
         let reference = u64::from_be_bytes(*head);
-        if submits.len() >= self.api.cfg.limits.max_socket_submits {
-            let e = Reject::new(
-                ErrorCode::Unavailable,
-                format!(
-                    "this socket has {} submissions waiting for verdicts; retry when one is answered",
-                    submits.len()
-                ),
-            );
+        let busy = |why: String| {
+            let e = Reject::new(ErrorCode::Unavailable, why);
             self.observe(at, Err(e.0.code));
-            return Err(RefReject(Some(reference), e));
+            Err(RefReject(Some(reference), e))
+        };
+        if submits.len() >= self.api.cfg.limits.max_socket_submits {
+            let n = submits.len();
+            return busy(format!("this socket has {n} submissions waiting for verdicts; retry when one is answered"));
         }
-        let (api, device, body) = (self.api.clone(), self.device.clone(), body.to_vec());
+        let Ok(permit) = self.api.socket_submits.clone().try_acquire_owned() else {
+            return busy("too many submissions in progress; retry later".into());
+        };
+        // The body is a view of the frame, not a copy.
+        let (api, device, body) = (self.api.clone(), self.device.clone(), frame.slice(SUBMIT_REF_BYTES..));
         submits.push(Box::pin(async move {
+            let _permit = permit;
             // As over HTTP, a removed device is refused at once, not only
             // at the socket's next revocation check.
             let outcome = match api.keydir.is_revoked(&device).await {

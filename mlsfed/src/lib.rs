@@ -290,6 +290,7 @@ pub async fn run(
             tails: Default::default(),
             verdicts: Default::default(),
             revocations: tokio::sync::broadcast::channel(ingest::REVOCATIONS_BACKLOG).0,
+            socket_submits: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_in_flight_requests.max(1))),
             status_page: status.router(),
         });
         let done = api_done.clone();

@@ -38,6 +38,11 @@ pub fn issue(secret: &[u8], device: &DeviceId, expires_unix: u64) -> String {
 }
 
 pub fn verify(secret: &[u8], token: &str, now_unix: u64) -> Result<DeviceId, VerifyTokenError> {
+    verify_until(secret, token, now_unix).map(|(device, _)| device)
+}
+
+/// As [`verify`], with the token's expiry (unix seconds).
+pub fn verify_until(secret: &[u8], token: &str, now_unix: u64) -> Result<(DeviceId, u64), VerifyTokenError> {
     let (body, tag) = token.rsplit_once('.').ok_or(VerifyTokenError::Malformed)?;
     let tag = B64.decode(tag).map_err(|_| VerifyTokenError::Malformed)?;
     let mut m = mac(secret);
@@ -53,7 +58,8 @@ pub fn verify(secret: &[u8], token: &str, now_unix: u64) -> Result<DeviceId, Ver
         return Err(VerifyTokenError::Expired);
     }
     let device = B64.decode(device).map_err(|_| VerifyTokenError::Malformed)?;
-    DeviceId::from_credential_identity(&device).map_err(|_| VerifyTokenError::Malformed)
+    let device = DeviceId::from_credential_identity(&device).map_err(|_| VerifyTokenError::Malformed)?;
+    Ok((device, exp))
 }
 
 #[cfg(test)]

@@ -483,7 +483,12 @@ impl Operator {
     }
 
     pub fn token(&self, device: &DeviceId) -> String {
-        proto::auth::issue(SECRET.as_bytes(), device, unix_now() + 3600)
+        self.token_for(device, std::time::Duration::from_secs(3600))
+    }
+
+    /// A token of `device` that expires after `ttl` (whole seconds).
+    pub fn token_for(&self, device: &DeviceId, ttl: std::time::Duration) -> String {
+        proto::auth::issue(SECRET.as_bytes(), device, unix_now() + ttl.as_secs())
     }
 
     pub fn device_id(&self, user: &str, device: &str) -> DeviceId {

@@ -315,3 +315,95 @@ async fn a_removed_devices_socket_closes_at_once_at_every_ingest() -> anyhow::Re
     assert!(closed.is_ok(), "the removed device's socket at another ingest stayed open");
     Ok(())
 }
+
+/// A socket lives as long as the token that opened it: at its expiry the
+/// operator closes it, and nothing more is pushed or accepted on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_closes_when_its_token_expires() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let op = Operator::start(&nats, "a.example")?;
+    let alice = op.client("alice", "phone", 1).await?;
+    // Expires in 2 to 3 s (expiry is in whole unix seconds).
+    let token = op.token_for(alice.id(), Duration::from_secs(3));
+    let http = tests::client::Http::new(&op.url, &token, alice.id().clone());
+    let mut ws = http.websocket(0).await?;
+    ws.send(Message::Text("not json".into())).await?;
+    match next_frame(&mut ws).await? {
+        Frame::Error { code: tests::proto::ErrorCode::InvalidRequest, .. } => {}
+        other => panic!("expected invalid_request, got {other:?}"),
+    }
+    let t0 = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the socket outlived its token by more than 10 s");
+    assert!(t0.elapsed() >= Duration::from_secs(1), "the socket closed before its token expired");
+    Ok(())
+}
+
+/// An operator told to stop answers the submissions its sockets hold
+/// before closing them: here the verdict can only come after SIGTERM (the
+/// sequencer is paused until the API has stopped listening), and the device
+/// still gets its `accepted` frame, then the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_operator_answers_what_its_sockets_hold() -> anyhow::Result<()> {
+    use tests::client::http::submit_frame;
+    let nats = NatsServer::start()?;
+    let op = Operator::start_with(&nats, "a.example", "ingest", |c| {
+        c.keydir.backend = tests::config::KeydirBackend::Jetstream
+    })?;
+    let sequencer = op.worker("sequencer")?;
+    let _fanout = op.worker("fanout")?;
+    let mut alice = op.client("alice", "phone", 1).await?;
+    let g = alice.create_group("drain").await?;
+    let mut ws = alice.http().websocket(alice.cursor()).await?;
+    sequencer.signal("STOP")?;
+    let body = alice.encrypt_for_bench(&g, b"in flight at shutdown")?;
+    ws.send(Message::Binary(submit_frame(7, &body).into())).await?;
+    // Queued: the paused sequencer leaves it in SUBMIT.
+    let js = async_nats::jetstream::new(tests::nats_connect(&nats.url()).await?);
+    let mut queued = false;
+    for _ in 0..200 {
+        let mut s = js.get_stream(tests::proto::names::SUBMIT_STREAM).await?;
+        if s.info().await?.state.messages > 0 {
+            queued = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(queued, "the socket's submission never reached SUBMIT");
+    op.signal("TERM")?;
+    // The API stops listening first; only then may the verdict come.
+    let addr = op.url.trim_start_matches("http://").to_owned();
+    let mut stopped = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(&addr).await.is_err() {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(stopped, "the operator kept listening after SIGTERM");
+    sequencer.signal("CONT")?;
+    match next_frame(&mut ws).await? {
+        Frame::Accepted { reference: 7, group, .. } => assert_eq!(group, g),
+        other => panic!("expected the submission's acceptance before the close, got {other:?}"),
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the socket stayed open after its answers");
+    Ok(())
+}

@@ -493,7 +493,12 @@ async fn submit_on_socket(
         socket.send((body.clone(), tx)).ok().context("the device's socket is gone")?;
         match rx.await.context("the device's socket closed before answering")? {
             Ok(a) => return Ok(a),
-            Err(e) if e.code.retryable() && e.code != proto::ErrorCode::WrongEpoch => last = Some(e),
+            Err(e) if e.code.retryable() && e.code != proto::ErrorCode::WrongEpoch => {
+                last = Some(e);
+                // `unavailable` (the socket's or the process's limit): let
+                // some of the answers come first.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             Err(e) => anyhow::bail!("{:?}: {}", e.code, e.message),
         }
     }
