@@ -179,6 +179,11 @@ struct Socket {
     receiving: HashSet<String>,
     /// How entries go out: a frame each, or gathered.
     entries: EntryFrames,
+    /// When each group last got a new tail here (its keys are among
+    /// `receiving`, so bounded like it).
+    retailed: HashMap<String, tokio::time::Instant>,
+    /// Groups whose tail ended again too soon: a new tail at the next check.
+    retail_later: HashSet<String>,
 }
 
 /// Writes entry frames: one WebSocket frame each, or, on a socket opened
@@ -250,6 +255,8 @@ impl Socket {
             mailbox_cursor: after,
             follows: HashMap::new(),
             receiving: HashSet::new(),
+            retailed: HashMap::new(),
+            retail_later: HashSet::new(),
             entries: EntryFrames { batch, gathered: Vec::new(), bytes: 0 },
         }
     }
@@ -381,7 +388,14 @@ impl Socket {
                             },
                             Tailed::Lagged => { due.insert(subject); }
                             Tailed::Ended => {
-                                if let Some(rx) = self.retail(&subject) {
+                                // A tail that ends again at once (its NATS
+                                // client is closing) must not make the socket
+                                // spin: one new tail per group per check.
+                                let now = tokio::time::Instant::now();
+                                if self.retailed.get(&subject).is_some_and(|t| now - *t < RECHECK) {
+                                    self.retail_later.insert(subject.clone());
+                                } else if let Some(rx) = self.retail(&subject) {
+                                    self.retailed.insert(subject.clone(), now);
                                     tails.push(batches(subject.clone(), rx));
                                 }
                                 due.insert(subject);
@@ -422,6 +436,13 @@ impl Socket {
                     // a removal announced meanwhile may be lost.
                     if std::mem::take(&mut mailbox_retry) {
                         mailbox_due = true;
+                    }
+                    for subject in std::mem::take(&mut self.retail_later) {
+                        if let Some(rx) = self.retail(&subject) {
+                            self.retailed.insert(subject.clone(), tokio::time::Instant::now());
+                            tails.push(batches(subject.clone(), rx));
+                            due.insert(subject);
+                        }
                     }
                     let now = statistics.connects.load(std::sync::atomic::Ordering::Relaxed);
                     if now != connects {
@@ -598,6 +619,7 @@ impl Socket {
     fn retail(&mut self, subject: &str) -> Option<tokio::sync::broadcast::Receiver<Arc<Batch>>> {
         let Some(f) = self.follows.get_mut(subject) else {
             self.receiving.remove(subject);
+            self.retailed.remove(subject);
             return None;
         };
         let t = self.api.tails.get(&self.api.topo.js.client(), subject);
