@@ -88,31 +88,8 @@ enum Cmd {
     /// Measure the ceiling, end-to-end delivery at every member, scale-out,
     /// federation and claims (docs/benchmarks.md); print a table and JSON.
     Bench {
-        /// Messages of the 1000 groups x 10 members run; others scale from it.
-        #[arg(long, default_value_t = 20_000)]
-        messages: usize,
-        /// Application message size before encryption, in bytes.
-        #[arg(long, default_value_t = 100)]
-        size: usize,
-        /// Also write the figures as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Skip the multi-process scale-out runs.
-        #[arg(long)]
-        no_scale_out: bool,
-        /// Submissions in flight at once in the closed-loop runs.
-        #[arg(long, default_value_t = 1024)]
-        in_flight: usize,
-        /// Run the in-process operator's roles on one NATS connection
-        /// instead of one each (to measure what that costs).
-        #[arg(long)]
-        shared_connection: bool,
-        /// Only the ceiling and the federation runs (for tuning a link).
-        #[arg(long, conflicts_with = "groups_only")]
-        federation_only: bool,
-        /// Only the ceiling and the one-group runs (for tuning delivery).
-        #[arg(long)]
-        groups_only: bool,
+        #[command(flatten)]
+        opts: bench::Options,
         /// The bench nats-server's `sync_interval` ("always", "1s", or ""
         /// for nats-server's 2-minute default); default: streams.sync_interval.
         #[arg(long)]
@@ -160,35 +137,12 @@ async fn main() -> anyhow::Result<()> {
             };
             cluster::run(cfg, dir, mode).await
         }
-        Cmd::Bench {
-            messages,
-            size,
-            json,
-            no_scale_out,
-            in_flight,
-            shared_connection,
-            federation_only,
-            groups_only,
-            sync,
-        } => {
+        Cmd::Bench { opts, sync } => {
             let mut cfg = cfg;
             if let Some(s) = sync {
                 cfg.streams.sync_interval = s;
             }
-            bench::run(
-                cfg,
-                bench::Options {
-                    messages,
-                    size,
-                    json,
-                    no_scale_out,
-                    in_flight,
-                    shared_connection,
-                    federation_only,
-                    groups_only,
-                },
-            )
-            .await
+            bench::run(cfg, opts).await
         }
     }
 }

@@ -24,6 +24,31 @@ where
     }
 }
 
+/// Waits until the operator runs the socket: it answers a frame that does
+/// not parse with `invalid_request`.
+async fn until_up(ws: &mut tests::client::http::WebSocket) -> anyhow::Result<()> {
+    ws.send(Message::Text("not json".into())).await?;
+    match next_frame(ws).await? {
+        Frame::Error { code: tests::proto::ErrorCode::InvalidRequest, .. } => Ok(()),
+        other => anyhow::bail!("expected invalid_request, got {other:?}"),
+    }
+}
+
+/// Whether the operator closes the socket within `limit` (anything else
+/// it sends meanwhile is skipped).
+async fn closes_within(ws: &mut tests::client::http::WebSocket, limit: Duration) -> bool {
+    tokio::time::timeout(limit, async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
 async fn next_entries<S>(ws: &mut S, n: usize) -> anyhow::Result<Vec<Item>>
 where
     S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
@@ -294,25 +319,12 @@ async fn a_removed_devices_socket_closes_at_once_at_every_ingest() -> anyhow::Re
     let token = op.token(alice.id());
     let on_other = tests::client::Http::new(&other.url, &token, alice.id().clone());
     let mut ws = on_other.websocket(0).await?;
-    // The socket is up once it answers a frame.
-    ws.send(Message::Text("not json".into())).await?;
-    match next_frame(&mut ws).await? {
-        Frame::Error { code: tests::proto::ErrorCode::InvalidRequest, .. } => {}
-        other => panic!("expected invalid_request, got {other:?}"),
-    }
+    until_up(&mut ws).await?;
     let path = format!("/v1/devices/{}", tests::client::http::encode_segment(alice.id().as_str()));
     let (status, body) = tests::send(tests::http().delete(format!("{}{path}", op.url)), Some(&token)).await;
     assert_eq!(status, 204, "{body}");
-    let closed = tokio::time::timeout(Duration::from_secs(3), async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the removed device's socket at another ingest stayed open");
+    let closed = closes_within(&mut ws, Duration::from_secs(3)).await;
+    assert!(closed, "the removed device's socket at another ingest stayed open");
     Ok(())
 }
 
@@ -327,22 +339,10 @@ async fn a_socket_closes_when_its_token_expires() -> anyhow::Result<()> {
     let token = op.token_for(alice.id(), Duration::from_secs(3));
     let http = tests::client::Http::new(&op.url, &token, alice.id().clone());
     let mut ws = http.websocket(0).await?;
-    ws.send(Message::Text("not json".into())).await?;
-    match next_frame(&mut ws).await? {
-        Frame::Error { code: tests::proto::ErrorCode::InvalidRequest, .. } => {}
-        other => panic!("expected invalid_request, got {other:?}"),
-    }
+    until_up(&mut ws).await?;
     let t0 = std::time::Instant::now();
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the socket outlived its token by more than 10 s");
+    let closed = closes_within(&mut ws, Duration::from_secs(10)).await;
+    assert!(closed, "the socket outlived its token by more than 10 s");
     assert!(t0.elapsed() >= Duration::from_secs(1), "the socket closed before its token expired");
     Ok(())
 }
@@ -395,15 +395,7 @@ async fn a_stopping_operator_answers_what_its_sockets_hold() -> anyhow::Result<(
         Frame::Accepted { reference: 7, group, .. } => assert_eq!(group, g),
         other => panic!("expected the submission's acceptance before the close, got {other:?}"),
     }
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the socket stayed open after its answers");
+    let closed = closes_within(&mut ws, Duration::from_secs(10)).await;
+    assert!(closed, "the socket stayed open after its answers");
     Ok(())
 }

@@ -31,21 +31,32 @@ use tokio_util::sync::CancellationToken;
 use crate::embedded_nats;
 use fleet::{Fleet, Run, Via};
 
+#[derive(clap::Args)]
 pub struct Options {
-    /// Messages of the 1000 groups × 10 members run (other runs scale from it).
+    /// Messages of the 1000 groups x 10 members run; others scale from it.
+    #[arg(long, default_value_t = 20_000)]
     pub messages: usize,
-    /// Application message size in bytes (before encryption).
+    /// Application message size before encryption, in bytes.
+    #[arg(long, default_value_t = 100)]
     pub size: usize,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
     pub json: Option<std::path::PathBuf>,
     /// Skip the multi-process scale-out runs.
+    #[arg(long)]
     pub no_scale_out: bool,
     /// Submissions in flight at once in the closed-loop runs of many groups.
+    #[arg(long, default_value_t = 1024)]
     pub in_flight: usize,
-    /// The in-process operator's roles share one NATS connection.
+    /// Run the in-process operator's roles on one NATS connection instead
+    /// of one each (to measure what that costs).
+    #[arg(long)]
     pub shared_connection: bool,
-    /// Only the ceiling and the federation runs.
+    /// Only the ceiling and the federation runs (for tuning a link).
+    #[arg(long, conflicts_with = "groups_only")]
     pub federation_only: bool,
     /// Only the ceiling and the one-group runs (for tuning delivery).
+    #[arg(long)]
     pub groups_only: bool,
 }
 
