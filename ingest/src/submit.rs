@@ -163,19 +163,30 @@ async fn queue_and_wait(
         .map_err(|e| unavailable(e.to_string()))?
         .await
         .map_err(|e| unavailable(e.to_string()))?;
-    if ack.duplicate {
-        if let Some(v) = recorded(api, &sub.id).await {
-            return settle(v);
-        }
-    }
     let timeout = api.cfg.limits.submit_timeout();
-    let got = tokio::time::timeout(timeout, verdict.recv()).await;
+    let got = tokio::time::timeout(timeout, async {
+        if !ack.duplicate {
+            return verdict.recv().await.map(|payload| Verdict::from_bytes(&payload));
+        }
+        // A resend. The sequencer records a verdict and announces it at
+        // the same time, so the first send's verdict may have been
+        // announced before we listened and recorded just after a look:
+        // look again now and then while listening.
+        let mut look = tokio::time::interval(RESEND_LOOK);
+        loop {
+            tokio::select! {
+                v = verdict.recv() => return v.map(|payload| Verdict::from_bytes(&payload)),
+                _ = look.tick() => if let Some(v) = recorded(api, &sub.id).await {
+                    return Some(Ok(v));
+                },
+            }
+        }
+    })
+    .await;
     drop(verdict);
     match got {
-        Ok(Some(payload)) => match Verdict::from_bytes(&payload) {
-            Ok(v) => settle(v),
-            Err(_) => Err(Reject::new(ErrorCode::Internal, "undecodable verdict")),
-        },
+        Ok(Some(Ok(v))) => settle(v),
+        Ok(Some(Err(_))) => Err(Reject::new(ErrorCode::Internal, "undecodable verdict")),
         _ => match recorded(api, &sub.id).await {
             Some(v) => settle(v),
             None => Err(Reject(ApiError::new(
@@ -188,6 +199,9 @@ async fn queue_and_wait(
         },
     }
 }
+
+/// How often a resend looks for the recorded verdict while it listens.
+const RESEND_LOOK: std::time::Duration = std::time::Duration::from_millis(100);
 
 async fn recorded(api: &Shared, id: &str) -> Option<Verdict> {
     let bytes = api.topo.verdicts.get(id).await.ok()??;
