@@ -70,6 +70,7 @@ impl NatsProcess {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let ports = self.dir.join("ports");
+        self.stop_orphan(&ports);
         let _ = std::fs::remove_dir_all(&ports);
         std::fs::create_dir_all(&ports)?;
         let port = if self.port == 0 { "-1".to_owned() } else { self.port.to_string() };
@@ -93,6 +94,43 @@ impl NatsProcess {
         self.child = Some(child);
         self.port = self.wait_port(&ports)?;
         Ok(())
+    }
+
+    /// Stops a nats-server that a killed process of ours left running on
+    /// this directory (SIGKILL gives it no time to stop its child): it
+    /// holds the JetStream store, and a server started beside it would
+    /// fight it for the store's lock. Its pid is in the name of the ports
+    /// file it wrote; only a nats-server whose command line names this very
+    /// store is stopped (the pid may belong to another process by now).
+    fn stop_orphan(&self, ports: &Path) {
+        let Ok(entries) = std::fs::read_dir(ports) else { return };
+        let store = self.dir.join("jetstream").to_string_lossy().into_owned();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_suffix(".ports").and_then(|n| n.rsplit('_').next()) else { continue };
+            let Ok(pid) = pid.parse::<u32>() else { continue };
+            let ours = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("nats-server") && c.contains(&store)
+            });
+            // A server whose mlsfed is alive is not an orphan: a second
+            // operator started on the same directory by mistake must fail
+            // on the store's lock, not stop the first one's NATS.
+            if !ours || !running(pid) || parent_is_mlsfed(pid) {
+                continue;
+            }
+            tracing::warn!(pid, "stopping the nats-server a killed operator left running on its directory");
+            for (signal, wait) in [("-TERM", Duration::from_secs(15)), ("-KILL", Duration::from_secs(5))] {
+                let _ = Command::new("kill").arg(signal).arg(pid.to_string()).status();
+                let deadline = Instant::now() + wait;
+                while running(pid) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                if !running(pid) {
+                    break;
+                }
+            }
+        }
     }
 
     fn wait_port(&mut self, ports: &Path) -> anyhow::Result<u16> {
@@ -162,6 +200,20 @@ impl NatsProcess {
         self.stop();
         self.spawn()
     }
+}
+
+/// Whether process `pid` exists and has not exited (a zombie waits only to
+/// be reaped).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+/// Whether the parent of process `pid` is an mlsfed process.
+fn parent_is_mlsfed(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // `pid (comm) state ppid ...`: comm may hold spaces and parentheses.
+    let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+    ppid.is_some_and(|ppid| std::fs::read_to_string(format!("/proc/{ppid}/comm")).is_ok_and(|c| c.trim() == "mlsfed"))
 }
 
 fn read_port(ports: &Path) -> Option<u16> {

@@ -98,3 +98,32 @@ async fn sigterm_stops_each_worker_role_with_exit_zero() -> anyhow::Result<()> {
     assert_eq!(status.code(), Some(0), "ingest exited with {status}");
     Ok(())
 }
+
+/// SIGKILL gives an operator no time to stop its embedded nats-server. The
+/// next start finds it running on the same directory, stops it, and starts
+/// its own on the same store: what the operator held before is still
+/// there, and no orphan is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_sigkill_stops_the_orphaned_nats_server() -> anyhow::Result<()> {
+    let mut op = Operator::start_embedded("a.example")?;
+    let orphan = embedded_nats_pid(&op)?;
+    let mut alice = op.client("alice", "phone", 2).await?;
+    let g = alice.create_group("orphan").await?;
+    let sent = alice.send(&g, "before the kill").await?;
+    op.kill();
+    assert!(alive(orphan), "nothing to test: the nats-server died with its operator");
+    op.restart()?;
+    let fresh = embedded_nats_pid(&op)?;
+    assert_ne!(fresh, orphan);
+    assert!(!alive(orphan), "the orphaned nats-server still runs beside the new one");
+    // The store survived: the restarted operator (on a new port) lists
+    // the group with what was sent before the kill.
+    let http = tests::client::Http::new(&op.url, &op.token(alice.id()), alice.id().clone());
+    let heads = http.groups().await?;
+    assert!(heads.iter().any(|h| h.group == g && h.position == sent), "{heads:?}");
+    // Stopped cleanly, so that this test leaves no orphan of its own.
+    let status = tokio::task::block_in_place(|| op.terminate())?;
+    assert_eq!(status.code(), Some(0), "mlsfed run exited with {status}");
+    assert!(!alive(fresh), "the embedded nats-server outlived its operator");
+    Ok(())
+}
