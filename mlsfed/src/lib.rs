@@ -51,7 +51,7 @@ pub async fn connect(url: &str, ca_file: &str) -> anyhow::Result<async_nats::Cli
     if !ca_file.is_empty() {
         opts = opts.add_root_certificates(ca_file.into()).require_tls(true);
     }
-    let dropped = Arc::new(Mutex::new(DroppedMessages::default()));
+    let noise = Arc::new(Mutex::new(NatsNoise::default()));
     opts.retry_on_initial_connect()
         .max_reconnects(None)
         .name("mlsfed")
@@ -59,42 +59,64 @@ pub async fn connect(url: &str, ca_file: &str) -> anyhow::Result<async_nats::Cli
         // full subscription drops messages: both must show in the log, or
         // a burst of timeouts elsewhere has no cause anyone can see.
         .event_callback(move |event| {
-            let dropped = dropped.clone();
-            async move { log_nats_event(event, &dropped) }
+            let noise = noise.clone();
+            async move { log_nats_event(event, &noise) }
         })
         .connect(addrs)
         .await
         .with_context(|| format!("cannot connect to NATS at {shown}"))
 }
 
-/// Messages async-nats dropped because a subscription was full, since the
-/// last line that said so.
+/// A line that can repeat fast (a message dropped by a full subscription,
+/// a failed reconnect attempt in a long outage): the first is logged, then
+/// at most one line per 10 s, with how many came since.
 #[derive(Default)]
-struct DroppedMessages {
+struct Repeats {
     since: u64,
     said_at: Option<tokio::time::Instant>,
 }
 
-/// Logs one connection event. async-nats reports every message it drops
-/// for a full subscription: the first is logged, then at most one line per
-/// 10 s with the count. A server error's text may name subjects, which
-/// hold group and device ids, so only that it happened is logged above
-/// debug.
-fn log_nats_event(event: async_nats::Event, dropped: &Mutex<DroppedMessages>) {
+impl Repeats {
+    /// Counts one; `Some(n)` when a line is due, for the `n` it covers.
+    fn count(&mut self) -> Option<u64> {
+        self.since += 1;
+        let now = tokio::time::Instant::now();
+        let due = self.said_at.is_none_or(|t| now - t >= std::time::Duration::from_secs(10));
+        due.then(|| {
+            self.said_at = Some(now);
+            std::mem::take(&mut self.since)
+        })
+    }
+}
+
+/// The repeating connection events of one connection.
+#[derive(Default)]
+struct NatsNoise {
+    dropped: Repeats,
+    failed: Repeats,
+}
+
+/// Logs one connection event. Messages dropped for a full subscription and
+/// errors of reconnect attempts are rate-limited ([`Repeats`]). A server
+/// error's text may name subjects, which hold group and device ids, so only
+/// that it happened is logged above debug.
+fn log_nats_event(event: async_nats::Event, noise: &Mutex<NatsNoise>) {
     match event {
-        async_nats::Event::Connected => tracing::info!("NATS connection (re)established"),
+        async_nats::Event::Connected => {
+            // The next outage's first failure is logged at once.
+            if let Ok(mut n) = noise.lock() {
+                n.failed = Repeats::default();
+            }
+            tracing::info!("NATS connection (re)established");
+        }
         async_nats::Event::SlowConsumer(_) => {
-            let say = dropped.lock().ok().and_then(|mut d| {
-                d.since += 1;
-                let now = tokio::time::Instant::now();
-                let due = d.said_at.is_none_or(|t| now - t >= std::time::Duration::from_secs(10));
-                due.then(|| {
-                    d.said_at = Some(now);
-                    std::mem::take(&mut d.since)
-                })
-            });
-            if let Some(n) = say {
+            if let Some(n) = noise.lock().ok().and_then(|mut n| n.dropped.count()) {
                 tracing::warn!(dropped = n, "NATS subscription full: messages to it were dropped");
+            }
+        }
+        async_nats::Event::ClientError(e) => {
+            if let Some(n) = noise.lock().ok().and_then(|mut n| n.failed.count()) {
+                tracing::warn!(error = %e, attempts = n, "NATS connection attempt failed");
             }
         }
         async_nats::Event::ServerError(e) => {
@@ -342,4 +364,24 @@ async fn serve_metrics(
         .merge(status);
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod noise_tests {
+    use super::Repeats;
+    use std::time::Duration;
+
+    /// The first of a burst is said at once; the rest of the burst is said
+    /// once, 10 s later, with its count; nothing is said in between.
+    #[tokio::test(start_paused = true)]
+    async fn repeats_are_said_once_per_ten_seconds_with_their_count() {
+        let mut r = Repeats::default();
+        assert_eq!(r.count(), Some(1));
+        for _ in 0..99 {
+            assert_eq!(r.count(), None);
+        }
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(r.count(), Some(100), "the 99 held back and this one");
+        assert_eq!(r.count(), None);
+    }
 }
