@@ -199,8 +199,7 @@ pub(crate) async fn hear_revocations(api: Shared) {
             let Some(device) = std::str::from_utf8(&m.payload).ok().and_then(|d| DeviceId::parse(d).ok()) else {
                 continue;
             };
-            // No socket listening is fine: nothing to close.
-            let _ = api.revocations.send(device);
+            api.removals.removed(&device);
         }
     }
 }

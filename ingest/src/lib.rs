@@ -15,6 +15,7 @@ mod keys;
 mod mailbox;
 mod push;
 mod rejoin;
+pub mod removals;
 mod submit;
 mod tails;
 mod verdicts;
@@ -102,9 +103,9 @@ pub struct Api {
     pub tails: tails::Tails,
     /// This process's one subscription to verdicts.
     pub verdicts: verdicts::Verdicts,
-    /// Devices removed at any ingest process (from `mlsfed.revoked`), for
-    /// this process's sockets.
-    pub revocations: tokio::sync::broadcast::Sender<DeviceId>,
+    /// This process's sockets by device, woken when their device is
+    /// removed at any ingest process (`mlsfed.revoked`).
+    pub removals: removals::Removals,
     /// Submissions sent on sockets and not answered yet, in the whole
     /// process (`limits.max_in_flight_requests`, like HTTP requests): the
     /// per-socket limit alone would let one device with many sockets pin
@@ -117,9 +118,6 @@ pub struct Api {
 }
 
 pub type Shared = Arc<Api>;
-
-/// Removals a slow socket may fall behind on before it asks the store.
-pub const REVOCATIONS_BACKLOG: usize = 1024;
 
 pub fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)

@@ -288,7 +288,7 @@ impl Socket {
             tokio::time::interval_at(tokio::time::Instant::now() + proto::streams::spread(RECHECK), RECHECK);
         let mut backstop =
             tokio::time::interval_at(tokio::time::Instant::now() + proto::streams::spread(BACKSTOP), BACKSTOP);
-        let mut revocations = self.api.revocations.subscribe();
+        let removal = self.api.removals.watch(&self.device);
         let statistics = client.statistics();
         let mut connects = statistics.connects.load(std::sync::atomic::Ordering::Relaxed);
         loop {
@@ -410,19 +410,11 @@ impl Socket {
                         return;
                     }
                 }
-                removed = revocations.recv() => {
-                    use tokio::sync::broadcast::error::RecvError;
+                _ = removal.removed() => {
                     // A device removed while connected loses its socket at
                     // once: revocation outlives every credential.
-                    let gone = match removed {
-                        Ok(d) => d == self.device,
-                        Err(RecvError::Lagged(_)) => self.api.keydir.is_revoked(&self.device).await.unwrap_or(false),
-                        Err(RecvError::Closed) => false,
-                    };
-                    if gone {
-                        let _ = tx.send(Message::Close(None)).await;
-                        return;
-                    }
+                    let _ = tx.send(Message::Close(None)).await;
+                    return;
                 }
                 _ = backstop.tick() => {
                     if self.api.keydir.is_revoked(&self.device).await.unwrap_or(false) {

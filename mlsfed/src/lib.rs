@@ -311,7 +311,7 @@ pub async fn run(
             websockets: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_websockets)),
             tails: Default::default(),
             verdicts: Default::default(),
-            revocations: tokio::sync::broadcast::channel(ingest::REVOCATIONS_BACKLOG).0,
+            removals: Default::default(),
             socket_submits: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_in_flight_requests.max(1))),
             status_page: status.router(),
         });
