@@ -47,6 +47,8 @@ const BACKSTOP: Duration = Duration::from_secs(60);
 const READ_BUFFER: usize = 4096;
 /// Most tail batches one socket writes with a single flush.
 const COALESCE: usize = 64;
+/// The longest a socket stays open, whatever its token's expiry.
+const LONGEST_SOCKET: Duration = Duration::from_secs(365 * 86_400);
 /// Most bytes of entries gathered into one `entries` frame.
 const BATCH_BYTES: usize = 256 << 10;
 /// A submission frame starts with the device's ref for it (big-endian u64).
@@ -279,7 +281,10 @@ impl Socket {
         let mut mailbox_retry = false;
         // The token that opened the socket bounds it: a device reconnects
         // with a fresh one (and submits nothing on an expired one).
-        let expiry = tokio::time::sleep(Duration::from_secs(self.expires.saturating_sub(crate::now_unix())));
+        // Capped: an operator may issue tokens that expire in centuries, and
+        // a deadline that far would overflow the clock.
+        let left = self.expires.saturating_sub(crate::now_unix()).min(LONGEST_SOCKET.as_secs());
+        let expiry = tokio::time::sleep(Duration::from_secs(left));
         tokio::pin!(expiry);
         let mut due: HashSet<String> = HashSet::new();
         // Each socket keeps its own phase: sockets opened together (a
