@@ -11,6 +11,7 @@
 mod edge;
 mod error;
 mod groups;
+mod keyed;
 mod keys;
 mod mailbox;
 mod push;

@@ -3,49 +3,38 @@
 //! a broadcast to every socket would wake a hundred thousand tasks for each
 //! removal.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use proto::DeviceId;
 use tokio::sync::Notify;
 
-type Registered = Arc<Mutex<HashMap<DeviceId, Vec<(u64, Arc<Notify>)>>>>;
+use crate::keyed::{Keyed, Registered};
 
 /// The sockets of this process by device. Bounded by the sockets
 /// (`limits.max_websockets`): each holds one entry, gone with its socket.
 #[derive(Default)]
 pub struct Removals {
-    sockets: Registered,
-    next: AtomicU64,
+    sockets: Keyed<DeviceId, Arc<Notify>>,
 }
 
 /// One socket's registration; dropping it forgets the socket.
 pub struct Watch {
-    device: DeviceId,
-    token: u64,
     notify: Arc<Notify>,
-    sockets: Registered,
+    _registered: Registered<DeviceId, Arc<Notify>>,
 }
 
 impl Removals {
     /// Registers a socket of `device`.
     pub fn watch(&self, device: &DeviceId) -> Watch {
-        let token = self.next.fetch_add(1, Ordering::Relaxed);
         let notify = Arc::new(Notify::new());
-        if let Ok(mut s) = self.sockets.lock() {
-            s.entry(device.clone()).or_default().push((token, notify.clone()));
-        }
-        Watch { device: device.clone(), token, notify, sockets: self.sockets.clone() }
+        let registered = self.sockets.insert(device.clone(), notify.clone());
+        Watch { notify, _registered: registered }
     }
 
     /// Tells every socket of `device` here that it was removed.
     pub fn removed(&self, device: &DeviceId) {
-        let Ok(s) = self.sockets.lock() else { return };
-        for (_, notify) in s.get(device).into_iter().flatten() {
-            // A stored permit: a socket busy elsewhere sees it next time.
-            notify.notify_one();
-        }
+        // A stored permit: a socket busy elsewhere sees it next time.
+        self.sockets.each(device, |notify| notify.notify_one());
     }
 }
 
@@ -53,19 +42,6 @@ impl Watch {
     /// Completes once the device is announced removed.
     pub async fn removed(&self) {
         self.notify.notified().await;
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        if let Ok(mut s) = self.sockets.lock() {
-            if let Some(list) = s.get_mut(&self.device) {
-                list.retain(|(t, _)| *t != self.token);
-                if list.is_empty() {
-                    s.remove(&self.device);
-                }
-            }
-        }
     }
 }
 
@@ -86,6 +62,6 @@ mod tests {
         let heard = tokio::time::timeout(std::time::Duration::from_millis(50), b1.removed()).await;
         assert!(heard.is_err(), "bob's socket heard alice's removal");
         drop((a1, a2, b1));
-        assert!(r.sockets.lock().unwrap().is_empty(), "a dropped socket stayed registered");
+        assert!(r.sockets.is_empty(), "a dropped socket stayed registered");
     }
 }
