@@ -153,14 +153,21 @@ impl FromRequestParts<Shared> for AuthDevice {
         }
         // Revocation outlives the token: a removed device is refused
         // whatever it asks, however long its token still runs.
-        if api.keydir.is_revoked(&device).await.map_err(|e| Reject(e.to_api()))? {
-            return Err(Reject::new(ErrorCode::DeviceRevoked, "this device was removed"));
-        }
+        not_removed(api, &device).await?;
         Ok(AuthDevice(device))
     }
 }
 
 /// Reads a request body up to the configured limit.
+/// Refuses a removed device (`device_revoked`): on every request, and on
+/// every submission sent on a socket.
+pub(crate) async fn not_removed(api: &Api, device: &DeviceId) -> Result<(), Reject> {
+    if api.keydir.is_revoked(device).await.map_err(|e| Reject(e.to_api()))? {
+        return Err(Reject::new(ErrorCode::DeviceRevoked, "this device was removed"));
+    }
+    Ok(())
+}
+
 pub async fn read_body(api: &Api, body: axum::body::Body) -> Result<bytes::Bytes, Reject> {
     let limit = api.cfg.limits.max_body_bytes;
     axum::body::to_bytes(body, limit)

@@ -330,15 +330,10 @@ impl Socket {
             if (mailbox_due || !due.is_empty()) && !self.api.shutdown.is_cancelled() {
                 // A long catch-up must not hold back the answers to the
                 // device's submissions: those ready go out between pages.
-                let mut answered = false;
-                while let Some(done) = futures::FutureExt::now_or_never(submits.next()).flatten() {
-                    if self.answer(done, &mut tx).await.is_err() {
+                if let Some(done) = futures::FutureExt::now_or_never(submits.next()).flatten() {
+                    if !self.answer_ready(done, &mut submits, &mut tx).await {
                         return;
                     }
-                    answered = true;
-                }
-                if answered && tx.flush().await.is_err() {
-                    return;
                 }
                 continue;
             }
@@ -362,18 +357,7 @@ impl Socket {
                     return;
                 }
                 Some(first) = submits.next(), if !submits.is_empty() => {
-                    // Verdicts that are ready together go in one write.
-                    let mut next = Some(first);
-                    let mut revoked = false;
-                    while let Some(done) = next.take() {
-                        revoked |= matches!(&done.2, Err(e) if e.0.code == ErrorCode::DeviceRevoked);
-                        if self.answer(done, &mut tx).await.is_err() {
-                            return;
-                        }
-                        next = futures::FutureExt::now_or_never(submits.next()).flatten();
-                    }
-                    if tx.flush().await.is_err() || revoked {
-                        let _ = tx.send(Message::Close(None)).await;
+                    if !self.answer_ready(first, &mut submits, &mut tx).await {
                         return;
                     }
                 }
@@ -400,7 +384,6 @@ impl Socket {
                                 if self.retailed.get(&subject).is_some_and(|t| now - *t < RECHECK) {
                                     self.retail_later.insert(subject.clone());
                                 } else if let Some(rx) = self.retail(&subject) {
-                                    self.retailed.insert(subject.clone(), now);
                                     tails.push(batches(subject.clone(), rx));
                                 }
                                 due.insert(subject);
@@ -436,7 +419,6 @@ impl Socket {
                     }
                     for subject in std::mem::take(&mut self.retail_later) {
                         if let Some(rx) = self.retail(&subject) {
-                            self.retailed.insert(subject.clone(), tokio::time::Instant::now());
                             tails.push(batches(subject.clone(), rx));
                             due.insert(subject);
                         }
@@ -525,14 +507,41 @@ impl Socket {
             let _permit = permit;
             // As over HTTP, a removed device is refused at once, not only
             // at the socket's next revocation check.
-            let outcome = match api.keydir.is_revoked(&device).await {
-                Ok(true) => Err(Reject::new(ErrorCode::DeviceRevoked, "this device was removed")),
-                Ok(false) => crate::submit::submit(&api, device, &body, None).await,
-                Err(e) => Err(Reject(e.to_api())),
+            let outcome = match crate::not_removed(&api, &device).await {
+                Ok(()) => crate::submit::submit(&api, device, &body, None).await,
+                Err(e) => Err(e),
             };
             (reference, at, outcome)
         }));
         Ok(())
+    }
+
+    /// Answers `first` and every other verdict ready now, in one write.
+    /// `false`: the socket is done (closed, or its device was removed and
+    /// it was told so).
+    async fn answer_ready<S>(
+        &self,
+        first: Submitted,
+        submits: &mut FuturesUnordered<BoxFuture<'static, Submitted>>,
+        tx: &mut S,
+    ) -> bool
+    where
+        S: futures::Sink<Message> + Unpin,
+    {
+        let mut next = Some(first);
+        let mut revoked = false;
+        while let Some(done) = next.take() {
+            revoked |= matches!(&done.2, Err(e) if e.0.code == ErrorCode::DeviceRevoked);
+            if self.answer(done, tx).await.is_err() {
+                return false;
+            }
+            next = futures::FutureExt::now_or_never(submits.next()).flatten();
+        }
+        if tx.flush().await.is_err() || revoked {
+            let _ = tx.send(Message::Close(None)).await;
+            return false;
+        }
+        true
     }
 
     /// Queues a submission's answer frame (the caller flushes).
@@ -622,6 +631,7 @@ impl Socket {
         let t = self.api.tails.get(&self.api.topo.js.client(), subject);
         let rx = t.subscribe();
         f.tail = t;
+        self.retailed.insert(subject.to_owned(), tokio::time::Instant::now());
         Some(rx)
     }
 
