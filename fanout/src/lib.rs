@@ -633,18 +633,23 @@ impl GroupFanout {
             self.set_device_group(d, group, Some(entry.position), entry.position).await?;
         }
         let mut items: Vec<(&DeviceId, MailboxItem)> = Vec::new();
-        if let Some(w) = &entry.welcome {
+        if let Some(w) = entry.welcome.as_ref().filter(|_| entry.welcome_recipients.iter().any(|d| local(&d))) {
+            let welcome = MailboxItem {
+                group: Some(group.clone()),
+                position: entry.position,
+                epoch: entry.epoch + 1,
+                kind: EntryKind::Welcome,
+                own: false,
+                message: Vec::new(),
+                log_seq,
+            };
+            // The Welcome is stored once, before the items that point to
+            // it: it carries the whole ratchet tree, so a copy per added
+            // device made adding k devices to a group of n cost k copies of
+            // n leaves.
+            self.put_welcome(group, entry.position, MailboxItem { message: w.clone(), ..welcome.clone() }).await?;
             for d in entry.welcome_recipients.iter().filter(local) {
-                let item = MailboxItem {
-                    group: Some(group.clone()),
-                    position: entry.position,
-                    epoch: entry.epoch + 1,
-                    kind: EntryKind::Welcome,
-                    own: false,
-                    message: w.clone(),
-                    log_seq,
-                };
-                items.push((d, item));
+                items.push((d, welcome.clone()));
             }
         }
         for d in change.removed.iter().filter(local) {
@@ -814,6 +819,22 @@ impl GroupFanout {
 
     /// Publishes every item, then waits for all the acks: one round trip
     /// per entry rather than one per recipient.
+    /// Stores a Commit's Welcome once (`names::welcome_subject`), as the
+    /// whole mailbox item its recipients' items point to.
+    async fn put_welcome(&self, group: &GroupId, position: u64, item: MailboxItem) -> Result<(), String> {
+        let publish = PublishMessage::build()
+            .payload(Bytes::from(proto::wire::encode(&item)))
+            .message_id(names::welcome_msg_id(group, position));
+        let ack = self
+            .ctx
+            .topo
+            .js
+            .send_publish(names::welcome_subject(group, position), publish)
+            .await
+            .map_err(|e| e.to_string())?;
+        ack.await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
     async fn put_all(&self, group: &GroupId, position: u64, items: &[(&DeviceId, MailboxItem)]) -> Result<(), String> {
         let mut acks = Vec::with_capacity(items.len());
         for (d, item) in items {

@@ -79,10 +79,17 @@ pub(crate) async fn read(api: &Shared, device: &DeviceId, after: u64, limit: usi
             Err(e) => return Err(Reject::new(ErrorCode::Unavailable, format!("mailbox unavailable: {e}"))),
         };
         next = msg.sequence + 1;
-        let Ok(item) = proto::wire::decode::<MailboxItem>(&msg.payload) else {
+        let Ok(mut item) = proto::wire::decode::<MailboxItem>(&msg.payload) else {
             tracing::error!(seq = msg.sequence, "undecodable mailbox item skipped");
             continue;
         };
+        if item.kind == proto::wire::EntryKind::Welcome && item.message.is_empty() {
+            let Some(message) = welcome(api, &item).await? else {
+                tracing::error!(seq = msg.sequence, "mailbox item names a Welcome that is not stored; skipped");
+                continue;
+            };
+            item.message = message;
+        }
         let notice = item.kind == proto::wire::EntryKind::Notice;
         out.push(ItemJson {
             frame: "mailbox",
@@ -98,6 +105,22 @@ pub(crate) async fn read(api: &Shared, device: &DeviceId, after: u64, limit: usi
         });
     }
     Ok(out)
+}
+
+/// The Welcome a device's item points to, stored once for every device
+/// its Commit adds; `None` if it is gone. Both expire after the mailbox's
+/// max age; the Welcome is stored first, and a redelivered fan-out stores it
+/// again unless its first copy is within the duplicate window, so it can
+/// expire before its items by that window at most.
+async fn welcome(api: &Shared, item: &MailboxItem) -> Result<Option<Vec<u8>>, Reject> {
+    let Some(group) = &item.group else { return Ok(None) };
+    let subject = names::welcome_subject(group, item.position);
+    let stored = match api.topo.mailbox.direct_get_last_for_subject(subject.as_str()).await {
+        Ok(m) => m,
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Reject::new(ErrorCode::Unavailable, format!("mailbox unavailable: {e}"))),
+    };
+    Ok(proto::wire::decode::<MailboxItem>(&stored.payload).ok().map(|w| w.message).filter(|m| !m.is_empty()))
 }
 
 pub async fn fetch(

@@ -23,6 +23,11 @@ pub const LOG_REPUBLISH: (&str, &str) = ("mlsfed.log.>", "mlsfed.tail.>");
 /// Per-device mailboxes: `mlsfed.mbox.<device>` (Limits, direct get).
 pub const MAILBOX_STREAM: &str = "MLSFED_MAILBOX";
 pub const MAILBOX_WILDCARD: &str = "mlsfed.mbox.*";
+/// The Welcomes of the same stream, one per Commit at
+/// `mlsfed.welcome.<group>.<position>`: a Welcome is the same bytes for
+/// every device it adds (and carries the whole ratchet tree), so it is
+/// stored once and each added device's mailbox item only points to it.
+pub const WELCOME_WILDCARD: &str = "mlsfed.welcome.*.*";
 
 /// Per group: a small pointer to its latest checkpoint in [`STATE_BUCKET`]
 /// (`{"v":1,"position":..,"object":..}`), moved forward by compare-and-set.
@@ -167,6 +172,12 @@ pub fn mailbox_subject(d: &DeviceId) -> String {
     format!("{PREFIX}.mbox.{}", d.token())
 }
 
+/// Where the Welcome of the Commit at `position` of group `g` is stored
+/// once, in the mailbox stream (see [`WELCOME_WILDCARD`]).
+pub fn welcome_subject(g: &GroupId, position: u64) -> String {
+    format!("{PREFIX}.welcome.{}.{position}", g.token())
+}
+
 /// Every verdict subject: one subscription per ingest process hears them.
 pub const VERDICT_WILDCARD: &str = "mlsfed.verdict.*";
 
@@ -239,6 +250,12 @@ pub fn mailbox_msg_id(g: &GroupId, position: u64, d: &DeviceId) -> String {
     h.update(position.to_be_bytes());
     h.update(d.as_bytes());
     format!("mb-{}", hex::encode(&h.finalize()[..16]))
+}
+
+/// `Nats-Msg-Id` of a Commit's Welcome stored once: redelivered fan-out
+/// stores it once.
+pub fn welcome_msg_id(g: &GroupId, position: u64) -> String {
+    fed_msg_id("wl", &[g.as_bytes(), &position.to_be_bytes()])
 }
 
 /// `Nats-Msg-Id` of a low-stock notice: one per stock level, so concurrent

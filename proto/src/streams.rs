@@ -80,7 +80,11 @@ async fn ensure_stream(
     // The server reports "no limit" as -1 where a config may say 0, and
     // fills in its own dedup window where none is set.
     let limit = |v: i64| if v <= 0 { -1 } else { v };
-    let differs = current.max_age != wanted.max_age
+    // Subjects only grow: a stream made by an older version gets the
+    // subjects this one writes to (the mailbox's shared Welcomes).
+    let missing = wanted.subjects.iter().any(|s| !current.subjects.contains(s));
+    let differs = missing
+        || current.max_age != wanted.max_age
         || limit(current.max_bytes) != limit(wanted.max_bytes)
         || limit(current.max_messages_per_subject) != limit(wanted.max_messages_per_subject)
         || current.num_replicas.max(1) != wanted.num_replicas.max(1)
@@ -101,6 +105,11 @@ async fn ensure_stream(
             },
             republish: wanted.republish,
             allow_atomic_publish: wanted.allow_atomic_publish,
+            subjects: {
+                let mut subjects = current.subjects.clone();
+                subjects.extend(wanted.subjects.iter().filter(|s| !current.subjects.contains(s)).cloned());
+                subjects
+            },
             ..current
         };
         js.update_stream(config).await.map_err(|source| EnsureStreamsError::Update { name, source })?;
@@ -227,7 +236,7 @@ pub async fn ensure(js: &jetstream::Context, all: &config::Config) -> Result<Top
         js,
         stream::Config {
             name: names::MAILBOX_STREAM.into(),
-            subjects: vec![names::MAILBOX_WILDCARD.into()],
+            subjects: vec![names::MAILBOX_WILDCARD.into(), names::WELCOME_WILDCARD.into()],
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_age: Duration::from_secs(cfg.mailbox_max_age_secs),

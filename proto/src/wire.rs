@@ -104,6 +104,10 @@ pub struct MailboxItem {
     /// True when the recipient device is the one that submitted it: its client
     /// merges its pending Commit (or skips its own application message) here.
     pub own: bool,
+    /// Empty in a device's Welcome item: the Welcome is stored once for
+    /// all the devices it adds, as a whole item at
+    /// [`crate::names::welcome_subject`] of `group` and `position` in the
+    /// same stream. (An item with the bytes here is read as it is.)
     pub message: Vec<u8>,
     /// For a Welcome: the sequence of its Commit in this operator's LOG, so
     /// the new member reads the group's entries after it.

@@ -78,8 +78,12 @@ impl Checkpoints {
     /// as recent.
     pub(crate) async fn save(&self, group: &GroupId, position: u64, bytes: &[u8]) -> Result<(), CheckpointError> {
         let object = names::state_object(group, position);
+        // async-nats reads the object through a buffer of the chunk size:
+        // a small state gets a chunk of its own size, not 256 KiB allocated
+        // (and paged in) for every checkpoint.
+        let chunk_size = bytes.len().clamp(1, CHUNK_BYTES);
         let meta =
-            object_store::ObjectMetadata { name: object.clone(), chunk_size: Some(CHUNK_BYTES), ..Default::default() };
+            object_store::ObjectMetadata { name: object.clone(), chunk_size: Some(chunk_size), ..Default::default() };
         let mut reader = bytes;
         self.objects.put(meta, &mut reader).await.map_err(|e| CheckpointError::Object(e.to_string()))?;
         let pointer = Pointer { v: POINTER_VERSION, position, object: object.clone() };

@@ -261,7 +261,18 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
         let mut by_size = Vec::new();
         for size in [2usize, 10, 100, 1000] {
             let spec = (format!("size{size}"), 0usize, (1..size).collect::<Vec<_>>());
+            let built = js_totals(&js).await?;
             let g = fleet.create_groups(std::slice::from_ref(&spec)).await?.remove(0);
+            // What building the group stored (its Commits with their
+            // Welcomes, checkpoints, mailbox items): a Welcome copied per
+            // added device made this grow with the square of the size.
+            let setup = cost_of(&js, built, 1).await?;
+            println!(
+                "built one group of {size} (adds of at most 100): {:.0} JetStream writes, {:.0} KiB stored",
+                setup.writes_per_msg,
+                setup.bytes_per_msg / 1024.0
+            );
+            report.insert(format!("group_{size}_setup_bytes"), json!(setup.bytes_per_msg));
             let mut follow: Vec<Vec<String>> = vec![Vec::new(); DEVICES];
             for f in follow.iter_mut().take(size) {
                 f.push(g.clone());
