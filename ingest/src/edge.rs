@@ -41,7 +41,7 @@ pub(crate) async fn declared_length(State(api): State<Shared>, req: Request, nex
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let limit = api.cfg.limits.max_body_bytes as u64;
+    let limit = api.max_body as u64;
     if declared.is_some_and(|n| n > limit) {
         return Reject::new(ErrorCode::BodyTooLarge, format!("request body is larger than {limit} bytes"))
             .into_response();

@@ -116,9 +116,25 @@ pub struct Api {
     pub status_page: Router,
     /// Reads groups' checkpoints (for their current GroupInfo).
     pub checkpoints: proto::checkpoint::Reader,
+    /// The largest request body or submission frame taken (`body_limit`).
+    pub max_body: usize,
 }
 
 pub type Shared = Arc<Api>;
+
+/// What a submission's record adds around its body (ids, framing, trace
+/// headers) and a federation envelope around a LOG entry, with a wide
+/// margin: a body must fit in one NATS message with all that.
+pub const NATS_HEADROOM: usize = 64 << 10;
+
+/// The largest body ingest accepts: `limits.max_body_bytes`, unless the
+/// NATS server's `max_payload` leaves less room. A body that fits the
+/// configured limit but not NATS would otherwise be refused as
+/// `unavailable` (retryable) at every resend, instead of once as
+/// `body_too_large`.
+pub fn body_limit(configured: usize, nats_max_payload: usize) -> usize {
+    configured.min(nats_max_payload.saturating_sub(NATS_HEADROOM)).max(1024)
+}
 
 pub fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -169,7 +185,7 @@ pub(crate) async fn not_removed(api: &Api, device: &DeviceId) -> Result<(), Reje
 }
 
 pub async fn read_body(api: &Api, body: axum::body::Body) -> Result<bytes::Bytes, Reject> {
-    let limit = api.cfg.limits.max_body_bytes;
+    let limit = api.max_body;
     axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| Reject::new(ErrorCode::BodyTooLarge, format!("request body is larger than {limit} bytes")))

@@ -92,8 +92,8 @@ pub async fn websocket(
     // by default): with thousands of sockets that memset was the largest
     // single cost of pushing. A device sends only small frames.
     // A submission's frame is its 8-byte ref and a bundle of at most
-    // `max_body_bytes`; a larger frame closes the connection.
-    let max_frame = api.cfg.limits.max_body_bytes.saturating_add(SUBMIT_REF_BYTES);
+    // the body limit (`Api::max_body`); a larger frame closes the connection.
+    let max_frame = api.max_body.saturating_add(SUBMIT_REF_BYTES);
     Ok(ws
         .read_buffer_size(READ_BUFFER)
         .max_message_size(max_frame)

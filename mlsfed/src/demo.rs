@@ -64,7 +64,7 @@ pub(crate) async fn start_domains(
             .map(|(j, p)| mlsfed::nats::PeerUser { domain: p, user: &users[j], password: &peer_passwords[i][j] })
             .collect();
         let mut conf = mlsfed::nats::federation_accounts("local", &local_passwords[i], &peers);
-        conf.push_str(&mlsfed::nats::jetstream_block(&base.streams.sync_interval));
+        conf.push_str(&mlsfed::nats::server_settings(&base));
         nats.push(
             NatsProcess::start_with_config(&bin, &dir.join(d).join("nats"), 0, Some(&conf))
                 .context("cannot start nats-server")?,

@@ -300,7 +300,18 @@ pub async fn run(
             cfg.operator_seed()?,
             keydir::Metrics::new(&registry)?,
         );
+        let max_payload = topo.js.client().server_info().max_payload;
+        let max_body = ingest::body_limit(cfg.limits.max_body_bytes, max_payload);
+        if max_body < cfg.limits.max_body_bytes {
+            tracing::warn!(
+                max_body_bytes = cfg.limits.max_body_bytes,
+                nats_max_payload = max_payload,
+                limit = max_body,
+                "NATS' max_payload leaves too little room for limits.max_body_bytes; bodies are limited to less"
+            );
+        }
         let api = Arc::new(ingest::Api {
+            max_body,
             checkpoints: proto::checkpoint::Reader::new(&topo),
             topo,
             keydir: Arc::new(kd),

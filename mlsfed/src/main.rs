@@ -157,7 +157,7 @@ pub fn embedded_nats(cfg: &config::Config) -> anyhow::Result<Option<NatsProcess>
         return Ok(None);
     }
     let bin = mlsfed::nats::find_binary(&cfg.nats_server_bin);
-    let p = NatsProcess::start_embedded(&bin, &cfg.nats_dir(), 0, &cfg.streams.sync_interval)?;
+    let p = NatsProcess::start_embedded(&bin, &cfg.nats_dir(), 0, cfg)?;
     tracing::info!(url = %p.url(), "embedded nats-server started");
     Ok(Some(p))
 }

@@ -44,9 +44,10 @@ impl NatsProcess {
     }
 
     /// Starts the embedded server of an operator: like [`NatsProcess::start`],
-    /// with JetStream's `sync_interval` set (empty: the server's default).
-    pub fn start_embedded(bin: &str, dir: &Path, port: u16, sync_interval: &str) -> anyhow::Result<Self> {
-        let config = jetstream_block(sync_interval);
+    /// with JetStream's `sync_interval` set (empty: the server's default)
+    /// and room for the operator's largest body (`server_settings`).
+    pub fn start_embedded(bin: &str, dir: &Path, port: u16, cfg: &config::Config) -> anyhow::Result<Self> {
+        let config = server_settings(cfg);
         Self::start_with_config(bin, dir, port, (!config.is_empty()).then_some(config.as_str()))
     }
 
@@ -70,7 +71,7 @@ impl NatsProcess {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let ports = self.dir.join("ports");
-        self.stop_orphan(&ports);
+        stop_orphan(&self.dir);
         let _ = std::fs::remove_dir_all(&ports);
         std::fs::create_dir_all(&ports)?;
         let port = if self.port == 0 { "-1".to_owned() } else { self.port.to_string() };
@@ -94,43 +95,6 @@ impl NatsProcess {
         self.child = Some(child);
         self.port = self.wait_port(&ports)?;
         Ok(())
-    }
-
-    /// Stops a nats-server that a killed process of ours left running on
-    /// this directory (SIGKILL gives it no time to stop its child): it
-    /// holds the JetStream store, and a server started beside it would
-    /// fight it for the store's lock. Its pid is in the name of the ports
-    /// file it wrote; only a nats-server whose command line names this very
-    /// store is stopped (the pid may belong to another process by now).
-    fn stop_orphan(&self, ports: &Path) {
-        let Ok(entries) = std::fs::read_dir(ports) else { return };
-        let store = self.dir.join("jetstream").to_string_lossy().into_owned();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name.strip_suffix(".ports").and_then(|n| n.rsplit('_').next()) else { continue };
-            let Ok(pid) = pid.parse::<u32>() else { continue };
-            let ours = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                let c = String::from_utf8_lossy(&c);
-                c.contains("nats-server") && c.contains(&store)
-            });
-            // A server whose mlsfed is alive is not an orphan: a second
-            // operator started on the same directory by mistake must fail
-            // on the store's lock, not stop the first one's NATS.
-            if !ours || !running(pid) || parent_is_mlsfed(pid) {
-                continue;
-            }
-            tracing::warn!(pid, "stopping the nats-server a killed operator left running on its directory");
-            for (signal, wait) in [("-TERM", Duration::from_secs(15)), ("-KILL", Duration::from_secs(5))] {
-                let _ = Command::new("kill").arg(signal).arg(pid.to_string()).status();
-                let deadline = Instant::now() + wait;
-                while running(pid) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                if !running(pid) {
-                    break;
-                }
-            }
-        }
     }
 
     fn wait_port(&mut self, ports: &Path) -> anyhow::Result<u16> {
@@ -231,6 +195,21 @@ impl Drop for NatsProcess {
     }
 }
 
+/// What an operator's own nats-server is started with: `max_payload` with
+/// room for a submission of `limits.max_body_bytes` and what wraps it
+/// (`ingest::NATS_HEADROOM`), when NATS' default 1 MiB is not enough, and
+/// JetStream's `sync_interval`.
+pub fn server_settings(cfg: &config::Config) -> String {
+    const NATS_DEFAULT: usize = 1 << 20;
+    let needed = cfg.limits.max_body_bytes.saturating_add(ingest::NATS_HEADROOM);
+    let mut out = String::new();
+    if needed > NATS_DEFAULT {
+        out.push_str(&format!("max_payload: {needed}\n"));
+    }
+    out.push_str(&jetstream_block(&cfg.streams.sync_interval));
+    out
+}
+
 /// The `jetstream { ... }` block for a `sync_interval` (empty: none).
 pub fn jetstream_block(sync_interval: &str) -> String {
     if sync_interval.is_empty() {
@@ -320,4 +299,41 @@ pub fn federation_accounts(local_user: &str, local_password: &str, peers: &[Peer
 pub fn peer_account(domain: &str) -> String {
     let hex: String = domain.bytes().map(|b| format!("{b:02x}")).collect();
     format!("PEER_{hex}")
+}
+
+/// Stops a nats-server that a killed process of ours left running on its
+/// directory `dir` (SIGKILL gives it no time to stop its child): it holds
+/// the JetStream store, and a server started beside it would fight it for
+/// the store's lock. Its pid is in the name of the ports file it wrote; only
+/// a nats-server whose command line names this very store is stopped (the
+/// pid may belong to another process by now).
+pub fn stop_orphan(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir.join("ports")) else { return };
+    let store = dir.join("jetstream").to_string_lossy().into_owned();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_suffix(".ports").and_then(|n| n.rsplit('_').next()) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        let ours = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            let c = String::from_utf8_lossy(&c);
+            c.contains("nats-server") && c.contains(&store)
+        });
+        // A server whose mlsfed is alive is not an orphan: a second
+        // operator started on the same directory by mistake must fail
+        // on the store's lock, not stop the first one's NATS.
+        if !ours || !running(pid) || parent_is_mlsfed(pid) {
+            continue;
+        }
+        tracing::warn!(pid, "stopping the nats-server a killed operator left running on its directory");
+        for (signal, wait) in [("-TERM", Duration::from_secs(15)), ("-KILL", Duration::from_secs(5))] {
+            let _ = Command::new("kill").arg(signal).arg(pid.to_string()).status();
+            let deadline = Instant::now() + wait;
+            while running(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !running(pid) {
+                break;
+            }
+        }
+    }
 }

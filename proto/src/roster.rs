@@ -12,6 +12,13 @@ use serde::{Deserialize, Serialize};
 use crate::ids::DeviceId;
 use crate::wire::{EntryKind, LogEntry};
 
+/// Removed devices a roster remembers: the most recently removed. A roster
+/// is one KV value, rewritten at every membership change, so a group whose
+/// members come and go must not grow it forever. A device removed before
+/// these can no longer read its group's last entries before its removal;
+/// its mailbox still tells it it was removed.
+pub const MAX_REMOVED: usize = 1024;
+
 /// The devices of one group at this operator, as of `position`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Roster {
@@ -90,6 +97,20 @@ impl Roster {
         out
     }
 
+    /// Keeps the [`MAX_REMOVED`] most recently removed devices (ties: by id,
+    /// so every worker keeps the same ones).
+    fn forget_oldest_removals(&mut self) {
+        let excess = self.removed.len().saturating_sub(MAX_REMOVED);
+        if excess == 0 {
+            return;
+        }
+        let mut by_age: Vec<(u64, String)> = self.removed.iter().map(|(d, (_, until))| (*until, d.clone())).collect();
+        by_age.sort_unstable();
+        for (_, d) in by_age.into_iter().take(excess) {
+            self.removed.remove(&d);
+        }
+    }
+
     /// Applies a Created or Commit entry once (a replay changes nothing).
     /// The creator is a member from position 0: it reads the whole group.
     pub fn apply(&mut self, entry: &LogEntry) -> Option<()> {
@@ -111,6 +132,7 @@ impl Roster {
                     self.removed.remove(d.as_str());
                     self.members.insert(d.to_string(), entry.position);
                 }
+                self.forget_oldest_removals();
                 self.epoch = entry.epoch + 1;
             }
             _ => return None,
@@ -188,5 +210,25 @@ mod tests {
         assert_eq!(Change::of(&again), Change { added: vec![b.clone()], removed: vec![] });
         r.apply(&again);
         assert_eq!(r.span(&b), Some(Span { after: 9, until: None }));
+    }
+
+    #[test]
+    fn a_roster_remembers_only_the_latest_removals() {
+        let a = DeviceId::parse("mimi://a.example/d/alice/1").unwrap();
+        let others: Vec<DeviceId> =
+            (0..MAX_REMOVED + 100).map(|i| DeviceId::parse(&format!("mimi://a.example/d/u{i}/1")).unwrap()).collect();
+        let mut r = Roster::default();
+        r.apply(&entry(EntryKind::Created, 1, &a, &[], &[]));
+        let everyone: Vec<&DeviceId> = others.iter().collect();
+        r.apply(&entry(EntryKind::Commit, 2, &a, &everyone, &[]));
+        // Removed one per Commit, oldest first.
+        for (i, d) in others.iter().enumerate() {
+            r.apply(&entry(EntryKind::Commit, 3 + i as u64, &a, &[], &[d]));
+        }
+        assert_eq!(r.removed.len(), MAX_REMOVED);
+        assert_eq!(r.span(&others[0]), None, "the oldest removal is forgotten");
+        let last = others.last().unwrap();
+        assert_eq!(r.span(last), Some(Span { after: 2, until: Some(2 + others.len() as u64) }));
+        assert_eq!(r.members.len(), 1);
     }
 }

@@ -16,6 +16,13 @@ use crate::checkpoint::Found;
 use crate::state::GroupState;
 use crate::{validate, Ctx, StepError, CAS_RETRIES, CHECKPOINT_EVERY};
 
+/// Entries read per page when a group's LOG is replayed or re-read.
+const REPLAY_PAGE: usize = 256;
+/// A page also stops at about this many bytes (at least one entry).
+const REPLAY_BYTES: usize = 4 << 20;
+/// How long one page may take.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why a batch append was not stored.
 enum BatchFailed {
     /// Another entry took the position first.
@@ -503,20 +510,38 @@ impl GroupDecider {
         let subject = names::log_subject(group, self.ctx.streams.partitions);
         let mut next = state.as_ref().map(|s| s.last_subject_seq + 1).unwrap_or(1);
         let mut replayed = false;
+        // Pages of batched direct gets: a takeover replays up to a
+        // checkpoint's worth of entries, and a re-read after a lost
+        // compare-and-set finds one or a few, in one round trip either way
+        // (not one per entry and one more to find the end).
+        let client = self.ctx.topo.js.client();
         loop {
-            let msg = match self.ctx.topo.log.direct_get_next_for_subject(subject.as_str(), Some(next)).await {
-                Ok(m) => m,
-                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
-                Err(e) => return Err(StepError::Transient(e.to_string())),
-            };
-            next = msg.sequence + 1;
-            let entry: LogEntry = match proto::wire::decode(&msg.payload) {
-                Ok(e) => e,
-                Err(e) => return Err(StepError::Transient(format!("undecodable LOG entry: {e}"))),
-            };
-            self.ctx.metrics.replayed.inc();
-            state = Some(self.replay(state, &entry, msg.sequence)?);
-            replayed = true;
+            let page = proto::direct::batch(
+                &client,
+                names::LOG_STREAM,
+                &subject,
+                next,
+                REPLAY_PAGE,
+                Some(REPLAY_BYTES),
+                READ_TIMEOUT,
+            )
+            .await
+            .map_err(|e| StepError::Transient(e.to_string()))?;
+            let bytes: usize = page.iter().map(|m| m.payload.len()).sum();
+            for msg in &page {
+                next = msg.seq + 1;
+                let entry: LogEntry = match proto::wire::decode(&msg.payload) {
+                    Ok(e) => e,
+                    Err(e) => return Err(StepError::Transient(format!("undecodable LOG entry: {e}"))),
+                };
+                self.ctx.metrics.replayed.inc();
+                state = Some(self.replay(state, &entry, msg.seq)?);
+                replayed = true;
+            }
+            // A short page is the end, unless the byte cap cut it.
+            if page.len() < REPLAY_PAGE && bytes < REPLAY_BYTES / 2 {
+                break;
+            }
         }
         if let Some(s) = state.as_mut().filter(|_| !replayed) {
             self.settle_tail(s, &subject).await?;

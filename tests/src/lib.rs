@@ -346,7 +346,12 @@ impl Operator {
     /// `mlsfed run` on the embedded defaults: no NATS URL, so the process
     /// starts and supervises its own nats-server under its data dir.
     pub fn start_embedded(domain: &str) -> anyhow::Result<Self> {
-        Self::with_config(domain, "run", |_| {})
+        Self::start_embedded_with(domain, |_| {})
+    }
+
+    /// [`Operator::start_embedded`] with its configuration changed first.
+    pub fn start_embedded_with(domain: &str, tweak: impl FnOnce(&mut config::Config)) -> anyhow::Result<Self> {
+        Self::with_config(domain, "run", tweak)
     }
 
     /// The operator's data directory.
@@ -519,6 +524,15 @@ impl Operator {
 impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
+        // An embedded operator's nats-server outlives the SIGKILL: stop it,
+        // or every such test would leave one running.
+        let embedded = std::fs::read_to_string(&self.config_path)
+            .ok()
+            .and_then(|t| toml::from_str::<config::Config>(&t).ok())
+            .is_some_and(|c| c.nats_url.is_empty());
+        if embedded {
+            mlsfed::nats::stop_orphan(&self.data_dir().join("nats"));
+        }
         // A failing test shows what the operator said; the temp dir goes.
         if std::thread::panicking() || std::env::var_os("MLSFED_TEST_LOG").is_some() {
             let log = self.log();

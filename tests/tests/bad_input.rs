@@ -222,3 +222,39 @@ async fn hostile_requests_get_typed_errors() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A message within `limits.max_body_bytes` that NATS could not carry (its
+/// `max_payload` is 1 MiB unless raised) is refused once as
+/// `body_too_large`, not as a retryable `unavailable` at every resend; the
+/// group goes on. An operator's own nats-server is started with room for
+/// its configured limit, so there the same message is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_nats_cannot_carry_is_too_large_unless_the_operator_runs_nats() -> anyhow::Result<()> {
+    use tests::proto::ErrorCode;
+    let big = "x".repeat(1_200_000);
+    let texts = |c: &tests::Client, g: &str| c.messages(g).into_iter().map(|m| m.2).collect::<Vec<_>>();
+
+    let nats = NatsServer::start()?;
+    let op = Operator::start_with(&nats, "a.example", "run", |c| c.limits.max_body_bytes = 2 << 20)?;
+    let mut alice = op.client("alice", "phone", 3).await?;
+    let mut bob = op.client("bob", "phone", 3).await?;
+    let g = alice.create_group("room").await?;
+    alice.add(&g, &[op.user_id("bob")]).await?;
+    settle(&mut [&mut alice, &mut bob]).await?;
+    let refused = alice.send(&g, &big).await.expect_err("NATS cannot carry it");
+    assert_eq!(refused.code(), Some(ErrorCode::BodyTooLarge), "{refused}");
+    alice.send(&g, "small").await?;
+    settle(&mut [&mut alice, &mut bob]).await?;
+    assert_eq!(texts(&bob, &g), ["small"]);
+
+    let op = Operator::start_embedded_with("b.example", |c| c.limits.max_body_bytes = 2 << 20)?;
+    let mut carol = op.client("carol", "phone", 3).await?;
+    let mut dave = op.client("dave", "phone", 3).await?;
+    let g = carol.create_group("room").await?;
+    carol.add(&g, &[op.user_id("dave")]).await?;
+    settle(&mut [&mut carol, &mut dave]).await?;
+    carol.send(&g, &big).await?;
+    settle(&mut [&mut carol, &mut dave]).await?;
+    assert_eq!(texts(&dave, &g), [big.as_str()]);
+    Ok(())
+}

@@ -35,6 +35,14 @@ async fn batch_and_multi_last_answer_in_order_and_promptly_when_empty() -> anyho
         assert!(direct::batch(&client, "D", subject, from, 10, None, t).await?.is_empty());
         assert!(t0.elapsed() < Duration::from_secs(1), "an empty batch took {:?}", t0.elapsed());
     }
+    // A byte cap below the first message still returns that message: the
+    // readers of LOG (tails, a device's reads, the sequencer's replay) stop
+    // at an empty page, and an entry larger than their cap must not look
+    // like the end.
+    js.publish("d.big", vec![7u8; 64 << 10].into()).await?.await?;
+    js.publish("d.big", vec![8u8; 64 << 10].into()).await?.await?;
+    let capped = direct::batch(&client, "D", "d.big", 1, 10, Some(1024), t).await?;
+    assert_eq!(capped.iter().map(|m| m.payload[0]).collect::<Vec<_>>(), [7]);
     let last = direct::multi_last(&client, "D", &["d.a".into(), "d.b".into(), "d.c".into()], None, t).await?;
     let mut got: Vec<(String, u8)> = last.iter().map(|m| (m.subject.clone(), m.payload[0])).collect();
     got.sort();

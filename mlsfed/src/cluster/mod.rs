@@ -115,7 +115,7 @@ impl Topology {
                 } else {
                     String::new()
                 };
-                let conf = format!("{accounts}{}{cluster}", mlsfed::nats::jetstream_block(&base.streams.sync_interval));
+                let conf = format!("{accounts}{}{cluster}", mlsfed::nats::server_settings(base));
                 let node = NatsProcess::start_with_config(&bin, &dir.join(d).join(format!("nats-{k}")), 0, Some(&conf))
                     .with_context(|| format!("cannot start {d}'s nats node {k}"))?;
                 started.push(node);
