@@ -712,13 +712,11 @@ impl GroupFanout {
                 Some(e) => (DeviceGroups::default(), e.revision),
                 None => (DeviceGroups::default(), 0),
             };
-            let newer = list.changed_at.get(group.as_str()).is_some_and(|p| *p > position);
-            if newer || list.groups.get(group.as_str()) == Some(&removed_at) {
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            if !list.record(group.as_str(), removed_at, position, now) {
                 return Ok(());
             }
-            list.v = 1;
-            list.groups.insert(group.to_string(), removed_at);
-            list.changed_at.insert(group.to_string(), position);
             let value = Bytes::from(serde_json::to_vec(&list).map_err(|e| e.to_string())?);
             let saved = if revision == 0 {
                 kv.create(key.as_str(), value)

@@ -155,6 +155,54 @@ pub struct DeviceGroups {
     /// entries only move forward.
     #[serde(default)]
     pub changed_at: BTreeMap<String, u64>,
+    /// Removed group id → when it was recorded (unix seconds): the oldest
+    /// removals are forgotten first.
+    #[serde(default)]
+    pub removed_unix: BTreeMap<String, u64>,
+}
+
+/// Removed groups a device's list remembers: the most recently recorded.
+/// The list is one KV value rewritten at every change; a device that comes
+/// and goes in thousands of groups over its life must not grow it until
+/// it no longer fits in a NATS message (its next group's Commit would then
+/// stall in fanout). Its mailbox still tells it of a forgotten removal.
+pub const MAX_REMOVED_GROUPS: usize = 1024;
+
+impl DeviceGroups {
+    /// Records that the device joined `group` (`removed_at` None) or was
+    /// removed at a position, by the Commit at `position`, `now` in unix
+    /// seconds; `false` when there is nothing to record (a newer Commit
+    /// already did, or this one was).
+    pub fn record(&mut self, group: &str, removed_at: Option<u64>, position: u64, now: u64) -> bool {
+        let newer = self.changed_at.get(group).is_some_and(|p| *p > position);
+        if newer || self.groups.get(group) == Some(&removed_at) {
+            return false;
+        }
+        self.v = 1;
+        self.groups.insert(group.to_owned(), removed_at);
+        self.changed_at.insert(group.to_owned(), position);
+        match removed_at {
+            Some(_) => self.removed_unix.insert(group.to_owned(), now),
+            None => self.removed_unix.remove(group),
+        };
+        let removed: Vec<(u64, String)> = self
+            .groups
+            .iter()
+            .filter(|(_, r)| r.is_some())
+            .map(|(g, _)| (self.removed_unix.get(g).copied().unwrap_or(0), g.clone()))
+            .collect();
+        if removed.len() > MAX_REMOVED_GROUPS {
+            let mut by_age = removed;
+            by_age.sort_unstable();
+            let excess = by_age.len() - MAX_REMOVED_GROUPS;
+            for (_, g) in by_age.into_iter().take(excess) {
+                self.groups.remove(&g);
+                self.changed_at.remove(&g);
+                self.removed_unix.remove(&g);
+            }
+        }
+        true
+    }
 }
 
 #[cfg(test)]
@@ -210,6 +258,30 @@ mod tests {
         assert_eq!(Change::of(&again), Change { added: vec![b.clone()], removed: vec![] });
         r.apply(&again);
         assert_eq!(r.span(&b), Some(Span { after: 9, until: None }));
+    }
+
+    #[test]
+    fn a_device_list_remembers_only_the_latest_removed_groups() {
+        let mut list = DeviceGroups::default();
+        let n = MAX_REMOVED_GROUPS + 10;
+        for i in 0..n {
+            assert!(list.record(&format!("g{i}"), None, 1, 100));
+        }
+        // A stale Commit never moves an entry back; a repeat changes nothing.
+        assert!(!list.record("g0", None, 1, 100));
+        for i in 0..n {
+            assert!(list.record(&format!("g{i}"), Some(5), 5, 1000 + i as u64));
+        }
+        let last = format!("g{}", n - 1);
+        assert!(!list.record(&last, None, 1, 9999), "a stale add must not undo a removal");
+        assert!(list.record("member", None, 3, 5000));
+        let removed = list.groups.values().filter(|r| r.is_some()).count();
+        assert_eq!(removed, MAX_REMOVED_GROUPS);
+        assert_eq!(list.groups.get("member"), Some(&None), "groups it is in are never forgotten");
+        assert!(!list.groups.contains_key("g0"), "the oldest removal is forgotten");
+        assert_eq!(list.groups.get(&last), Some(&Some(5)));
+        assert_eq!(list.changed_at.len(), list.groups.len());
+        assert_eq!(list.removed_unix.len(), MAX_REMOVED_GROUPS);
     }
 
     #[test]
