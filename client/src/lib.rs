@@ -939,6 +939,12 @@ impl Device {
         if item.seq <= self.meta.cursor {
             return Ok(None);
         }
+        if item.kind == "welcome" && item.message.is_empty() {
+            // A server fault (an operator mid-upgrade hands out a stored
+            // Welcome empty): not applied, and not passed either, so it is
+            // read again.
+            return Err(ClientError::Protocol(format!("mailbox item {} is a Welcome without its bytes", item.seq)));
+        }
         self.meta.cursor = item.seq;
         if item.kind == "notice" {
             let n: Option<proto::wire::Notice> = item.notice.clone().and_then(|v| serde_json::from_value(v).ok());

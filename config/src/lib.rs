@@ -286,6 +286,13 @@ pub struct Streams {
     /// their sum under it. A run that finds none free is appended one entry
     /// at a time instead of waiting.
     pub max_batches_in_flight: u32,
+    /// Store a Commit's Welcome once for all the local devices it adds
+    /// (`mlsfed.welcome.<group>.<position>`), each device's mailbox item
+    /// pointing to it, instead of one copy per device. Ingest processes of
+    /// versions before this one hand such an item out empty: an operator
+    /// upgrading a running deployment sets this to false until every
+    /// process runs this version (docs/operations.md).
+    pub shared_welcomes: bool,
     /// A sequencer forgets a group's cached state after this long idle.
     pub group_idle_secs: u64,
     /// Most groups one process keeps a task (and a cached state) for, per
@@ -362,7 +369,10 @@ impl Default for Config {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_body_bytes: 1 << 20,
+            // NATS' default max_payload (1 MiB) less the room a submission
+            // and a federation envelope need around a body: what every
+            // operator on default NATS settings can carry and forward.
+            max_body_bytes: (1 << 20) - (64 << 10),
             submit_timeout_ms: 10_000,
             max_fetch: 256,
             max_websockets: 10_000,
@@ -387,6 +397,7 @@ impl Default for Streams {
             partitions: 16,
             max_in_flight_per_partition: 256,
             max_batches_in_flight: 8,
+            shared_welcomes: true,
             group_idle_secs: 60,
             max_groups_per_partition: 1024,
             partition_failover_secs: 5,
@@ -621,6 +632,11 @@ impl Config {
         }
         if self.limits.max_body_bytes < 1024 {
             return Err(LoadConfigError::Invalid("limits.max_body_bytes must be at least 1024".into()));
+        }
+        // The embedded nats-server's max_payload follows it, and nats-server
+        // refuses a max_payload over its max_pending (64 MiB).
+        if self.limits.max_body_bytes > 16 << 20 {
+            return Err(LoadConfigError::Invalid("limits.max_body_bytes must be at most 16 MiB".into()));
         }
         Ok(())
     }

@@ -633,23 +633,29 @@ impl GroupFanout {
             self.set_device_group(d, group, Some(entry.position), entry.position).await?;
         }
         let mut items: Vec<(&DeviceId, MailboxItem)> = Vec::new();
-        if let Some(w) = entry.welcome.as_ref().filter(|_| entry.welcome_recipients.iter().any(|d| local(&d))) {
+        let recipients: Vec<&DeviceId> = entry.welcome_recipients.iter().filter(local).collect();
+        if let Some(w) = entry.welcome.as_ref().filter(|_| !recipients.is_empty()) {
             let welcome = MailboxItem {
                 group: Some(group.clone()),
                 position: entry.position,
                 epoch: entry.epoch + 1,
                 kind: EntryKind::Welcome,
                 own: false,
-                message: Vec::new(),
+                message: w.clone(),
                 log_seq,
             };
-            // The Welcome is stored once, before the items that point to
-            // it: it carries the whole ratchet tree, so a copy per added
-            // device made adding k devices to a group of n cost k copies of
-            // n leaves.
-            self.put_welcome(group, entry.position, MailboxItem { message: w.clone(), ..welcome.clone() }).await?;
-            for d in entry.welcome_recipients.iter().filter(local) {
-                items.push((d, welcome.clone()));
+            if recipients.len() > 1 && self.ctx.streams.shared_welcomes {
+                // Stored once, before the items that point to it: a Welcome
+                // carries the whole ratchet tree, so a copy per added device
+                // made adding k devices to a group of n cost k copies of n
+                // leaves. A single recipient keeps its copy in its own item,
+                // which its ack purges (a shared one stays until the
+                // mailbox's max age).
+                self.put_welcome(group, entry.position, welcome.clone()).await?;
+                let pointer = MailboxItem { message: Vec::new(), ..welcome };
+                items.extend(recipients.into_iter().map(|d| (d, pointer.clone())));
+            } else {
+                items.extend(recipients.into_iter().map(|d| (d, welcome.clone())));
             }
         }
         for d in change.removed.iter().filter(local) {
@@ -815,8 +821,6 @@ impl GroupFanout {
         Ok(())
     }
 
-    /// Publishes every item, then waits for all the acks: one round trip
-    /// per entry rather than one per recipient.
     /// Stores a Commit's Welcome once (`names::welcome_subject`), as the
     /// whole mailbox item its recipients' items point to.
     async fn put_welcome(&self, group: &GroupId, position: u64, item: MailboxItem) -> Result<(), String> {
@@ -833,6 +837,8 @@ impl GroupFanout {
         ack.await.map(|_| ()).map_err(|e| e.to_string())
     }
 
+    /// Publishes every item, then waits for all the acks: one round trip
+    /// per entry rather than one per recipient.
     async fn put_all(&self, group: &GroupId, position: u64, items: &[(&DeviceId, MailboxItem)]) -> Result<(), String> {
         let mut acks = Vec::with_capacity(items.len());
         for (d, item) in items {

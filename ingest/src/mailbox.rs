@@ -84,11 +84,30 @@ pub(crate) async fn read(api: &Shared, device: &DeviceId, after: u64, limit: usi
             continue;
         };
         if item.kind == proto::wire::EntryKind::Welcome && item.message.is_empty() {
-            let Some(message) = welcome(api, &item).await? else {
-                tracing::error!(seq = msg.sequence, "mailbox item names a Welcome that is not stored; skipped");
-                continue;
-            };
-            item.message = message;
+            match welcome(api, &item).await? {
+                Some(message) => item.message = message,
+                None => {
+                    // Gone at the end of its life (it is stored before its
+                    // items, so it can expire first, by the duplicate
+                    // window at most): skipped, loudly. Any sooner it is
+                    // not readable yet (a replica behind the one that
+                    // answered for the item), and this page ends before it,
+                    // so no ack can pass it.
+                    let age = crate::now_unix().saturating_sub(msg.time.unix_timestamp().max(0) as u64);
+                    let streams = &api.cfg.streams;
+                    if age >= streams.mailbox_max_age_secs.saturating_sub(streams.duplicate_window_secs) {
+                        tracing::error!(seq = msg.sequence, "mailbox item names a Welcome that expired; skipped");
+                        continue;
+                    }
+                    if out.is_empty() {
+                        return Err(Reject::new(
+                            ErrorCode::Unavailable,
+                            "a Welcome in the mailbox is not readable yet",
+                        ));
+                    }
+                    break;
+                }
+            }
         }
         let notice = item.kind == proto::wire::EntryKind::Notice;
         out.push(ItemJson {
@@ -108,10 +127,11 @@ pub(crate) async fn read(api: &Shared, device: &DeviceId, after: u64, limit: usi
 }
 
 /// The Welcome a device's item points to, stored once for every device
-/// its Commit adds; `None` if it is gone. Both expire after the mailbox's
-/// max age; the Welcome is stored first, and a redelivered fan-out stores it
-/// again unless its first copy is within the duplicate window, so it can
-/// expire before its items by that window at most.
+/// its Commit adds; `None` if it is not there (or not readable by this
+/// build). Both expire after the mailbox's max age; the Welcome is stored
+/// first, and a redelivered fan-out stores it again unless its first copy
+/// is within the duplicate window, so it can expire before its items by
+/// that window at most.
 async fn welcome(api: &Shared, item: &MailboxItem) -> Result<Option<Vec<u8>>, Reject> {
     let Some(group) = &item.group else { return Ok(None) };
     let subject = names::welcome_subject(group, item.position);

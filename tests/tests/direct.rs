@@ -36,9 +36,9 @@ async fn batch_and_multi_last_answer_in_order_and_promptly_when_empty() -> anyho
         assert!(t0.elapsed() < Duration::from_secs(1), "an empty batch took {:?}", t0.elapsed());
     }
     // A byte cap below the first message still returns that message: the
-    // readers of LOG (tails, a device's reads, the sequencer's replay) stop
-    // at an empty page, and an entry larger than their cap must not look
-    // like the end.
+    // readers of LOG (tails, a device's reads, the sequencer's replay) take
+    // a short page for the end, and an entry larger than their cap must
+    // not look like one.
     js.publish("d.big", vec![7u8; 64 << 10].into()).await?.await?;
     js.publish("d.big", vec![8u8; 64 << 10].into()).await?.await?;
     let capped = direct::batch(&client, "D", "d.big", 1, 10, Some(1024), t).await?;

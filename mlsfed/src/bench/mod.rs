@@ -56,8 +56,11 @@ pub struct Options {
     #[arg(long, conflicts_with = "groups_only")]
     pub federation_only: bool,
     /// Only the ceiling and the one-group runs (for tuning delivery).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "claims_only")]
     pub groups_only: bool,
+    /// Only the ceiling and the KeyPackage claims on each backend.
+    #[arg(long, conflicts_with = "federation_only")]
+    pub claims_only: bool,
 }
 
 const DEVICES: usize = 1000;
@@ -137,7 +140,7 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
 
     // Sections 2 and 3 are skipped with `--federation-only`.
     'operator: {
-        if opts.federation_only {
+        if opts.federation_only || opts.claims_only {
             break 'operator;
         }
         // 2. One operator, in this process.
@@ -365,8 +368,14 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
     if opts.groups_only {
         return finish(report, started, opts.json.as_deref());
     }
-    match fed::run(cfg.clone(), tmp.path(), (opts.messages / 4).max(200)).await {
-        Ok(f) => {
+    let federation = if opts.claims_only {
+        Ok(None)
+    } else {
+        fed::run(cfg.clone(), tmp.path(), (opts.messages / 4).max(200)).await.map(Some)
+    };
+    match federation {
+        Ok(None) => {}
+        Ok(Some(f)) => {
             report.insert("link_msgs_per_s".into(), json!(f.link));
             report.insert("two_links_msgs_per_s".into(), json!(f.two_links));
             report.insert("catch_up_msgs_per_s".into(), json!(f.catch_up));
