@@ -188,3 +188,23 @@ async fn a_welcome_is_stored_once_for_every_device_it_adds() -> anyhow::Result<(
     }
     Ok(())
 }
+
+/// The reference client never passes a Welcome item that comes without its
+/// bytes (an ingest of a version before shared Welcomes hands one out so
+/// during an upgrade): it refuses the item, and its mailbox cursor stays
+/// before it, so the item is read again rather than lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_does_not_pass_a_welcome_without_its_bytes() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let op = Operator::start(&nats, "a.example")?;
+    let mut bob = op.client("bob", "phone", 1).await?;
+    let before = bob.cursor();
+    let item: tests::client::http::Item = serde_json::from_value(serde_json::json!({
+        "seq": before + 7, "group": "mimi://a.example/r/room", "position": 3, "epoch": 1,
+        "kind": "welcome", "own": false, "message": "",
+    }))?;
+    let refused = bob.apply(&item).await.expect_err("a Welcome without bytes is not applied");
+    assert!(refused.to_string().contains("without its bytes"), "{refused}");
+    assert_eq!(bob.cursor(), before, "the cursor passed the Welcome");
+    Ok(())
+}
