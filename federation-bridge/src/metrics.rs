@@ -114,7 +114,7 @@ impl Metrics {
             dead_letters: IntCounterVec::new(
                 Opts::new(
                     "mlsfed_federation_dead_letters_total",
-                    "Envelopes from a peer moved to MLSFED_DEAD after bounded deliveries.",
+                    "Envelopes from a peer moved to MLSFED_DEAD after bounded deliveries, and records for a peer too large for its NATS.",
                 ),
                 peer,
             )?,

@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, kv, message::PublishMessage, AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -145,6 +146,9 @@ impl Bridge {
         // When this bridge last had a batch: after a longer gap it may have
         // just become the owner.
         let mut last_batch: Option<tokio::time::Instant> = None;
+        // The next envelope carries one record: the last one, with several,
+        // was larger than the peer's server takes.
+        let mut alone = false;
         loop {
             let first = match carried.pop_front() {
                 Some(m) => m,
@@ -164,7 +168,8 @@ impl Bridge {
             let mut bytes = first.payload.len();
             let mut batch = vec![first];
             let gather_until = tokio::time::Instant::now() + GATHER;
-            while batch.len() < BATCH {
+            let most = if std::mem::take(&mut alone) { 1 } else { BATCH };
+            while batch.len() < most {
                 let wait = (tokio::time::Instant::now() + GATHER_GAP).min(gather_until);
                 let next = match carried.pop_front() {
                     Some(m) => m,
@@ -241,7 +246,7 @@ impl Bridge {
             }
             keyed.sort_by_key(|(seq, _, _)| *seq);
             let mut payloads = Vec::with_capacity(keyed.len());
-            let mut held = Vec::with_capacity(keyed.len());
+            let mut held: Vec<jetstream::Message> = Vec::with_capacity(keyed.len());
             for (_, p, m) in keyed {
                 payloads.push(p);
                 held.push(m);
@@ -297,12 +302,12 @@ impl Bridge {
                         publish = publish.header(trace::RECORDS_HEADER, t.as_str());
                     }
                     match peer.js.send_publish(names::fed_in_subject(&self.us), publish).await {
-                        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
+                        Ok(ack) => ack.await.map(|_| ()).map_err(|e| (false, e.to_string())),
+                        Err(e) => Err((e.kind() == PublishErrorKind::MaxPayloadExceeded, e.to_string())),
                     }
                 } else {
                     // Not yet agreed, or incompatible: keep it queued.
-                    Err("no agreed federation version".to_owned())
+                    Err((false, "no agreed federation version".to_owned()))
                 };
                 match sent {
                     Ok(()) => {
@@ -321,8 +326,28 @@ impl Bridge {
                         }
                         break;
                     }
-                    Err(e) => {
+                    Err((too_large, e)) => {
                         self.metrics.send_failures.with_label_values(&[&domain]).inc();
+                        // Larger than the peer's server takes (its
+                        // max_payload): no resend can succeed, and holding it
+                        // would hold everything after it for this peer for
+                        // good. Several records go again one per envelope;
+                        // one alone is set aside like an expired record (the
+                        // peer's members of its group rejoin past the hole).
+                        if too_large && held.len() > 1 {
+                            for m in std::mem::take(&mut held).into_iter().rev() {
+                                carried.push_front(m);
+                            }
+                            alone = true;
+                            break;
+                        }
+                        if too_large
+                            && proto::streams::dead_letter(&self.topo, "bridge", "too_large_for_peer", &e, &held[0])
+                                .await
+                        {
+                            self.metrics.dead_letters.with_label_values(&[&domain]).inc();
+                            break;
+                        }
                         self.check_retention(&domain, &held[0]);
                         let wait = self.backoff(attempt);
                         attempt = attempt.saturating_add(1);

@@ -145,12 +145,18 @@ impl NatsServer {
     /// server presents a certificate of [`test_ca`], which every client
     /// verifies.
     pub fn start_secured_tls(peers: &[&str]) -> anyhow::Result<Self> {
+        Self::start_secured_tls_with(peers, "")
+    }
+
+    /// [`NatsServer::start_secured_tls`] with `extra` added to the server's
+    /// configuration (a smaller `max_payload`, say).
+    pub fn start_secured_tls_with(peers: &[&str], extra: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let bin = mlsfed::nats::find_binary("nats-server");
         let ca = test_ca();
         let quote = |p: &Path| serde_json::to_string(&p.display().to_string()).unwrap_or_default();
         let conf = format!(
-            "{}tls {{\n  cert_file: {}\n  key_file: {}\n  timeout: 5\n}}\n",
+            "{}tls {{\n  cert_file: {}\n  key_file: {}\n  timeout: 5\n}}\n{extra}\n",
             federation_nats_config(peers),
             quote(&ca.cert_file),
             quote(&ca.key_file)
@@ -1033,12 +1039,24 @@ impl Federation {
         role: impl Fn(&str) -> &'static str,
         tweak: impl Fn(&str, &mut config::Config),
     ) -> anyhow::Result<Self> {
+        Self::start_with_nats(domains, role, |_| String::new(), tweak)
+    }
+
+    /// Like [`Federation::start_roles`], with `nats(domain)` added to each
+    /// operator's nats-server configuration.
+    pub fn start_with_nats(
+        domains: &[&str],
+        role: impl Fn(&str) -> &'static str,
+        nats: impl Fn(&str) -> String,
+        tweak: impl Fn(&str, &mut config::Config),
+    ) -> anyhow::Result<Self> {
+        let extra = nats;
         let nats: Vec<NatsServer> = domains
             .iter()
             .map(|d| {
                 let others: Vec<&str> = domains.iter().copied().filter(|p| p != d).collect();
                 // Federation runs over TLS, as across the Internet.
-                NatsServer::start_secured_tls(&others)
+                NatsServer::start_secured_tls_with(&others, &extra(d))
             })
             .collect::<Result<_, _>>()?;
         let mut ops = Vec::new();

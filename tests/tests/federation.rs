@@ -583,3 +583,30 @@ async fn a_poisoned_group_dead_letters_only_its_own_envelope() -> anyhow::Result
     assert!(texts(&alice, &poisoned).is_empty());
     Ok(())
 }
+
+/// A record larger than a peer's NATS takes (its `max_payload`) can never
+/// be sent: it is set aside (dead-lettered and counted) instead of holding
+/// everything after it for that peer for good, and what follows it still
+/// reaches the peer, whose members' group then goes on past the hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_for_a_peer_is_set_aside_and_the_link_goes_on() -> anyhow::Result<()> {
+    let small = |d: &str| if d == B { "max_payload: 307200".to_owned() } else { String::new() };
+    let fed = Federation::start_with_nats(&[A, B], |_| "run", small, |_, _| {})?;
+    let mut alice = fed.op(A).client("alice", "phone", 2).await?;
+    let mut bob = fed.op(B).client("bob", "phone", 2).await?;
+    let g = alice.create_group("room").await?;
+    alice.add(&g, &[fed.op(B).user_id("bob")]).await?;
+    sync_until(&mut [&mut bob], Duration::from_secs(30), |c| c.groups().contains(&g)).await?;
+
+    // A takes it (A's limit is NATS' default less the headroom); B's
+    // server does not.
+    alice.send(&g, &"x".repeat(400_000)).await?;
+    alice.send(&g, "after").await?;
+    let dead = format!("mlsfed_federation_dead_letters_total{{peer=\"{B}\"}}");
+    tests::wait_metric(fed.op(A), &dead, Duration::from_secs(30), |v| v >= 1.0).await?;
+    // "after" reached B past the hole it left.
+    tests::wait_metric(fed.op(B), "mlsfed_fanout_lost_predecessors_total", Duration::from_secs(30), |v| v >= 1.0)
+        .await?;
+    assert_eq!(metric(fed.op(A), &dead).await, 1.0, "only the large record was set aside");
+    Ok(())
+}
