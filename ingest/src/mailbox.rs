@@ -67,8 +67,15 @@ pub(crate) fn next_seq(after: u64) -> Result<u64, Reject> {
     Ok(after + 1)
 }
 
-/// Reads up to `limit` items after cursor `after`.
-pub(crate) async fn read(api: &Shared, device: &DeviceId, after: u64, limit: usize) -> Result<Vec<ItemJson>, Reject> {
+/// Reads up to `limit` items after cursor `after`; with `true` when the
+/// page ended early, before a Welcome that is not readable yet (to be read
+/// again soon, not at the next wake-up).
+pub(crate) async fn read(
+    api: &Shared,
+    device: &DeviceId,
+    after: u64,
+    limit: usize,
+) -> Result<(Vec<ItemJson>, bool), Reject> {
     let subject = names::mailbox_subject(device);
     let mut out = Vec::new();
     let mut next = next_seq(after)?;
@@ -105,7 +112,7 @@ pub(crate) async fn read(api: &Shared, device: &DeviceId, after: u64, limit: usi
                             "a Welcome in the mailbox is not readable yet",
                         ));
                     }
-                    break;
+                    return Ok((out, true));
                 }
             }
         }
@@ -123,7 +130,7 @@ pub(crate) async fn read(api: &Shared, device: &DeviceId, after: u64, limit: usi
             notice: if notice { serde_json::from_slice(&item.message).ok() } else { None },
         });
     }
-    Ok(out)
+    Ok((out, false))
 }
 
 /// The Welcome a device's item points to, stored once for every device
@@ -151,7 +158,7 @@ pub async fn fetch(
 ) -> Result<Response, Reject> {
     own_mailbox(&device, &path)?;
     let limit = q.limit.unwrap_or(api.cfg.limits.max_fetch).clamp(1, api.cfg.limits.max_fetch);
-    let items = read(&api, &device, q.after, limit).await?;
+    let (items, _) = read(&api, &device, q.after, limit).await?;
     let next = items.last().map(|i| i.seq).unwrap_or(q.after);
     Ok(json(serde_json::json!({ "items": items, "next": next })).into_response())
 }

@@ -761,7 +761,8 @@ impl Socket {
         S: futures::Sink<Message> + Unpin,
     {
         let limit = self.api.cfg.limits.max_fetch;
-        let items = crate::mailbox::read(&self.api, &self.device, self.mailbox_cursor, limit).await.map_err(|_| ())?;
+        let (items, cut) =
+            crate::mailbox::read(&self.api, &self.device, self.mailbox_cursor, limit).await.map_err(|_| ())?;
         let (n, full) = (items.len(), items.len() == limit);
         for item in items {
             self.mailbox_cursor = item.seq;
@@ -769,6 +770,11 @@ impl Socket {
             if tx.send(Message::Text(text.into())).await.is_err() {
                 return Ok((Sent::Closed, 0, false));
             }
+        }
+        if cut {
+            // Cut before a Welcome not readable yet: read on at the next
+            // check, as after a failed read.
+            return Err(());
         }
         Ok((Sent::Ok, n, full))
     }
