@@ -292,3 +292,20 @@ pub async fn serve(listener: TcpListener, api: Shared) -> std::io::Result<()> {
 pub(crate) fn json<T: serde::Serialize>(v: T) -> Json<T> {
     Json(v)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_limit_leaves_room_under_the_nats_payload() {
+        // The defaults agree: NATS' 1 MiB less the headroom.
+        let default = config::Config::default().limits.max_body_bytes;
+        assert_eq!(body_limit(default, 1 << 20), default);
+        assert_eq!(default + NATS_HEADROOM, 1 << 20);
+        // A larger configured limit on a default server is lowered...
+        assert_eq!(body_limit(4 << 20, 1 << 20), (1 << 20) - NATS_HEADROOM);
+        // ...and a server with room takes it whole.
+        assert_eq!(body_limit(4 << 20, (4 << 20) + NATS_HEADROOM), 4 << 20);
+    }
+}

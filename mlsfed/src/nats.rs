@@ -337,3 +337,20 @@ pub fn stop_orphan(dir: &Path) {
         }
     }
 }
+
+#[cfg(test)]
+mod server_settings_tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_server_gets_room_for_the_body_limit_only_when_needed() {
+        let mut cfg = config::Config::default();
+        // The default limit fits NATS' default payload: nothing to set.
+        assert!(!server_settings(&cfg).contains("max_payload"));
+        cfg.limits.max_body_bytes = 2 << 20;
+        let needed = (2 << 20) + ingest::NATS_HEADROOM;
+        assert!(server_settings(&cfg).contains(&format!("max_payload: {needed}\n")));
+        cfg.streams.sync_interval = "1s".into();
+        assert!(server_settings(&cfg).contains("sync_interval: \"1s\""));
+    }
+}
