@@ -158,8 +158,7 @@ pub async fn read(
         )
         .await
         .map_err(unavailable)?;
-        let got = stored.len();
-        let bytes: usize = stored.iter().map(|m| m.payload.len()).sum();
+        let last = proto::direct::is_last_page(&stored, want, max_bytes);
         for m in stored {
             let Ok(entry) = proto::wire::decode::<LogEntry>(&m.payload) else {
                 // Never skipped: the next entry would look like a hole and
@@ -195,8 +194,7 @@ pub async fn read(
             page.next = m.seq;
             page.entries.push(entry_json(device, &entry, m.seq));
         }
-        // A short batch is the end of the group, unless the byte cap cut it.
-        if got == 0 || (got < want && bytes < max_bytes / 2) {
+        if last {
             break;
         }
     }

@@ -175,6 +175,10 @@ fn render(seq: u64, payload: &[u8]) -> Option<Read> {
     Some(Read { seq, entry, frame })
 }
 
+/// Entries (and bytes, about) one read of a tail takes.
+const PAGE: usize = 256;
+const PAGE_BYTES: usize = 1 << 20;
+
 /// Reads the group's entries after `cursor` from LOG and hands them on;
 /// returns the new cursor.
 async fn read_from(
@@ -184,20 +188,20 @@ async fn read_from(
     sender: &broadcast::Sender<Arc<Batch>>,
 ) -> u64 {
     loop {
-        let got = match direct::batch(client, names::LOG_STREAM, subject, cursor + 1, 256, Some(1 << 20), READ_TIMEOUT)
-            .await
-        {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::warn!(error = %e, "group tail read failed; the next wake-up retries");
-                return cursor;
-            }
-        };
+        let got =
+            match direct::batch(client, names::LOG_STREAM, subject, cursor + 1, PAGE, Some(PAGE_BYTES), READ_TIMEOUT)
+                .await
+            {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::warn!(error = %e, "group tail read failed; the next wake-up retries");
+                    return cursor;
+                }
+            };
         let Some(last) = got.last().map(|m| m.seq) else {
             return cursor;
         };
-        // A short batch is the end, unless the byte cap cut it.
-        let full = got.len() == 256 || got.iter().map(|m| m.payload.len()).sum::<usize>() >= 1 << 19;
+        let full = !direct::is_last_page(&got, PAGE, PAGE_BYTES);
         let entries = got.iter().filter_map(|m| render(m.seq, &m.payload)).collect();
         let _ = sender.send(Arc::new(Batch { after: cursor, next: last, entries }));
         cursor = last;

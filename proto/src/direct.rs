@@ -71,6 +71,15 @@ pub async fn batch(
     request(client, stream, serde_json::to_vec(&body).unwrap_or_default(), timeout).await
 }
 
+/// Whether `page`, read with [`batch`] for up to `batch` messages and
+/// `max_bytes`, is the last of its subject: short, and not cut by the byte
+/// cap (nats-server ends a page once the bytes it sent reach the cap, so a
+/// cut page holds at least half of it).
+pub fn is_last_page(page: &[Stored], batch: usize, max_bytes: usize) -> bool {
+    let bytes: usize = page.iter().map(|m| m.payload.len()).sum();
+    page.len() < batch && bytes < max_bytes / 2
+}
+
 /// The last message of each subject that has one (at most [`MAX_SUBJECTS`]
 /// subjects), as of stream sequence `up_to` when given: a consistent view of
 /// many subjects in one request.

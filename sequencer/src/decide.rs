@@ -527,7 +527,6 @@ impl GroupDecider {
             )
             .await
             .map_err(|e| StepError::Transient(e.to_string()))?;
-            let bytes: usize = page.iter().map(|m| m.payload.len()).sum();
             for msg in &page {
                 next = msg.seq + 1;
                 let entry: LogEntry = match proto::wire::decode(&msg.payload) {
@@ -538,8 +537,7 @@ impl GroupDecider {
                 state = Some(self.replay(state, &entry, msg.seq)?);
                 replayed = true;
             }
-            // A short page is the end, unless the byte cap cut it.
-            if page.len() < REPLAY_PAGE && bytes < REPLAY_BYTES / 2 {
+            if proto::direct::is_last_page(&page, REPLAY_PAGE, REPLAY_BYTES) {
                 break;
             }
         }
