@@ -70,9 +70,7 @@ impl ClientError {
     }
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
+use proto::unix_now;
 
 fn mls<E: std::fmt::Display>(e: E) -> ClientError {
     ClientError::Mls(e.to_string())

@@ -718,9 +718,7 @@ impl GroupFanout {
                 Some(e) => (DeviceGroups::default(), e.revision),
                 None => (DeviceGroups::default(), 0),
             };
-            let now =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            if !list.record(group.as_str(), removed_at, position, now) {
+            if !list.record(group.as_str(), removed_at, position, proto::unix_now()) {
                 return Ok(());
             }
             let value = Bytes::from(serde_json::to_vec(&list).map_err(|e| e.to_string())?);

@@ -29,7 +29,7 @@ mod takeover;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use bytes::Bytes;
@@ -98,9 +98,7 @@ pub struct Bridge {
     metrics: Metrics,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
+use proto::unix_now;
 
 fn reply_error(code: ErrorCode, msg: impl Into<String>) -> Bytes {
     Bytes::from(proto::wire::encode(&Response::Error(ApiError::new(code, msg))))

@@ -22,7 +22,6 @@ mod tails;
 mod verdicts;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -136,9 +135,7 @@ pub fn body_limit(configured: usize, nats_max_payload: usize) -> usize {
     configured.min(nats_max_payload.saturating_sub(NATS_HEADROOM)).max(1024)
 }
 
-pub fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
+pub use proto::unix_now as now_unix;
 
 /// The authenticated device of a request (`Authorization: Bearer <token>`).
 pub struct AuthDevice(pub DeviceId);

@@ -9,7 +9,7 @@ mod demo;
 mod procs;
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -147,9 +147,7 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
+pub use proto::unix_now;
 
 /// Starts the embedded nats-server when no URL is configured.
 pub fn embedded_nats(cfg: &config::Config) -> anyhow::Result<Option<NatsProcess>> {

@@ -21,4 +21,10 @@ pub mod trace;
 pub mod wire;
 
 pub use error::{ApiError, ErrorCode};
+
+/// Wall-clock now in unix seconds (0 before 1970): token expiry, record
+/// times. Waits and timers go through tokio instead.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
 pub use ids::{DeviceId, GroupId, UserId};

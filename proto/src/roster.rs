@@ -97,16 +97,10 @@ impl Roster {
         out
     }
 
-    /// Keeps the [`MAX_REMOVED`] most recently removed devices (ties: by id,
-    /// so every worker keeps the same ones).
+    /// Keeps the [`MAX_REMOVED`] most recently removed devices.
     fn forget_oldest_removals(&mut self) {
-        let excess = self.removed.len().saturating_sub(MAX_REMOVED);
-        if excess == 0 {
-            return;
-        }
-        let mut by_age: Vec<(u64, String)> = self.removed.iter().map(|(d, (_, until))| (*until, d.clone())).collect();
-        by_age.sort_unstable();
-        for (_, d) in by_age.into_iter().take(excess) {
+        let ages = self.removed.iter().map(|(d, (_, until))| (*until, d));
+        for d in oldest_beyond(ages, MAX_REMOVED) {
             self.removed.remove(&d);
         }
     }
@@ -185,24 +179,30 @@ impl DeviceGroups {
             Some(_) => self.removed_unix.insert(group.to_owned(), now),
             None => self.removed_unix.remove(group),
         };
-        let removed: Vec<(u64, String)> = self
+        let ages = self
             .groups
             .iter()
             .filter(|(_, r)| r.is_some())
-            .map(|(g, _)| (self.removed_unix.get(g).copied().unwrap_or(0), g.clone()))
-            .collect();
-        if removed.len() > MAX_REMOVED_GROUPS {
-            let mut by_age = removed;
-            by_age.sort_unstable();
-            let excess = by_age.len() - MAX_REMOVED_GROUPS;
-            for (_, g) in by_age.into_iter().take(excess) {
-                self.groups.remove(&g);
-                self.changed_at.remove(&g);
-                self.removed_unix.remove(&g);
-            }
+            .map(|(g, _)| (self.removed_unix.get(g).copied().unwrap_or(0), g));
+        for g in oldest_beyond(ages, MAX_REMOVED_GROUPS) {
+            self.groups.remove(&g);
+            self.changed_at.remove(&g);
+            self.removed_unix.remove(&g);
         }
         true
     }
+}
+
+/// The keys beyond the `keep` youngest of `ages` (age, key), oldest first;
+/// ties go by key, so every worker forgets the same ones.
+fn oldest_beyond<'a>(ages: impl Iterator<Item = (u64, &'a String)>, keep: usize) -> Vec<String> {
+    let mut by_age: Vec<(u64, &String)> = ages.collect();
+    let excess = by_age.len().saturating_sub(keep);
+    if excess == 0 {
+        return Vec::new();
+    }
+    by_age.sort_unstable();
+    by_age.into_iter().take(excess).map(|(_, k)| k.clone()).collect()
 }
 
 #[cfg(test)]

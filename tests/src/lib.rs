@@ -12,7 +12,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use client::{Device, Event};
@@ -25,9 +25,7 @@ pub use proto;
 
 pub const SECRET: &str = "test-secret-0123456789";
 
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
+pub use proto::unix_now;
 
 fn target_dir() -> PathBuf {
     // Test binaries live in target/<profile>/deps; the workspace binaries
