@@ -18,6 +18,8 @@ pub struct Figures {
     /// The catch-up as stored in the peer's LOG (JetStream timestamps).
     pub catch_up_appended: Option<f64>,
     pub link_p99_half_load_ms: f64,
+    /// Each hop of the open loop at half rate: (hop, p50 ms, p99 ms).
+    pub link_hops: Vec<(String, f64, f64)>,
 }
 
 /// Counts application entries of `g` a follower device reads after `cursor`
@@ -51,6 +53,52 @@ async fn read_until(
         }
     }
     Ok(got)
+}
+
+/// As `read_until`, with the entries pushed on the device's WebSocket as
+/// they are stored, which is how a device that is online gets them.
+async fn push_until(
+    http: &client::Http,
+    g: &str,
+    cursor: &mut u64,
+    n: usize,
+    limit: Duration,
+    arrivals: &mut Vec<(u64, Instant)>,
+) -> anyhow::Result<usize> {
+    use client::http::{Frame, Item};
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut ws = http.websocket_batched(0).await?;
+    let follow = serde_json::json!({ "follow": { g: { "after": *cursor } } });
+    ws.send(Message::Text(follow.to_string().into())).await?;
+    let deadline = tokio::time::Instant::now() + limit;
+    let before = arrivals.len();
+    let take = |e: &Item, now: Instant, cursor: &mut u64, arrivals: &mut Vec<(u64, Instant)>| {
+        if e.group.as_deref() == Some(g) {
+            if e.kind == "application" {
+                arrivals.push((e.position, now));
+            }
+            *cursor = e.seq.max(*cursor);
+        }
+    };
+    while arrivals.len() - before < n {
+        let m = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(m)) => m?,
+            _ => break,
+        };
+        let Message::Text(t) = m else { continue };
+        let now = Instant::now();
+        match serde_json::from_str::<Frame>(&t)? {
+            Frame::Entry(e) => take(&e, now, cursor, arrivals),
+            Frame::Entries { entries } => entries.iter().for_each(|e| take(e, now, cursor, arrivals)),
+            Frame::Error { group: Some(_), message, .. } => {
+                anyhow::bail!("the socket stopped following {g}: {message}")
+            }
+            _ => {}
+        }
+    }
+    let _ = ws.close(None).await;
+    Ok(arrivals.len() - before)
 }
 
 async fn submit_all(
@@ -177,7 +225,7 @@ pub async fn run(mut cfg: config::Config, dir: &std::path::Path, n: usize) -> an
     let sender = alice.http().clone();
     let send = tokio::spawn(async move { submit_all(&sender, b, None).await });
     let mut arrivals = Vec::new();
-    let got = read_until(bob.http(), &g1, &mut bob1, n, limit, &mut arrivals).await?;
+    let got = push_until(bob.http(), &g1, &mut bob1, n, limit, &mut arrivals).await?;
     send.await??;
     let link = got as f64 / t0.elapsed().as_secs_f64();
     println!("across one federation link (A -> B, 64 submits in flight): {link:.0} msgs/s ({got}/{n})");
@@ -189,11 +237,20 @@ pub async fn run(mut cfg: config::Config, dir: &std::path::Path, n: usize) -> an
     let sender = alice.http().clone();
     let send = tokio::spawn(async move { submit_all(&sender, b, Some(half)).await });
     let mut arrivals = Vec::new();
-    read_until(bob.http(), &g1, &mut bob1, m, limit, &mut arrivals).await?;
+    let clock = super::stages::Clock::now();
+    push_until(bob.http(), &g1, &mut bob1, m, limit, &mut arrivals).await?;
     let starts = send.await??;
     let link_p99 = pct_ms(&starts, &arrivals, 0.99);
     let link_p50 = pct_ms(&starts, &arrivals, 0.5);
     println!("across one link, open loop at {half:.0} msgs/s: p50 {link_p50:.1} ms, p99 {link_p99:.1} ms");
+    let hops =
+        match super::stages::link(&running.configs[0], &running.configs[1], &g1, &clock, &starts, &arrivals).await {
+            Ok(hops) => hops,
+            Err(e) => {
+                println!("  cannot read the link's hops: {e:#}");
+                Vec::new()
+            }
+        };
 
     let (mut bob2, mut carol2) = (bob.group_cursor(&g2), carol.group_cursor(&g2));
     let b = bodies(&mut alice, &g2, n)?;
@@ -203,10 +260,10 @@ pub async fn run(mut cfg: config::Config, dir: &std::path::Path, n: usize) -> an
     let (bh, ch, g2c) = (bob.http().clone(), carol.http().clone(), g2.clone());
     let at_c = tokio::spawn(async move {
         let mut a = Vec::new();
-        read_until(&ch, &g2c, &mut carol2, n, limit, &mut a).await
+        push_until(&ch, &g2c, &mut carol2, n, limit, &mut a).await
     });
     let mut a = Vec::new();
-    let got_b = read_until(&bh, &g2, &mut bob2, n, limit, &mut a).await?;
+    let got_b = push_until(&bh, &g2, &mut bob2, n, limit, &mut a).await?;
     let got_c = at_c.await??;
     send.await??;
     let two_links = got_b.min(got_c) as f64 / t0.elapsed().as_secs_f64();
@@ -250,6 +307,7 @@ pub async fn run(mut cfg: config::Config, dir: &std::path::Path, n: usize) -> an
         link_p99_half_load_ms: link_p99,
         link_p50_half_load_ms: link_p50,
         catch_up_appended: appended,
+        link_hops: hops,
     })
 }
 

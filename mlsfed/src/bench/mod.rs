@@ -18,6 +18,7 @@ mod cpu;
 mod fed;
 pub(crate) mod fleet;
 mod scale;
+mod stages;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -381,6 +382,9 @@ pub async fn run(mut cfg: config::Config, opts: Options) -> anyhow::Result<()> {
             report.insert("catch_up_msgs_per_s".into(), json!(f.catch_up));
             report.insert("link_p99_half_load_ms".into(), json!(f.link_p99_half_load_ms));
             report.insert("link_p50_half_load_ms".into(), json!(f.link_p50_half_load_ms));
+            let hops: Vec<_> =
+                f.link_hops.iter().map(|(hop, p50, p99)| json!({"hop": hop, "p50_ms": p50, "p99_ms": p99})).collect();
+            report.insert("link_hops_half_load".into(), json!(hops));
             report.insert("catch_up_appended_msgs_per_s".into(), json!(f.catch_up_appended));
         }
         Err(e) => println!("federation failed: {e:#}"),
