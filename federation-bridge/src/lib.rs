@@ -211,7 +211,12 @@ impl Bridge {
             versions: cfg.federation.versions.clone(),
             mls_versions: vec![1],
             cipher_suites: cfg.keydir.cipher_suites.clone(),
-            max_message_bytes: cfg.limits.max_body_bytes as u64,
+            // What our ingest takes, which is also what we can store and
+            // forward: the configured limit within our NATS' max_payload.
+            max_message_bytes: proto::limits::body_limit(
+                cfg.limits.max_body_bytes,
+                topo.js.client().server_info().max_payload,
+            ) as u64,
         };
         Ok(Self {
             ours,

@@ -301,7 +301,7 @@ pub async fn run(
             keydir::Metrics::new(&registry)?,
         );
         let max_payload = topo.js.client().server_info().max_payload;
-        let max_body = ingest::body_limit(cfg.limits.max_body_bytes, max_payload);
+        let max_body = proto::limits::body_limit(cfg.limits.max_body_bytes, max_payload);
         if max_body < cfg.limits.max_body_bytes {
             tracing::warn!(
                 max_body_bytes = cfg.limits.max_body_bytes,

@@ -197,11 +197,11 @@ impl Drop for NatsProcess {
 
 /// What an operator's own nats-server is started with: `max_payload` with
 /// room for a submission of `limits.max_body_bytes` and what wraps it
-/// (`ingest::NATS_HEADROOM`), when NATS' default 1 MiB is not enough, and
+/// (`proto::limits::NATS_HEADROOM`), when NATS' default 1 MiB is not enough, and
 /// JetStream's `sync_interval`.
 pub fn server_settings(cfg: &config::Config) -> String {
     const NATS_DEFAULT: usize = 1 << 20;
-    let needed = cfg.limits.max_body_bytes.saturating_add(ingest::NATS_HEADROOM);
+    let needed = cfg.limits.max_body_bytes.saturating_add(proto::limits::NATS_HEADROOM);
     let mut out = String::new();
     if needed > NATS_DEFAULT {
         out.push_str(&format!("max_payload: {needed}\n"));
@@ -348,7 +348,7 @@ mod server_settings_tests {
         // The default limit fits NATS' default payload: nothing to set.
         assert!(!server_settings(&cfg).contains("max_payload"));
         cfg.limits.max_body_bytes = 2 << 20;
-        let needed = (2 << 20) + ingest::NATS_HEADROOM;
+        let needed = (2 << 20) + proto::limits::NATS_HEADROOM;
         assert!(server_settings(&cfg).contains(&format!("max_payload: {needed}\n")));
         cfg.streams.sync_interval = "1s".into();
         assert!(server_settings(&cfg).contains("sync_interval: \"1s\""));

@@ -12,6 +12,7 @@ pub mod error;
 pub mod federation;
 pub mod identity;
 pub mod ids;
+pub mod limits;
 pub mod mls;
 pub mod names;
 pub mod partitions;

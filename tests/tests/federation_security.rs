@@ -204,10 +204,16 @@ async fn a_peer_whose_outbox_restarts_lower_is_still_heard() -> anyhow::Result<(
 
 /// Requests carry a nonce and a time: a peer whose clock is two minutes
 /// off either way is answered; a replay of an answered request, or one
-/// from ten minutes ago, is refused and counted.
+/// from ten minutes ago, is refused and counted. The capabilities A
+/// answers with give the body size its ingest takes: A is configured for
+/// 4 MiB, but its nats-server carries 1 MiB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_tolerate_clock_skew_but_not_replays() -> anyhow::Result<()> {
-    let fed = Federation::start(&[A, B], |_, _| {})?;
+    let fed = Federation::start(&[A, B], |d, c| {
+        if d == A {
+            c.limits.max_body_bytes = 4 << 20;
+        }
+    })?;
     // B's NATS user on A's server, and B's key: what B's bridge holds.
     let as_b = tests::nats_connect(&fed.nats[0].peer_url(B)).await?;
     let b_key = identity::operator_key(&operator_seed(B));
@@ -245,7 +251,14 @@ async fn requests_tolerate_clock_skew_but_not_replays() -> anyhow::Result<()> {
             anyhow::anyhow!("a request {} s off was not answered: {e}", sent_at as i64 - unix_now() as i64)
         })?;
         assert_eq!(answer.nonce, nonce, "the answer is not bound to the request");
-        assert!(matches!(answer.body, Response::Capabilities(_)), "{:?}", answer.body);
+        match &answer.body {
+            Response::Capabilities(c) => assert_eq!(
+                c.max_message_bytes,
+                ((1 << 20) - tests::proto::limits::NATS_HEADROOM) as u64,
+                "A advertised a body size its NATS cannot carry"
+            ),
+            other => anyhow::bail!("not capabilities: {other:?}"),
+        }
         first.get_or_insert(req);
     }
     let refused = |payload: &[u8]| match tests::proto::wire::decode::<Response>(payload) {
