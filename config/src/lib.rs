@@ -596,10 +596,15 @@ impl Config {
             ));
         }
         self.operator_seed()?;
+        // Shorter than both max ages, strictly: a mailbox item that names
+        // a Welcome stored once may outlive it by the window, and one
+        // younger than the max age less the window is read as not stored
+        // yet (docs/operations.md). And not 0, which JetStream takes as
+        // its own default of two minutes while ingest would assume none.
         let dup = self.streams.duplicate_window_secs;
-        if dup > self.streams.log_max_age_secs || dup > self.streams.mailbox_max_age_secs {
+        if dup == 0 || dup >= self.streams.log_max_age_secs || dup >= self.streams.mailbox_max_age_secs {
             return Err(LoadConfigError::Invalid(
-                "streams.duplicate_window_secs must not exceed the log and mailbox max ages".into(),
+                "streams.duplicate_window_secs must be at least 1 and shorter than the log and mailbox max ages".into(),
             ));
         }
         let otlp = &self.tracing.otlp_endpoint;
@@ -787,6 +792,19 @@ mod tests {
         let shown = format!("{c:?}");
         for secret in ["0123456789abcdef0123", "1111", "hunter1", "hunter2", "hunter3"] {
             assert!(!shown.contains(secret), "Debug shows {secret}: {shown}");
+        }
+    }
+
+    #[test]
+    fn the_duplicate_window_is_shorter_than_what_it_guards() {
+        let mut c = configured();
+        c.streams.log_max_age_secs = 4;
+        c.streams.mailbox_max_age_secs = 4;
+        c.streams.duplicate_window_secs = 3;
+        assert!(c.validate().is_ok());
+        for bad in [0, 4, 5] {
+            c.streams.duplicate_window_secs = bad;
+            assert!(c.validate().is_err(), "a window of {bad} s with max ages of 4 s");
         }
     }
 

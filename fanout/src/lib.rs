@@ -51,6 +51,8 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     /// Entries a follower delivered past a hole that can never fill.
     pub lost_predecessors: IntCounter,
+    /// Joins not listed in a device's group list, which was full.
+    pub device_groups_full: IntCounter,
 }
 
 impl Metrics {
@@ -96,7 +98,13 @@ impl Metrics {
                 "Entries a follower delivered past predecessors that never reached it (the hub's outbox \
                  retention dropped them while this operator was away): their members must rejoin.",
             )?,
+            device_groups_full: IntCounter::new(
+                "mlsfed_fanout_device_groups_full_total",
+                "Joins not listed in a device's group list because it is at proto::roster::MAX_LIST_BYTES \
+                 already (the device gets its Welcome, but its sync does not report that group).",
+            )?,
         };
+        registry.register(Box::new(m.device_groups_full.clone()))?;
         registry.register(Box::new(m.lost_predecessors.clone()))?;
         for reason in ["predecessor_missing", "transient", "unsupported_version", "malformed"] {
             m.dead_letters.with_label_values(&[reason]);
@@ -123,6 +131,9 @@ struct Ctx {
     metrics: Metrics,
     /// Partitions and delivery bounds.
     streams: config::Streams,
+    /// Mailbox puts whose acks are outstanding, over every group task
+    /// (`put_all`).
+    puts: tokio::sync::Semaphore,
 }
 
 /// One group's fan-out, worked by one task at a time.
@@ -180,9 +191,19 @@ enum Step {
     NotYet,
 }
 
+/// Mailbox items one group task puts with their acks outstanding at once
+/// (`put_all`).
+const PUT_CHUNK: usize = 256;
+/// ...and all group tasks together: half the JetStream context's
+/// `max_ack_inflight` (4096). A chunk takes its share before its first
+/// publish, so tasks that each hold part of the context's permits can
+/// never all wait for more.
+const PUTS_IN_FLIGHT: usize = 2048;
+
 impl Fanout {
     pub fn new(topo: Topology, domain: String, cfg: config::Streams, metrics: Metrics) -> Self {
-        Self { ctx: Arc::new(Ctx { topo, domain, metrics, streams: cfg }) }
+        let puts = tokio::sync::Semaphore::new(PUTS_IN_FLIGHT);
+        Self { ctx: Arc::new(Ctx { topo, domain, metrics, streams: cfg, puts }) }
     }
 
     /// Joins the fanout processes of this operator and delivers the LOG
@@ -718,8 +739,16 @@ impl GroupFanout {
                 Some(e) => (DeviceGroups::default(), e.revision),
                 None => (DeviceGroups::default(), 0),
             };
-            if !list.record(group.as_str(), removed_at, position, proto::unix_now()) {
-                return Ok(());
+            match list.record(group.as_str(), removed_at, position, proto::unix_now()) {
+                proto::roster::Recorded::Changed => {}
+                proto::roster::Recorded::Unchanged => return Ok(()),
+                proto::roster::Recorded::Full => {
+                    // The device still gets its Welcome and reads the group;
+                    // only its sync will not report it.
+                    self.ctx.metrics.device_groups_full.inc();
+                    tracing::warn!(position, "a device is in too many groups to list one more; not listed");
+                    return Ok(());
+                }
             }
             let value = Bytes::from(serde_json::to_vec(&list).map_err(|e| e.to_string())?);
             let saved = if revision == 0 {
@@ -835,22 +864,36 @@ impl GroupFanout {
         ack.await.map(|_| ()).map_err(|e| e.to_string())
     }
 
-    /// Publishes every item, then waits for all the acks: one round trip
-    /// per entry rather than one per recipient.
+    /// Publishes the items a chunk at a time, then waits for the chunk's
+    /// acks: one round trip per chunk rather than one per recipient. Never
+    /// more than a chunk, within the process-wide share (`PUTS_IN_FLIGHT`):
+    /// every ack not yet awaited holds one of the context's
+    /// `max_ack_inflight` permits until it is awaited, so a Commit naming
+    /// more recipients than there are permits, or several large ones at
+    /// once, would otherwise wait for their own acks for good.
     async fn put_all(&self, group: &GroupId, position: u64, items: &[(&DeviceId, MailboxItem)]) -> Result<(), String> {
-        let mut acks = Vec::with_capacity(items.len());
-        for (d, item) in items {
-            let publish = PublishMessage::build()
-                .payload(Bytes::from(proto::wire::encode(item)))
-                .message_id(names::mailbox_msg_id(group, position, d));
-            let ack =
-                self.ctx.topo.js.send_publish(names::mailbox_subject(d), publish).await.map_err(|e| e.to_string())?;
-            acks.push((item.kind, ack));
-        }
-        for (kind, ack) in acks {
-            let ack = ack.await.map_err(|e| e.to_string())?;
-            if !ack.duplicate {
-                self.ctx.metrics.delivered.with_label_values(&[kind.as_str()]).inc();
+        for chunk in items.chunks(PUT_CHUNK) {
+            // Never closed: the semaphore lives as long as the context.
+            let _share = self.ctx.puts.acquire_many(chunk.len() as u32).await.map_err(|e| e.to_string())?;
+            let mut acks = Vec::with_capacity(chunk.len());
+            for (d, item) in chunk {
+                let publish = PublishMessage::build()
+                    .payload(Bytes::from(proto::wire::encode(item)))
+                    .message_id(names::mailbox_msg_id(group, position, d));
+                let ack = self
+                    .ctx
+                    .topo
+                    .js
+                    .send_publish(names::mailbox_subject(d), publish)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                acks.push((item.kind, ack));
+            }
+            for (kind, ack) in acks {
+                let ack = ack.await.map_err(|e| e.to_string())?;
+                if !ack.duplicate {
+                    self.ctx.metrics.delivered.with_label_values(&[kind.as_str()]).inc();
+                }
             }
         }
         Ok(())

@@ -168,6 +168,7 @@ impl Bridge {
             let mut bytes = first.payload.len();
             let mut batch = vec![first];
             let gather_until = tokio::time::Instant::now() + GATHER;
+            let most_bytes = envelope_bytes(peer.js.client().server_info().max_payload);
             let most = if std::mem::take(&mut alone) { 1 } else { BATCH };
             while batch.len() < most {
                 let wait = (tokio::time::Instant::now() + GATHER_GAP).min(gather_until);
@@ -178,7 +179,7 @@ impl Bridge {
                         _ => break,
                     },
                 };
-                if bytes + next.payload.len() > BATCH_BYTES {
+                if bytes + next.payload.len() > most_bytes {
                     carried.push_front(next);
                     break;
                 }
@@ -239,8 +240,15 @@ impl Bridge {
                 match proto::wire::decode::<Payload>(&m.payload) {
                     Ok(p) => keyed.push((seq, p, m)),
                     Err(e) => {
-                        tracing::error!(peer = %domain, error = %e, "undecodable outbox record; terminating it");
-                        let _ = m.ack_with(AckKind::Term).await;
+                        // A bug or a newer format (a rolling upgrade): set
+                        // aside with its reason, never dropped silently, so
+                        // an operator sees what the peer did not get.
+                        if proto::streams::dead_letter(&self.topo, "bridge", e.label(), &e.to_string(), &m).await {
+                            self.metrics.dead_letters.with_label_values(&[&domain]).inc();
+                        } else {
+                            tracing::error!(peer = %domain, error = %e, "undecodable outbox record not dead-lettered; it comes back later");
+                            let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
+                        }
                     }
                 }
             }
@@ -544,7 +552,18 @@ impl Bridge {
     }
 }
 
-/// A record's outbox (stream) sequence.
+/// The most bytes of records one envelope gathers for a peer whose server
+/// takes `max_payload` (0: not known yet): `BATCH_BYTES`, or less where the
+/// peer's server would refuse that with the envelope's signature, framing
+/// and trace headers around it. Otherwise every envelope gathered to
+/// `BATCH_BYTES` would be refused, and its records sent one at a time.
+fn envelope_bytes(max_payload: usize) -> usize {
+    if max_payload == 0 {
+        return BATCH_BYTES;
+    }
+    BATCH_BYTES.min(max_payload.saturating_sub(proto::limits::NATS_HEADROOM)).max(1)
+}
+
 /// How long a record sent to an outbox owner may go unacknowledged before
 /// it is offered again: the owner tells JetStream it still holds records
 /// well within it, and a new owner waits at most this long for a dead
@@ -556,6 +575,14 @@ fn outbox_ack_wait(failover: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn envelopes_fit_the_peers_server() {
+        assert_eq!(envelope_bytes(0), BATCH_BYTES);
+        assert_eq!(envelope_bytes(1 << 20), BATCH_BYTES);
+        assert_eq!(envelope_bytes(300 << 10), (300 << 10) - proto::limits::NATS_HEADROOM);
+        assert_eq!(envelope_bytes(1000), 1);
+    }
 
     #[test]
     fn control_records_round_trip_and_newer_ones_are_refused() {

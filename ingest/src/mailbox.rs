@@ -86,9 +86,27 @@ pub(crate) async fn read(
             Err(e) => return Err(Reject::new(ErrorCode::Unavailable, format!("mailbox unavailable: {e}"))),
         };
         next = msg.sequence + 1;
-        let Ok(mut item) = proto::wire::decode::<MailboxItem>(&msg.payload) else {
-            tracing::error!(seq = msg.sequence, "undecodable mailbox item skipped");
-            continue;
+        let mut item = match proto::wire::decode::<MailboxItem>(&msg.payload) {
+            Ok(item) => item,
+            // Written by a newer build (a rolling upgrade): this one cannot
+            // serve it, and must not let an ack pass it; an ingest of the
+            // newer build can. The page ends before it, like before a
+            // Welcome not readable yet.
+            Err(e @ proto::wire::DecodeError::Version(_)) => {
+                tracing::warn!(seq = msg.sequence, error = %e, "mailbox item of a newer format; the page ends before it");
+                if out.is_empty() {
+                    return Err(Reject::new(
+                        ErrorCode::Unavailable,
+                        "a mailbox item is of a newer format than this operator process reads; retry later",
+                    ));
+                }
+                return Ok((out, true));
+            }
+            // Never readable by any build: skipped, loudly.
+            Err(e) => {
+                tracing::error!(seq = msg.sequence, error = %e, "undecodable mailbox item skipped");
+                continue;
+            }
         };
         if item.kind == proto::wire::EntryKind::Welcome && item.message.is_empty() {
             match welcome(api, &item).await? {

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 use futures::StreamExt as _;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::names;
@@ -311,7 +311,12 @@ where
     let crowded = std::sync::Arc::new(tokio::sync::Notify::new());
     // The queues are bounded by the consumer's max_ack_pending: JetStream
     // hands out no more than that unacknowledged.
-    let mut groups: HashMap<String, mpsc::UnboundedSender<jetstream::Message>> = HashMap::new();
+    let mut groups: HashMap<String, Slot> = HashMap::new();
+    // Group tasks that stopped taking messages (idle, or asked to make
+    // room) and may still be finishing what they had: a new task for the
+    // same group waits for the old one, so each group stays strictly
+    // serial. Each entry is dropped once its task has ended.
+    let mut draining: HashMap<String, oneshot::Receiver<()>> = HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         while tasks.try_join_next().is_some() {}
@@ -331,31 +336,36 @@ where
         if !groups.contains_key(&group) && groups.len() >= cap {
             // Bounded memory: ask the idle groups to go, and wait (bounded)
             // until one did; busy ones keep their state.
-            groups.retain(|_, tx| !tx.is_closed());
+            retire_closed(&mut groups, &mut draining);
             let t0 = tokio::time::Instant::now();
             while groups.len() >= cap && t0.elapsed() < idle {
                 crowded.notify_waiters();
                 let _ = tokio::time::timeout(Duration::from_millis(50), tasks.join_next()).await;
-                groups.retain(|_, tx| !tx.is_closed());
+                retire_closed(&mut groups, &mut draining);
             }
         }
         loop {
-            let tx = groups.entry(group.clone()).or_insert_with(|| {
+            let slot = groups.entry(group.clone()).or_insert_with(|| {
                 let (tx, rx) = mpsc::unbounded_channel();
-                tasks.spawn(group_task(new_group(), rx, idle, crowded.clone()));
-                tx
+                let (done_tx, done) = oneshot::channel();
+                let previous = draining.remove(&group);
+                tasks.spawn(group_task(new_group(), rx, idle, crowded.clone(), previous, done_tx));
+                Slot { tx, done }
             });
-            match tx.send(msg) {
+            match slot.tx.send(msg) {
                 Ok(()) => break,
-                // The group's task went idle and closed: start another.
+                // The group's task went idle and closed: start another,
+                // which waits for it to finish.
                 Err(mpsc::error::SendError(back)) => {
-                    groups.remove(&group);
+                    if let Some(old) = groups.remove(&group) {
+                        draining.insert(group.clone(), old.done);
+                    }
                     msg = back;
                 }
             }
         }
-        if groups.len() > 4096 {
-            groups.retain(|_, tx| !tx.is_closed());
+        if groups.len() > 4096 || draining.len() > 4096 {
+            retire_closed(&mut groups, &mut draining);
         }
     }
     // What the server already sent us but no group task took would wait
@@ -386,12 +396,41 @@ where
     }
 }
 
+/// A group's task as the partition loop sees it.
+struct Slot {
+    tx: mpsc::UnboundedSender<jetstream::Message>,
+    /// Ends (its sender is dropped) when the task has ended.
+    done: oneshot::Receiver<()>,
+}
+
+/// Forgets the groups whose tasks stopped taking messages, keeping what
+/// tells when each has ended; and forgets those that have.
+fn retire_closed(groups: &mut HashMap<String, Slot>, draining: &mut HashMap<String, oneshot::Receiver<()>>) {
+    let closed: Vec<String> = groups.iter().filter(|(_, s)| s.tx.is_closed()).map(|(g, _)| g.clone()).collect();
+    for g in closed {
+        if let Some(slot) = groups.remove(&g) {
+            draining.insert(g, slot.done);
+        }
+    }
+    draining.retain(|_, done| matches!(done.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+}
+
+/// Works one group's messages in order. `previous`: the group's task
+/// before this one, still finishing what it had when it stopped taking
+/// messages; nothing is handled before it has ended. `_done` is dropped
+/// when this task ends, which tells the next one.
 async fn group_task<H: GroupHandler>(
     mut handler: H,
     mut rx: mpsc::UnboundedReceiver<jetstream::Message>,
     idle: Duration,
     crowded: std::sync::Arc<tokio::sync::Notify>,
+    previous: Option<oneshot::Receiver<()>>,
+    _done: oneshot::Sender<()>,
 ) {
+    if let Some(previous) = previous {
+        // Err: its sender was dropped, which is what ends it.
+        let _ = previous.await;
+    }
     loop {
         let msg = tokio::select! {
             m = rx.recv() => match m {

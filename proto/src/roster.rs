@@ -162,15 +162,45 @@ pub struct DeviceGroups {
 /// stall in fanout). Its mailbox still tells it of a forgotten removal.
 pub const MAX_REMOVED_GROUPS: usize = 1024;
 
+/// About how many bytes a device's group list may take encoded: one KV
+/// value, well under NATS' default 1 MiB message. Joins beyond it are not
+/// listed: the device still gets its Welcome and reads the group, but its
+/// sync does not report that group. Anyone who can claim the device's
+/// last-resort KeyPackage can add it to groups; without a bound, enough of
+/// them would grow the list past one NATS message, and every later Commit
+/// that adds or removes the device would then stall in fanout. Removals
+/// are forgotten oldest first to stay within it (and `MAX_REMOVED_GROUPS`).
+/// With group ids of 60 bytes, about 3000 member groups fit beside a full
+/// list of removals.
+pub const MAX_LIST_BYTES: usize = 640 << 10;
+
+/// What `DeviceGroups::record` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    Changed,
+    /// Nothing to record: a newer Commit already did, or this one was.
+    Unchanged,
+    /// A join not listed: the list is at `MAX_LIST_BYTES`.
+    Full,
+}
+
 impl DeviceGroups {
     /// Records that the device joined `group` (`removed_at` None) or was
     /// removed at a position, by the Commit at `position`, `now` in unix
-    /// seconds; `false` when there is nothing to record (a newer Commit
-    /// already did, or this one was).
-    pub fn record(&mut self, group: &str, removed_at: Option<u64>, position: u64, now: u64) -> bool {
+    /// seconds.
+    pub fn record(&mut self, group: &str, removed_at: Option<u64>, position: u64, now: u64) -> Recorded {
         let newer = self.changed_at.get(group).is_some_and(|p| *p > position);
         if newer || self.groups.get(group) == Some(&removed_at) {
-            return false;
+            return Recorded::Unchanged;
+        }
+        if removed_at.is_none() && !self.groups.contains_key(group) {
+            // Room for a new member group comes from the oldest removals
+            // if need be, never from groups the device is in.
+            let grows = member_bytes(group);
+            self.forget_removals(MAX_REMOVED_GROUPS, |l| l.bytes() + grows <= MAX_LIST_BYTES);
+            if self.bytes() + grows > MAX_LIST_BYTES {
+                return Recorded::Full;
+            }
         }
         self.v = 1;
         self.groups.insert(group.to_owned(), removed_at);
@@ -179,18 +209,47 @@ impl DeviceGroups {
             Some(_) => self.removed_unix.insert(group.to_owned(), now),
             None => self.removed_unix.remove(group),
         };
-        let ages = self
+        self.forget_removals(MAX_REMOVED_GROUPS, |l| l.bytes() <= MAX_LIST_BYTES);
+        Recorded::Changed
+    }
+
+    /// Forgets removals, oldest first, while there are more than `keep` or
+    /// `fits` is false.
+    fn forget_removals(&mut self, keep: usize, fits: impl Fn(&Self) -> bool) {
+        let removed: Vec<(u64, &String)> = self
             .groups
             .iter()
             .filter(|(_, r)| r.is_some())
-            .map(|(g, _)| (self.removed_unix.get(g).copied().unwrap_or(0), g));
-        for g in oldest_beyond(ages, MAX_REMOVED_GROUPS) {
+            .map(|(g, _)| (self.removed_unix.get(g).copied().unwrap_or(0), g))
+            .collect();
+        let mut left = removed.len();
+        let oldest = oldest_beyond(removed.into_iter(), 0);
+        for g in oldest {
+            if left <= keep && fits(self) {
+                break;
+            }
             self.groups.remove(&g);
             self.changed_at.remove(&g);
             self.removed_unix.remove(&g);
+            left -= 1;
         }
-        true
     }
+
+    /// About the bytes of the list's JSON, never fewer.
+    pub fn bytes(&self) -> usize {
+        let listed: usize = self.groups.keys().map(|g| member_bytes(g)).sum();
+        let removed: usize = self.removed_unix.keys().map(|g| g.len() + REMOVED_OVERHEAD).sum();
+        64 + listed + removed
+    }
+}
+
+/// JSON around a group id in `removed_unix` (quotes, colon, a time, comma).
+const REMOVED_OVERHEAD: usize = 28;
+
+/// A listed group's two entries (`groups` and `changed_at`) in JSON, with
+/// room for the largest positions.
+fn member_bytes(group: &str) -> usize {
+    2 * group.len() + 56
 }
 
 /// The keys beyond the `keep` youngest of `ages` (age, key), oldest first;
@@ -262,19 +321,20 @@ mod tests {
 
     #[test]
     fn a_device_list_remembers_only_the_latest_removed_groups() {
+        use Recorded::*;
         let mut list = DeviceGroups::default();
         let n = MAX_REMOVED_GROUPS + 10;
         for i in 0..n {
-            assert!(list.record(&format!("g{i}"), None, 1, 100));
+            assert_eq!(list.record(&format!("g{i}"), None, 1, 100), Changed);
         }
         // A stale Commit never moves an entry back; a repeat changes nothing.
-        assert!(!list.record("g0", None, 1, 100));
+        assert_eq!(list.record("g0", None, 1, 100), Unchanged);
         for i in 0..n {
-            assert!(list.record(&format!("g{i}"), Some(5), 5, 1000 + i as u64));
+            assert_eq!(list.record(&format!("g{i}"), Some(5), 5, 1000 + i as u64), Changed);
         }
         let last = format!("g{}", n - 1);
-        assert!(!list.record(&last, None, 1, 9999), "a stale add must not undo a removal");
-        assert!(list.record("member", None, 3, 5000));
+        assert_eq!(list.record(&last, None, 1, 9999), Unchanged, "a stale add must not undo a removal");
+        assert_eq!(list.record("member", None, 3, 5000), Changed);
         let removed = list.groups.values().filter(|r| r.is_some()).count();
         assert_eq!(removed, MAX_REMOVED_GROUPS);
         assert_eq!(list.groups.get("member"), Some(&None), "groups it is in are never forgotten");
@@ -282,6 +342,37 @@ mod tests {
         assert_eq!(list.groups.get(&last), Some(&Some(5)));
         assert_eq!(list.changed_at.len(), list.groups.len());
         assert_eq!(list.removed_unix.len(), MAX_REMOVED_GROUPS);
+    }
+
+    #[test]
+    fn a_device_list_stays_within_its_bytes() {
+        use Recorded::*;
+        // Group ids as long as ids may be: the fewest fit.
+        let id = |i: usize| format!("{i:0>200}");
+        let mut list = DeviceGroups::default();
+        let mut n = 0;
+        while n < 10_000 && list.record(&id(n), None, 1, 100) == Changed {
+            n += 1;
+        }
+        assert!(n > 1000 && n < 10_000, "{n} groups of long ids were listed");
+        assert_eq!(list.record(&id(n), None, 1, 100), Full);
+        assert!(!list.groups.contains_key(&id(n)));
+        // Removals go on being recorded, and the oldest are forgotten to
+        // stay within the bytes; a join takes the place a removal freed.
+        for i in 0..n {
+            assert_eq!(list.record(&id(i), Some(7), 7, 200 + i as u64), Changed);
+            if i % 97 == 0 {
+                assert!(serde_json::to_vec(&list).unwrap().len() <= MAX_LIST_BYTES, "after removal {i}");
+            }
+        }
+        assert_eq!(list.record(&id(n), None, 2, 9000), Changed);
+        assert!(list.groups.contains_key(&id(n - 1)), "the latest removal is remembered");
+        assert!(!list.groups.contains_key(&id(0)), "the oldest removal is forgotten");
+        // A join already listed is not a new one.
+        assert_eq!(list.record(&id(n), None, 2, 9001), Unchanged);
+        let encoded = serde_json::to_vec(&list).unwrap();
+        assert!(encoded.len() <= MAX_LIST_BYTES, "{} bytes", encoded.len());
+        assert!(list.bytes() >= encoded.len(), "the estimate is below the truth: {} < {}", list.bytes(), encoded.len());
     }
 
     #[test]

@@ -610,7 +610,7 @@ pub fn retry_wait(cfg: &config::Streams, attempt: u64) -> Duration {
 pub async fn dead_letter(topo: &Topology, role: &str, reason: &str, detail: &str, msg: &jetstream::Message) -> bool {
     use base64::Engine as _;
     let info = msg.info().ok();
-    let letter = crate::wire::DeadLetter {
+    let mut letter = crate::wire::DeadLetter {
         v: 1,
         role: role.to_owned(),
         reason: reason.to_owned(),
@@ -620,15 +620,30 @@ pub async fn dead_letter(topo: &Topology, role: &str, reason: &str, detail: &str
         subject: msg.subject.to_string(),
         delivered: info.as_ref().map(|i| i.delivered.max(1) as u64).unwrap_or(1),
         payload: base64::engine::general_purpose::STANDARD.encode(&msg.payload),
+        payload_omitted: false,
     };
-    let body = serde_json::to_vec(&letter).unwrap_or_default();
+    let mut body = serde_json::to_vec(&letter).unwrap_or_default();
+    // A record near the size limit does not fit once it is base64 in JSON:
+    // without its copy, the letter still names the record and why, rather
+    // than fail and leave a record no retry can help where it blocks others.
+    if body.len() > dead_letter_room(topo.js.client().server_info().max_payload) {
+        letter.payload = String::new();
+        letter.payload_omitted = true;
+        body = serde_json::to_vec(&letter).unwrap_or_default();
+    }
     let stored = match topo.js.publish(names::dead_subject(role), body.into()).await {
         Ok(ack) => ack.await.is_ok(),
         Err(_) => false,
     };
     if stored {
-        tracing::error!(role, reason, detail, "message dead-lettered");
+        tracing::error!(role, reason, detail, omitted = letter.payload_omitted, "message dead-lettered");
         let _ = msg.ack_with(jetstream::AckKind::Term).await;
     }
     stored
+}
+
+/// The most bytes a dead letter's JSON may take on a server with
+/// `max_payload`: room is left for the headers a publish adds.
+fn dead_letter_room(max_payload: usize) -> usize {
+    max_payload.saturating_sub(4 << 10)
 }

@@ -252,7 +252,9 @@ mod tests {
 }
 
 /// A message a worker gave up on (`MLSFED_DEAD`), JSON so an operator can
-/// read it; `payload` is the original record, base64.
+/// read it; `payload` is the original record, base64, unless that would not
+/// fit in one NATS message (`payload_omitted`): the record then stays only
+/// where it was, for as long as that stream keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {
     /// Format version of this record.
@@ -267,4 +269,8 @@ pub struct DeadLetter {
     pub subject: String,
     pub delivered: u64,
     pub payload: String,
+    /// The record was too large to copy here (base64 in JSON is a third
+    /// larger than the record): `payload` is empty.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub payload_omitted: bool,
 }

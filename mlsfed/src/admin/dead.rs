@@ -85,6 +85,7 @@ async fn list(ctx: &Ctx<'_>, stream: &Stream, filter: &str) -> anyhow::Result<()
                     ("stream_seq", json!(l.stream_seq)),
                     ("subject", json!(l.subject)),
                     ("delivered", json!(l.delivered)),
+                    ("payload_omitted", json!(l.payload_omitted)),
                 ] {
                     row[k] = v;
                 }
@@ -134,6 +135,12 @@ async fn requeue(ctx: &Ctx<'_>, stream: &Stream, seq: u64) -> anyhow::Result<()>
     };
     let letter: DeadLetter = serde_json::from_slice(&msg.payload).context("the dead letter is unreadable")?;
     anyhow::ensure!(letter.v <= 1, "dead letter format {} is newer than this build reads", letter.v);
+    anyhow::ensure!(
+        !letter.payload_omitted,
+        "dead letter {seq} holds no copy of its record (too large to copy); the record is {} #{} for as long as that stream keeps it",
+        letter.stream,
+        letter.stream_seq
+    );
     let payload = base64_decode(&letter.payload).context("the dead letter's payload is not base64")?;
     // SUBMIT stores a message under its partition's subject; it takes
     // messages only on the subject they were published on.
