@@ -211,6 +211,43 @@ async fn older_records_are_read_and_newer_ones_refused_by_name() -> anyhow::Resu
     Ok(())
 }
 
+/// A mailbox item of a newer format (written by a newer fanout during a
+/// rolling upgrade) is never passed: this ingest ends the device's page
+/// before it (`unavailable` when it is the first), so no ack can purge it
+/// unread; what comes before it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_item_of_a_newer_format_is_never_passed() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let op = Operator::start(&nats, "a.example")?;
+    let bob = op.client("bob", "phone", 1).await?;
+    let js = async_nats::jetstream::new(tests::nats_connect(&nats.url()).await?);
+    let notice = |text: &str| tests::proto::wire::MailboxItem {
+        group: None,
+        position: 0,
+        epoch: 0,
+        kind: tests::proto::wire::EntryKind::Notice,
+        own: false,
+        message: serde_json::to_vec(&serde_json::json!({ "text": text })).unwrap_or_default(),
+        log_seq: 0,
+    };
+    let subject = names::mailbox_subject(bob.id());
+    let before = js.publish(subject.clone(), tests::proto::wire::encode(&notice("before")).into()).await?.await?;
+    let mut newer = tests::proto::wire::encode(&notice("newer"));
+    newer[2] = tests::proto::wire::RECORD_VERSION + 1;
+    js.publish(subject.clone(), newer.into()).await?.await?;
+    js.publish(subject.clone(), tests::proto::wire::encode(&notice("after")).into()).await?.await?;
+
+    // The device may have other items before these (a notice of its
+    // KeyPackage stock): the page holds "before" and ends there.
+    let page: Vec<u64> = bob.http().fetch(0, 10).await?.iter().map(|i| i.seq).collect();
+    assert_eq!(page.last(), Some(&before.sequence), "the page passed the newer item: {page:?}");
+    match bob.http().fetch(before.sequence, 10).await {
+        Err(e) => assert_eq!(e.code(), Some(tests::proto::ErrorCode::Unavailable), "{e}"),
+        Ok(items) => anyhow::bail!("the newer item was passed: {items:?}"),
+    }
+    Ok(())
+}
+
 /// A record as format 0 wrote it: postcard with no marker.
 fn postcard_bytes(entry: &tests::proto::wire::LogEntry) -> Vec<u8> {
     tests::proto::wire::encode(entry)[3..].to_vec()
