@@ -328,8 +328,15 @@ impl Socket {
                 }
             }
             if (mailbox_due || !due.is_empty()) && !self.api.shutdown.is_cancelled() {
-                // A long catch-up must not hold back the answers to the
-                // device's submissions: those ready go out between pages.
+                // A long catch-up reads page after page without waiting:
+                // an expired token or a removal still ends it at once.
+                let removed = futures::FutureExt::now_or_never(removal.removed()).is_some();
+                if expiry.is_elapsed() || removed {
+                    let _ = tx.send(Message::Close(None)).await;
+                    return;
+                }
+                // Nor may it hold back the answers to the device's
+                // submissions: those ready go out between pages.
                 if let Some(done) = futures::FutureExt::now_or_never(submits.next()).flatten() {
                     if !self.answer_ready(done, &mut submits, &mut tx).await {
                         return;
