@@ -330,9 +330,12 @@ impl Socket {
             if (mailbox_due || !due.is_empty()) && !self.api.shutdown.is_cancelled() {
                 // A long catch-up reads page after page without waiting:
                 // an expired token or a removal still ends it at once.
-                let removed = futures::FutureExt::now_or_never(removal.removed()).is_some();
-                if expiry.is_elapsed() || removed {
+                if futures::FutureExt::now_or_never(removal.removed()).is_some() {
                     let _ = tx.send(Message::Close(None)).await;
+                    return;
+                }
+                if expiry.is_elapsed() {
+                    self.close_after_answers(&mut submits, &mut tx).await;
                     return;
                 }
                 // Nor may it hold back the answers to the device's
@@ -345,22 +348,14 @@ impl Socket {
                 continue;
             }
             tokio::select! {
+                // The device reconnects with a fresh token; what it
+                // submitted on this one is answered first.
                 _ = &mut expiry => {
-                    let _ = tx.send(Message::Close(None)).await;
+                    self.close_after_answers(&mut submits, &mut tx).await;
                     return;
                 }
                 _ = self.api.shutdown.cancelled() => {
-                    // Submissions already queued get their verdicts first;
-                    // one cut off is learnt by sending the same bytes again.
-                    let _ = tokio::time::timeout(DRAIN, async {
-                        while let Some(done) = submits.next().await {
-                            if self.answer(done, &mut tx).await.is_err() {
-                                return;
-                            }
-                        }
-                    })
-                    .await;
-                    let _ = tx.send(Message::Close(None)).await;
+                    self.close_after_answers(&mut submits, &mut tx).await;
                     return;
                 }
                 Some(first) = submits.next(), if !submits.is_empty() => {
@@ -549,6 +544,24 @@ impl Socket {
             return false;
         }
         true
+    }
+
+    /// Answers the submissions still being worked on (for `DRAIN` at most),
+    /// then closes the socket. One cut off is learnt by sending the same
+    /// bytes again.
+    async fn close_after_answers<S>(&self, submits: &mut FuturesUnordered<BoxFuture<'static, Submitted>>, tx: &mut S)
+    where
+        S: futures::Sink<Message> + Unpin,
+    {
+        let _ = tokio::time::timeout(DRAIN, async {
+            while let Some(done) = submits.next().await {
+                if self.answer(done, tx).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        let _ = tx.send(Message::Close(None)).await;
     }
 
     /// Queues a submission's answer frame (the caller flushes).

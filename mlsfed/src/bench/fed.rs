@@ -143,25 +143,12 @@ async fn submit_all(
 /// Entries per second over the last `n` entries of `group` in an operator's
 /// LOG, from the first one's JetStream timestamp to the last one's.
 async fn appended_per_s(cfg: &config::Config, group: &str, n: usize) -> anyhow::Result<f64> {
-    use async_nats::jetstream::consumer::pull::OrderedConfig;
-    let js = mlsfed::jetstream(mlsfed::connect(&cfg.nats_url, &cfg.nats_ca_file).await?);
     let subject = proto::names::log_subject(&proto::GroupId::parse(group)?, cfg.streams.partitions);
-    let stream = js.get_stream(proto::names::LOG_STREAM).await?;
-    let consumer = stream.create_consumer(OrderedConfig { filter_subject: subject, ..Default::default() }).await?;
-    let mut messages = consumer.messages().await?;
-    let mut stored = Vec::new();
-    // Bounded: the subject holds what the bench put there, and each read
-    // waits at most a few seconds.
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
-        let m = m?;
-        let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-        stored.push(info.published);
-        if info.pending == 0 {
-            break;
-        }
-    }
+    let at = super::stages::stored(cfg, proto::names::LOG_STREAM, subject, super::stages::log_position).await?;
+    let mut stored: Vec<i128> = at.into_values().collect();
+    stored.sort_unstable();
     anyhow::ensure!(stored.len() >= n && n > 1, "{} entries in the LOG, expected at least {n}", stored.len());
-    let span = (stored[stored.len() - 1] - stored[stored.len() - n]).as_seconds_f64();
+    let span = (stored[stored.len() - 1] - stored[stored.len() - n]) as f64 / 1e9;
     Ok(n as f64 / span.max(1e-3))
 }
 

@@ -34,7 +34,7 @@ impl Clock {
 
 /// When each position of a stream's subject was stored (unix ns), the
 /// positions found by `positions` in each message.
-async fn stored(
+pub(super) async fn stored(
     cfg: &config::Config,
     stream: &str,
     subject: String,
@@ -61,7 +61,7 @@ async fn stored(
     Ok(at)
 }
 
-fn log_position(bytes: &[u8]) -> Vec<u64> {
+pub(super) fn log_position(bytes: &[u8]) -> Vec<u64> {
     proto::wire::decode::<LogEntry>(bytes).map(|e| vec![e.position]).unwrap_or_default()
 }
 
