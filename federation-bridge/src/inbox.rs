@@ -31,7 +31,31 @@ const ROUND: usize = 64;
 const ROUND_BYTES: usize = 8 << 20;
 
 /// A hub's entries per group, each group's in its order.
-type Runs = Vec<(proto::GroupId, Vec<Traced>)>;
+#[derive(Default)]
+struct Runs {
+    runs: Vec<(proto::GroupId, Vec<Traced>)>,
+    /// Where each group's run is in `runs`: a round holds up to 64
+    /// envelopes of up to 1000 records each, and a search per record would
+    /// make a catch-up over many groups quadratic.
+    index: HashMap<proto::GroupId, usize>,
+}
+
+impl Runs {
+    /// Adds a hub's entry to its group's run.
+    fn add(&mut self, traced: Traced) {
+        match self.index.get(&traced.entry.group) {
+            Some(&i) => self.runs[i].1.push(traced),
+            None => {
+                self.index.insert(traced.entry.group.clone(), self.runs.len());
+                self.runs.push((traced.entry.group.clone(), vec![traced]));
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+}
 
 /// What one round did with the envelopes it was given.
 struct Round {
@@ -241,7 +265,7 @@ impl Bridge {
             Ok(None) => (None, 0),
             Err(e) => return Round { settled, stalled: stalled(0, e.to_string()) },
         };
-        let mut runs: Runs = Vec::new();
+        let mut runs = Runs::default();
         // The first envelope that gave entries to each group.
         let mut feeders: HashMap<proto::GroupId, usize> = HashMap::new();
         let mut outcomes = Vec::with_capacity(n);
@@ -403,7 +427,7 @@ impl Bridge {
         // A hub's entries are appended per group, each group's in order,
         // many at once in one atomic batch, and the groups concurrently:
         // catching up after an outage is not one round trip per entry.
-        let mut mine: Runs = Vec::new();
+        let mut mine = Runs::default();
         for (payload, parent) in env.payloads.into_iter().zip(traces) {
             let mut span = trace::Span::child("bridge.receive", parent);
             trace::set(&mut span, "mlsfed.peer", &origin);
@@ -412,7 +436,7 @@ impl Bridge {
                     Ok(()) => {
                         trace::set(&mut span, "mlsfed.group", &entry.group);
                         trace::set(&mut span, "mlsfed.position", entry.position);
-                        add_to_runs(&mut mine, Traced { entry, span });
+                        mine.add(Traced { entry, span });
                         continue;
                     }
                     Err(refusal) => Err(Ok(refusal)),
@@ -441,10 +465,10 @@ impl Bridge {
             // Nothing of it was used: the mark stays where it was.
             return Received::Unused { refused };
         }
-        let groups = mine.iter().map(|(g, _)| g.clone()).collect();
-        for (_, run) in mine {
+        let groups = mine.runs.iter().map(|(g, _)| g.clone()).collect();
+        for (_, run) in mine.runs {
             for t in run {
-                add_to_runs(runs, t);
+                runs.add(t);
             }
         }
         Received::Applied {
@@ -459,11 +483,12 @@ impl Bridge {
     /// keeps at most 50 atomic batches in flight per stream). Every group is
     /// tried; those that could not be appended are returned with the first
     /// error.
-    async fn append_runs(&self, mut runs: Runs) -> Result<(), (Vec<proto::GroupId>, String)> {
+    async fn append_runs(&self, runs: Runs) -> Result<(), (Vec<proto::GroupId>, String)> {
+        let mut runs = runs.runs;
         let mut failed = Vec::new();
         let mut first = None;
         while !runs.is_empty() {
-            let chunk: Runs = runs.drain(..runs.len().min(CONCURRENT_APPENDS)).collect();
+            let chunk: Vec<_> = runs.drain(..runs.len().min(CONCURRENT_APPENDS)).collect();
             let appended = futures::future::join_all(chunk.iter().map(|(_, run)| self.append_delivered(run))).await;
             for (result, (group, run)) in appended.into_iter().zip(chunk) {
                 match result {
@@ -517,6 +542,10 @@ impl Bridge {
         if sub.group.hub() != self.us {
             return Err(Ok(Refusal::NotHub));
         }
+        // The id becomes a header, a subject and a key here.
+        if !proto::wire::is_submission_id(&sub.id) {
+            return Err(Ok(Refusal::BadSubmissionId));
+        }
         sub.origin = Some(origin.to_owned());
         let id = sub.id.clone();
         self.publish_local(names::submit_subject(&sub.group), proto::wire::encode(&sub), id, trace).await
@@ -531,7 +560,11 @@ impl Bridge {
     ) -> Result<(), Result<Refusal, String>> {
         // Only the hub we forwarded this submission to may answer it, and
         // only once: a peer cannot decide our devices' local submissions,
-        // nor rewrite an answer already given.
+        // nor rewrite an answer already given. We forward no id of another
+        // shape (and it could not be a key).
+        if !proto::wire::is_submission_id(submission_id) {
+            return Err(Ok(Refusal::UnsolicitedVerdict));
+        }
         let hub = self.topo.forwarded.get(submission_id).await.map_err(|e| Err(e.to_string()))?;
         match hub {
             None => return Err(Ok(Refusal::UnsolicitedVerdict)),
@@ -669,14 +702,6 @@ fn entry_headers(traced: &Traced) -> async_nats::HeaderMap {
         h.insert(trace::HEADER, s.context().to_header().as_str());
     }
     h
-}
-
-/// Adds a hub's entry to its group's run.
-fn add_to_runs(runs: &mut Runs, traced: Traced) {
-    match runs.iter_mut().find(|(g, _)| *g == traced.entry.group) {
-        Some((_, run)) => run.push(traced),
-        None => runs.push((traced.entry.group.clone(), vec![traced])),
-    }
 }
 
 /// Tells JetStream this bridge still holds `held` (an envelope waiting in a

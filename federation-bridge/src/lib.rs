@@ -117,6 +117,8 @@ enum Refusal {
     VerdictConflict,
     /// Further ahead of the peer's high-water mark than allowed.
     SeqJump,
+    /// A forwarded submission whose id is not one our software makes.
+    BadSubmissionId,
 }
 
 impl Refusal {
@@ -130,6 +132,7 @@ impl Refusal {
             Refusal::UnsolicitedVerdict => "unsolicited_verdict",
             Refusal::VerdictConflict => "verdict_conflict",
             Refusal::SeqJump => "seq_jump",
+            Refusal::BadSubmissionId => "bad_submission_id",
         }
     }
 }

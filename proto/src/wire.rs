@@ -195,6 +195,15 @@ pub fn submission_id(device: &DeviceId, parts: &[&[u8]]) -> String {
     hex::encode(&h.finalize()[..16])
 }
 
+/// Whether `s` is an id `submission_id` makes (32 lowercase hex digits).
+/// A peer chooses the ids of the submissions it forwards, and they become
+/// `Nats-Msg-Id` headers, subjects and KV keys here: anything else is
+/// refused before it goes near one (a line break in a header value is a
+/// panic in the NATS client).
+pub fn is_submission_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 #[cfg(test)]
 mod version_tests {
     use super::*;
@@ -248,6 +257,10 @@ mod tests {
         }
         assert_eq!(submission_id(&d, &[b"ab", b"c"]), submission_id(&d, &[b"ab", b"c"]));
         assert_ne!(submission_id(&d, &[b"ab", b"c"]), submission_id(&d, &[b"a", b"bc"]));
+        assert!(is_submission_id(&submission_id(&d, &[b"x"])));
+        for bad in ["", "runaway", "0123456789abcdef0123456789ABCDEF", "0123456789abcdef0123456789abcde\n"] {
+            assert!(!is_submission_id(bad), "{bad:?}");
+        }
     }
 }
 

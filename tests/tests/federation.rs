@@ -142,9 +142,11 @@ async fn forged_envelopes_are_refused_and_counted() -> anyhow::Result<()> {
     //    into A's SUBMIT, which the sequencer then refuses as malformed),
     //    then its replay after the dedup window would have passed (a new
     //    Nats-Msg-Id, same envelope sequence).
+    let bob = w.fed.op(B).device_id("bob", "phone");
     let junk = tests::proto::wire::Submission {
-        id: "junk-sub".into(),
-        device: w.fed.op(B).device_id("bob", "phone"),
+        // An id of the shape ours have: any other is refused outright.
+        id: tests::proto::wire::submission_id(&bob, &[b"junk"]),
+        device: bob,
         group: tests::proto::GroupId::parse(&g)?,
         kind: tests::proto::wire::SubmissionKind::Message {
             message: b"junk".to_vec(),

@@ -177,6 +177,42 @@ async fn a_refused_or_runaway_envelope_never_silences_a_peer() -> anyhow::Result
     Ok(())
 }
 
+/// A peer chooses the ids of the submissions it forwards, and at the hub
+/// they become headers, subjects and keys. One of any shape but ours (here
+/// with a line break, which the NATS client cannot put in a header) is
+/// refused and counted, and the link goes on both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_submission_with_a_forged_id_is_refused() -> anyhow::Result<()> {
+    let mut l = Link::start().await?;
+    l.delivered("before").await?;
+    let b_outbox = outbox_id(&l.fed.nats[1]).await?;
+    let forged = Submission {
+        id: "forged\nid".into(),
+        device: l.fed.op(B).device_id("bob", "phone"),
+        group: GroupId::parse(&l.group)?,
+        kind: SubmissionKind::Message { message: b"junk".to_vec(), welcome: None, group_info: None },
+        origin: None,
+    };
+    // Ahead of B's mark at A, within the jump bound: judged, not replayed.
+    let env = Envelope {
+        version: 1,
+        origin: B.into(),
+        destination: A.into(),
+        outbox: b_outbox,
+        seq: 1_000_000_000,
+        payloads: vec![Payload::Submit(forged)],
+    };
+    inject(&l.fed.nats[0], B, &env).await?;
+    wait_metric(l.fed.op(A), "mlsfed_federation_refused_total{reason=\"bad_submission_id\"}", 1.0).await?;
+    l.delivered("after the forged id").await?;
+    // Bob's own submissions still reach the hub through the same inbox.
+    let g = l.group.clone();
+    l.bob.send(&g, "from bob").await?;
+    sync_until(&mut [&mut l.alice], Duration::from_secs(30), |c| c.messages(&g).iter().any(|m| m.2 == "from bob"))
+        .await?;
+    Ok(())
+}
+
 /// A's outbox stream is lost and recreated (its sequence starts again at
 /// 1): B follows the new outbox instead of taking everything for replays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
