@@ -196,6 +196,13 @@ pub trait GroupHandler: Send + 'static {
             }
         }
     }
+
+    /// The group's task is ending (the group went idle, its room was
+    /// needed, or the partition is handed over) after its last message:
+    /// whatever the handler deferred is made durable now.
+    fn idle(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Most messages a group task hands its handler at once.
@@ -435,7 +442,10 @@ async fn group_task<H: GroupHandler>(
         let msg = tokio::select! {
             m = rx.recv() => match m {
                 Some(m) => Some(m),
-                None => return,
+                None => {
+                    handler.idle().await;
+                    return;
+                }
             },
             _ = tokio::time::sleep(idle) => None,
             _ = crowded.notified() => None,
@@ -447,6 +457,7 @@ async fn group_task<H: GroupHandler>(
             while let Ok(m) = rx.try_recv() {
                 handler.handle(m).await;
             }
+            handler.idle().await;
             return;
         };
         // What queued while the last batch was handled goes together: under

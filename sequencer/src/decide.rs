@@ -22,6 +22,10 @@ const REPLAY_PAGE: usize = 256;
 const REPLAY_BYTES: usize = 4 << 20;
 /// How long one page may take.
 const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Tries of a checkpoint after a change to the public group, at once.
+const CHECKPOINT_TRIES: u32 = 3;
+/// The wait after a failed try, times the try's number.
+const CHECKPOINT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Why a batch append was not stored.
 enum BatchFailed {
@@ -440,35 +444,61 @@ impl GroupDecider {
     }
 
     /// Checkpoints the cached state if it is due. A failure leaves it due,
-    /// so the group's next submission tries again; until then the state
-    /// depends on LOG entries that retention may delete, hence the error.
+    /// so the group's next submission (or its going idle) tries again;
+    /// until then the state depends on LOG entries that retention may
+    /// delete, hence the error.
     async fn checkpoint_if_due(&mut self) {
+        self.checkpoint_when(|s| s.checkpoint_due(CHECKPOINT_EVERY)).await;
+    }
+
+    /// Checkpoints the cached state if `due` says so. A change to the public
+    /// group (a Commit, whose verdict is announced next) is tried again a
+    /// couple of times at once: a NATS hiccup must not leave it resting on
+    /// the LOG entry alone, and the GroupInfo uploaded with a Commit exists
+    /// only in memory and in a checkpoint.
+    async fn checkpoint_when(&mut self, due: impl Fn(&GroupState) -> bool) {
         let Some(state) = self.state.as_mut() else {
             return;
         };
-        if !state.checkpoint_due(CHECKPOINT_EVERY) {
+        if !due(state) {
             return;
         }
         let metrics = &self.ctx.metrics;
-        let timer = metrics.checkpoint_seconds.start_timer();
         let bytes = state.snapshot();
-        match self.ctx.checkpoints.save(&state.group, state.position, &bytes).await {
-            Ok(()) => {
-                timer.observe_duration();
-                metrics.checkpoint_bytes.observe(bytes.len() as f64);
-                state.checkpoint_stored(bytes.len());
-            }
-            Err(e) => {
-                timer.stop_and_discard();
-                metrics.checkpoint_failures.inc();
-                tracing::error!(
-                    error = %e,
-                    position = state.position,
-                    bytes = bytes.len(),
-                    "cannot checkpoint a group's state; retrying on its next submission"
-                );
+        let tries = if state.changed { CHECKPOINT_TRIES } else { 1 };
+        for attempt in 1..=tries {
+            let timer = metrics.checkpoint_seconds.start_timer();
+            match self.ctx.checkpoints.save(&state.group, state.position, &bytes).await {
+                Ok(()) => {
+                    timer.observe_duration();
+                    metrics.checkpoint_bytes.observe(bytes.len() as f64);
+                    state.checkpoint_stored(bytes.len());
+                    return;
+                }
+                Err(e) => {
+                    timer.stop_and_discard();
+                    metrics.checkpoint_failures.inc();
+                    tracing::error!(
+                        error = %e,
+                        position = state.position,
+                        bytes = bytes.len(),
+                        attempt,
+                        "cannot checkpoint a group's state"
+                    );
+                    if attempt < tries {
+                        tokio::time::sleep(CHECKPOINT_RETRY * attempt).await;
+                    }
+                }
             }
         }
+    }
+
+    /// The group's task is ending: its state, if it moved at all since its
+    /// checkpoint, is checkpointed now. An idle group's checkpoint then
+    /// holds its last position, so its state never rests on LOG entries
+    /// that retention may delete while nobody writes to it.
+    pub(crate) async fn checkpoint_idle(&mut self) {
+        self.checkpoint_when(GroupState::behind_checkpoint).await;
     }
 
     /// The group's latest checkpoint, if it has a usable one.

@@ -173,6 +173,10 @@ impl GroupHandler for GroupDecider {
         }
     }
 
+    async fn idle(&mut self) {
+        self.checkpoint_idle().await;
+    }
+
     async fn handle(&mut self, msg: jetstream::Message) {
         let sub: Submission = match proto::wire::decode(&msg.payload) {
             Ok(s) => s,

@@ -123,6 +123,13 @@ impl GroupState {
         self.changed || self.position >= self.checkpointed.saturating_add(every)
     }
 
+    /// Whether the state has moved since its checkpoint at all: checked
+    /// when the group goes idle, so an idle group's checkpoint holds its
+    /// last position (and any change) without waiting for `every` more.
+    pub fn behind_checkpoint(&self) -> bool {
+        self.changed || self.position > self.checkpointed
+    }
+
     /// Notes that a checkpoint of this state, as it is now, is stored
     /// (`bytes` long).
     pub fn checkpoint_stored(&mut self, bytes: usize) {

@@ -221,3 +221,32 @@ async fn legacy_and_lost_checkpoints_are_replaced() -> anyhow::Result<()> {
     assert_eq!(bob.messages(&g).len(), 2);
     Ok(())
 }
+
+/// A group that goes quiet has its last position in its checkpoint once
+/// its sequencer task lets it go, not only after every 32 messages: its
+/// state then never rests on LOG entries that retention may delete while
+/// nobody writes to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_groups_checkpoint_holds_its_last_position() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let op = Operator::start_with(&nats, "a.example", "run", |c| c.streams.group_idle_secs = 1)?;
+    let mut alice = op.client("alice", "phone", 1).await?;
+    let g = alice.create_group("quiet").await?;
+    let mut last = 0;
+    for i in 0..3 {
+        last = alice.send(&g, &format!("message {i}")).await?;
+    }
+    let checkpointed = || -> anyhow::Result<Option<u64>> {
+        let out = op.admin(&["admin", "groups", "show", &g, "--json"])?;
+        let row: serde_json::Value = serde_json::from_str(out.lines().next().unwrap_or_default())?;
+        Ok(row["checkpoint_position"].as_u64())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = checkpointed()?;
+    while seen != Some(last) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        seen = checkpointed()?;
+    }
+    assert_eq!(seen, Some(last), "the idle group's checkpoint is not at its last position");
+    Ok(())
+}
