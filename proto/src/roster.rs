@@ -197,8 +197,7 @@ impl DeviceGroups {
             // Room for a new member group comes from the oldest removals
             // if need be, never from groups the device is in.
             let grows = member_bytes(group);
-            self.forget_removals(MAX_REMOVED_GROUPS, |l| l.bytes() + grows <= MAX_LIST_BYTES);
-            if self.bytes() + grows > MAX_LIST_BYTES {
+            if self.forget_removals(MAX_REMOVED_GROUPS, MAX_LIST_BYTES.saturating_sub(grows)) + grows > MAX_LIST_BYTES {
                 return Recorded::Full;
             }
         }
@@ -209,13 +208,15 @@ impl DeviceGroups {
             Some(_) => self.removed_unix.insert(group.to_owned(), now),
             None => self.removed_unix.remove(group),
         };
-        self.forget_removals(MAX_REMOVED_GROUPS, |l| l.bytes() <= MAX_LIST_BYTES);
+        self.forget_removals(MAX_REMOVED_GROUPS, MAX_LIST_BYTES);
         Recorded::Changed
     }
 
     /// Forgets removals, oldest first, while there are more than `keep` or
-    /// `fits` is false.
-    fn forget_removals(&mut self, keep: usize, fits: impl Fn(&Self) -> bool) {
+    /// the list takes more than `budget` bytes (`bytes`); returns what it
+    /// takes then.
+    fn forget_removals(&mut self, keep: usize, budget: usize) -> usize {
+        let mut bytes = self.bytes();
         let removed: Vec<(u64, &String)> = self
             .groups
             .iter()
@@ -223,28 +224,34 @@ impl DeviceGroups {
             .map(|(g, _)| (self.removed_unix.get(g).copied().unwrap_or(0), g))
             .collect();
         let mut left = removed.len();
-        let oldest = oldest_beyond(removed.into_iter(), 0);
-        for g in oldest {
-            if left <= keep && fits(self) {
+        for g in oldest_beyond(removed.into_iter(), 0) {
+            if left <= keep && bytes <= budget {
                 break;
             }
             self.groups.remove(&g);
             self.changed_at.remove(&g);
-            self.removed_unix.remove(&g);
+            if self.removed_unix.remove(&g).is_some() {
+                bytes -= removed_bytes(&g);
+            }
+            bytes -= member_bytes(&g);
             left -= 1;
         }
+        bytes
     }
 
     /// About the bytes of the list's JSON, never fewer.
     pub fn bytes(&self) -> usize {
         let listed: usize = self.groups.keys().map(|g| member_bytes(g)).sum();
-        let removed: usize = self.removed_unix.keys().map(|g| g.len() + REMOVED_OVERHEAD).sum();
+        let removed: usize = self.removed_unix.keys().map(|g| removed_bytes(g)).sum();
         64 + listed + removed
     }
 }
 
-/// JSON around a group id in `removed_unix` (quotes, colon, a time, comma).
-const REMOVED_OVERHEAD: usize = 28;
+/// A removed group's entry in `removed_unix` in JSON (quotes, colon, a
+/// time, comma).
+fn removed_bytes(group: &str) -> usize {
+    group.len() + 28
+}
 
 /// A listed group's two entries (`groups` and `changed_at`) in JSON, with
 /// room for the largest positions.
