@@ -94,13 +94,10 @@ pub(crate) async fn read(
             // Welcome not readable yet.
             Err(e @ proto::wire::DecodeError::Version(_)) => {
                 tracing::warn!(seq = msg.sequence, error = %e, "mailbox item of a newer format; the page ends before it");
-                if out.is_empty() {
-                    return Err(Reject::new(
-                        ErrorCode::Unavailable,
-                        "a mailbox item is of a newer format than this operator process reads; retry later",
-                    ));
-                }
-                return Ok((out, true));
+                return ended_before(
+                    out,
+                    "a mailbox item is of a newer format than this operator process reads; retry later",
+                );
             }
             // Never readable by any build: skipped, loudly.
             Err(e) => {
@@ -124,13 +121,7 @@ pub(crate) async fn read(
                         tracing::error!(seq = msg.sequence, "mailbox item names a Welcome that expired; skipped");
                         continue;
                     }
-                    if out.is_empty() {
-                        return Err(Reject::new(
-                            ErrorCode::Unavailable,
-                            "a Welcome in the mailbox is not readable yet",
-                        ));
-                    }
-                    return Ok((out, true));
+                    return ended_before(out, "a Welcome in the mailbox is not readable yet");
                 }
             }
         }
@@ -149,6 +140,15 @@ pub(crate) async fn read(
         });
     }
     Ok((out, false))
+}
+
+/// The page `out` ends before an item this process cannot hand out now, so
+/// no ack can pass it: `unavailable` (`why`) when it would be empty.
+fn ended_before(out: Vec<ItemJson>, why: &str) -> Result<(Vec<ItemJson>, bool), Reject> {
+    if out.is_empty() {
+        return Err(Reject::new(ErrorCode::Unavailable, why));
+    }
+    Ok((out, true))
 }
 
 /// The Welcome a device's item points to, stored once for every device
